@@ -1,0 +1,262 @@
+"""The paper's equations, checked against autograd and explicit float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from svd_lightning.steering import (
+    ExactStrengthCache,
+    StrengthStats,
+    contrastive_logits,
+    kl_divergence,
+    steer,
+    steered_log_probs,
+    steering_vector,
+    strength_terms,
+    token_strengths,
+)
+
+V = 17
+
+
+def _logits(*shape, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, V, generator=g, dtype=torch.float64) * scale
+
+
+def _kl(zw, zb):
+    lw, lb = torch.log_softmax(zw, -1), torch.log_softmax(zb, -1)
+    return (lw.exp() * (lw - lb)).sum(-1)
+
+
+def test_delta_is_negative_kl_gradient_and_jacobian_product():
+    zw, zb = _logits(4, 3), _logits(4, 3, seed=1)
+    delta, _ = steering_vector(zw, zb, alpha=0.1)
+    assert delta.dtype == torch.float64
+
+    z = zw.clone().requires_grad_(True)
+    _kl(z, zb).sum().backward()
+    torch.testing.assert_close(delta, -z.grad, rtol=1e-10, atol=1e-14)
+
+    # δz = J·g with g = −(r + 1), J = diag(p) − p pᵀ built explicitly.
+    p = torch.softmax(zw, -1)
+    r = torch.log_softmax(zw, -1) - torch.log_softmax(zb, -1)
+    J = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    explicit = (J @ (-(r + 1)).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(delta, explicit, rtol=1e-10, atol=1e-14)
+
+
+def test_fp32_inputs_compute_in_fp32_and_match_fp64():
+    zw, zb = _logits(8), _logits(8, seed=1)
+    d32, k32 = steering_vector(zw.float(), zb.float())
+    d64, k64 = steering_vector(zw, zb)
+    assert d32.dtype == torch.float32
+    torch.testing.assert_close(d32.double(), d64, rtol=1e-4, atol=1e-6)
+    assert torch.equal(k32, k64)
+
+
+def test_theorem2_directional_derivative():
+    zw, zb = _logits(5), _logits(5, seed=1)
+    q = torch.softmax(_logits(5, seed=2), -1)
+    delta, _ = steering_vector(zw, zb)
+
+    mu = torch.zeros(5, 1, dtype=torch.float64, requires_grad=True)
+    K = -(q * torch.log_softmax(zw + mu * delta, -1)).sum()  # KL(q‖·) up to a constant in μ
+    (dK,) = torch.autograd.grad(K, mu)
+
+    z = zw.clone().requires_grad_(True)
+    (-(q * torch.log_softmax(z, -1)).sum()).backward()
+    torch.testing.assert_close(dK.squeeze(-1), (z.grad * delta).sum(-1), rtol=1e-10, atol=1e-14)
+
+
+def test_confidence_mask_and_alpha_validation():
+    z = torch.log(torch.tensor([[0.5, 0.05, 0.049, 0.401]], dtype=torch.float64))
+    _, keep = steering_vector(z, torch.zeros_like(z), alpha=0.1)
+    assert keep.tolist() == [[True, True, False, True]]
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            steering_vector(z, z, alpha=bad)
+
+
+def test_token_strengths_minimise_their_quadratic_model():
+    zw, zb = _logits(6), _logits(6, seed=1)
+    delta, keep = steering_vector(zw, zb, alpha=0.05)
+    labels = torch.tensor([0, 3, 5, 16, 2, 7])
+    mu = token_strengths(zw, delta, keep, labels, "identity")
+    p = torch.softmax(zw, -1)
+    d = delta.masked_fill(~keep, 0.0)
+    e = torch.nn.functional.one_hot(labels, V).double()
+    grid = torch.linspace(-200, 200, 400001, dtype=torch.float64)
+    for i in range(6):
+        # The paper's surrogate: ½‖e_y − p − μ δ̂‖² (identity curvature).
+        q = 0.5 * ((e[i] - p[i]).unsqueeze(0) - grid.unsqueeze(1) * d[i].unsqueeze(0)).pow(2).sum(-1)
+        assert abs(grid[q.argmin()] - mu[i]) < 2e-3 * max(1.0, abs(mu[i].item()))
+
+
+def test_fisher_strength_is_exact_newton_step():
+    zw, zb = _logits(6), _logits(6, seed=1)
+    delta, keep = steering_vector(zw, zb, alpha=0.05)
+    labels = torch.tensor([0, 3, 5, 16, 2, 7])
+    mu = token_strengths(zw, delta, keep, labels, "fisher")
+    d = delta.masked_fill(~keep, 0.0)
+    for i in range(6):
+        m = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        nll = -torch.log_softmax(zw[i] + m * d[i], -1)[labels[i]]
+        (g,) = torch.autograd.grad(nll, m, create_graph=True)
+        (h,) = torch.autograd.grad(g, m)
+        torch.testing.assert_close(mu[i], -g.detach() / h, rtol=1e-6, atol=1e-10)
+
+
+def test_ignored_and_degenerate_positions_are_nan():
+    zw = _logits(3)
+    zb = zw.clone()
+    zb[1] = _logits(seed=5)  # only position 1 has a non-zero steering vector
+    delta, keep = steering_vector(zw, zb)
+    mu = token_strengths(zw, delta, keep, torch.tensor([1, -100, 2]))
+    assert torch.isnan(mu).all()  # 0: δ = 0; 1: ignored; 2: δ = 0
+    mu = token_strengths(zw, delta, keep, torch.tensor([1, 4, 2]))
+    assert torch.isnan(mu[0]) and torch.isfinite(mu[1]) and torch.isnan(mu[2])
+
+
+def test_extreme_inputs_stay_finite_where_kept():
+    zw = torch.tensor([[2.0, 1.0, 0.5, -1.0], [1e4, 1e4, -1e4, 0.0], [3.0, 3.0, 3.0, 3.0]])
+    zb = torch.tensor([[float("-inf"), 0.0, 0.0, 0.0], [0.0, -1e4, 1e4, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    zb[1] = torch.tensor([0.0, -1e4, 0.0, 0.0])  # p_θ of a kept token underflows to 0
+    delta, keep = steering_vector(zw, zb)
+    assert torch.isfinite(delta).all()
+    assert keep[2].all()  # ties are all kept
+    for mu in (-5.0, 0.0, 5.0):
+        out = steer(zw, zb, mu)
+        assert torch.isfinite(out[keep]).all()
+        assert (out[~keep] == float("-inf")).all()
+        assert not torch.isposinf(out).any() and not torch.isnan(out).any()
+    labels = torch.tensor([0, 1, 2])
+    assert torch.isfinite(token_strengths(zw, delta, keep, labels)[:2]).all()
+    assert torch.isfinite(kl_divergence(zw, zb)).all()
+
+
+def test_steer_mu_zero_is_warm_and_negative_mu_is_safe():
+    zw, zb = _logits(4, 5).float(), _logits(4, 5, seed=1).float()
+    out0 = steer(zw, zb, 0.0)
+    _, keep = steering_vector(zw, zb)
+    assert torch.equal(out0[keep], zw[keep])
+    assert torch.equal(out0.argmax(-1), zw.argmax(-1))
+    out = steer(zw, zb, -3.0)
+    assert not torch.isposinf(out).any() and not torch.isnan(out).any()
+    assert (out[~keep] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("policy", ["mask_generation_only", "none", "floor", "mask"])
+def test_scoring_policies_reduce_to_warm_at_mu0_alpha_small(policy):
+    zw, zb = _logits(3, 2), _logits(3, 2, seed=1)
+    lp = steered_log_probs(zw, zb, 0.0, alpha=1e-300, policy=policy)
+    torch.testing.assert_close(lp, torch.log_softmax(zw, -1), rtol=0, atol=1e-12)
+    lp = steered_log_probs(zw, zb, -2.0, alpha=0.3, policy=policy)
+    assert not torch.isnan(lp).any()
+    if policy != "mask":
+        assert torch.isfinite(lp).all()
+
+
+def test_floor_policy_values():
+    zw = torch.log(torch.tensor([[0.6, 0.3, 0.1 * 0.5, 0.05]], dtype=torch.float64))
+    lp = steered_log_probs(zw, torch.zeros_like(zw), 0.0, alpha=0.2, policy="floor", floor=-9.0)
+    torch.testing.assert_close(lp[0, :2], torch.log(torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)))
+    assert lp[0, 2:].tolist() == [-9.0, -9.0]
+
+
+def test_contrastive_baseline():
+    zw, zb = _logits(2), _logits(2, seed=1)
+    torch.testing.assert_close(contrastive_logits(zw, zb, 0.0), zw)
+    torch.testing.assert_close(contrastive_logits(zw, zb, 1.0), 2 * zw - zb)
+
+
+def _calibration_tokens(n=64, seed=0, alpha=0.1):
+    zw, zb = _logits(n, scale=2.0, seed=seed), _logits(n, scale=2.0, seed=seed + 100)
+    zb = zw + 0.7 * (zb - zw)  # base close to warm, as after a short warm start
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.multinomial(torch.softmax(1.5 * zw - 0.5 * zb, -1), 1, generator=g).squeeze(-1)
+    delta, keep = steering_vector(zw, zb, alpha)
+    return zw, zb, delta, keep, labels
+
+
+def test_strength_stats_aggregates_match_hand_computation_and_merge():
+    zw, _, delta, keep, labels = _calibration_tokens()
+    labels[::7] = -100
+    terms = strength_terms(zw, delta, keep, labels)
+    whole = StrengthStats().update(terms)
+    # two "ranks" merged = one pass
+    half = labels.numel() // 2
+    a = StrengthStats().update(strength_terms(zw[:half], delta[:half], keep[:half], labels[:half]))
+    b = StrengthStats().update(strength_terms(zw[half:], delta[half:], keep[half:], labels[half:]))
+    merged = StrengthStats.from_tensor(torch.cat([a.to_tensor(), b.to_tensor()], dim=1))
+
+    for c in ("identity", "fisher"):
+        mu = token_strengths(zw, delta, keep, labels, c)
+        mu = mu[~torch.isnan(mu)]
+        srt = mu.sort().values
+        k = int(0.1 * srt.numel())
+        expected = {
+            "mean": mu.mean().item(),
+            "median": mu.quantile(0.5).item(),
+            "trimmed": srt[k : srt.numel() - k].mean().item(),
+        }
+        den = terms.den_identity if c == "identity" else terms.den_fisher
+        expected["pooled"] = (terms.num[terms.valid].sum() / den[terms.valid].sum()).item()
+        for how, value in expected.items():
+            assert whole.aggregate(how, c) == pytest.approx(value, rel=1e-9)
+            assert merged.aggregate(how, c) == pytest.approx(value, rel=1e-9)
+    assert whole.count == int((labels != -100).sum())
+    summary = whole.summary()
+    assert set(summary) >= {"mean_identity", "pooled_fisher", "tokens"}
+
+
+def test_strength_stats_empty_is_a_clear_error():
+    with pytest.raises(ValueError, match="no calibration token"):
+        StrengthStats().mean()
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1e-9])
+def test_exact_strength_matches_grid_search(alpha):
+    zw, _, delta, keep, labels = _calibration_tokens(alpha=alpha)
+    labels[::9] = -100
+    cache = ExactStrengthCache()
+    half = 30
+    cache.update(zw[:half], delta[:half], keep[:half], labels[:half])
+    cache.update(zw[half:], delta[half:], keep[half:], labels[half:])
+    mu = cache.solve()
+
+    d = delta.masked_fill(~keep, 0.0)
+    sel = labels != -100
+
+    def nll(m):
+        return -torch.log_softmax(zw[sel] + m * d[sel], -1).gather(-1, labels[sel, None]).sum()
+
+    grid = torch.linspace(mu - 5, mu + 5, 20001, dtype=torch.float64)
+    losses = torch.stack([nll(m) for m in grid])
+    assert abs(grid[losses.argmin()].item() - mu) < 1e-3
+    loss, grad, _ = cache.loss_grad_hess(mu)
+    assert loss == pytest.approx(nll(torch.tensor(mu, dtype=torch.float64)).item(), rel=1e-10)
+    assert abs(grad) < 1e-6
+
+    # The same solve split across two "ranks" that sum their derivatives.
+    r0, r1 = ExactStrengthCache(), ExactStrengthCache()
+    r0.update(zw[:half], delta[:half], keep[:half], labels[:half])
+    r1.update(zw[half:], delta[half:], keep[half:], labels[half:])
+    calls = iter(range(10**6))
+
+    def fake_allreduce(vals):
+        next(calls)
+        other = torch.tensor(r1.loss_grad_hess(float(fake_allreduce.mu)), dtype=torch.float64)
+        return vals + other
+
+    # r1 must be evaluated at the same μ as r0: wrap r0's evaluation to record it.
+    orig = r0.loss_grad_hess
+
+    def recording(m):
+        fake_allreduce.mu = m
+        return orig(m)
+
+    r0.loss_grad_hess = recording
+    assert r0.solve(reduce=fake_allreduce) == pytest.approx(mu, abs=1e-8)
+    assert math.isfinite(mu)
