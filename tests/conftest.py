@@ -1,0 +1,29 @@
+"""Tiny random models and a local tokenizer: no downloads anywhere in the suite."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from svd_lightning.tiny import tiny_model_and_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_model_and_tokenizer()[1]
+
+
+def perturbed_lora(seed: int = 0, dtype=torch.float32):
+    """A tiny Llama with a LoRA adapter whose B matrices are random, so warm ≠ base."""
+    model, _ = tiny_model_and_tokenizer(seed)
+    peft_model = get_peft_model(model.to(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return peft_model.eval()
+
+
+@pytest.fixture()
+def lora_model():
+    return perturbed_lora()

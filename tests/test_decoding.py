@@ -1,0 +1,145 @@
+"""Steered scoring and generation against slow references that recompute everything."""
+
+import pytest
+import torch
+
+from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
+from svd_lightning.decoding import SteeringLogitsProcessor, score_choices, steered_generate
+from svd_lightning.steering import steer, steered_log_probs
+
+from conftest import perturbed_lora
+
+PROMPTS = ["Q: What is the capital of France? A:", "Q: What happens if you eat a pomegranate?\nA:", "Yes"]
+
+
+def _left_padded(tokenizer, prompts):
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _full_logits(model, ids, mask, base):
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    if base:
+        with model.disable_adapter():
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+
+
+@torch.no_grad()
+def _slow_steered_greedy(model, ids, mask, mu, alpha, steps, eos):
+    """Recompute both full forwards every step: no cache to get wrong."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        out = steer(_full_logits(model, ids, mask, False), _full_logits(model, ids, mask, True), mu, alpha)
+        nxt = out.argmax(-1).masked_fill(done, eos)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        done |= nxt == eos
+        if done.all():
+            break
+    return ids
+
+
+@pytest.mark.parametrize("mu", [0.0, -4.0, 3.0])
+def test_steered_greedy_matches_slow_reference(tokenizer, mu):
+    model = perturbed_lora(dtype=torch.float64)  # fp64: cached vs recomputed forwards agree to ~1e-15
+    ids, mask = _left_padded(tokenizer, PROMPTS)
+    fast = steered_generate(model, ids, mask, mu=mu, alpha=0.1, max_new_tokens=12, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    slow = _slow_steered_greedy(model, ids, mask, mu, 0.1, 12, tokenizer.eos_token_id)
+    assert torch.equal(fast[:, : slow.shape[1]], slow)
+    if mu != 0.0:
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+        assert not torch.equal(plain, fast), "steering with mu != 0 should change some tokens on this model"
+
+
+def test_steered_sampling_respects_mask_and_is_seeded(tokenizer, lora_model):
+    ids, mask = _left_padded(tokenizer, PROMPTS)
+    kw = dict(max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    a = steered_generate(lora_model, ids, mask, mu=-2.0, **kw)
+    torch.manual_seed(0)
+    b = steered_generate(lora_model, ids, mask, mu=-2.0, **kw)
+    assert torch.equal(a, b)
+    # Each sampled token was kept by the confidence mask of its step (replay with the slow path).
+    for t in range(ids.shape[1], a.shape[1]):
+        prefix, pmask = a[:, :t], torch.cat([mask, torch.ones(a.shape[0], t - ids.shape[1], dtype=torch.long)], 1)
+        with torch.no_grad():
+            out = steer(_full_logits(lora_model, prefix, pmask, False), _full_logits(lora_model, prefix, pmask, True), -2.0)
+        picked = out.gather(-1, a[:, t : t + 1]).squeeze(-1)
+        live = ~(prefix == tokenizer.eos_token_id).any(-1) | (t == ids.shape[1])
+        assert torch.isfinite(picked[live]).all()
+
+
+def test_processor_mu0_keeps_warm_argmax(tokenizer, lora_model):
+    ids, mask = _left_padded(tokenizer, PROMPTS)
+    with torch.no_grad():
+        warm = _full_logits(lora_model, ids, mask, False)
+    proc = SteeringLogitsProcessor(lora_model, 0.0, attention_mask=mask)
+    out = proc(ids, warm.clone())
+    assert torch.equal(out.argmax(-1), warm.argmax(-1))
+    assert torch.isfinite(out.logsumexp(-1)).all()
+
+
+def _choice_batch(tokenizer):
+    examples = [
+        ChoiceExample("Q: What is the capital of France?\nA:", [" Paris.", " Lyon is the capital of France.", " I have no comment."], [True, False, False], 0),
+        ChoiceExample("Q: Yes or no?\nA:", [" Yes", " No"], [False, True], 1),
+    ]
+    return collate_choices(examples, Tokenized(tokenizer, max_length=64))
+
+
+@pytest.mark.parametrize("policy", ["mask_generation_only", "floor", "mask"])
+def test_score_choices_matches_per_row_reference(tokenizer, lora_model, policy):
+    batch = _choice_batch(tokenizer)
+    got = score_choices(lora_model, batch, mu=-1.5, alpha=0.1, policy=policy)
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        ids = batch["input_ids"][i : i + 1, :n]
+        labels = batch["labels"][i, 1:n]
+        with torch.no_grad():
+            zw = lora_model(input_ids=ids).logits[0, :-1]
+            with lora_model.disable_adapter():
+                zb = lora_model(input_ids=ids).logits[0, :-1]
+        sel = labels != -100
+        y = labels[sel]
+        ref = {
+            "plain": torch.log_softmax(zw[sel].double(), -1).gather(-1, y[:, None]).sum(),
+            "base": torch.log_softmax(zb[sel].double(), -1).gather(-1, y[:, None]).sum(),
+            "steered": steered_log_probs(zw[sel].double(), zb[sel].double(), -1.5, 0.1, policy).gather(-1, y[:, None]).sum(),
+        }
+        for k, v in ref.items():
+            if torch.isinf(v):
+                assert got[k][i] == v
+            else:
+                assert got[k][i].item() == pytest.approx(v.item(), rel=1e-4, abs=1e-4)
+        assert got["num_tokens"][i] == sel.sum()
+    assert not any(torch.isnan(v).any() for v in got.values())
+
+
+def test_score_choices_mu0_tiny_alpha_equals_plain(tokenizer, lora_model):
+    batch = _choice_batch(tokenizer)
+    for policy in ("mask_generation_only", "floor", "mask"):
+        got = score_choices(lora_model, batch, mu=0.0, alpha=1e-30, policy=policy)
+        torch.testing.assert_close(got["steered"], got["plain"], rtol=0, atol=1e-5)
+
+
+def test_adapter_off_means_base(tokenizer):
+    model = perturbed_lora()
+    batch = _choice_batch(tokenizer)
+    got = score_choices(model, batch, mu=None)
+    assert "steered" not in got
+    merged_off = model.get_base_model()
+    # Base scores must not depend on the adapter's weights at all.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(3.0)
+    again = score_choices(model, batch, mu=None)
+    torch.testing.assert_close(again["base"], got["base"])
+    assert not torch.allclose(again["plain"], got["plain"])
+    assert merged_off is model.get_base_model()
