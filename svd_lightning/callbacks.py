@@ -1,0 +1,328 @@
+"""Lightning callbacks that turn a warm-started adapter into SVDecode.
+
+* :class:`SteeringExtraction` -- one no-grad pass over the calibration loader: steering vectors of
+  every label token, their statistics (mean KL, kept fraction, ‖δz‖) and the sufficient
+  statistics of the strength (all ranks merged).
+* :class:`StrengthSolver` -- μ̄ from those statistics (mean / median / trimmed / pooled / exact,
+  identity or Fisher curvature), set on the module, logged, and written to ``steering.json``.
+* :class:`SteeredValidation` -- prints the plain / base / steered table and writes ``metrics.json``.
+* :class:`LogitSnapshot` -- saves top-k pre-trained and warm-started logits of a probe batch.
+
+Lightning validates *before* ``on_train_epoch_end``, so extraction and solving also run at
+``on_validation_start`` whenever the weights changed since the last solve: the steered
+validation of epoch k always uses the μ̄ of epoch k. No nested Trainer is started.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+
+from svd_lightning import artifacts
+from svd_lightning.decoding import paired_label_logits
+from svd_lightning.steering import (
+    Aggregate,
+    Curvature,
+    ExactStrengthCache,
+    StrengthStats,
+    kl_divergence,
+    steering_vector,
+    strength_terms,
+)
+
+
+def calibration_loader(trainer: L.Trainer):
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "calib_dataloader"):
+        raise RuntimeError(
+            "the steering callbacks need a DataModule with a `calib_dataloader()` method "
+            "(teacher-forced prompt + answer batches, see svd_lightning.batch)"
+        )
+    return dm.calib_dataloader()
+
+
+def _gather_ragged(trainer: L.Trainer, t: torch.Tensor) -> torch.Tensor:
+    """all_gather a [k, n_rank] tensor whose n differs by rank; returns [k, Σn]."""
+    if trainer.world_size == 1:
+        return t
+    n = torch.tensor([t.shape[-1]], device=trainer.strategy.root_device)
+    sizes = trainer.strategy.all_gather(n).flatten().tolist()
+    padded = torch.zeros(t.shape[0], max(sizes), dtype=t.dtype, device=trainer.strategy.root_device)
+    padded[:, : t.shape[-1]] = t
+    gathered = trainer.strategy.all_gather(padded).cpu()  # [world, k, max]
+    return torch.cat([gathered[r, :, : sizes[r]] for r in range(len(sizes))], dim=-1)
+
+
+@dataclass
+class CalibrationResult:
+    stats: StrengthStats
+    cache: ExactStrengthCache  # this rank's tokens only (the exact solve all-reduces sums)
+    diagnostics: dict[str, float]
+    step: int
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class SteeringExtraction(L.Callback):
+    """Steering vectors on the calibration set, after every warm-start epoch.
+
+    Args:
+        limit_batches: use only the first k calibration batches (None: all).
+    """
+
+    def __init__(self, limit_batches: int | None = None):
+        self.limit_batches = limit_batches
+        self.result: CalibrationResult | None = None
+
+    def is_stale(self, trainer: L.Trainer) -> bool:
+        return self.result is None or self.result.step != trainer.global_step
+
+    @torch.no_grad()
+    def extract(self, trainer: L.Trainer, pl_module) -> CalibrationResult:
+        if not self.is_stale(trainer):
+            return self.result
+        alpha = pl_module.hparams.alpha
+        was_training = pl_module.training
+        pl_module.eval()
+        stats, cache = StrengthStats(), ExactStrengthCache()
+        sums = torch.zeros(4, dtype=torch.float64)  # KL, kept tokens, ‖δz‖, positions
+        start = time.perf_counter()
+        loader = calibration_loader(trainer)
+        total = len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
+        bar = tqdm(loader, total=total, desc="Calibration", leave=False, disable=not trainer.is_global_zero)
+        for i, batch in enumerate(bar):
+            if i >= total:
+                break
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
+            delta, keep = steering_vector(warm, base, alpha)
+            stats.update(strength_terms(warm, delta, keep, labels))
+            cache.update(warm, delta, keep, labels)
+            sums += torch.stack(
+                [
+                    kl_divergence(warm, base).sum().double().cpu(),
+                    keep.sum(-1).double().sum().cpu() / keep.shape[-1],
+                    delta.norm(dim=-1).sum().double().cpu(),
+                    torch.tensor(float(labels.numel()), dtype=torch.float64),
+                ]
+            )
+        pl_module.train(was_training)
+        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum").cpu()
+        stats = StrengthStats.from_tensor(_gather_ragged(trainer, stats.to_tensor().to(pl_module.device)))
+        positions = max(float(sums[3]), 1.0)
+        diagnostics = {
+            "kl_mean": float(sums[0]) / positions,
+            "kept_fraction": float(sums[1]) / positions,
+            "delta_norm_mean": float(sums[2]) / positions,
+            "tokens": float(sums[3]),
+            "usable_tokens": float(stats.count),
+        }
+        self.result = CalibrationResult(stats, cache, diagnostics, trainer.global_step, time.perf_counter() - start)
+        for k, v in diagnostics.items():
+            pl_module.log(f"steer/{k}", v, rank_zero_only=True)
+        return self.result
+
+    def _maybe_extract(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.extract(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "fit":
+            self._maybe_extract(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._maybe_extract(trainer, pl_module)
+
+    def state_dict(self):
+        return {"diagnostics": None if self.result is None else self.result.diagnostics}
+
+
+class StrengthSolver(L.Callback):
+    """Solve the global strength μ̄ on the calibration set and hand it to the module.
+
+    Args:
+        strength: ``exact`` minimises the calibration NLL of ``softmax(z_φ + μ δ̂)`` (convex; the
+            objective steered scoring is judged by); ``mean`` is the paper (mean of per-token
+            Newton steps); ``median`` / ``trimmed`` / ``pooled`` are robust alternatives.
+        curvature: ``identity`` (the paper) or ``fisher`` for mean / median / trimmed / pooled.
+        trim: the fraction cut at each tail by ``trimmed``.
+        limit_batches: passed to the extraction pass when this solver runs it itself.
+    """
+
+    def __init__(
+        self,
+        strength: Aggregate = "exact",
+        curvature: Curvature = "identity",
+        trim: float = 0.1,
+        limit_batches: int | None = None,
+    ):
+        self.strength, self.curvature, self.trim = strength, curvature, trim
+        self.limit_batches = limit_batches
+        self.solution: dict | None = None
+        self._own_extraction: SteeringExtraction | None = None
+
+    def _extraction(self, trainer) -> SteeringExtraction:
+        for cb in trainer.callbacks:
+            if isinstance(cb, SteeringExtraction):
+                return cb
+        if self._own_extraction is None:
+            self._own_extraction = SteeringExtraction(self.limit_batches)
+        return self._own_extraction
+
+    def solve(self, trainer: L.Trainer, pl_module) -> float:
+        result = self._extraction(trainer).extract(trainer, pl_module)
+        start = time.perf_counter()
+        summary = result.stats.summary(self.trim)
+
+        def allreduce(v: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.reduce(v.to(pl_module.device), reduce_op="sum").cpu()
+
+        summary["exact"] = result.cache.solve(reduce=allreduce)
+        key = "exact" if self.strength == "exact" else f"{self.strength}_{self.curvature}"
+        mu = summary[key]
+        if not math.isfinite(mu):
+            raise FloatingPointError(f"the {key} strength is not finite ({mu}); see steer/* logs")
+        pl_module.set_strength(mu)
+        self.solution = {
+            "mu": mu,
+            "strength": self.strength,
+            "curvature": self.curvature,
+            "trim": self.trim,
+            "alpha": pl_module.hparams.alpha,
+            "scoring_policy": pl_module.hparams.scoring_policy,
+            "aggregates": summary,
+            "diagnostics": result.diagnostics,
+            "calibration_seconds": result.seconds + time.perf_counter() - start,
+            "global_step": trainer.global_step,
+        }
+        pl_module.log("steer/mu", mu, rank_zero_only=True)
+        rank_zero_info(f"SVDecode strength μ̄ = {mu:+.4f} ({key}; all aggregates: "
+                       + ", ".join(f"{k}={v:+.3g}" for k, v in summary.items() if k != "tokens") + ")")
+        self._write(trainer, pl_module)
+        return mu
+
+    def _write(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not trainer.log_dir:
+            return
+        h = pl_module.hparams
+        payload = {
+            **self.solution,
+            "model": h.model,
+            "adapter": h.adapter,
+            "adapter_options": h.adapter_options,
+            "tokenizer_sha256": artifacts.tokenizer_hash(pl_module.tokenizer),
+            "hparams": dict(h),
+        }
+        artifacts.write_json(Path(trainer.log_dir) / artifacts.STEERING_FILE, payload)
+
+    def _needs_solve(self, trainer, pl_module) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn == "fit":
+            return self.solution is None or self.solution["global_step"] != trainer.global_step
+        return pl_module.mu is None  # validate/test reuse a loaded μ̄
+
+    def on_validation_start(self, trainer, pl_module):
+        if self._needs_solve(trainer, pl_module):
+            self.solve(trainer, pl_module)
+
+    on_test_start = on_validation_start
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._needs_solve(trainer, pl_module):
+            self.solve(trainer, pl_module)
+
+    def state_dict(self):
+        return {"solution": self.solution}
+
+    def load_state_dict(self, state_dict):
+        self.solution = state_dict.get("solution")
+
+
+class SteeredValidation(L.Callback):
+    """Print plain (warm) / base / steered metrics side by side and write ``metrics.json``."""
+
+    def __init__(self, print_table: bool = True):
+        self.print_table = print_table
+        self.history: list[dict] = []
+
+    def _report(self, trainer, pl_module, stage: str) -> None:
+        metrics = dict(pl_module.last_metrics)
+        if trainer.sanity_checking or not metrics:
+            return
+        self.history.append({"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+        if not trainer.is_global_zero:
+            return
+        if self.print_table:
+            print(format_table(metrics, stage))
+        if trainer.log_dir:
+            artifacts.write_json(Path(trainer.log_dir) / artifacts.METRICS_FILE, {"history": self.history})
+
+    def on_validation_end(self, trainer, pl_module):
+        self._report(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer, pl_module):
+        self._report(trainer, pl_module, "test")
+
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict):
+        self.history = list(state_dict.get("history", []))
+
+
+def format_table(metrics: dict[str, float], stage: str) -> str:
+    """Rows: metrics; columns: pre-trained (base), warm start (plain), +SVDecode (steered)."""
+    names = sorted({k.split("/", 1)[1].rsplit("_", 1)[0] for k in metrics if k.startswith(f"{stage}/") and k.rsplit("_", 1)[-1] in ("plain", "base", "steered")})
+    cols = [("base", "pre-trained"), ("plain", "warm start"), ("steered", "+SVDecode")]
+    lines = [f"{'metric':<14}" + "".join(f"{title:>13}" for _, title in cols)]
+    for n in names:
+        cells = "".join(
+            f"{100 * metrics[f'{stage}/{n}_{v}']:>13.2f}" if f"{stage}/{n}_{v}" in metrics else f"{'-':>13}" for v, _ in cols
+        )
+        lines.append(f"{n:<14}{cells}")
+    if f"{stage}/mu" in metrics:
+        lines.append(f"μ̄ = {metrics[f'{stage}/mu']:+.4f}")
+    return "\n".join(lines)
+
+
+class LogitSnapshot(L.Callback):
+    """Top-k pre-trained (adapter off, at fit start) and warm-started (each epoch end) log-probs of
+    the first calibration batch, saved to ``logit_snapshots.pt`` for inspection and plots."""
+
+    def __init__(self, top_k: int = 20, max_positions: int = 64):
+        self.top_k, self.max_positions = top_k, max_positions
+        self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _snapshot(self, trainer, pl_module, name: str) -> None:
+        batch = next(iter(calibration_loader(trainer)))
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+        was_training = pl_module.training
+        pl_module.eval()
+        warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
+        pl_module.train(was_training)
+        k = min(self.top_k, warm.shape[-1])
+        lp = {"base": torch.log_softmax(base.float(), -1), name: torch.log_softmax(warm.float(), -1)}
+        for key, v in lp.items():
+            top = v[: self.max_positions].topk(k, dim=-1)
+            self.snapshots.setdefault(key, {"values": top.values.cpu(), "indices": top.indices.cpu(), "labels": labels[: self.max_positions].cpu()})
+        if trainer.is_global_zero and trainer.log_dir:
+            path = Path(trainer.log_dir) / "logit_snapshots.pt"
+            tmp = path.with_suffix(".tmp")
+            torch.save(self.snapshots, tmp)
+            tmp.replace(path)
+
+    def on_fit_start(self, trainer, pl_module):
+        self._snapshot(trainer, pl_module, "start")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._snapshot(trainer, pl_module, f"warm_epoch{trainer.current_epoch}")

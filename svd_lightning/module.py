@@ -1,0 +1,156 @@
+"""The LightningModule: warm-start PEFT fine-tuning and plain / base / steered multiple-choice scoring."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from svd_lightning import artifacts
+from svd_lightning.batch import validate_choice_batch
+from svd_lightning.decoding import score_choices
+from svd_lightning.metrics import MultipleChoiceScores
+from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
+from svd_lightning.steering import ScoringPolicy
+
+VARIANTS = ("plain", "base", "steered")
+
+
+class SteeringLM(L.LightningModule):
+    """Any Hugging Face causal LM + a peft adapter, warm-started on a task and steered at decode time.
+
+    Args:
+        model: hub id, local folder, ``.gguf`` file, ``smollm2-135m`` or ``tiny-random``.
+        adapter: peft method: lora, ia3, prompt_tuning, p_tuning (prompt encoder) or prefix_tuning.
+        adapter_options: overrides of the paper's defaults for that method (e.g. ``{r: 16}``).
+        learning_rate: AdamW learning rate of the warm start (paper: 5e-5).
+        task: ``truthfulqa`` (MC1/MC2 + the paper's columns) or ``choice`` (acc / acc_norm).
+        alpha: confidence-mask threshold α: keep tokens with p_φ ≥ α·max p_φ.
+        scoring_policy: what a masked label token contributes to teacher-forced scores (see
+            :func:`svd_lightning.steering.steered_log_probs`).
+        floor: the log-prob of a masked label token under ``scoring_policy=floor``.
+        strength: a fixed μ̄; leaves the strength solver nothing to do.
+        run_dir: a finished run directory: load its adapter and μ̄ instead of training from scratch.
+        seed: seed of the adapter's initialisation.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-random",
+        adapter: Literal["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"] = "lora",
+        adapter_options: dict[str, Any] | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        task: Literal["truthfulqa", "choice"] = "truthfulqa",
+        alpha: float = 0.1,
+        scoring_policy: ScoringPolicy = "mask_generation_only",
+        floor: float = -20.0,
+        strength: float | None = None,
+        run_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if adapter not in ADAPTER_METHODS:
+            raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTER_METHODS}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model)
+        base = load_causal_lm(model)
+        if run_dir is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(base, Path(run_dir) / artifacts.ADAPTER_DIR, is_trainable=True)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                self.model = apply_adapter(base, adapter, **(adapter_options or {}))
+        # μ̄ lives in a buffer so Lightning checkpoints carry it; NaN means "not solved yet".
+        self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64))
+        if strength is not None:
+            self.set_strength(strength)
+        elif run_dir is not None:
+            self.set_strength(artifacts.read_steering(run_dir)["mu"])
+        self.metrics = torch.nn.ModuleDict(
+            {f"{stage}_{v}": MultipleChoiceScores(task) for stage in ("val", "test") for v in VARIANTS}
+        )
+        self.last_metrics: dict[str, float] = {}
+
+    # -- strength ------------------------------------------------------------------------------
+    @property
+    def mu(self) -> float | None:
+        value = float(self.steering_strength)
+        return None if math.isnan(value) else value
+
+    def set_strength(self, mu: float) -> None:
+        if not math.isfinite(mu):
+            raise ValueError(f"steering strength must be finite, got {mu}")
+        self.steering_strength.fill_(float(mu))
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"non-finite warm-start loss at step {self.global_step}")
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return out.loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score_batch(self, batch) -> dict[str, torch.Tensor]:
+        validate_choice_batch(batch)
+        h = self.hparams
+        return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor)
+
+    def _eval_step(self, stage: str, batch) -> None:
+        scores = self.score_batch(batch)
+        for v in VARIANTS:
+            if v in scores:
+                self.metrics[f"{stage}_{v}"].update(batch, scores[v])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        results: dict[str, float] = {}
+        for v in VARIANTS:
+            metric = self.metrics[f"{stage}_{v}"]
+            if metric.update_count == 0:
+                continue
+            for name, value in metric.compute().items():
+                results[f"{stage}/{name}_{v}"] = float(value)
+            metric.reset()
+        if self.mu is not None:
+            results[f"{stage}/mu"] = self.mu
+        # Values are already synced across ranks by torchmetrics.
+        self.log_dict(results, rank_zero_only=False, sync_dist=False)
+        self.last_metrics = results
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self._eval_epoch_end("val")
+        else:
+            for m in self.metrics.values():
+                m.reset()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch, batch_idx):
+        """Per-row scores (plain, base, steered) with the batch's question/choice ids."""
+        scores = self.score_batch(batch)
+        keys = ("question_index", "choice_set", "choice_index", "is_true")
+        return {**{k: batch[k] for k in keys}, **scores}
+
+    def on_train_end(self):
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            artifacts.save_adapter(self.model, self.trainer.log_dir)
