@@ -68,6 +68,9 @@ class SteeringLM(L.LightningModule):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 self.model = apply_adapter(base, adapter, **(adapter_options or {}))
+        # Loaders return eval-mode models; Lightning keeps submodule modes, so switch explicitly
+        # (otherwise the adapter's dropout would silently be off during the warm start).
+        self.model.train()
         # μ̄ lives in a buffer so Lightning checkpoints carry it; NaN means "not solved yet".
         self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64))
         if strength is not None:

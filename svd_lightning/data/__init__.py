@@ -1,0 +1,14 @@
+"""DataModules yielding the batches of ``svd_lightning.batch``."""
+
+from svd_lightning.data.base import ChoiceDataModule, DataError
+from svd_lightning.data.commonsense import CommonsenseDataModule
+from svd_lightning.data.generic import GenericChoiceDataModule
+from svd_lightning.data.truthfulqa import TruthfulQADataModule
+
+__all__ = [
+    "ChoiceDataModule",
+    "CommonsenseDataModule",
+    "DataError",
+    "GenericChoiceDataModule",
+    "TruthfulQADataModule",
+]

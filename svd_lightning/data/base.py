@@ -1,0 +1,297 @@
+"""The base DataModule: questions in, seeded train/calib/test splits and contract batches out.
+
+A task subclass only implements :meth:`ChoiceDataModule.load_examples` (and validates its own
+fields); splitting, tokenization and the dataloaders live here. See ``svd_lightning.batch`` for the
+batch contract.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices, collate_lm
+
+# svd_lightning/data/base.py -> the project root, so relative data paths also work from notebooks/
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = "../shared/data"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row (0-based) and the field."""
+
+    def __init__(self, path: str | Path, message: str, row: int | None = None, field: str | None = None):
+        where = str(path)
+        if row is not None:
+            where += f", row {row}"
+        if field is not None:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {message}")
+        self.path, self.row, self.field = str(path), row, field
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` as given (relative to the working directory), else relative to the project root."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if not p.is_absolute() and (PROJECT_ROOT / p).exists():
+        return PROJECT_ROOT / p
+    tried = str(p) if p.is_absolute() else f"{Path.cwd() / p} and {PROJECT_ROOT / p}"
+    raise FileNotFoundError(
+        f"data file {str(path)!r} not found (looked at {tried}). The shared data is expected at "
+        f"{SHARED_DATA} relative to the project root; see {SHARED_DATA}/SOURCES.md"
+    )
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers duplicate keys, which ``json`` would silently drop."""
+
+    duplicates: list[str]
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    obj.duplicates = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+    return obj
+
+
+def _check_rows(path: Path, rows: list) -> list[dict]:
+    if not rows:
+        raise DataError(path, "the file has no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(path, f"expected a JSON object, got {type(row).__name__}", row=i)
+        for key, value in [(None, row), *row.items()]:
+            if isinstance(value, _JsonObject) and value.duplicates:
+                raise DataError(path, f"duplicate key(s) {value.duplicates} (JSON keeps only the last)", i, key)
+    return rows
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Rows of a .json (list of objects), .jsonl or .csv file; other extensions via ``datasets``."""
+    path = resolve_path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_pairs_hook)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        if not isinstance(rows, list):
+            raise DataError(path, f"expected a JSON list of objects at the top level, got {type(rows).__name__}")
+    elif suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line, object_pairs_hook=_pairs_hook))
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"malformed JSON on line {lineno}: {e.msg}", row=len(rows)) from e
+    elif suffix == ".csv":
+        rows = _read_csv(path)
+    else:
+        rows = _read_with_datasets(path)
+    return _check_rows(path, rows)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    # utf-8-sig: TruthfulQA's v1 CSV starts with a BOM that would otherwise end up in the first header
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, strict=True)
+        rows = []
+        try:
+            for row in reader:
+                if None in row:  # DictReader files surplus cells under the key None
+                    raise DataError(path, f"{len(reader.fieldnames) + len(row[None])} cells for "
+                                    f"{len(reader.fieldnames)} columns", row=len(rows))
+                missing = [k for k, v in row.items() if v is None]
+                if missing:
+                    raise DataError(path, f"too few cells, no value for {missing}", row=len(rows))
+                rows.append(row)
+        except csv.Error as e:
+            raise DataError(path, f"malformed CSV near line {reader.line_num}: {e}", row=len(rows)) from e
+    return rows
+
+
+def _read_with_datasets(path: Path) -> list[dict]:
+    import datasets
+    from datasets import packaged_modules
+
+    # the (private) table load_dataset itself uses to pick a builder by extension
+    builder, kwargs = getattr(packaged_modules, "_EXTENSION_TO_MODULE", {}).get(path.suffix, (None, {}))
+    if builder not in ("csv", "json", "parquet", "arrow"):
+        raise DataError(path, "unsupported extension; use .json, .jsonl, .csv, .tsv, .parquet or .arrow")
+    try:
+        return list(datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs))
+    except Exception as e:
+        raise DataError(path, f"could not be read by datasets ({builder}): {e}") from e
+
+
+def check_example(
+    ex: ChoiceExample, path: str | Path, set_fields: Sequence[str] = ("choices",), prompt_field: str = "prompt"
+) -> ChoiceExample:
+    """Rejects empty prompts/choices, duplicate choices and choice sets without a true answer.
+
+    ``set_fields[s]`` is the source field of choice set ``s``, so the error points at the file's field.
+    """
+    row = ex.index
+    if not ex.prompt.strip():
+        raise DataError(path, "empty prompt", row, prompt_field)
+    if not ex.choices:
+        raise DataError(path, "no choices", row, set_fields[0])
+    for s in sorted(set(ex.choice_sets)):
+        field = set_fields[min(s, len(set_fields) - 1)]
+        texts = [c.strip() for c, cs in zip(ex.choices, ex.choice_sets) if cs == s]
+        if not all(texts):
+            raise DataError(path, f"choice {texts.index('')} is an empty string", row, field)
+        dups = [c for c, n in Counter(texts).items() if n > 1]
+        if dups:
+            raise DataError(path, f"duplicate choices {dups}", row, field)
+        if not any(t for t, cs in zip(ex.is_true, ex.choice_sets) if cs == s):
+            raise DataError(path, "no choice is marked true", row, field)
+    return ex
+
+
+def seeded_split(items: Sequence, fractions: Sequence[float], seed: int) -> list[list]:
+    """Random partition with sizes ``round(cumulative fraction · n)``; each part keeps file order."""
+    n = len(items)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    bounds = [0] + [round(sum(fractions[: k + 1]) * n) for k in range(len(fractions) - 1)] + [n]
+    return [[items[i] for i in sorted(perm[a:b])] for a, b in zip(bounds, bounds[1:])]
+
+
+class ChoiceDataModule(L.LightningDataModule):
+    """Base for multiple-choice tasks.
+
+    Subclasses implement :meth:`load_examples`. The tokenizer comes from the attached
+    LightningModule (``module.tokenizer``) or from ``dm.tokenizer = tok`` when used standalone.
+
+    Args:
+        batch_size: questions per choice batch (val/test/predict); each question yields one row per choice.
+        train_batch_size: questions per LM batch (train/calib).
+        max_length: token budget per row; longer prompts are cut from the left, the answer is kept.
+        split: train/calib/test fractions of the questions (seeded).
+        seed: seeds the split and the train shuffling.
+        limit_train, limit_calib, limit_test: keep only the first k questions of each split.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 1,
+        train_batch_size: int = 1,
+        max_length: int = 512,
+        split: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        seed: int = 0,
+        limit_train: int | None = None,
+        limit_calib: int | None = None,
+        limit_test: int | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        split = tuple(float(f) for f in split)
+        if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+            raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
+        sizes = {"batch_size": batch_size, "train_batch_size": train_batch_size, "max_length": max_length}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.save_hyperparameters()
+        self.batch_size, self.train_batch_size, self.max_length = batch_size, train_batch_size, max_length
+        self.split, self.seed, self.num_workers = split, seed, num_workers
+        self.limits = (limit_train, limit_calib, limit_test)
+        self.tokenizer = None  # set by the user for standalone use; a trainer's module takes precedence
+        self.tokenized: Tokenized | None = None
+        self.train_set: list[ChoiceExample] | None = None
+        self.calib_set: list[ChoiceExample] = []
+        self.test_set: list[ChoiceExample] = []
+        self.num_examples = 0
+
+    # --- what a task implements ---------------------------------------------------------------
+
+    def load_examples(self) -> list[ChoiceExample]:
+        """All questions of the task, validated, with ``index`` = position in the file."""
+        raise NotImplementedError
+
+    def split_examples(self, examples: list[ChoiceExample]) -> tuple[list, list, list]:
+        """Seeded train/calib/test partition of ``examples``; override when a task ships its own files."""
+        train, calib, test = seeded_split(examples, self.split, self.seed)
+        return train, calib, test
+
+    # --- Lightning hooks ------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Reading the files once up front surfaces data errors before any model is loaded.
+        self._ensure_splits()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure_splits()
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no tokenizer: attach it to a Trainer whose LightningModule has a "
+                "`tokenizer` attribute (set in its __init__), or set `datamodule.tokenizer = tokenizer` before setup()"
+            )
+        self.tokenized = Tokenized(tokenizer, self.max_length)
+
+    def _ensure_splits(self) -> None:
+        if self.train_set is not None:
+            return
+        examples = self.load_examples()
+        if not examples:
+            raise ValueError(f"{type(self).__name__}.load_examples() returned no questions")
+        self.num_examples = len(examples)
+        parts = self.split_examples(examples)
+        limited = [part if k is None else part[:k] for part, k in zip(parts, self.limits)]
+        self.train_set, self.calib_set, self.test_set = limited
+
+    def _loader(self, examples: list, collate, batch_size: int, shuffle: bool = False) -> DataLoader:
+        if self.tokenized is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
+        return DataLoader(
+            examples,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=partial(collate, tok=self.tokenized),  # a partial pickles for worker processes
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, collate_lm, self.train_batch_size, shuffle=True)
+
+    def calib_dataloader(self) -> DataLoader:
+        """Teacher-forced calib split; not a Lightning hook, our callbacks call it."""
+        return self._loader(self.calib_set, collate_lm, self.train_batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, collate_choices, self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, collate_choices, self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, collate_choices, self.batch_size)
+
+    def describe(self) -> dict:
+        self._ensure_splits()
+        return {
+            "task": type(self).__name__,
+            "questions": self.num_examples,
+            "train": len(self.train_set),
+            "calib": len(self.calib_set),
+            "test": len(self.test_set),
+            "test_rows": sum(len(ex.choices) for ex in self.test_set),
+        }

@@ -1,0 +1,78 @@
+"""Multiple-choice questions from a user's own file: one row per question, a prompt template over its fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from svd_lightning.batch import ChoiceExample
+from svd_lightning.data.base import ChoiceDataModule, DataError, check_example, read_records, resolve_path
+
+
+class GenericChoiceDataModule(ChoiceDataModule):
+    """Rows like ``{"question": "2+2?", "choices": ["3", "4"], "label": 1}`` in .json/.jsonl/.csv/.tsv/.parquet.
+
+    Args:
+        path: the data file.
+        template: ``str.format`` template over the row's fields, giving the prompt.
+        choices_field: a list of strings, or (CSV) one ``;``-separated string.
+        label_field: index of the true choice, a list of indices (several true), or the true choice's
+            text. In CSV, a cell matching a choice's text is that choice, else ``;``-separated indices.
+        continuation_prefix: put before each choice (the usual leading space of a continuation).
+        **kwargs: see :class:`ChoiceDataModule`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        template: str = "{question}",
+        choices_field: str = "choices",
+        label_field: str = "label",
+        continuation_prefix: str = " ",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.path, self.template = path, template
+        self.choices_field, self.label_field, self.continuation_prefix = choices_field, label_field, continuation_prefix
+
+    def load_examples(self) -> list[ChoiceExample]:
+        path = resolve_path(self.path)
+        return [self._parse(path, i, row) for i, row in enumerate(read_records(path))]
+
+    def _parse(self, path: Path, i: int, row: dict) -> ChoiceExample:
+        for field in (self.choices_field, self.label_field):
+            if row.get(field) in (None, "", []):
+                raise DataError(path, f"missing or empty (the row has {sorted(row)})", i, field)
+        try:
+            prompt = self.template.format(**row)
+        except KeyError as e:
+            raise DataError(path, f"template {self.template!r} needs a field this row lacks", i, e.args[0]) from e
+        except (IndexError, ValueError) as e:
+            raise DataError(path, f"template {self.template!r} does not format: {e}", i, "template") from e
+
+        choices = row[self.choices_field]
+        if isinstance(choices, str):
+            choices = choices.split(";")
+        if not isinstance(choices, (list, tuple)) or not all(isinstance(c, (str, int, float)) for c in choices):
+            raise DataError(path, f"expected a list of strings, got {choices!r}", i, self.choices_field)
+        choices = [str(c).strip() for c in choices]
+        is_true = self._truth(row[self.label_field], choices, path, i)
+        ex = ChoiceExample(prompt, [self.continuation_prefix + c for c in choices], is_true, index=i)
+        return check_example(ex, path, set_fields=(self.choices_field,), prompt_field="template")
+
+    def _truth(self, label, choices: list[str], path: Path, i: int) -> list[bool]:
+        field = self.label_field
+        if isinstance(label, str):
+            if label.strip() in choices:  # the true choice's text
+                return [c == label.strip() for c in choices]
+            try:  # CSV cells are strings: "1" or "0;2"
+                label = [int(x) for x in label.split(";")]
+            except ValueError:
+                msg = f"{label!r} is neither a choice nor an index; choices: {choices}"
+                raise DataError(path, msg, i, field) from None
+        indices = label if isinstance(label, list) else [label]
+        if not indices or not all(isinstance(k, int) and not isinstance(k, bool) for k in indices):
+            raise DataError(path, f"expected an int index, a list of them or a choice's text, got {label!r}", i, field)
+        bad = [k for k in indices if not 0 <= k < len(choices)]
+        if bad:
+            raise DataError(path, f"label {bad} is outside the {len(choices)} choices", i, field)
+        return [k in indices for k in range(len(choices))]
