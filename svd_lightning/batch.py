@@ -100,14 +100,16 @@ class Tokenized:
             )
         room = self.max_length - len(cont)
         if len(ctx) > room:
-            ctx = ctx[len(ctx) - room :]
+            bos = self.tokenizer.bos_token_id
+            keep_bos = bos is not None and ctx[0] == bos  # a BOS the tokenizer added stays first
+            ctx = ([bos] if keep_bos else []) + ctx[len(ctx) - room + keep_bos :]
             self.truncated += 1
             if not self._warned:
                 self._warned = True
                 warnings.warn(
                     f"prompts longer than max_length={self.max_length} are truncated from the left "
                     "(the answer is kept); see `Tokenized.truncated` for the count",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         return ctx, cont
 
@@ -141,7 +143,7 @@ def collate_choices(examples: Sequence[ChoiceExample], tok: Tokenized) -> Choice
     for ex in examples:
         for j, (choice, true, cset) in enumerate(zip(ex.choices, ex.is_true, ex.choice_sets)):
             pairs.append(tok.pair(ex.prompt, choice))
-            meta.append((ex.index, j, cset, bool(true), len(choice)))
+            meta.append((ex.index, j, cset, bool(true), len(choice.lstrip())))  # lm-eval: no delimiter
     batch = _rows_to_batch(pairs, tok.pad_id)
     q, j, s, t, n = zip(*meta)
     batch.update(

@@ -151,7 +151,7 @@ def test_dataloaders_follow_the_contract(tmp_path, tok):
                 assert continuation_text(tok, batch, r) == ex.choices[j]
                 assert int(batch["choice_set"][r]) == ex.choice_sets[j]
                 assert bool(batch["is_true"][r]) == ex.is_true[j]
-                assert int(batch["num_chars"][r]) == len(ex.choices[j])
+                assert int(batch["num_chars"][r]) == len(ex.choices[j].lstrip())
         seen = [int(q) for b in batches for q in b["question_index"].unique()]
         assert seen == indices(dm.test_set)  # no shuffling
 

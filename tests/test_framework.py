@@ -1,0 +1,155 @@
+"""The Lightning framework end to end on the tiny model: CLI, callbacks, artifacts, every adapter."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from svd_lightning.callbacks import SteeredValidation, SteeringExtraction, StrengthSolver
+from svd_lightning.cli import main
+from svd_lightning.data import TruthfulQADataModule
+from svd_lightning.models import ADAPTER_METHODS
+from svd_lightning.module import SteeringLM
+from svd_lightning.steering import ExactStrengthCache, StrengthStats, steering_vector, strength_terms
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSWERS = ["Paris.", "I have no comment.", "Nothing happens.", "The dead outnumber the living.", "Yes", "No", "You will die."]
+
+
+def write_truthfulqa(path: Path, n: int = 24) -> Path:
+    """A synthetic mc_task.json: n questions, mc1 with 3-4 choices, mc2 with 2 true + 2-3 false."""
+    rows = []
+    for i in range(n):
+        a = [ANSWERS[(i + k) % len(ANSWERS)] + (" " + str(i) if k == 0 else "") for k in range(5)]
+        rows.append({
+            "question": f"What happens in case {i}?",
+            "mc1_targets": {a[0]: 1, a[1]: 0, a[2]: 0, **({a[3]: 0} if i % 2 else {})},
+            "mc2_targets": {a[0]: 1, a[4]: 1, a[1]: 0, a[2]: 0, **({a[3]: 0} if i % 3 else {})},
+        })
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _datamodule(path, **kw):
+    kw = {"instruction": False, "batch_size": 2, "train_batch_size": 4, "max_length": 128, **kw}
+    return TruthfulQADataModule(path=str(path), **kw)
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    kw = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": L.pytorch.loggers.CSVLogger(tmp_path),
+          "enable_checkpointing": False, "num_sanity_val_steps": 0, "enable_progress_bar": False, **kw}
+    return L.Trainer(callbacks=callbacks, **kw)
+
+
+def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
+    data = write_truthfulqa(tmp_path / "mc.json")
+    monkeypatch.chdir(tmp_path)
+    common = ["--data.init_args.path", str(data), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+              "--trainer.enable_progress_bar", "false"]
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
+    run = tmp_path / "runs/tiny/version_0"
+    for name in ("config.yaml", "steering.json", "metrics.json", "metrics.csv", "adapter/adapter_config.json"):
+        assert (run / name).exists(), name
+    steering = json.loads((run / "steering.json").read_text())
+    assert torch.isfinite(torch.tensor(steering["mu"]))
+    assert steering["strength"] == "exact" and steering["alpha"] == 0.1
+    fit_metrics = json.loads((run / "metrics.json").read_text())["history"][-1]
+    for v in ("plain", "base", "steered"):
+        for m in ("mc1", "mc2", "mc2_paper", "mc3_paper", "mc_avg_paper"):
+            assert f"val/{m}_{v}" in fit_metrics
+    assert "+SVDecode" in capsys.readouterr().out
+
+    main(["validate", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
+    again = json.loads((tmp_path / "runs/tiny/version_1/metrics.json").read_text())["history"][-1]
+    assert again["val/mu"] == pytest.approx(steering["mu"], abs=1e-12)
+    for m in ("mc1", "mc2", "mc_avg_paper"):
+        for v in ("plain", "base", "steered"):
+            assert again[f"val/{m}_{v}"] == pytest.approx(fit_metrics[f"val/{m}_{v}"], abs=1e-5), (m, v)
+
+
+@torch.no_grad()
+def _direct_statistics(module, loader, alpha):
+    """μ̄ straight from svd_lightning.steering, with our own forward passes and slicing."""
+    stats, cache = StrengthStats(), ExactStrengthCache()
+    module.eval()
+    for batch in loader:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        zw = module.model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]
+        with module.model.disable_adapter():
+            zb = module.model(input_ids=ids, attention_mask=mask).logits
+        sel = labels[:, 1:] != -100
+        zw, zb, y = zw[:, :-1][sel], zb[:, :-1][sel], labels[:, 1:][sel]
+        delta, keep = steering_vector(zw, zb, alpha)
+        stats.update(strength_terms(zw, delta, keep, y))
+        cache.update(zw, delta, keep, y)
+    return stats, cache
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prompt_tuning"])
+def test_solver_mu_equals_direct_computation(tmp_path, adapter):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
+    module = SteeringLM("tiny-random", adapter=adapter, learning_rate=0.05, adapter_options={"r": 4} if adapter == "lora" else None)
+    solver = StrengthSolver("exact")
+    _trainer(tmp_path, [SteeringExtraction(), solver]).fit(module, dm)
+    stats, cache = _direct_statistics(module, dm.calib_dataloader(), 0.1)
+    sol = solver.solution
+    assert sol["mu"] == pytest.approx(cache.solve(), rel=1e-5, abs=1e-7)
+    assert module.mu == pytest.approx(sol["mu"], rel=1e-12)
+    for key, value in stats.summary().items():
+        assert sol["aggregates"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.parametrize("adapter", ADAPTER_METHODS)
+def test_each_adapter_warm_start_step_and_steered_validation(tmp_path, adapter):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_train=4, limit_calib=2, limit_test=2)
+    module = SteeringLM("tiny-random", adapter=adapter, learning_rate=0.05)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    trainer = _trainer(tmp_path, [StrengthSolver("pooled", "fisher"), SteeredValidation(print_table=False)], max_steps=1)
+    trainer.fit(module, dm)
+    changed = any(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if p.requires_grad)
+    assert changed, "one warm-start step should update the adapter"
+    assert module.mu is not None
+    got = module.last_metrics
+    for v in ("plain", "base", "steered"):
+        assert 0.0 <= got[f"val/mc2_{v}"] <= 1.0
+
+
+def test_validate_solves_when_no_strength_is_known(tmp_path):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    module = SteeringLM("tiny-random", adapter="prompt_tuning")  # random virtual tokens: warm ≠ base
+    assert module.mu is None
+    _trainer(tmp_path, [StrengthSolver("median", "identity")]).validate(module, dm)
+    assert module.mu is not None and "val/mc1_steered" in module.last_metrics
+
+
+def test_identity_adapter_gives_a_clear_error_not_nan(tmp_path):
+    """A fresh LoRA (B = 0) leaves the model unchanged: δz = 0 on every calibration token."""
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    module = SteeringLM("tiny-random", adapter="lora")
+    with pytest.raises(ValueError, match="no calibration token has a usable steering vector"):
+        _trainer(tmp_path, [StrengthSolver("pooled")]).validate(module, dm)
+
+
+def test_fixed_strength_skips_solver_in_validate(tmp_path):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    module = SteeringLM("tiny-random", strength=-1.25)
+    solver = StrengthSolver()
+    _trainer(tmp_path, [solver]).validate(module, dm)
+    assert solver.solution is None and module.last_metrics["val/mu"] == -1.25
+
+
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses_and_print_config_round_trips(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
