@@ -76,6 +76,9 @@ class SteeringExtraction(L.Callback):
 
     Args:
         limit_batches: use only the first k calibration batches (None: all).
+
+    DDP: the callback builds its own loader (Lightning injects no DistributedSampler), so rank r
+    takes batches ``i % world_size == r`` -- every calibration token is counted exactly once.
     """
 
     def __init__(self, limit_batches: int | None = None):
@@ -101,6 +104,8 @@ class SteeringExtraction(L.Callback):
         for i, batch in enumerate(bar):
             if i >= total:
                 break
+            if i % trainer.world_size != trainer.global_rank:
+                continue  # another rank's batch
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
             delta, keep = steering_vector(warm, base, alpha)
@@ -210,7 +215,8 @@ class StrengthSolver(L.Callback):
         return mu
 
     def _write(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
+        if not trainer.is_global_zero or not log_dir:
             return
         h = pl_module.hparams
         payload = {
@@ -221,7 +227,7 @@ class StrengthSolver(L.Callback):
             "tokenizer_sha256": artifacts.tokenizer_hash(pl_module.tokenizer),
             "hparams": dict(h),
         }
-        artifacts.write_json(Path(trainer.log_dir) / artifacts.STEERING_FILE, payload)
+        artifacts.write_json(Path(log_dir) / artifacts.STEERING_FILE, payload)
 
     def _needs_solve(self, trainer, pl_module) -> bool:
         if trainer.sanity_checking:
@@ -259,12 +265,13 @@ class SteeredValidation(L.Callback):
         if trainer.sanity_checking or not metrics:
             return
         self.history.append({"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
         if not trainer.is_global_zero:
             return
         if self.print_table:
             print(format_table(metrics, stage))
-        if trainer.log_dir:
-            artifacts.write_json(Path(trainer.log_dir) / artifacts.METRICS_FILE, {"history": self.history})
+        if log_dir:
+            artifacts.write_json(Path(log_dir) / artifacts.METRICS_FILE, {"history": self.history})
 
     def on_validation_end(self, trainer, pl_module):
         self._report(trainer, pl_module, "val")
@@ -315,8 +322,9 @@ class LogitSnapshot(L.Callback):
         for key, v in lp.items():
             top = v[: self.max_positions].topk(k, dim=-1)
             self.snapshots.setdefault(key, {"values": top.values.cpu(), "indices": top.indices.cpu(), "labels": labels[: self.max_positions].cpu()})
-        if trainer.is_global_zero and trainer.log_dir:
-            path = Path(trainer.log_dir) / "logit_snapshots.pt"
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
+        if trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "logit_snapshots.pt"
             tmp = path.with_suffix(".tmp")
             torch.save(self.snapshots, tmp)
             tmp.replace(path)

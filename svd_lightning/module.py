@@ -155,5 +155,6 @@ class SteeringLM(L.LightningModule):
         return {**{k: batch[k] for k in keys}, **scores}
 
     def on_train_end(self):
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            artifacts.save_adapter(self.model, self.trainer.log_dir)
+        log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
+        if self.trainer.is_global_zero and log_dir:
+            artifacts.save_adapter(self.model, log_dir)

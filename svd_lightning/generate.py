@@ -1,0 +1,150 @@
+"""Answer a JSONL file of prompts with the warm model (plain) and with SVDecode (steered).
+
+    python -m svd_lightning.generate --run-dir RUN --prompts prompts.jsonl --out answers.jsonl [--mode beam]
+
+The base model is ``steering.json``'s ``model``, the adapter is ``RUN/adapter`` and μ̄, α come from
+``RUN/steering.json`` (``--mu`` overrides μ̄). Each input row needs a non-empty ``prompt``; each
+output row is ``{prompt, plain, steered, mu, mode}``, with the same decoding settings for both
+answers (a run calibrated with ``scoring_policy: none`` steers without the confidence mask, as that
+policy specifies). Sampling reseeds with ``seed + index of the batch's first prompt`` before each answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from svd_lightning import artifacts
+from svd_lightning.decoding import steered_generate
+from svd_lightning.models import load_causal_lm, load_tokenizer
+
+MODES = ("greedy", "sample", "beam")
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The ``prompt`` of every non-blank JSONL line; errors name the file and line."""
+    prompts = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{lineno}: expected an object with a non-empty string 'prompt'")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def decoding_kwargs(mode: str = "greedy", max_new_tokens: int = 64, num_beams: int = 4,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None) -> dict:
+    """``generate`` options for ``mode``; sampling options are refused outside ``sample``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    warpers = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p).items() if v is not None}
+    if warpers and mode != "sample":
+        raise ValueError(f"sampling options ({', '.join(warpers)}) only apply to mode 'sample', not {mode!r}")
+    beams = num_beams if mode == "beam" else 1
+    return dict(max_new_tokens=max_new_tokens, do_sample=mode == "sample", num_beams=beams, **warpers)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: float, mode: str = "greedy", *,
+                     batch_size: int = 8, seed: int = 0, mask: bool = True, progress: bool = True, **kw) -> list[dict]:
+    """Plain and steered continuations of ``prompts`` (left-padded batches); ``kw`` go to :func:`decoding_kwargs`."""
+    gen = dict(decoding_kwargs(mode, **kw), pad_token_id=tokenizer.pad_token_id)
+    rows, side = [], tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
+    try:
+        with tqdm(total=len(prompts), unit="prompt", desc=f"{mode} decoding", disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
+                torch.manual_seed(seed + start)
+                plain = model.generate(**enc, **gen)
+                torch.manual_seed(seed + start)
+                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], mu, alpha, mask, **gen)
+                n = enc["input_ids"].shape[1]
+                decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731
+                for p, a, b in zip(chunk, decode(plain), decode(steered)):
+                    rows.append({"prompt": p, "plain": a, "steered": b, "mu": float(mu), "mode": mode})
+                bar.update(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+    return rows
+
+
+def load_run(run_dir: str | os.PathLike):
+    """``(peft model, tokenizer, steering.json)`` of a finished run directory."""
+    from peft import PeftModel
+
+    steering = artifacts.read_steering(run_dir)
+    for key in ("mu", "alpha", "model"):
+        if key not in steering:
+            raise KeyError(f"{Path(run_dir) / artifacts.STEERING_FILE} has no {key!r}")
+    base = load_causal_lm(steering["model"])
+    model = PeftModel.from_pretrained(base, Path(run_dir) / artifacts.ADAPTER_DIR, is_trainable=False).eval()
+    return model, load_tokenizer(steering["model"]), steering
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``path.tmp`` then rename it over ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m svd_lightning.generate",
+                                     description="Plain and SVDecode-steered answers for a JSONL file of prompts.")
+    parser.add_argument("--run-dir", required=True, help="run directory with adapter/ and steering.json")
+    parser.add_argument("--prompts", required=True, help="JSONL file, one {\"prompt\": ...} object per line")
+    parser.add_argument("--out", required=True, help="output JSONL: {prompt, plain, steered, mu, mode} per line")
+    parser.add_argument("--mode", choices=MODES, default="greedy")
+    parser.add_argument("--max-new-tokens", type=_positive, default=64)
+    parser.add_argument("--num-beams", type=_positive, default=4, help="beams for --mode beam")
+    parser.add_argument("--temperature", type=float, help="--mode sample only")
+    parser.add_argument("--top-k", type=int, help="--mode sample only")
+    parser.add_argument("--top-p", type=float, help="--mode sample only")
+    parser.add_argument("--mu", type=float, help="steering strength (default: μ̄ from steering.json)")
+    parser.add_argument("--batch-size", type=_positive, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    try:  # fail on bad input before loading any model
+        prompts = read_prompts(args.prompts)
+        decoding_kwargs(args.mode, **options)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    model, tokenizer, steering = load_run(args.run_dir)
+    mu = steering["mu"] if args.mu is None else args.mu
+    rows = generate_answers(model, tokenizer, prompts, mu, steering["alpha"], args.mode, batch_size=args.batch_size,
+                            seed=args.seed, mask=steering.get("scoring_policy") != "none", **options)
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, mu={mu:+.4g}, alpha={steering['alpha']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Steered beam search / multi-sample generation against slow references, and the generate CLI."""
+
+import json
+
+import pytest
+import torch
+from transformers import LogitsProcessor
+
+from svd_lightning.decoding import steered_generate
+from svd_lightning.generate import generate_answers, main, read_prompts
+from svd_lightning.steering import steer
+
+from conftest import perturbed_lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's matmuls gain nothing from threads and crawl when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROMPTS = ["Q: What is the capital of France? A:", "Q: What happens if you eat a pomegranate?\nA:", "Yes"]
+
+
+def _left_padded(tokenizer, prompts):
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@torch.no_grad()
+def _slow_steered_log_probs(model, ids, mask, mu, alpha=0.1):
+    """Steered next-token log-probs from full warm and base forwards, in fp32 like ``generate``."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    warm = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+    with model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+    return torch.log_softmax(steer(torch.log_softmax(warm, -1), base, mu, alpha), -1)
+
+
+@torch.no_grad()
+def _slow_steered_beam_search(model, ids, mask, mu, num_beams, steps):
+    """transformers' beam search without EOS, every beam recomputed from scratch at every step.
+
+    Beam 0 starts at 0 and the others at −1e9 (so the first step expands one beam), the best
+    ``2K`` candidates of the ``K × V`` continuations are kept and the best ``K`` of those continue;
+    after ``steps`` tokens the final scores are divided by ``steps`` (length_penalty = 1).
+    """
+    B, K = ids.shape[0], num_beams
+    seqs, masks = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+    scores = torch.zeros(B, K)
+    scores[:, 1:] = -1e9
+    for _ in range(steps):
+        lp = _slow_steered_log_probs(model, seqs, masks, mu)
+        V = lp.shape[-1]
+        cand = (scores[:, :, None] + lp.view(B, K, V)).view(B, K * V)
+        top, idx = cand.topk(2 * K)
+        top, idx = top[:, :K], idx[:, :K]
+        rows = (torch.arange(B)[:, None] * K + idx // V).view(-1)
+        seqs = torch.cat([seqs[rows], (idx % V).view(-1, 1)], 1)
+        masks = torch.cat([masks[rows], masks.new_ones(B * K, 1)], 1)
+        scores = top
+    return seqs.view(B, K, -1), scores / steps
+
+
+@pytest.mark.parametrize("mu,early_stopping", [(-2.0, True), (3.0, False), (-0.5, "never")])
+def test_steered_beam_search_matches_slow_reference(tokenizer, mu, early_stopping):
+    model = perturbed_lora(dtype=torch.float64)
+    ids, mask = _left_padded(tokenizer, PROMPTS)
+    K, steps = 4, 10
+    out = steered_generate(model, ids, mask, mu=mu, num_beams=K, num_return_sequences=K, do_sample=False,
+                           max_new_tokens=steps, early_stopping=early_stopping, length_penalty=1.0,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=len(tokenizer) + 7,  # never generated
+                           return_dict_in_generate=True, output_scores=True)
+    seqs, scores = _slow_steered_beam_search(model, ids, mask, mu, K, steps)
+    fast_seqs, fast_scores = out.sequences.view(len(PROMPTS), K, -1), out.sequences_scores.view(len(PROMPTS), K)
+    live = scores > -1e8  # beams padded in by the −1e9 start (fewer kept tokens than beams) are arbitrary
+    assert live[:, 0].all() and torch.equal(live, fast_scores > -1e8)
+    assert torch.equal(fast_seqs[live], seqs[live])
+    torch.testing.assert_close(fast_scores[live], scores[live], rtol=1e-5, atol=1e-5)
+    plain = model.generate(input_ids=ids, attention_mask=mask, num_beams=K, do_sample=False, max_new_tokens=steps,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=len(tokenizer) + 7)
+    assert not torch.equal(plain, fast_seqs[:, 0]), "steering should change some beam on this model"
+
+
+class _CheckEveryRow(LogitsProcessor):
+    """Runs right after the steering processor: its scores must equal a slow recomputation per row."""
+
+    def __init__(self, model, mask, mu):
+        self.model, self.mask, self.mu, self.calls = model, mask, mu, 0
+
+    def __call__(self, input_ids, scores):
+        rows = input_ids.shape[0]
+        prompt_mask = self.mask.repeat_interleave(rows // self.mask.shape[0], 0)
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, input_ids.shape[1] - prompt_mask.shape[1])], 1)
+        slow = _slow_steered_log_probs(self.model, input_ids, mask, self.mu)
+        torch.testing.assert_close(scores, slow, rtol=1e-5, atol=1e-5)  # also: −inf exactly where slow has −inf
+        self.calls += 1
+        return scores
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_beams=4, num_return_sequences=2, early_stopping=True, do_sample=False),
+    dict(num_beams=3, do_sample=True, top_k=10),
+    dict(num_return_sequences=3, do_sample=True, temperature=0.9, top_k=20),
+], ids=["beam-eos", "beam-sample", "sample-x3"])
+def test_processor_tracks_every_row(tokenizer, kw):
+    model = perturbed_lora(dtype=torch.float64)
+    ids, mask = _left_padded(tokenizer, PROMPTS)
+    # An EOS the steered model actually emits, so beams finish at different lengths.
+    eos = int(steered_generate(model, ids, mask, mu=-2.0, max_new_tokens=3, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, -1])
+    check = _CheckEveryRow(model, mask, -2.0)
+    run = lambda: steered_generate(model, ids, mask, mu=-2.0, max_new_tokens=8, logits_processor=[check],  # noqa: E731
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kw)
+    torch.manual_seed(0)
+    out = run()
+    assert check.calls > 1
+    n_out = kw.get("num_return_sequences", 1)
+    assert out.shape[0] == len(PROMPTS) * n_out
+    assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(n_out, 0))
+    if kw["do_sample"]:
+        torch.manual_seed(0)
+        assert torch.equal(run(), out)
+    if n_out == 3:
+        assert any(len({tuple(r.tolist()) for r in out[i * 3 : i * 3 + 3]}) > 1 for i in range(len(PROMPTS)))
+    if "early_stopping" in kw:
+        assert (out[:, ids.shape[1] :] == eos).any(), "no beam finished: the EOS paths were not exercised"
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI.
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory and the in-memory model it was saved from (LoRA A is randomly initialised)."""
+    run, model = tmp_path_factory.mktemp("run"), perturbed_lora()
+    model.save_pretrained(run / "adapter")
+    (run / "steering.json").write_text(json.dumps({"mu": -1.0, "alpha": 0.1, "model": "tiny-random"}))
+    return run, model
+
+
+def _prompts_file(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _reference(model, tokenizer, prompts, batch_size, **kw):
+    plain, steered = [], []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = _left_padded(tokenizer, prompts[s : s + batch_size])
+        common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
+        for answers, out in ((plain, model.generate(input_ids=ids, attention_mask=mask, **common)),
+                             (steered, steered_generate(model, ids, mask, mu=-1.0, alpha=0.1, **common))):
+            answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return plain, steered
+
+
+def test_cli_greedy_end_to_end(tmp_path, run_dir, tokenizer):
+    run_dir, model = run_dir
+    prompts = PROMPTS + ["The capital of France is"]
+    src = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": p, "id": i} for i, p in enumerate(prompts)] + [""])
+    out = tmp_path / "answers.jsonl"
+    main(["--run-dir", str(run_dir), "--prompts", str(src), "--out", str(out),
+          "--max-new-tokens", "8", "--batch-size", "3"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not (tmp_path / "answers.jsonl.tmp").exists()
+    assert [r["prompt"] for r in rows] == prompts
+    assert all(set(r) == {"prompt", "plain", "steered", "mu", "mode"} for r in rows)
+    assert all(r["mu"] == -1.0 and r["mode"] == "greedy" for r in rows)
+    plain, steered = _reference(model, tokenizer, prompts, 3, max_new_tokens=8)
+    assert [r["plain"] for r in rows] == plain
+    assert [r["steered"] for r in rows] == steered
+    assert plain != steered, "mu = -1 should change some answer on this model"
+
+
+def test_generate_answers_modes(tokenizer):
+    model, side = perturbed_lora(), tokenizer.padding_side
+    kw = dict(max_new_tokens=5, batch_size=2, progress=False)
+    beam = generate_answers(model, tokenizer, PROMPTS, 2.0, 0.1, "beam", num_beams=2, **kw)
+    assert [r["mode"] for r in beam] == ["beam"] * 3 and all(r["mu"] == 2.0 for r in beam)
+    sample = lambda: generate_answers(model, tokenizer, PROMPTS, 2.0, 0.1, "sample", top_k=20, seed=1, **kw)  # noqa: E731
+    assert sample() == sample()
+    assert tokenizer.padding_side == side  # left padding only while generating
+    with pytest.raises(ValueError, match="only apply to mode 'sample'"):
+        generate_answers(model, tokenizer, PROMPTS, 2.0, 0.1, "greedy", temperature=0.5, **kw)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "ok"', "invalid JSON"),
+    ('{"question": "no prompt"}', "non-empty string 'prompt'"),
+    ('{"prompt": "  "}', "non-empty string 'prompt'"),
+    ('["prompt"]', "non-empty string 'prompt'"),
+])
+def test_cli_rejects_bad_prompts(tmp_path, run_dir, capsys, line, message):
+    run_dir = run_dir[0]
+    src = _prompts_file(tmp_path / "bad.jsonl", [{"prompt": "fine"}, line])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:2: .*{message}"):
+        read_prompts(src)
+    with pytest.raises(SystemExit) as err:
+        main(["--run-dir", str(run_dir), "--prompts", str(src), "--out", str(tmp_path / "o.jsonl")])
+    assert err.value.code == 2 and "bad.jsonl:2:" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
