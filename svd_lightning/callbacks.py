@@ -100,7 +100,7 @@ class SteeringExtraction(L.Callback):
         start = time.perf_counter()
         loader = calibration_loader(trainer)
         total = len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
-        bar = tqdm(loader, total=total, desc="Calibration", leave=False, disable=not trainer.is_global_zero)
+        bar = tqdm(loader, total=total, desc="Calibration", leave=False, disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
         for i, batch in enumerate(bar):
             if i >= total:
                 break

@@ -10,12 +10,13 @@ from svd_lightning.module import SteeringLM
 
 class SteeringCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        # One α for scoring and solving: the solver reads it from the module.
+        # Sanity validation would score before μ̄ exists; skip it unless asked for.
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
 
 
-def main(args=None) -> SteeringCLI:
-    return SteeringCLI(
+def main(args=None) -> None:
+    # Returns None: the console script passes the return value to sys.exit.
+    SteeringCLI(
         SteeringLM,
         LightningDataModule,
         subclass_mode_data=True,
