@@ -24,6 +24,15 @@ def perturbed_lora(seed: int = 0, dtype=torch.float32):
     return peft_model.eval()
 
 
+def left_padded(tokenizer, prompts):
+    """Token ids and attention mask of prompts, left padded as for generation."""
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
 @pytest.fixture()
 def lora_model():
     return perturbed_lora()

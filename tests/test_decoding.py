@@ -7,17 +7,9 @@ from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.decoding import SteeringLogitsProcessor, score_choices, steered_generate
 from svd_lightning.steering import steer, steered_log_probs
 
-from conftest import perturbed_lora
+from conftest import left_padded as _left_padded, perturbed_lora
 
 PROMPTS = ["Q: What is the capital of France? A:", "Q: What happens if you eat a pomegranate?\nA:", "Yes"]
-
-
-def _left_padded(tokenizer, prompts):
-    rows = [tokenizer(p)["input_ids"] for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def _full_logits(model, ids, mask, base):

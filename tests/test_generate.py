@@ -10,7 +10,7 @@ from svd_lightning.decoding import steered_generate
 from svd_lightning.generate import generate_answers, main, read_prompts
 from svd_lightning.steering import steer
 
-from conftest import perturbed_lora
+from conftest import left_padded as _left_padded, perturbed_lora
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,14 +23,6 @@ def _one_thread():
 
 
 PROMPTS = ["Q: What is the capital of France? A:", "Q: What happens if you eat a pomegranate?\nA:", "Yes"]
-
-
-def _left_padded(tokenizer, prompts):
-    rows = [tokenizer(p)["input_ids"] for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 @torch.no_grad()
