@@ -153,3 +153,14 @@ def test_every_config_parses_and_print_config_round_trips(config, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert capsys.readouterr().out == printed
+
+
+def test_predict_returns_per_row_scores(tmp_path):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_test=2)
+    module = SteeringLM("tiny-random", strength=-1.0)
+    out = _trainer(tmp_path, []).predict(module, dm)
+    rows = sum(len(b["plain"]) for b in out)
+    assert rows == sum(len(b["question_index"]) for b in out) > 0
+    for b in out:
+        assert set(b) >= {"plain", "base", "steered", "question_index", "choice_set", "is_true"}
+        assert torch.isfinite(b["steered"]).all()
