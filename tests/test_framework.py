@@ -164,3 +164,54 @@ def test_predict_returns_per_row_scores(tmp_path):
     for b in out:
         assert set(b) >= {"plain", "base", "steered", "question_index", "choice_set", "is_true"}
         assert torch.isfinite(b["steered"]).all()
+
+
+def _seeded_fit(tmp_path, data, name):
+    L.seed_everything(0)
+    dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
+    module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name=name, version=0)
+    _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger).fit(module, dm)
+    return module, Path(logger.log_dir)
+
+
+def test_same_seed_same_mu_and_metrics(tmp_path):
+    data = write_truthfulqa(tmp_path / "mc.json")
+    a, _ = _seeded_fit(tmp_path, data, "a")
+    b, _ = _seeded_fit(tmp_path, data, "b")
+    assert a.mu == b.mu
+    assert a.last_metrics == b.last_metrics
+
+
+class _CalibrationCrash(TruthfulQADataModule):
+    def calib_dataloader(self):
+        loader = super().calib_dataloader()
+
+        class Crashing:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    if i == 1:
+                        raise RuntimeError("killed during calibration")
+                    yield batch
+
+        return Crashing()
+
+
+def test_crash_during_calibration_keeps_previous_artifacts(tmp_path):
+    data = write_truthfulqa(tmp_path / "mc.json")
+    _, run = _seeded_fit(tmp_path, data, "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".json"}
+    assert {"steering.json", "metrics.json"} <= set(before)
+    module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
+    dm = _CalibrationCrash(path=str(data), instruction=False, batch_size=2, train_batch_size=1, max_length=128,
+                           limit_train=8, limit_calib=4, limit_test=3)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run", version=0)  # same run directory
+    trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger)
+    with pytest.raises(RuntimeError, match="killed during calibration"):
+        trainer.fit(module, dm)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".json"}
+    assert after == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
