@@ -420,14 +420,13 @@ def test_malformed_files(tmp_path):
         GenericChoiceDataModule(str(empty)).describe()
 
 
-# --- the real files, when present ------------------------------------------------------------------
+# --- the real files (CI has ../shared/data beside the repo, as do the configs) -----------------------
 
 
-def test_real_files_parse_when_present(tok):
+def test_real_files_parse(tok):
     tqa = SHARED / "truthfulqa/v1_2021/mc_task.json"
     arc = SHARED / "commonsense/ARC-Challenge/test.json"
-    if not (tqa.exists() and arc.exists()):
-        pytest.skip(f"shared data not found at {SHARED.resolve()}")
+    assert tqa.exists() and arc.exists(), f"shared data not found at {SHARED.resolve()}"
     dm = ready(TruthfulQADataModule(str(tqa), limit_test=2, batch_size=2, max_length=2048), tok)
     assert dm.describe()["questions"] == 817
     assert all(sum(t for t, s in zip(ex.is_true, ex.choice_sets) if s == 0) == 1 for ex in dm.test_set)
