@@ -47,22 +47,103 @@ def _real_logits(logits: torch.Tensor, seq_len: int) -> torch.Tensor:
 # Teacher-forced scoring.
 
 
+def _uses_virtual_tokens(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _full_label_logits(model, ids, mask, labels) -> torch.Tensor:
+    T = ids.shape[1]
+    logits = _real_logits(model(input_ids=ids, attention_mask=mask).logits, T)
+    return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+
+
+class SharedPrompts:
+    """A choice batch split into its distinct prompts and the continuations that follow them.
+
+    Rows of one question repeat the same prompt; encoding it once and expanding its KV cache to
+    the rows cuts the cost of multiple-choice scoring to (prompt + Σ continuations) tokens.
+    """
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pad_id: int = 0):
+        lengths = mask.sum(1)
+        labelled = labels != IGNORE_INDEX
+        starts = labelled.int().argmax(1)  # first continuation token of each row
+        right_padded = mask.bool() == (torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1))
+        # Sharing needs the contract's layout: real tokens first, a prompt before every continuation.
+        self.usable = bool(right_padded.all()) and bool((starts > 0).all())
+        groups: dict[tuple, int] = {}
+        self.group = torch.tensor(
+            [groups.setdefault(tuple(ids[i, : starts[i]].tolist()), len(groups)) for i in range(ids.shape[0])],
+            device=ids.device,
+        )
+        first_row = torch.tensor([self.group.tolist().index(g) for g in range(len(groups))], device=ids.device)
+        p_len = starts[first_row]
+        P, A = int(p_len.max()), int((lengths - starts).max())
+        # Prompts left padded (their last token lines up); continuations right padded.
+        cols = torch.arange(P, device=ids.device)
+        src = (cols + p_len.unsqueeze(1) - P).clamp_min(0)
+        self.prompt_mask = (cols >= P - p_len.unsqueeze(1)).long()
+        self.prompt_ids = ids[first_row].gather(1, src).masked_fill(self.prompt_mask == 0, pad_id)
+        cols = torch.arange(A, device=ids.device)
+        src = (starts.unsqueeze(1) + cols).clamp_max(ids.shape[1] - 1)
+        self.answer_mask = (cols < (lengths - starts).unsqueeze(1)).long()
+        self.answer_ids = ids.gather(1, src).masked_fill(self.answer_mask == 0, pad_id)
+        answer_labels = labels.gather(1, src).masked_fill(self.answer_mask == 0, IGNORE_INDEX)
+        self.select = answer_labels != IGNORE_INDEX  # the same tokens, in the same order, as the full batch
+        # Full-batch positions count from the row's first token; the answer follows its prompt.
+        self.answer_positions = p_len[self.group].unsqueeze(1) + cols
+
+    def label_logits(self, model) -> torch.Tensor:
+        out = model(
+            input_ids=self.prompt_ids,
+            attention_mask=self.prompt_mask,
+            position_ids=_positions(self.prompt_mask),
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        cache.reorder_cache(self.group)  # index_select on the batch dim: one copy per row
+        last = out.logits[:, -1][self.group]  # predicts each row's first continuation token
+        rest = model(
+            input_ids=self.answer_ids,
+            attention_mask=torch.cat([self.prompt_mask[self.group], self.answer_mask], dim=1),
+            position_ids=self.answer_positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        aligned = torch.cat([last.unsqueeze(1), rest[:, :-1]], dim=1)
+        return aligned[self.select]
+
+
 @torch.no_grad()
-def paired_label_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def paired_label_logits(
+    model, batch: dict, share_prompts: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Warm and base logits at every labelled position: one forward pass per model for the batch.
 
     Returns ``(warm [M, V], base [M, V], labels [M], row [M])`` where ``row`` is the batch row of
     each of the M label tokens (``labels[:, t]`` is predicted by the logits at ``t - 1``).
+    ``share_prompts`` encodes each distinct prompt once and reuses its KV cache for all of its
+    continuations (the same numbers up to float rounding); prompt-learning adapters, whose virtual
+    tokens peft re-inserts on every call, and batches without a repeated prompt use the full pass.
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    T = ids.shape[1]
-    warm = _real_logits(model(input_ids=ids, attention_mask=mask).logits, T)
-    with adapter_disabled(model):
-        base = _real_logits(model(input_ids=ids, attention_mask=mask).logits, T)
     target = labels[:, 1:]
     sel = target != IGNORE_INDEX
     row = sel.nonzero(as_tuple=True)[0]
-    warm, base = warm[:, :-1][sel], base[:, :-1][sel]
+    shared = None
+    if share_prompts and not _uses_virtual_tokens(model):
+        shared = SharedPrompts(ids, mask, labels)
+        if not shared.usable or int(shared.group.max()) + 1 == ids.shape[0]:
+            shared = None  # no prompt repeats: sharing saves nothing
+    if shared is not None:
+        warm = shared.label_logits(model)
+        with adapter_disabled(model):
+            base = shared.label_logits(model)
+    else:
+        warm = _full_label_logits(model, ids, mask, labels)
+        with adapter_disabled(model):
+            base = _full_label_logits(model, ids, mask, labels)
     for name, z in (("warm", warm), ("base", base)):
         if not torch.isfinite(z).all():
             raise FloatingPointError(f"non-finite {name} logits in the forward pass (check dtype/precision)")
@@ -81,6 +162,7 @@ def score_choices(
     alpha: float = 0.1,
     policy: ScoringPolicy = "mask_generation_only",
     floor: float = -20.0,
+    share_prompts: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Summed log-probability of each row's continuation under plain (warm), base and steered models.
 
@@ -88,7 +170,7 @@ def score_choices(
     ``num_tokens`` (divide for per-token length normalisation). Masked label tokens follow
     ``policy`` (see :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN.
     """
-    warm, base, y, row = paired_label_logits(model, batch)
+    warm, base, y, row = paired_label_logits(model, batch, share_prompts)
     n = batch["input_ids"].shape[0]
     gather = lambda lp: lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()  # noqa: E731
     out = {

@@ -135,3 +135,49 @@ def test_adapter_off_means_base(tokenizer):
     torch.testing.assert_close(again["base"], got["base"])
     assert not torch.allclose(again["plain"], got["plain"])
     assert merged_off is model.get_base_model()
+
+
+def _choice_batch(tokenizer, max_length=64):
+    examples = [
+        ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0),
+        ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green on most days"], [True, False], 1),
+        ChoiceExample("Q: Is the sky blue?\nA:", [" Yes it is"], [True], 2),  # same prompt, another question
+    ]
+    return collate_choices(examples, Tokenized(tokenizer, max_length))
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_prompt_scoring_matches_full_pass(tokenizer, share):
+    """Encoding each prompt once and expanding its KV cache gives the full pass's logits (fp64)."""
+    from svd_lightning.decoding import SharedPrompts, paired_label_logits
+
+    model = perturbed_lora(dtype=torch.float64)
+    batch = _choice_batch(tokenizer)
+    shared = SharedPrompts(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert shared.usable and shared.prompt_ids.shape[0] == 2  # three questions, two distinct prompts
+    warm, base, y, row = paired_label_logits(model, batch, share_prompts=share)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    sel = labels[:, 1:] != -100
+    ref_warm = model(input_ids=ids, attention_mask=mask).logits[:, :-1][sel]
+    with model.disable_adapter():
+        ref_base = model(input_ids=ids, attention_mask=mask).logits[:, :-1][sel]
+    assert torch.equal(y, labels[:, 1:][sel]) and torch.equal(row, sel.nonzero()[:, 0])
+    torch.testing.assert_close(warm, ref_warm, rtol=0, atol=1e-10)
+    torch.testing.assert_close(base, ref_base, rtol=0, atol=1e-10)
+    assert not torch.allclose(warm, base)
+
+
+def test_shared_prompts_fall_back_for_left_padding_and_virtual_tokens(tokenizer):
+    from peft import PromptTuningConfig, get_peft_model
+
+    from svd_lightning.decoding import SharedPrompts, paired_label_logits
+    from svd_lightning.tiny import tiny_model_and_tokenizer
+
+    batch = _choice_batch(tokenizer)
+    flipped = {k: v.flip(1) if v.dim() == 2 else v for k, v in batch.items()}  # padding moved to the left
+    assert not SharedPrompts(flipped["input_ids"], flipped["attention_mask"], flipped["labels"]).usable
+    model = get_peft_model(tiny_model_and_tokenizer(0)[0], PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    a = paired_label_logits(model, batch, share_prompts=True)
+    b = paired_label_logits(model, batch, share_prompts=False)
+    for x, z in zip(a, b):
+        assert torch.equal(x, z)
