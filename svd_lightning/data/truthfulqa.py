@@ -34,9 +34,9 @@ A: The 1992 Olympics were held in Barcelona, Spain."""
 SETS = ("mc1_targets", "mc2_targets")  # choice_set 0 and 1
 
 
-def truthfulqa_prompt(question: str, instruction: bool = True) -> str:
-    head = f"{INSTRUCTION}\n\n{QA_PRIMER}" if instruction else QA_PRIMER
-    return f"{head}\n\nQ: {question}\nA:"
+def truthfulqa_prompt(question: str, instruction: bool = True, few_shot: bool = True) -> str:
+    head = "\n\n".join(([INSTRUCTION] if instruction else []) + ([QA_PRIMER] if few_shot else []))
+    return f"{head}\n\nQ: {question}\nA:" if head else f"Q: {question}\nA:"
 
 
 class TruthfulQADataModule(ChoiceDataModule):
@@ -48,14 +48,15 @@ class TruthfulQADataModule(ChoiceDataModule):
     Args:
         path: ``mc_task.json``; the default is the Oct-2021 v1 file most published MC1/MC2 numbers use.
         instruction: put the paper's instruction before the six-shot QA primer.
+        few_shot: include the six-shot QA primer (off: zero-shot ``Q: ...\nA:``, ~10x fewer prompt tokens).
         **kwargs: see :class:`ChoiceDataModule`.
     """
 
     def __init__(
-        self, path: str = "../shared/data/truthfulqa/v1_2021/mc_task.json", instruction: bool = True, **kwargs
+        self, path: str = "../shared/data/truthfulqa/v1_2021/mc_task.json", instruction: bool = True, few_shot: bool = True, **kwargs
     ):
         super().__init__(**kwargs)
-        self.path, self.instruction = path, instruction
+        self.path, self.instruction, self.few_shot = path, instruction, few_shot
 
     def load_examples(self) -> list[ChoiceExample]:
         path = resolve_path(self.path)
@@ -80,7 +81,7 @@ class TruthfulQADataModule(ChoiceDataModule):
         if len(best) > 1:
             raise DataError(path, f"mc1 must have exactly one true answer, found {len(best)}", i, SETS[0])
         ex = ChoiceExample(
-            prompt=truthfulqa_prompt(question, self.instruction),
+            prompt=truthfulqa_prompt(question, self.instruction, self.few_shot),
             choices=choices,
             is_true=is_true,
             index=i,

@@ -1,0 +1,267 @@
+"""The SVDecode benchmark grid on SmolLM2-135M: adapters x tasks x seeds x warm-start epochs.
+
+One *cell* is (task, adapter, seed). It warm-starts the adapter for ``max(epochs) + 1`` epochs
+(the extra epoch is the equal-cost "+1 epoch" baseline) and after every epoch:
+
+1. calibration pass (prompt + reference answer of the calib split): every strength option of
+   :mod:`svd_lightning.steering` for every mask threshold α (and ``none`` = no mask);
+2. scoring pass over all choices of the calib and test splits: plain (warm), base (pre-trained),
+   SVDecode for every (strength option, curvature, α, scoring policy), a fixed-μ sweep, the paper's
+   mask alone (μ = 0) and the contrastive baseline ``z_φ + γ(z_φ − z_θ)`` for a γ grid -- all
+   exact, from the same two forward passes.
+
+It writes ``results/grid/<task>-<adapter>-seed<k>-epoch<e>.json``: calib means (for selection) and
+test per-question values (for paired bootstrap CIs) of every variant. Cells whose files exist are
+skipped, so an interrupted run resumes. ``benchmarks/report.py`` turns the files into tables/plots.
+
+    python benchmarks/grid.py                       # the committed grid (see GRID below)
+    python benchmarks/grid.py --only truthfulqa-lora --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from svd_lightning import artifacts
+from svd_lightning.batch import IGNORE_INDEX, collate_choices, collate_lm
+from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
+from svd_lightning.decoding import paired_label_logits
+from svd_lightning.metrics import choice_accuracy_per_question, truthfulqa_per_question
+from svd_lightning.module import SteeringLM
+from svd_lightning.steering import ExactStrengthCache, StrengthStats, log_probs, steering_vector, strength_terms
+
+ROOT = Path(__file__).resolve().parent
+ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmasked (policy `none`)
+STRENGTHS = [f"{a}_{c}" for a in ("mean", "median", "trimmed", "pooled") for c in ("identity", "fisher")] + ["exact"]
+FIXED_MU = [-5.0, -2.0, -1.0, -0.5, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+GAMMAS = [-0.5, -0.25, 0.25, 0.5, 1.0, 2.0]
+FLOOR = -20.0
+
+TASKS = {
+    # Zero-shot prompts keep the grid within 2 CPU cores; the README demo uses the six-shot prompt.
+    "truthfulqa": lambda seed: TruthfulQADataModule(
+        few_shot=False, instruction=False, seed=0, limit_train=200, limit_calib=80, max_length=256
+    ),
+    "arc_easy": lambda seed: CommonsenseDataModule(
+        test_path="../shared/data/commonsense/ARC-Easy/test.json",
+        train_path="../shared/data/commonsense/ARC-Easy/train.json",
+        seed=0, limit_train=200, limit_calib=80, limit_test=200, max_length=256,
+    ),
+    "arc_challenge": lambda seed: CommonsenseDataModule(
+        test_path="../shared/data/commonsense/ARC-Challenge/test.json",
+        train_path="../shared/data/commonsense/ARC-Challenge/train.json",
+        seed=0, limit_train=200, limit_calib=80, limit_test=200, max_length=256,
+    ),
+}
+PRIMARY = {"truthfulqa": "mc2", "arc_easy": "acc", "arc_challenge": "acc"}
+LEARNING_RATE = {"lora": 5e-5, "ia3": 5e-5, "prompt_tuning": 5e-5, "p_tuning": 5e-5, "prefix_tuning": 5e-5}
+
+# (task, adapter, epochs): run in this order, all seeds of a row before the next row.
+GRID = [
+    ("truthfulqa", "lora", (1, 2, 3)),
+    ("truthfulqa", "ia3", (1,)),
+    ("truthfulqa", "prompt_tuning", (1,)),
+    ("truthfulqa", "prefix_tuning", (1,)),
+    ("arc_easy", "lora", (1,)),
+    ("arc_challenge", "lora", (1,)),
+    ("truthfulqa", "p_tuning", (1,)),
+]
+
+
+def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
+    fn = truthfulqa_per_question if task == "truthfulqa" else choice_accuracy_per_question
+    return fn(**{**table, "score": score})
+
+
+class Variants:
+    """Every scoring variant of one epoch, as exact per-token log-probs of the label tokens."""
+
+    def __init__(self, mus: dict[str, dict[str, float]]):
+        self.mus = mus  # alpha key -> strength name -> μ
+
+    def token_scores(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        pick = lambda lp: lp.gather(-1, y[:, None]).squeeze(-1)  # noqa: E731
+        w, b = warm.float(), base.float()
+        out = {"plain": pick(log_probs(w)), "base": pick(log_probs(b))}
+        for g in GAMMAS:
+            out[f"contrastive_g{g:+g}"] = pick(log_probs(w + g * (w - b)))
+        for a, alpha in ALPHAS.items():
+            delta, keep = steering_vector(w, b, alpha or 1.0)
+            if alpha is None:
+                for s, mu in self.mus[a].items():
+                    out[f"svd_a{a}_none_{s}"] = pick(log_probs(w + mu * delta))
+                continue
+            d = delta.masked_fill(~keep, 0.0)
+            # Kept tokens only move: the masked rest is one log-sum-exp, shared by every μ.
+            rest = torch.logsumexp(w.masked_fill(keep, -math.inf), -1)
+            k = int(keep.sum(-1).max())
+            kv, ki = torch.where(keep, w, torch.full_like(w, -math.inf)).topk(k, -1)
+            kd = d.gather(-1, ki)
+            zy, dy, ky = pick(w), pick(d), pick(keep)
+            entries = [(f"svd_a{a}_{{pol}}_{s}", mu, ("mask_generation_only", "floor")) for s, mu in self.mus[a].items()]
+            if a == "0.1":
+                entries += [(f"fixed_a0.1_{{pol}}_mu{m:+g}", m, ("mask_generation_only",)) for m in FIXED_MU]
+            entries.append((f"maskonly_a{a}", 0.0, ("floor",)))  # the paper's mask alone
+            for template, mu, policies in entries:
+                kept_lse = torch.logsumexp(kv + mu * kd, -1)
+                label = zy + mu * dy
+                values = {
+                    "mask_generation_only": label - torch.logaddexp(kept_lse, rest),
+                    "floor": torch.where(ky, label - kept_lse, torch.full_like(label, FLOOR)),
+                }
+                for pol in policies:
+                    out[template.format(pol=pol)] = values[pol]
+        return out
+
+
+@torch.no_grad()
+def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
+    """μ for every (α, strength option) from the calibration tokens, plus diagnostics."""
+    stats = {a: StrengthStats() for a in ALPHAS}
+    caches = {a: ExactStrengthCache() for a in ALPHAS}
+    for batch in loader:
+        with autocast():
+            warm, base, y, _ = paired_label_logits(model, batch)
+        warm, base = warm.float(), base.float()
+        for a, alpha in ALPHAS.items():
+            delta, keep = steering_vector(warm, base, alpha or 1.0)
+            if alpha is None:
+                keep = torch.ones_like(keep)
+            stats[a].update(strength_terms(warm, delta, keep, y))
+            caches[a].update(warm, delta, keep, y)
+    mus = {}
+    for a in ALPHAS:
+        summary = stats[a].summary()
+        mus[a] = {s: summary[s] for s in STRENGTHS if s != "exact"}
+        mus[a]["exact"] = caches[a].solve()
+    return mus, {"tokens": stats["0.1"].count}
+
+
+@torch.no_grad()
+def score_split(model, loader, task, variants: Variants, autocast) -> dict[str, dict[str, torch.Tensor]]:
+    table = {k: [] for k in ("question_index", "choice_set", "choice_index", "is_true", "num_chars")}
+    scores: dict[str, list] = {}
+    for batch in loader:
+        with autocast():
+            warm, base, y, row = paired_label_logits(model, batch)
+        n = batch["input_ids"].shape[0]
+        for name, tok in variants.token_scores(warm, base, y).items():
+            if not torch.isfinite(tok).all():
+                raise FloatingPointError(f"non-finite token scores in variant {name}")
+            scores.setdefault(name, []).append(torch.zeros(n, dtype=torch.float64).index_add(0, row, tok.double()))
+        for k in table:
+            table[k].append(batch[k])
+    table = {k: torch.cat(v) for k, v in table.items()}
+    return {name: per_question(task, table, torch.cat(v)) for name, v in scores.items()}
+
+
+class EpochProbe(L.Callback):
+    def __init__(self, cell: dict, epochs: set[int], out_dir: Path):
+        self.cell, self.epochs, self.out_dir = cell, epochs, out_dir
+        self.epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch = trainer.current_epoch + 1
+        train_seconds = time.perf_counter() - self.epoch_start
+        path = self.out_dir / f"{self.cell['name']}-epoch{epoch}.json"
+        if epoch not in self.epochs or path.exists():
+            return
+        dm, task = trainer.datamodule, self.cell["task"]
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        t0 = time.perf_counter()
+        mus, diag = calibration_strengths(model, dm.calib_dataloader(), autocast)
+        t1 = time.perf_counter()
+        variants = Variants(mus)
+        calib = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast)
+        t2 = time.perf_counter()
+        test = score_split(model, dm.test_dataloader(), task, variants, autocast)
+        t3 = time.perf_counter()
+        model.train(was_training)
+        payload = {
+            **self.cell,
+            "epoch": epoch,
+            "sizes": {"train": len(dm.train_set), "calib": len(dm.calib_set), "test": len(dm.test_set)},
+            "primary": PRIMARY[task],
+            "mu": mus,
+            "calibration": diag,
+            "seconds": {"train_epoch": train_seconds, "calibration": t1 - t0, "score_calib": t2 - t1, "score_test": t3 - t2},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "calib": {v: {m: float(x.mean()) for m, x in per_q.items()} for v, per_q in calib.items()},
+            "test": {v: {m: float(x.mean()) for m, x in per_q.items()} for v, per_q in test.items()},
+            "test_per_question": {
+                v: [round(float(x), 4) for x in per_q[PRIMARY[task]]] for v, per_q in test.items()
+            },
+        }
+        if task == "truthfulqa":  # MC1 per question too (0/1), the other headline number
+            payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
+        artifacts.write_json(path, payload)
+        head = PRIMARY[task]
+        print(
+            f"[{self.cell['name']} epoch {epoch}] {head}: base {payload['test']['base'][head]:.4f} "
+            f"plain {payload['test']['plain'][head]:.4f} exact(α=0.1) "
+            f"{payload['test']['svd_a0.1_mask_generation_only_exact'][head]:.4f} μ={mus['0.1']['exact']:+.4f} "
+            f"({t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)",
+            flush=True,
+        )
+
+
+def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_dir: Path,
+             model: str = "smollm2-135m", limit: int | None = None) -> None:
+    name = f"{task}-{adapter}-seed{seed}"
+    wanted = set(epochs) | {e + 1 for e in epochs}  # +1: the equal-cost "one more epoch" baseline
+    if all((out_dir / f"{name}-epoch{e}.json").exists() for e in wanted):
+        print(f"[{name}] done, skipping", flush=True)
+        return
+    L.seed_everything(seed, workers=True)
+    module = SteeringLM(model=model, adapter=adapter, learning_rate=LEARNING_RATE[adapter],
+                        task="truthfulqa" if task == "truthfulqa" else "choice", seed=seed)
+    dm = TASKS[task](seed)
+    if limit is not None:  # smoke tests
+        dm.limits = (limit, limit, limit)
+    cell = {"name": name, "task": task, "adapter": adapter, "seed": seed, "model": model,
+            "learning_rate": LEARNING_RATE[adapter], "precision": "bf16-mixed", "train_batch_size": dm.train_batch_size}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max(wanted), precision="bf16-mixed",
+        logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, enable_progress_bar=sys.stderr.isatty(),
+        default_root_dir=str(out_dir / ".tmp" / name), callbacks=[EpochProbe(cell, wanted, out_dir)],
+    )
+    trainer.fit(module, datamodule=dm)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "results" / "grid"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", nargs="*", help="cells as task-adapter, e.g. truthfulqa-lora")
+    ap.add_argument("--model", default="smollm2-135m", help="tiny-random for a smoke test")
+    ap.add_argument("--limit", type=int, help="questions per split (smoke tests)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(os.environ.get("GRID_THREADS", torch.get_num_threads())))
+    for task, adapter, epochs in GRID:
+        if args.only and f"{task}-{adapter}" not in args.only:
+            continue
+        for seed in args.seeds:
+            run_cell(task, adapter, seed, epochs, out, args.model, args.limit)
+
+
+if __name__ == "__main__":
+    main()
