@@ -35,6 +35,7 @@ from svd_lightning.steering import (
     StrengthStats,
     kl_divergence,
     steering_vector,
+    strength_alpha,
     strength_terms,
 )
 
@@ -92,7 +93,7 @@ class SteeringExtraction(L.Callback):
     def extract(self, trainer: L.Trainer, pl_module) -> CalibrationResult:
         if not self.is_stale(trainer):
             return self.result
-        alpha = pl_module.hparams.alpha
+        alpha = strength_alpha(pl_module.hparams.alpha, pl_module.hparams.scoring_policy)
         was_training = pl_module.training
         pl_module.eval()
         stats, cache = StrengthStats(), ExactStrengthCache()

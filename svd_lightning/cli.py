@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch import LightningDataModule
 
@@ -15,13 +17,21 @@ class SteeringCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    """``svd-lightning fit|validate|test|predict`` (LightningCLI) and ``svd-lightning generate`` (a run
+    directory answers a JSONL of prompts, plain and steered; see :mod:`svd_lightning.generate`)."""
     # Returns None: the console script passes the return value to sys.exit.
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["generate"]:
+        from svd_lightning.generate import main as generate
+
+        generate(argv[1:], prog="svd-lightning generate")
+        return
     SteeringCLI(
         SteeringLM,
         LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": True},
+        parser_kwargs={"default_env": True, "epilog": "Generation from a run directory: svd-lightning generate --help"},
         args=args,
     )
 

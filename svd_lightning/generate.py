@@ -1,6 +1,7 @@
 """Answer a JSONL file of prompts with the warm model (plain) and with SVDecode (steered).
 
-    python -m svd_lightning.generate --run-dir RUN --prompts prompts.jsonl --out answers.jsonl [--mode beam]
+    svd-lightning generate --run-dir RUN --prompts prompts.jsonl --out answers.jsonl [--mode beam]
+    python -m svd_lightning.generate ...   (the same)
 
 The base model is ``steering.json``'s ``model``, the adapter is ``RUN/adapter`` and μ̄, α come from
 ``RUN/steering.json`` (``--mu`` overrides μ̄). Each input row needs a non-empty ``prompt``; each
@@ -115,8 +116,8 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m svd_lightning.generate",
+def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.generate") -> None:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Plain and SVDecode-steered answers for a JSONL file of prompts.")
     parser.add_argument("--run-dir", required=True, help="run directory with adapter/ and steering.json")
     parser.add_argument("--prompts", required=True, help="JSONL file, one {\"prompt\": ...} object per line")

@@ -154,6 +154,17 @@ class SteeringLM(L.LightningModule):
         keys = ("question_index", "choice_set", "choice_index", "is_true")
         return {**{k: batch[k] for k in keys}, **scores}
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The dropout stream: with it (and the train loader's state) a run resumed mid-warm-start
+        # takes exactly the steps of an uninterrupted one, so it ends with the same μ̄.
+        checkpoint["svd_lightning_rng"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("svd_lightning_rng")
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+
     def on_train_end(self):
         log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
         if self.trainer.is_global_zero and log_dir:

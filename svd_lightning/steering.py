@@ -32,6 +32,15 @@ EPS = 1e-12
 # log-probs are floored here before taking differences: a token with p_θ = 0 (−inf logit) then
 # contributes a large but finite r. e^-1000 is exactly 0 in fp64, so no representable p changes.
 LOGPROB_FLOOR = -1000.0
+# Policy `none` (no confidence mask) keeps tokens with p_φ ≥ 1e-8·max p_φ in the compact strength
+# caches: every token below moves its logit by |μ·δz| ≤ |μ|·1e-8·|KL − r| -- nothing measurable --
+# while keeping the exact solve's cache to the tokens that carry probability.
+NO_MASK_ALPHA = 1e-8
+
+
+def strength_alpha(alpha: float, policy: str) -> float:
+    """The mask threshold the strength is solved with: ``alpha``, or (policy ``none``) no mask."""
+    return NO_MASK_ALPHA if policy == "none" else alpha
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -171,9 +180,9 @@ def steered_log_probs(
     The paper sets masked tokens to −∞, which gives a label token outside the keep set a score of
     −∞ (open in the paper). Policies:
 
-    * ``mask_generation_only`` / ``none``: ``log_softmax(z_φ + μ·δ̂)`` over the whole vocabulary —
-      masked tokens keep their warm logits, nothing is −∞. (They differ only in generation, where
-      ``none`` also drops the mask.)
+    * ``mask_generation_only``: ``log_softmax(z_φ + μ·δ̂)`` over the whole vocabulary -- masked
+      tokens keep their warm logits, nothing is −∞; generation keeps the paper's mask.
+    * ``none``: no mask anywhere: ``log_softmax(z_φ + μ·δz)`` with the full steering vector.
     * ``floor``: the paper's masked distribution renormalised over kept tokens; a masked token
       gets the fixed log-prob ``floor``.
     * ``mask``: the paper verbatim (masked tokens −∞); sums over a continuation may be −∞.
@@ -181,8 +190,10 @@ def steered_log_probs(
     With μ = 0 and α → 0 every policy reproduces the warm model's log-probs.
     """
     delta, keep = steering_vector(warm_logits, base_logits, alpha)
+    if policy == "none":
+        return torch.log_softmax(warm_logits.to(delta.dtype) + mu * delta, dim=-1)
     shifted = warm_logits.to(delta.dtype) + mu * masked_delta(delta, keep)
-    if policy in ("mask_generation_only", "none"):
+    if policy == "mask_generation_only":
         return torch.log_softmax(shifted, dim=-1)
     if policy not in ("floor", "mask"):
         raise ValueError(f"unknown scoring policy {policy!r}")

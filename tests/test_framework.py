@@ -215,3 +215,28 @@ def test_crash_during_calibration_keeps_previous_artifacts(tmp_path):
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".json"}
     assert after == before
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def _resumable_fit(tmp_path, data, name, ckpt_path=None):
+    """Two warm-start epochs of 4 steps (batch 2, dropout on), checkpointing every 3 steps."""
+    L.seed_everything(0)
+    dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3, train_batch_size=2)
+    module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05,
+                        adapter_options={"r": 4, "lora_dropout": 0.3})
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(tmp_path / name / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name=name, version=0)
+    trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False), ckpt],
+                       logger=logger, max_epochs=2, enable_checkpointing=True, limit_val_batches=0)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return module, sorted((tmp_path / name / "ckpt").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("step", [3, 6])  # mid-epoch 0, and mid-epoch 1 (after a μ̄ was solved)
+def test_resume_mid_warm_start_gives_the_same_mu(tmp_path, step):
+    data = write_truthfulqa(tmp_path / "mc.json")
+    full, ckpts = _resumable_fit(tmp_path, data, "full")
+    mid = next(p for p in ckpts if f"step={step}." in p.name)
+    resumed, _ = _resumable_fit(tmp_path, data, "resumed", ckpt_path=mid)
+    assert resumed.mu == pytest.approx(full.mu, abs=1e-6, rel=0)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

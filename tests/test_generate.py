@@ -199,3 +199,18 @@ def test_cli_rejects_bad_prompts(tmp_path, run_dir, capsys, line, message):
         main(["--run-dir", str(run_dir), "--prompts", str(src), "--out", str(tmp_path / "o.jsonl")])
     assert err.value.code == 2 and "bad.jsonl:2:" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_svd_lightning_generate_subcommand(tmp_path, run_dir, capsys):
+    from svd_lightning.cli import main as cli_main
+
+    run_dir = run_dir[0]
+    src = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    out = tmp_path / "beam.jsonl"
+    cli_main(["generate", "--run-dir", str(run_dir), "--prompts", str(src), "--out", str(out),
+              "--mode", "beam", "--num-beams", "2", "--max-new-tokens", "4"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS and {r["mode"] for r in rows} == {"beam"}
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--help"])
+    assert "svd-lightning generate" in capsys.readouterr().out

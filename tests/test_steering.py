@@ -260,3 +260,14 @@ def test_exact_strength_matches_grid_search(alpha):
     r0.loss_grad_hess = recording
     assert r0.solve(reduce=fake_allreduce) == pytest.approx(mu, abs=1e-8)
     assert math.isfinite(mu)
+
+
+def test_policy_none_steers_every_token_and_differs_from_the_masked_policies():
+    zw, zb = _logits(5, 3).double(), _logits(5, 3, seed=1).double()
+    delta, keep = steering_vector(zw, zb, 0.3)
+    assert (~keep).any()
+    none = steered_log_probs(zw, zb, -2.0, alpha=0.3, policy="none")
+    torch.testing.assert_close(none, torch.log_softmax(zw - 2.0 * delta, -1), rtol=0, atol=1e-12)
+    masked = steered_log_probs(zw, zb, -2.0, alpha=0.3, policy="mask_generation_only")
+    torch.testing.assert_close(masked, torch.log_softmax(zw - 2.0 * delta * keep, -1), rtol=0, atol=1e-12)
+    assert not torch.allclose(none, masked)

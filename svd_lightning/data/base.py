@@ -169,6 +169,40 @@ def seeded_split(items: Sequence, fractions: Sequence[float], seed: int) -> list
     return [[items[i] for i in sorted(perm[a:b])] for a, b in zip(bounds, bounds[1:])]
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch (it implements ``state_dict``).
+
+    The state is the shuffling generator at the start of the epoch and the batches yielded so far;
+    after ``load_state_dict`` the next iteration replays the same order and skips those batches,
+    so a resumed warm start sees exactly the batches an uninterrupted one would. (Lightning does
+    not prefetch from sized loaders, so "yielded" is "trained on" when a checkpoint is written.)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch_state: torch.Tensor | None = None
+        self._yielded = 0
+        self._resume: dict | None = None
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(resume["generator"])
+        self._epoch_state = None if self.generator is None else self.generator.get_state()
+        skip = 0 if resume is None else int(resume["batches"])
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            if self._yielded > skip:
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self._epoch_state, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+
 class ChoiceDataModule(L.LightningDataModule):
     """Base for multiple-choice tasks.
 
@@ -260,7 +294,7 @@ class ChoiceDataModule(L.LightningDataModule):
     def _loader(self, examples: list, collate, batch_size: int, shuffle: bool = False) -> DataLoader:
         if self.tokenized is None:
             raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
-        return DataLoader(
+        return (ResumableLoader if shuffle else DataLoader)(
             examples,
             batch_size=batch_size,
             shuffle=shuffle,
