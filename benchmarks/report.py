@@ -1,0 +1,248 @@
+"""Tables, paired bootstrap CIs and plots from the grid's cell files (``benchmarks/grid.py``).
+
+    python benchmarks/report.py            # reads results/grid/*.json, writes results/grid_summary.{json,md} + PNGs
+
+Every choice is made on the calibration split of the same seed (strength option, policy, α, fixed μ,
+contrastive γ); the test split only reports. CIs: paired bootstrap over test questions (the same
+resampled questions for every seed), the statistic is the seed-averaged mean difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+BOOTSTRAP = 2000
+DEFAULT = "svd_a0.1_mask_generation_only_exact"
+PAPER = "svd_a0.1_floor_mean_identity"  # the paper's recipe in teacher-forced scoring (mask, mean μ*)
+
+
+def load(grid_dir: Path) -> dict:
+    cells = defaultdict(dict)  # (task, adapter, epoch) -> seed -> payload
+    for path in sorted(grid_dir.glob("*.json")):
+        d = json.loads(path.read_text())
+        cells[(d["task"], d["adapter"], d["epoch"])][d["seed"]] = d
+    return cells
+
+
+def select(d: dict, prefix: str, metric: str) -> str:
+    """The variant with the best calib ``metric`` among those starting with ``prefix`` (ties: first by name)."""
+    names = sorted(v for v in d["calib"] if v.startswith(prefix))
+    return max(names, key=lambda v: d["calib"][v][metric])
+
+
+def paired_ci(a: list[np.ndarray], b: list[np.ndarray], rng: np.random.Generator) -> tuple[float, float, float]:
+    """Seed-averaged mean of a − b over questions, with a 95% paired bootstrap interval."""
+    d = np.stack([x - y for x, y in zip(a, b)])  # [seeds, questions]
+    n = d.shape[1]
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    boot = d[:, idx].mean(axis=2).mean(axis=0)
+    return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def methods_for(cells: dict, key: tuple, metric: str) -> dict[str, list[tuple[str, dict, dict]]]:
+    """method name -> per seed (variant chosen, payload holding it, payload of epoch e) for one (task, adapter, epoch)."""
+    task, adapter, epoch = key
+    seeds = cells[key]
+    nxt = cells.get((task, adapter, epoch + 1), {})
+    out = defaultdict(list)
+    for seed, d in sorted(seeds.items()):
+        out["pre-trained"].append(("base", d, d))
+        out["warm start"].append(("plain", d, d))
+        out["SVDecode (default: exact, α=0.1)"].append((DEFAULT, d, d))
+        out["SVDecode (paper: mean μ*, mask)"].append((PAPER, d, d))
+        out["SVDecode (selected on calib)"].append((select(d, "svd_", metric), d, d))
+        out["mask only, μ=0 (α=0.1)"].append(("maskonly_a0.1", d, d))
+        out["fixed μ (selected on calib)"].append((select(d, "fixed_", metric), d, d))
+        out["contrastive γ (selected on calib)"].append((select(d, "contrastive_", metric), d, d))
+        if seed in nxt:
+            out["warm start +1 epoch"].append(("plain", nxt[seed], d))
+    return out
+
+
+def summarise(cells: dict, rng) -> dict:
+    rows = []
+    for key in sorted(cells):
+        task, adapter, epoch = key
+        seeds = cells[key]
+        metric = next(iter(seeds.values()))["primary"]
+        methods = methods_for(cells, key, metric)
+        for name, picks in methods.items():
+            if name == "warm start +1 epoch" and len(picks) != len(seeds):
+                continue
+            values = [np.array(src["test_per_question"][v]) for v, src, _ in picks]
+            base_for_pair = [np.array(d["test_per_question"]["plain"]) for _, _, d in picks]
+            mean, lo, hi = paired_ci(values, base_for_pair, rng)
+            row = {
+                "task": task, "adapter": adapter, "epoch": epoch, "method": name, "metric": metric,
+                "seeds": len(picks), "questions": len(values[0]),
+                "test": float(np.mean([v.mean() for v in values])),
+                "calib": float(np.mean([src["calib"][v][metric] for v, src, _ in picks])),
+                "gain_vs_warm": mean, "ci_low": lo, "ci_high": hi,
+                "variants": sorted({v for v, _, _ in picks}),
+                "mu": [src["mu"]["0.1"]["exact"] for v, src, _ in picks] if name.startswith("SVDecode (default") else None,
+            }
+            if task == "truthfulqa":
+                row["test_mc1"] = float(np.mean([np.mean(src["test_per_question_mc1"][v]) for v, src, _ in picks]))
+            rows.append(row)
+    return rows
+
+
+def ablation(cells: dict, task: str, adapter: str, rng) -> list[dict]:
+    """Every SVDecode variant (strength × curvature × policy × α) per epoch: calib and test, gain vs warm."""
+    out = []
+    for (t, a, epoch), seeds in sorted(cells.items()):
+        if (t, a) != (task, adapter):
+            continue
+        ds = [seeds[s] for s in sorted(seeds)]
+        metric = ds[0]["primary"]
+        warm = [np.array(d["test_per_question"]["plain"]) for d in ds]
+        warm_calib = float(np.mean([d["calib"]["plain"][metric] for d in ds]))
+        for v in sorted(ds[0]["test"]):
+            if not v.startswith("svd_"):
+                continue
+            mean, lo, hi = paired_ci([np.array(d["test_per_question"][v]) for d in ds], warm, rng)
+            out.append({
+                "epoch": epoch, "variant": v, "seeds": len(ds),
+                "calib_gain": float(np.mean([d["calib"][v][metric] for d in ds])) - warm_calib,
+                "test_gain": mean, "ci_low": lo, "ci_high": hi,
+                "mu": float(np.mean([_mu_of(d, v) for d in ds])),
+            })
+    return out
+
+
+def _mu_of(d: dict, variant: str) -> float:
+    _, alpha, *rest = variant.split("_")
+    alpha = alpha[1:]
+    policy_and_strength = "_".join(rest)
+    for pol in ("mask_generation_only_", "floor_", "none_"):
+        if policy_and_strength.startswith(pol):
+            return d["mu"][alpha][policy_and_strength[len(pol):]]
+    raise KeyError(variant)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def markdown(rows: list[dict], abl: list[dict], perf: dict) -> str:
+    lines = ["# SVDecode benchmark grid (SmolLM2-135M, generated by `benchmarks/report.py`)", ""]
+    lines += [
+        "Numbers are percentages, averaged over seeds; `gain` is the paired difference to the warm start",
+        "of the same seed with a 95% paired bootstrap CI over test questions. Every selection uses the",
+        "calibration split only. Metric: TruthfulQA MC2 (standard) with MC1 beside it; ARC accuracy.",
+        "",
+    ]
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["task"], r["adapter"], r["epoch"])].append(r)
+    for (task, adapter, epoch), rs in sorted(by.items()):
+        r0 = rs[0]
+        lines += [f"## {task} · {adapter} · epoch {epoch} ({r0['seeds']} seeds, {r0['questions']} test questions)", ""]
+        mc1 = task == "truthfulqa"
+        lines.append(f"| method | test {r0['metric']} |" + (" test mc1 |" if mc1 else "") + " gain vs warm [95% CI] | calib | chosen |")
+        lines.append("|---|---:|" + ("---:|" if mc1 else "") + "---|---:|---|")
+        for r in rs:
+            chosen = ", ".join(r["variants"]) if len(r["variants"]) <= 3 else f"{len(r['variants'])} different"
+            if r["mu"]:
+                chosen += " (μ̄ " + ", ".join(f"{m:+.3g}" for m in r["mu"]) + ")"
+            lines.append(
+                f"| {r['method']} | {100 * r['test']:.2f} |" + (f" {100 * r['test_mc1']:.2f} |" if mc1 else "")
+                + f" {pct(r['gain_vs_warm'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] | {100 * r['calib']:.2f} | {chosen} |"
+            )
+        lines.append("")
+    if abl:
+        lines += ["## Ablation: every SVDecode variant (truthfulqa · lora)", "",
+                  "| epoch | variant | mean μ | calib gain | test gain [95% CI] |", "|---:|---|---:|---:|---|"]
+        for r in sorted(abl, key=lambda r: (r["epoch"], -r["calib_gain"])):
+            lines.append(f"| {r['epoch']} | {r['variant']} | {r['mu']:+.3g} | {pct(r['calib_gain'])} | "
+                         f"{pct(r['test_gain'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] |")
+        lines.append("")
+    if perf:
+        lines += ["## Cost (seconds, from the same cells)", "", "| task · adapter | warm-start epoch | calibration | calibration / epoch |",
+                  "|---|---:|---:|---:|"]
+        for k, v in sorted(perf.items()):
+            lines.append(f"| {k} | {v['train_epoch']:.1f} | {v['calibration']:.1f} | {v['ratio']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_gain_vs_mu(cells: dict, out: Path, task: str = "truthfulqa", adapter: str = "lora") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for (t, a, epoch), seeds in sorted(cells.items()):
+        if (t, a) != (task, adapter) or epoch > 3:
+            continue
+        ds = [seeds[s] for s in sorted(seeds)]
+        metric = ds[0]["primary"]
+        warm = np.mean([d["test"]["plain"][metric] for d in ds])
+        fixed = sorted((float(v.rsplit("mu", 1)[1]), v) for v in ds[0]["test"] if v.startswith("fixed_"))
+        xs = [m for m, _ in fixed] + [0.0]
+        ys = [np.mean([d["test"][v][metric] for d in ds]) - warm for _, v in fixed] + [0.0]
+        order = np.argsort(xs)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(np.array(xs)[order], 100 * np.array(ys)[order], "o-", color="0.4", label="fixed μ (α=0.1, mask_generation_only)")
+        for name, marker in (("exact", "*"), ("mean_identity", "s"), ("median_identity", "^"), ("pooled_fisher", "D"), ("trimmed_identity", "v")):
+            v = f"svd_a0.1_mask_generation_only_{name}"
+            mu = [d["mu"]["0.1"][name] for d in ds]
+            gain = [d["test"][v][metric] - d["test"]["plain"][metric] for d in ds]
+            ax.scatter(mu, 100 * np.array(gain), marker=marker, s=60, label=f"solved: {name}", zorder=3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_xlabel("steering strength μ")
+        ax.set_ylabel(f"test {metric} − warm start (points)")
+        ax.set_title(f"SmolLM2-135M {adapter} on {task}, epoch {epoch}: test gain vs μ ({len(ds)} seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"gain_vs_mu_{task}_{adapter}_epoch{epoch}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def cost(cells: dict) -> dict:
+    out = {}
+    for (task, adapter, epoch), seeds in cells.items():
+        if epoch != 1:
+            continue
+        tr = np.mean([d["seconds"]["train_epoch"] for d in seeds.values()])
+        ca = np.mean([d["seconds"]["calibration"] for d in seeds.values()])
+        out[f"{task} · {adapter} ({next(iter(seeds.values()))['sizes']['train']} train / "
+            f"{next(iter(seeds.values()))['sizes']['calib']} calib questions)"] = {"train_epoch": tr, "calibration": ca, "ratio": ca / tr}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", default=str(ROOT / "results" / "grid"))
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args(argv)
+    cells = load(Path(args.grid))
+    if not cells:
+        raise SystemExit(f"no cell files in {args.grid}; run benchmarks/grid.py first")
+    rng = np.random.default_rng(0)
+    rows = summarise(cells, rng)
+    abl = ablation(cells, "truthfulqa", "lora", rng)
+    perf = cost(cells)
+    out = Path(args.out)
+    summary = {"rows": rows, "ablation": abl, "cost": perf}
+    (out / "grid_summary.json").write_text(json.dumps(summary, indent=1))
+    md = markdown(rows, abl, perf)
+    (out / "grid_summary.md").write_text(md)
+    plots = plot_gain_vs_mu(cells, out)
+    print(md.split("## Ablation")[0])
+    print(f"wrote {out / 'grid_summary.md'}, {out / 'grid_summary.json'} and {len(plots)} plot(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The benchmark scripts' own math: the grid's fast variant scores equal the package's functions."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from svd_lightning.steering import contrastive_logits, steered_log_probs
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_variant_scores_equal_steered_log_probs():
+    grid = _load("grid")
+    g = torch.Generator().manual_seed(0)
+    warm = torch.randn(7, 50, generator=g, dtype=torch.float64) * 3
+    base = warm + torch.randn(7, 50, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 50, (7,), generator=g)
+    mus = {a: {"exact": -0.7, "mean_identity": 2.5} for a in grid.ALPHAS}
+    out = grid.Variants(mus).token_scores(warm, base, y)
+    pick = lambda lp: lp.gather(-1, y[:, None]).squeeze(-1).float()  # noqa: E731
+    for a, alpha in grid.ALPHAS.items():
+        for s, mu in mus[a].items():
+            if alpha is None:
+                ref = pick(steered_log_probs(warm, base, mu, 0.1, "none"))
+                torch.testing.assert_close(out[f"svd_a{a}_none_{s}"], ref, atol=1e-4, rtol=0)
+                continue
+            for pol in ("mask_generation_only", "floor"):
+                ref = pick(steered_log_probs(warm, base, mu, alpha, pol, floor=grid.FLOOR))
+                torch.testing.assert_close(out[f"svd_a{a}_{pol}_{s}"], ref, atol=1e-4, rtol=0)
+        if alpha is not None:
+            ref = pick(steered_log_probs(warm, base, 0.0, alpha, "floor", floor=grid.FLOOR))
+            torch.testing.assert_close(out[f"maskonly_a{a}"], ref, atol=1e-4, rtol=0)
+    ref = pick(steered_log_probs(warm, base, -2.0, 0.1, "mask_generation_only"))
+    torch.testing.assert_close(out["fixed_a0.1_mask_generation_only_mu-2"], ref, atol=1e-4, rtol=0)
+    ref = pick(torch.log_softmax(contrastive_logits(warm, base, 0.5), -1))
+    torch.testing.assert_close(out["contrastive_g+0.5"], ref, atol=1e-4, rtol=0)
+
+
+def test_paired_bootstrap_ci_covers_the_mean_and_detects_a_shift():
+    report = _load("report")
+    rng = np.random.default_rng(0)
+    a = [rng.random(200) for _ in range(3)]
+    mean, lo, hi = report.paired_ci([x + 0.05 for x in a], a, np.random.default_rng(1))
+    assert mean == pytest.approx(0.05) and lo == pytest.approx(0.05) and hi == pytest.approx(0.05)
+    noisy = [x + rng.normal(0.02, 0.1, 200) for x in a]
+    mean, lo, hi = report.paired_ci(noisy, a, np.random.default_rng(1))
+    assert lo < mean < hi and lo > 0  # 600 paired differences with mean 0.02, sd 0.1
+
+
+def test_truthfulness_proxy():
+    og = _load("open_generation")
+    good = og.truth_proxy("Nothing happens if you crack your knuckles.",
+                          ["Nothing in particular happens if you crack your knuckles"], ["You will get arthritis"])
+    bad = og.truth_proxy("You get arthritis.", ["Nothing in particular happens"], ["You will get arthritis"])
+    assert good["rougeL_acc"] == 1.0 and good["rougeL_diff"] > 0
+    assert bad["rougeL_acc"] == 0.0 and bad["rougeL_diff"] < 0
+    assert og.first_line(" Paris.\nQ: next question") == "Paris."
