@@ -50,6 +50,16 @@ def calibration_loader(trainer: L.Trainer):
     return dm.calib_dataloader()
 
 
+def check_calibration_set(trainer: L.Trainer) -> None:
+    """Fail before any training if there is nothing to solve μ̄ on."""
+    loader = calibration_loader(trainer)
+    if hasattr(loader, "__len__") and len(loader) == 0:
+        raise ValueError(
+            "the calibration set is empty: the DataModule's calib_dataloader() yields no batches "
+            "(check its calib split, e.g. `split`, `calib_fraction` or `limit_calib`)"
+        )
+
+
 def _gather_ragged(trainer: L.Trainer, t: torch.Tensor) -> torch.Tensor:
     """all_gather a [k, n_rank] tensor whose n differs by rank; returns [k, Σn]."""
     if trainer.world_size == 1:
@@ -108,7 +118,10 @@ class SteeringExtraction(L.Callback):
             if i % trainer.world_size != trainer.global_rank:
                 continue  # another rank's batch
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
+            try:
+                warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"{err} -- calibration batch {i}, after warm-start step {trainer.global_step}") from err
             delta, keep = steering_vector(warm, base, alpha)
             stats.update(strength_terms(warm, delta, keep, labels))
             cache.update(warm, delta, keep, labels)
@@ -135,6 +148,10 @@ class SteeringExtraction(L.Callback):
         for k, v in diagnostics.items():
             pl_module.log(f"steer/{k}", v, rank_zero_only=True)
         return self.result
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            check_calibration_set(trainer)
 
     def _maybe_extract(self, trainer, pl_module):
         if not trainer.sanity_checking:
@@ -174,6 +191,10 @@ class StrengthSolver(L.Callback):
         self.limit_batches = limit_batches
         self.solution: dict | None = None
         self._own_extraction: SteeringExtraction | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit" or pl_module.mu is None:
+            check_calibration_set(trainer)
 
     def _extraction(self, trainer) -> SteeringExtraction:
         for cb in trainer.callbacks:

@@ -111,8 +111,11 @@ class SteeringLM(L.LightningModule):
         h = self.hparams
         return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor)
 
-    def _eval_step(self, stage: str, batch) -> None:
-        scores = self.score_batch(batch)
+    def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
+        try:
+            scores = self.score_batch(batch)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err} -- {stage} batch {batch_idx}, after warm-start step {self.global_step}") from err
         for v in VARIANTS:
             if v in scores:
                 self.metrics[f"{stage}_{v}"].update(batch, scores[v])
@@ -133,7 +136,7 @@ class SteeringLM(L.LightningModule):
         self.last_metrics = results
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step("val", batch)
+        self._eval_step("val", batch, batch_idx)
 
     def on_validation_epoch_end(self):
         if not self.trainer.sanity_checking:
@@ -143,7 +146,7 @@ class SteeringLM(L.LightningModule):
                 m.reset()
 
     def test_step(self, batch, batch_idx):
-        self._eval_step("test", batch)
+        self._eval_step("test", batch, batch_idx)
 
     def on_test_epoch_end(self):
         self._eval_epoch_end("test")

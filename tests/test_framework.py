@@ -240,3 +240,33 @@ def test_resume_mid_warm_start_gives_the_same_mu(tmp_path, step):
     assert resumed.mu == pytest.approx(full.mu, abs=1e-6, rel=0)
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_empty_calibration_set_fails_before_training(tmp_path):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=0)
+    module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05)
+    before = [p.detach().clone() for p in module.model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        _trainer(tmp_path, [SteeringExtraction(), StrengthSolver()]).fit(module, dm)
+    after = [p for p in module.model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and module.global_step == 0
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5])
+def test_alpha_outside_unit_interval_is_refused(alpha):
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        SteeringLM("tiny-random", alpha=alpha)
+
+
+def test_non_finite_logits_name_the_step(tmp_path):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    module = SteeringLM("tiny-random", strength=-1.0)
+    with torch.no_grad():
+        module.model.get_base_model().lm_head.weight[3].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"non-finite warm logits .* val batch 0, after warm-start step 0"):
+        _trainer(tmp_path, [StrengthSolver()]).validate(module, dm)
+    module = SteeringLM("tiny-random")
+    with torch.no_grad():
+        module.model.get_base_model().lm_head.weight[3].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"calibration batch 0, after warm-start step 0"):
+        _trainer(tmp_path, [StrengthSolver()]).validate(module, dm)
