@@ -1,7 +1,7 @@
 """The SVDecode benchmark grid on SmolLM2-135M: adapters x tasks x seeds x warm-start epochs.
 
-One *cell* is (task, adapter, seed). It warm-starts the adapter for ``max(epochs) + 1`` epochs
-(the extra epoch is the equal-cost "+1 epoch" baseline) and after every epoch:
+One *cell* is (task, adapter, seed). It warm-starts the adapter for ``max(epochs)`` epochs and after each
+(epoch e + 1 is the equal-cost "+1 epoch" baseline of epoch e):
 
 1. calibration pass (prompt + reference answer of the calib split): every strength option of
    :mod:`svd_lightning.steering` for every mask threshold α (and ``none`` = no mask);
@@ -38,43 +38,43 @@ from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import choice_accuracy_per_question, truthfulqa_per_question
 from svd_lightning.module import SteeringLM
-from svd_lightning.steering import ExactStrengthCache, StrengthStats, log_probs, steering_vector, strength_terms
+from svd_lightning.steering import NO_MASK_ALPHA, ExactStrengthCache, StrengthStats, log_probs, steering_vector, strength_terms
 
 ROOT = Path(__file__).resolve().parent
 ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmasked (policy `none`)
 STRENGTHS = [f"{a}_{c}" for a in ("mean", "median", "trimmed", "pooled") for c in ("identity", "fisher")] + ["exact"]
 FIXED_MU = [-5.0, -2.0, -1.0, -0.5, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
-GAMMAS = [-0.5, -0.25, 0.25, 0.5, 1.0, 2.0]
+GAMMAS = [-0.5, 0.5, 1.0, 2.0]
+# Policy `none` costs one full-vocabulary log-softmax per μ: only these strength options.
+NONE_STRENGTHS = ("exact", "mean_identity", "median_identity", "pooled_identity", "pooled_fisher")
 FLOOR = -20.0
 
 TASKS = {
     # Zero-shot prompts keep the grid within 2 CPU cores; the README demo uses the six-shot prompt.
     "truthfulqa": lambda seed: TruthfulQADataModule(
-        few_shot=False, instruction=False, seed=0, limit_train=200, limit_calib=80, max_length=256
+        few_shot=False, instruction=False, seed=0, limit_train=200, limit_calib=60, limit_test=100, max_length=256
     ),
     "arc_easy": lambda seed: CommonsenseDataModule(
         test_path="../shared/data/commonsense/ARC-Easy/test.json",
         train_path="../shared/data/commonsense/ARC-Easy/train.json",
-        seed=0, limit_train=200, limit_calib=80, limit_test=200, max_length=256,
+        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
     ),
     "arc_challenge": lambda seed: CommonsenseDataModule(
         test_path="../shared/data/commonsense/ARC-Challenge/test.json",
         train_path="../shared/data/commonsense/ARC-Challenge/train.json",
-        seed=0, limit_train=200, limit_calib=80, limit_test=200, max_length=256,
+        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
     ),
 }
 PRIMARY = {"truthfulqa": "mc2", "arc_easy": "acc", "arc_challenge": "acc"}
 LEARNING_RATE = {"lora": 5e-5, "ia3": 5e-5, "prompt_tuning": 5e-5, "p_tuning": 5e-5, "prefix_tuning": 5e-5}
 
-# (task, adapter, epochs): run in this order, all seeds of a row before the next row.
-GRID = [
-    ("truthfulqa", "lora", (1, 2, 3)),
-    ("truthfulqa", "ia3", (1,)),
-    ("truthfulqa", "prompt_tuning", (1,)),
-    ("truthfulqa", "prefix_tuning", (1,)),
-    ("arc_easy", "lora", (1,)),
-    ("arc_challenge", "lora", (1,)),
-    ("truthfulqa", "p_tuning", (1,)),
+# (task, adapter, epochs evaluated, seeds) in run order. Epoch e+1 of a cell is the equal-cost
+# "+1 epoch" baseline of epoch e. LoRA on TruthfulQA first (the ablation), then one seed of every
+# other row before more seeds, so an interrupted grid still covers every adapter and task.
+OTHERS = [("truthfulqa", "ia3"), ("truthfulqa", "prompt_tuning"), ("truthfulqa", "prefix_tuning"),
+          ("arc_easy", "lora"), ("arc_challenge", "lora"), ("truthfulqa", "p_tuning")]
+GRID = [("truthfulqa", "lora", (1, 2, 3), (0, 1, 2))] + [
+    (task, adapter, (1, 2), (seed,)) for seed in (0, 1, 2) for task, adapter in OTHERS
 ]
 
 
@@ -98,8 +98,8 @@ class Variants:
         for a, alpha in ALPHAS.items():
             delta, keep = steering_vector(w, b, alpha or 1.0)
             if alpha is None:
-                for s, mu in self.mus[a].items():
-                    out[f"svd_a{a}_none_{s}"] = pick(log_probs(w + mu * delta))
+                for s in NONE_STRENGTHS:
+                    out[f"svd_a{a}_none_{s}"] = pick(log_probs(w + self.mus[a][s] * delta))
                 continue
             d = delta.masked_fill(~keep, 0.0)
             # Kept tokens only move: the masked rest is one log-sum-exp, shared by every μ.
@@ -134,9 +134,7 @@ def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
             warm, base, y, _ = paired_label_logits(model, batch)
         warm, base = warm.float(), base.float()
         for a, alpha in ALPHAS.items():
-            delta, keep = steering_vector(warm, base, alpha or 1.0)
-            if alpha is None:
-                keep = torch.ones_like(keep)
+            delta, keep = steering_vector(warm, base, alpha or NO_MASK_ALPHA)  # as the StrengthSolver does
             stats[a].update(strength_terms(warm, delta, keep, y))
             caches[a].update(warm, delta, keep, y)
     mus = {}
@@ -224,10 +222,11 @@ class EpochProbe(L.Callback):
 def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_dir: Path,
              model: str = "smollm2-135m", limit: int | None = None) -> None:
     name = f"{task}-{adapter}-seed{seed}"
-    wanted = set(epochs) | {e + 1 for e in epochs}  # +1: the equal-cost "one more epoch" baseline
+    wanted = set(epochs)
     if all((out_dir / f"{name}-epoch{e}.json").exists() for e in wanted):
         print(f"[{name}] done, skipping", flush=True)
         return
+    print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
     L.seed_everything(seed, workers=True)
     module = SteeringLM(model=model, adapter=adapter, learning_rate=LEARNING_RATE[adapter],
                         task="truthfulqa" if task == "truthfulqa" else "choice", seed=seed)
@@ -256,11 +255,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("GRID_THREADS", torch.get_num_threads())))
-    for task, adapter, epochs in GRID:
+    for task, adapter, epochs, seeds in GRID:
         if args.only and f"{task}-{adapter}" not in args.only:
             continue
-        for seed in args.seeds:
-            run_cell(task, adapter, seed, epochs, out, args.model, args.limit)
+        for seed in seeds:
+            if seed in args.seeds:
+                run_cell(task, adapter, seed, epochs, out, args.model, args.limit)
 
 
 if __name__ == "__main__":
