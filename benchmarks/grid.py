@@ -38,7 +38,16 @@ from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import choice_accuracy_per_question, truthfulqa_per_question
 from svd_lightning.module import SteeringLM
-from svd_lightning.steering import NO_MASK_ALPHA, ExactStrengthCache, StrengthStats, log_probs, steering_vector, strength_terms
+from svd_lightning.steering import (
+    NO_MASK_ALPHA,
+    ExactStrengthCache,
+    StrengthStats,
+    confidence_mask,
+    log_probs,
+    steering_direction,
+    steering_vector,
+    strength_terms,
+)
 
 ROOT = Path(__file__).resolve().parent
 ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmasked (policy `none`)
@@ -92,22 +101,24 @@ class Variants:
     def token_scores(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         pick = lambda lp: lp.gather(-1, y[:, None]).squeeze(-1)  # noqa: E731
         w, b = warm.float(), base.float()
-        out = {"plain": pick(log_probs(w)), "base": pick(log_probs(b))}
+        delta, lp_w, lp_b = steering_direction(w, b)  # shared by every α and μ below
+        out = {"plain": pick(lp_w), "base": pick(lp_b)}
         for g in GAMMAS:
             out[f"contrastive_g{g:+g}"] = pick(log_probs(w + g * (w - b)))
         for a, alpha in ALPHAS.items():
-            delta, keep = steering_vector(w, b, alpha or 1.0)
             if alpha is None:
                 for s in NONE_STRENGTHS:
                     out[f"svd_a{a}_none_{s}"] = pick(log_probs(w + self.mus[a][s] * delta))
                 continue
-            d = delta.masked_fill(~keep, 0.0)
-            # Kept tokens only move: the masked rest is one log-sum-exp, shared by every μ.
+            keep = confidence_mask(lp_w, alpha)
+            # Kept tokens only move: the masked rest is one log-sum-exp, shared by every μ. The kept
+            # set is the top of z_φ (keep ⇔ z_φ ≥ max z_φ + log α), so one top-k finds it.
             rest = torch.logsumexp(w.masked_fill(keep, -math.inf), -1)
-            k = int(keep.sum(-1).max())
-            kv, ki = torch.where(keep, w, torch.full_like(w, -math.inf)).topk(k, -1)
-            kd = d.gather(-1, ki)
-            zy, dy, ky = pick(w), pick(d), pick(keep)
+            kv, ki = w.topk(int(keep.sum(-1).max()), -1)
+            kk = keep.gather(-1, ki)
+            kv, kd = kv.masked_fill(~kk, -math.inf), delta.gather(-1, ki).masked_fill(~kk, 0.0)
+            zy, ky = pick(w), pick(keep)
+            dy = pick(delta).masked_fill(~ky, 0.0)
             entries = [(f"svd_a{a}_{{pol}}_{s}", mu, ("mask_generation_only", "floor")) for s, mu in self.mus[a].items()]
             if a == "0.1":
                 entries += [(f"fixed_a0.1_{{pol}}_mu{m:+g}", m, ("mask_generation_only",)) for m in FIXED_MU]

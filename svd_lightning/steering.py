@@ -60,13 +60,13 @@ def confidence_mask(warm_logprobs: torch.Tensor, alpha: float = 0.1) -> torch.Te
     return warm_logprobs >= top + math.log(alpha)
 
 
-def steering_vector(
-    warm_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 0.1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit-space steering vector ``δz = p_φ ⊙ (KL − r)`` and the confidence mask ``keep``.
+def steering_direction(
+    warm_logits: torch.Tensor, base_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``δz = p_φ ⊙ (KL − r)`` before any mask, with the warm and base log-probs it was built from.
 
-    O(V) per position; the V×V softmax Jacobian is never built. Returns ``(delta, keep)`` with
-    ``delta`` in fp32 (fp64 for fp64 inputs) and ``keep`` boolean, both shaped like the logits.
+    O(V) per position; the V×V softmax Jacobian is never built. Returns ``(delta, lp_warm, lp_base)``
+    in fp32 (fp64 for fp64 inputs), for callers that also need the log-probs or several masks.
     """
     if warm_logits.shape != base_logits.shape:
         raise ValueError(f"warm {tuple(warm_logits.shape)} and base {tuple(base_logits.shape)} logits differ in shape")
@@ -75,7 +75,18 @@ def steering_vector(
     p = lp_warm.exp()
     r = lp_warm.clamp_min(LOGPROB_FLOOR) - lp_base.clamp_min(LOGPROB_FLOOR)
     kl = (p * r).sum(dim=-1, keepdim=True)
-    delta = p * (kl - r)
+    return p * (kl - r), lp_warm, lp_base
+
+
+def steering_vector(
+    warm_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit-space steering vector ``δz = p_φ ⊙ (KL − r)`` and the confidence mask ``keep``.
+
+    Returns ``(delta, keep)`` with ``delta`` in fp32 (fp64 for fp64 inputs) and ``keep`` boolean,
+    both shaped like the logits.
+    """
+    delta, lp_warm, _ = steering_direction(warm_logits, base_logits)
     return delta, confidence_mask(lp_warm, alpha)
 
 
