@@ -75,7 +75,9 @@ TASKS = {
     ),
 }
 PRIMARY = {"truthfulqa": "mc2", "arc_easy": "acc", "arc_challenge": "acc"}
-LEARNING_RATE = {"lora": 5e-5, "ia3": 5e-5, "prompt_tuning": 5e-5, "p_tuning": 5e-5, "prefix_tuning": 5e-5}
+# Raised from the paper's 5e-5 (which the README demo keeps): at 5e-5, 200 zero-shot questions move
+# SmolLM2's test MC2 by 0.04 points -- a warm start too weak to say anything about steering.
+LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
 
 # (task, adapter, epochs evaluated, seeds) in run order. Epoch e+1 of a cell is the equal-cost
 # "+1 epoch" baseline of epoch e. LoRA on TruthfulQA first (the ablation: 3 seeds x 3 epochs), then
