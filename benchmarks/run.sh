@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every committed benchmark result, in one command (resumable: finished grid cells are skipped).
+#   bash benchmarks/run.sh            # ~2.5 h for the LoRA/TruthfulQA ablation + one seed of every other row on 2 cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || bash scripts/install.sh
+py=.venv/bin/python
+$py -m svd_lightning.models smollm2-135m --max-new-tokens 1 > /dev/null   # fetch + convert once
+$py benchmarks/grid.py "$@"
+$py benchmarks/report.py
+$py benchmarks/scoring_cost.py --questions 12
+# open-ended generation needs the demo's run directory (bash scripts/demo.sh)
+run=$(ls -d runs/truthfulqa-lora/version_* 2>/dev/null | tail -1 || true)
+if [ -n "$run" ]; then $py benchmarks/open_generation.py --run-dir "$run" --limit 163; fi
