@@ -34,6 +34,8 @@ class SteeringLM(L.LightningModule):
         floor: the log-prob of a masked label token under ``scoring_policy=floor``.
         strength: a fixed μ̄; leaves the strength solver nothing to do.
         run_dir: a finished run directory: load its adapter and μ̄ instead of training from scratch.
+        reuse_strength: with ``run_dir``, take its μ̄; ``False`` re-solves μ̄ (e.g. with another
+            strength option or α) on the calibration set during ``validate`` / ``test``.
         seed: seed of the adapter's initialisation.
     """
 
@@ -50,6 +52,7 @@ class SteeringLM(L.LightningModule):
         floor: float = -20.0,
         strength: float | None = None,
         run_dir: str | None = None,
+        reuse_strength: bool = True,
         seed: int = 0,
     ):
         super().__init__()
@@ -75,7 +78,7 @@ class SteeringLM(L.LightningModule):
         self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64))
         if strength is not None:
             self.set_strength(strength)
-        elif run_dir is not None:
+        elif run_dir is not None and reuse_strength:
             self.set_strength(artifacts.read_steering(run_dir)["mu"])
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_{v}": MultipleChoiceScores(task) for stage in ("val", "test") for v in VARIANTS}

@@ -270,3 +270,14 @@ def test_non_finite_logits_name_the_step(tmp_path):
         module.model.get_base_model().lm_head.weight[3].fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"calibration batch 0, after warm-start step 0"):
         _trainer(tmp_path, [StrengthSolver()]).validate(module, dm)
+
+
+def test_run_dir_can_be_recalibrated_with_another_strength_option(tmp_path):
+    data = write_truthfulqa(tmp_path / "mc.json")
+    _, run = _seeded_fit(tmp_path, data, "run")
+    saved = json.loads((run / "steering.json").read_text())
+    module = SteeringLM("tiny-random", adapter="lora", adapter_options={"r": 4}, run_dir=str(run), reuse_strength=False)
+    assert module.mu is None
+    dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
+    _trainer(tmp_path, [StrengthSolver("trimmed", "fisher")]).validate(module, dm)
+    assert module.mu == pytest.approx(saved["aggregates"]["trimmed_fisher"], rel=1e-9)
