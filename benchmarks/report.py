@@ -18,7 +18,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 BOOTSTRAP = 2000
-DEFAULT = "svd_a0.1_mask_generation_only_exact"
+DEFAULT = "svd_a0.3_mask_generation_only_trimmed_fisher"  # the configs' default, chosen on calib
+EXACT = "svd_a0.1_mask_generation_only_exact"
 PAPER = "svd_a0.1_floor_mean_identity"  # the paper's recipe in teacher-forced scoring (mask, mean μ*)
 
 
@@ -54,7 +55,8 @@ def methods_for(cells: dict, key: tuple, metric: str) -> dict[str, list[tuple[st
     for seed, d in sorted(seeds.items()):
         out["pre-trained"].append(("base", d, d))
         out["warm start"].append(("plain", d, d))
-        out["SVDecode (default: exact, α=0.1)"].append((DEFAULT, d, d))
+        out["SVDecode (default: trimmed Fisher, α=0.3)"].append((DEFAULT, d, d))
+        out["SVDecode (exact, α=0.1)"].append((EXACT, d, d))
         out["SVDecode (paper: mean μ*, mask)"].append((PAPER, d, d))
         out["SVDecode (selected on calib)"].append((select(d, "svd_", metric), d, d))
         out["mask only, μ=0 (α=0.1)"].append(("maskonly_a0.1", d, d))
@@ -85,7 +87,7 @@ def summarise(cells: dict, rng) -> dict:
                 "calib": float(np.mean([src["calib"][v][metric] for v, src, _ in picks])),
                 "gain_vs_warm": mean, "ci_low": lo, "ci_high": hi,
                 "variants": sorted({v for v, _, _ in picks}),
-                "mu": [src["mu"]["0.1"]["exact"] for v, src, _ in picks] if name.startswith("SVDecode (default") else None,
+                "mu": [_mu_of(src, v) for v, src, _ in picks] if all(v.startswith("svd_") for v, _, _ in picks) else None,
             }
             if task == "truthfulqa":
                 row["test_mc1"] = float(np.mean([np.mean(src["test_per_question_mc1"][v]) for v, src, _ in picks]))
