@@ -33,8 +33,9 @@ from svd_lightning.steering import (
     Curvature,
     ExactStrengthCache,
     StrengthStats,
-    kl_divergence,
-    steering_vector,
+    confidence_mask,
+    kl_from_log_probs,
+    steering_direction,
     strength_alpha,
     strength_terms,
 )
@@ -122,12 +123,14 @@ class SteeringExtraction(L.Callback):
                 warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
             except FloatingPointError as err:
                 raise FloatingPointError(f"{err} -- calibration batch {i}, after warm-start step {trainer.global_step}") from err
-            delta, keep = steering_vector(warm, base, alpha)
+            # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
+            delta, lp_warm, lp_base = steering_direction(warm, base)
+            keep = confidence_mask(lp_warm, alpha)
             stats.update(strength_terms(warm, delta, keep, labels))
             cache.update(warm, delta, keep, labels)
             sums += torch.stack(
                 [
-                    kl_divergence(warm, base).sum().double().cpu(),
+                    kl_from_log_probs(lp_warm, lp_base).sum().double().cpu(),
                     keep.sum(-1).double().sum().cpu() / keep.shape[-1],
                     delta.norm(dim=-1).sum().double().cpu(),
                     torch.tensor(float(labels.numel()), dtype=torch.float64),

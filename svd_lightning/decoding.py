@@ -77,7 +77,10 @@ class SharedPrompts:
             [groups.setdefault(tuple(ids[i, : starts[i]].tolist()), len(groups)) for i in range(ids.shape[0])],
             device=ids.device,
         )
-        first_row = torch.tensor([self.group.tolist().index(g) for g in range(len(groups))], device=ids.device)
+        # Groups are numbered in order of first appearance: the first row of group g is where it starts.
+        first_row = torch.full((len(groups),), ids.shape[0], device=ids.device).scatter_reduce(
+            0, self.group, torch.arange(ids.shape[0], device=ids.device), "amin"
+        )
         p_len = starts[first_row]
         P, A = int(p_len.max()), int((lengths - starts).max())
         # Prompts left padded (their last token lines up); continuations right padded.

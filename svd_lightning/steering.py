@@ -72,10 +72,13 @@ def steering_direction(
         raise ValueError(f"warm {tuple(warm_logits.shape)} and base {tuple(base_logits.shape)} logits differ in shape")
     lp_warm = log_probs(warm_logits)
     lp_base = log_probs(base_logits).to(lp_warm.dtype)
-    p = lp_warm.exp()
-    r = lp_warm.clamp_min(LOGPROB_FLOOR) - lp_base.clamp_min(LOGPROB_FLOOR)
+    p, r = lp_warm.exp(), _log_ratio(lp_warm, lp_base)
     kl = (p * r).sum(dim=-1, keepdim=True)
     return p * (kl - r), lp_warm, lp_base
+
+
+def _log_ratio(lp_warm: torch.Tensor, lp_base: torch.Tensor) -> torch.Tensor:
+    return lp_warm.clamp_min(LOGPROB_FLOOR) - lp_base.clamp_min(LOGPROB_FLOOR)
 
 
 def steering_vector(
@@ -92,9 +95,12 @@ def steering_vector(
 
 def kl_divergence(warm_logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_φ ‖ p_θ) per position (same flooring as :func:`steering_vector`)."""
-    lp_warm, lp_base = log_probs(warm_logits), log_probs(base_logits)
-    r = lp_warm.clamp_min(LOGPROB_FLOOR) - lp_base.clamp_min(LOGPROB_FLOOR)
-    return (lp_warm.exp() * r).sum(-1)
+    return kl_from_log_probs(log_probs(warm_logits), log_probs(base_logits))
+
+
+def kl_from_log_probs(lp_warm: torch.Tensor, lp_base: torch.Tensor) -> torch.Tensor:
+    """KL(p_φ ‖ p_θ) from log-probs already computed (e.g. by :func:`steering_direction`)."""
+    return (lp_warm.exp() * _log_ratio(lp_warm, lp_base.to(lp_warm.dtype))).sum(-1)
 
 
 def masked_delta(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
