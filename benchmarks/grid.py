@@ -1,7 +1,8 @@
 """The SVDecode benchmark grid on SmolLM2-135M: adapters x tasks x seeds x warm-start epochs.
 
-One *cell* is (task, adapter, seed). It warm-starts the adapter for ``max(epochs)`` epochs and after each
-(epoch e + 1 is the equal-cost "+1 epoch" baseline of epoch e):
+One *cell* is (task, adapter, seed). It warm-starts the adapter for ``max(epochs) + 1`` epochs. After
+the last one it scores the plain adapter only: the equal-cost "+1 epoch" baseline of epoch ``max(epochs)``
+(epoch e + 1 is that baseline for every other epoch e). After each evaluated epoch:
 
 1. calibration pass (prompt + reference answer of the calib split): every strength option of
    :mod:`svd_lightning.steering` for every mask threshold α (and ``none`` = no mask);
@@ -79,19 +80,27 @@ PRIMARY = {"truthfulqa": "mc2", "arc_easy": "acc", "arc_challenge": "acc"}
 # SmolLM2's test MC2 by 0.04 points -- a warm start too weak to say anything about steering.
 LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
 
-# (task, adapter, epochs evaluated, seeds) in run order. Epoch e+1 of a cell is the equal-cost
-# "+1 epoch" baseline of epoch e. LoRA on TruthfulQA first (the ablation: 3 seeds x 3 epochs), then
-# one epoch of every other row, one seed at a time, so an interrupted grid still covers every row.
-OTHERS = [("arc_easy", "lora"), ("arc_challenge", "lora"), ("truthfulqa", "ia3"), ("truthfulqa", "prompt_tuning"),
-          ("truthfulqa", "prefix_tuning"), ("truthfulqa", "p_tuning")]
+# (task, adapter, epochs evaluated, seeds) in run order. Every cell trains one epoch past its last
+# evaluated epoch and scores the plain adapter there: epoch e+1 is the equal-cost "+1 epoch" baseline
+# of epoch e. LoRA on TruthfulQA first (3 seeds x 3 epochs), then the rest one seed at a time, so an
+# interrupted grid still covers every row; ARC-Easy and ARC-Challenge get the full 3-epoch ablation.
+OTHERS = [("arc_easy", "lora", (1, 2, 3)), ("arc_challenge", "lora", (1, 2, 3)), ("truthfulqa", "ia3", (1,)),
+          ("truthfulqa", "prompt_tuning", (1,)), ("truthfulqa", "prefix_tuning", (1,)), ("truthfulqa", "p_tuning", (1,))]
 GRID = [("truthfulqa", "lora", (1, 2, 3), (0, 1, 2))] + [
-    (task, adapter, (1,), (seed,)) for seed in (0, 1, 2) for task, adapter in OTHERS
+    (task, adapter, epochs, (seed,)) for seed in (0, 1, 2) for task, adapter, epochs in OTHERS
 ]
 
 
 def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
     fn = truthfulqa_per_question if task == "truthfulqa" else choice_accuracy_per_question
     return fn(**{**table, "score": score})
+
+
+class PlainOnly:
+    """The "+1 epoch" baseline needs the plain adapter's scores only."""
+
+    def token_scores(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"plain": log_probs(warm.float()).gather(-1, y[:, None]).squeeze(-1)}
 
 
 class Variants:
@@ -179,6 +188,7 @@ def score_split(model, loader, task, variants: Variants, autocast) -> dict[str, 
 class EpochProbe(L.Callback):
     def __init__(self, cell: dict, epochs: set[int], out_dir: Path):
         self.cell, self.epochs, self.out_dir = cell, epochs, out_dir
+        self.plus_one = max(epochs) + 1  # scored plain only: the "+1 epoch" baseline of the last epoch
         self.epoch_start = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -188,7 +198,7 @@ class EpochProbe(L.Callback):
         epoch = trainer.current_epoch + 1
         train_seconds = time.perf_counter() - self.epoch_start
         path = self.out_dir / f"{self.cell['name']}-epoch{epoch}.json"
-        if epoch not in self.epochs or path.exists():
+        if epoch not in self.epochs | {self.plus_one} or path.exists():
             return
         dm, task = trainer.datamodule, self.cell["task"]
         model = pl_module.model
@@ -196,9 +206,12 @@ class EpochProbe(L.Callback):
         model.eval()
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
         t0 = time.perf_counter()
-        mus, diag = calibration_strengths(model, dm.calib_dataloader(), autocast)
+        if epoch == self.plus_one:
+            mus, diag, variants = None, None, PlainOnly()
+        else:
+            mus, diag = calibration_strengths(model, dm.calib_dataloader(), autocast)
+            variants = Variants(mus)
         t1 = time.perf_counter()
-        variants = Variants(mus)
         calib = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast)
         t2 = time.perf_counter()
         test = score_split(model, dm.test_dataloader(), task, variants, autocast)
@@ -207,6 +220,7 @@ class EpochProbe(L.Callback):
         payload = {
             **self.cell,
             "epoch": epoch,
+            "baseline_only": epoch == self.plus_one,
             "sizes": {"train": len(dm.train_set), "calib": len(dm.calib_set), "test": len(dm.test_set)},
             "primary": PRIMARY[task],
             "mu": mus,
@@ -223,6 +237,10 @@ class EpochProbe(L.Callback):
             payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
         artifacts.write_json(path, payload)
         head = PRIMARY[task]
+        if mus is None:
+            print(f"[{self.cell['name']} epoch {epoch}] {head}: plain {payload['test']['plain'][head]:.4f} "
+                  f"(+1 epoch baseline; {t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)", flush=True)
+            return
         print(
             f"[{self.cell['name']} epoch {epoch}] {head}: base {payload['test']['base'][head]:.4f} "
             f"plain {payload['test']['plain'][head]:.4f} exact(α=0.1) "
@@ -236,7 +254,7 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
              model: str = "smollm2-135m", limit: int | None = None) -> None:
     name = f"{task}-{adapter}-seed{seed}"
     wanted = set(epochs)
-    if all((out_dir / f"{name}-epoch{e}.json").exists() for e in wanted):
+    if all((out_dir / f"{name}-epoch{e}.json").exists() for e in wanted | {max(wanted) + 1}):
         print(f"[{name}] done, skipping", flush=True)
         return
     print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
@@ -252,7 +270,7 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
     ckpt_dir = out_dir / ".tmp" / name
     ckpt = L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max(wanted), precision="bf16-mixed",
+        accelerator="cpu", devices=1, max_epochs=max(wanted) + 1, precision="bf16-mixed",
         logger=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, enable_progress_bar=sys.stderr.isatty(),
         default_root_dir=str(ckpt_dir), callbacks=[EpochProbe(cell, wanted, out_dir), ckpt],

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from svd_lightning.artifacts import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent
 BOOTSTRAP = 2000
 DEFAULT = "svd_a0.3_mask_generation_only_trimmed_fisher"  # the configs' default, chosen on calib
@@ -23,12 +25,14 @@ EXACT = "svd_a0.1_mask_generation_only_exact"
 PAPER = "svd_a0.1_floor_mean_identity"  # the paper's recipe in teacher-forced scoring (mask, mean μ*)
 
 
-def load(grid_dir: Path) -> dict:
-    cells = defaultdict(dict)  # (task, adapter, epoch) -> seed -> payload
+def load(grid_dir: Path) -> tuple[dict, dict]:
+    """``(cells, plus_one)``: (task, adapter, epoch) -> seed -> payload, for fully scored epochs and for
+    the extra epochs scored plain only (the "+1 epoch" baseline of a cell's last epoch)."""
+    cells, plus_one = defaultdict(dict), defaultdict(dict)
     for path in sorted(grid_dir.glob("*.json")):
         d = json.loads(path.read_text())
-        cells[(d["task"], d["adapter"], d["epoch"])][d["seed"]] = d
-    return cells
+        (plus_one if d.get("baseline_only") else cells)[(d["task"], d["adapter"], d["epoch"])][d["seed"]] = d
+    return cells, plus_one
 
 
 def select(d: dict, prefix: str, metric: str) -> str:
@@ -46,11 +50,12 @@ def paired_ci(a: list[np.ndarray], b: list[np.ndarray], rng: np.random.Generator
     return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def methods_for(cells: dict, key: tuple, metric: str) -> dict[str, list[tuple[str, dict, dict]]]:
+def methods_for(cells: dict, key: tuple, metric: str, plus_one: dict | None = None) -> dict[str, list[tuple[str, dict, dict]]]:
     """method name -> per seed (variant chosen, payload holding it, payload of epoch e) for one (task, adapter, epoch)."""
     task, adapter, epoch = key
     seeds = cells[key]
-    nxt = cells.get((task, adapter, epoch + 1), {})
+    later = (task, adapter, epoch + 1)
+    nxt = {**(plus_one or {}).get(later, {}), **cells.get(later, {})}
     out = defaultdict(list)
     for seed, d in sorted(seeds.items()):
         out["pre-trained"].append(("base", d, d))
@@ -67,13 +72,13 @@ def methods_for(cells: dict, key: tuple, metric: str) -> dict[str, list[tuple[st
     return out
 
 
-def summarise(cells: dict, rng) -> dict:
+def summarise(cells: dict, rng, plus_one: dict | None = None) -> list[dict]:
     rows = []
     for key in sorted(cells):
         task, adapter, epoch = key
         seeds = cells[key]
         metric = next(iter(seeds.values()))["primary"]
-        methods = methods_for(cells, key, metric)
+        methods = methods_for(cells, key, metric, plus_one)
         for name, picks in methods.items():
             if name == "warm start +1 epoch" and len(picks) != len(seeds):
                 continue
@@ -110,7 +115,7 @@ def ablation(cells: dict, task: str, adapter: str, rng) -> list[dict]:
                 continue
             mean, lo, hi = paired_ci([np.array(d["test_per_question"][v]) for d in ds], warm, rng)
             out.append({
-                "epoch": epoch, "variant": v, "seeds": len(ds),
+                "task": task, "adapter": adapter, "epoch": epoch, "variant": v, "seeds": len(ds),
                 "calib_gain": float(np.mean([d["calib"][v][metric] for d in ds])) - warm_calib,
                 "test_gain": mean, "ci_low": lo, "ci_high": hi,
                 "mu": float(np.mean([_mu_of(d, v) for d in ds])),
@@ -129,6 +134,34 @@ def recommend(abl: list[dict]) -> dict:
             "per_epoch": [{k: r[k] for k in ("epoch", "calib_gain", "test_gain", "ci_low", "ci_high", "mu")} for r in rows]}
 
 
+def ranking(cells: dict, tasks: list[str], rng, adapter: str = "lora") -> list[dict]:
+    """Every SVDecode variant ranked by its calibration gain averaged over tasks, epochs and seeds.
+
+    Per task, the test gain pools every (epoch, seed) as a paired replicate of the same test questions.
+    """
+    per_task = {}
+    for task in tasks:
+        ds = [d for (t, a, _), seeds in sorted(cells.items()) if (t, a) == (task, adapter) for _, d in sorted(seeds.items())]
+        if ds:
+            per_task[task] = ds
+    if not per_task:
+        return []
+    variants = sorted(set.intersection(*(set(v for v in ds[0]["test"] if v.startswith("svd_")) for ds in per_task.values())))
+    out = []
+    for v in variants:
+        row = {"variant": v, "tasks": {}}
+        for task, ds in per_task.items():
+            metric = ds[0]["primary"]
+            mean, lo, hi = paired_ci([np.array(d["test_per_question"][v]) for d in ds],
+                                     [np.array(d["test_per_question"]["plain"]) for d in ds], rng)
+            calib = float(np.mean([d["calib"][v][metric] - d["calib"]["plain"][metric] for d in ds]))
+            row["tasks"][task] = {"calib_gain": calib, "test_gain": mean, "ci_low": lo, "ci_high": hi, "replicates": len(ds)}
+        row["calib_gain"] = float(np.mean([r["calib_gain"] for r in row["tasks"].values()]))
+        row["test_gain"] = float(np.mean([r["test_gain"] for r in row["tasks"].values()]))
+        out.append(row)
+    return sorted(out, key=lambda r: -r["calib_gain"])
+
+
 def _mu_of(d: dict, variant: str) -> float:
     _, alpha, *rest = variant.split("_")
     alpha = alpha[1:]
@@ -143,7 +176,7 @@ def pct(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
-def markdown(rows: list[dict], abl: list[dict], perf: dict, rec: dict | None = None) -> str:
+def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, rank: list[dict] | None = None) -> str:
     lines = ["# SVDecode benchmark grid (SmolLM2-135M, generated by `benchmarks/report.py`)", ""]
     lines += [
         "Numbers are percentages, averaged over seeds; `gain` is the paired difference to the warm start",
@@ -174,10 +207,24 @@ def markdown(rows: list[dict], abl: list[dict], perf: dict, rec: dict | None = N
                   f"`{rec['variant']}`: mean calib gain {pct(rec['mean_calib_gain'])}; on test, per epoch: "
                   + "; ".join(f"epoch {r['epoch']}: {pct(r['test_gain'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] (μ {r['mu']:+.3g})"
                               for r in rec["per_epoch"]), ""]
-    if abl:
-        lines += ["## Ablation: every SVDecode variant (truthfulqa · lora)", "",
+    if rank:
+        tasks = list(rank[0]["tasks"])
+        lines += ["## Best three and worst three SVDecode variants by calibration gain (LoRA; " + ", ".join(tasks) + ")", "",
+                  "Ranked by calib gain averaged over tasks, epochs and seeds (test not used). Test gain per task pools",
+                  "every (epoch, seed) as a paired replicate; [95% paired bootstrap CI].", "",
+                  "| rank | variant | calib gain | " + " | ".join(f"{t} test gain" for t in tasks) + " |",
+                  "|---:|---|---:|" + "---|" * len(tasks)]
+        marked = {DEFAULT, EXACT, PAPER}
+        shown = [(i, r) for i, r in enumerate(rank) if i < 3 or i >= len(rank) - 3 or r["variant"] in marked]
+        for i, r in shown:
+            cells_ = " | ".join(f"{pct(x['test_gain'])} [{pct(x['ci_low'])}, {pct(x['ci_high'])}]" for x in r["tasks"].values())
+            tag = " (default)" if r["variant"] == DEFAULT else " (exact)" if r["variant"] == EXACT else " (paper)" if r["variant"] == PAPER else ""
+            lines.append(f"| {i + 1} | `{r['variant']}`{tag} | {pct(r['calib_gain'])} | {cells_} |")
+        lines.append("")
+    for (task, adapter), rows_ in sorted(abl.items()):
+        lines += [f"## Ablation: every SVDecode variant ({task} · {adapter})", "",
                   "| epoch | variant | mean μ | calib gain | test gain [95% CI] |", "|---:|---|---:|---:|---|"]
-        for r in sorted(abl, key=lambda r: (r["epoch"], -r["calib_gain"])):
+        for r in sorted(rows_, key=lambda r: (r["epoch"], -r["calib_gain"])):
             lines.append(f"| {r['epoch']} | {r['variant']} | {r['mu']:+.3g} | {pct(r['calib_gain'])} | "
                          f"{pct(r['test_gain'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] |")
         lines.append("")
@@ -250,20 +297,23 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", default=str(ROOT / "results" / "grid"))
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
-    cells = load(Path(args.grid))
+    cells, plus_one = load(Path(args.grid))
     if not cells:
         raise SystemExit(f"no cell files in {args.grid}; run benchmarks/grid.py first")
     rng = np.random.default_rng(0)
-    rows = summarise(cells, rng)
-    abl = ablation(cells, "truthfulqa", "lora", rng)
+    rows = summarise(cells, rng, plus_one)
+    tasks = sorted({t for t, a, e in cells if a == "lora" and (t, a, 2) in cells})  # the 3-epoch ablation rows
+    abl = {(t, "lora"): ablation(cells, t, "lora", rng) for t in tasks}
     perf = cost(cells)
-    rec = recommend(abl) if abl else None
+    rec = recommend(abl[("truthfulqa", "lora")]) if ("truthfulqa", "lora") in abl else None
+    rank = ranking(cells, tasks, rng)
     out = Path(args.out)
-    summary = {"rows": rows, "ablation": abl, "cost": perf, "recommended": rec}
-    (out / "grid_summary.json").write_text(json.dumps(summary, indent=1))
-    md = markdown(rows, abl, perf, rec)
-    (out / "grid_summary.md").write_text(md)
-    plots = plot_gain_vs_mu(cells, out)
+    summary = {"rows": rows, "ablation": [r for rs in abl.values() for r in rs], "cost": perf,
+               "recommended": rec, "ranking": rank}
+    atomic_write_text(out / "grid_summary.json", json.dumps(summary, indent=1))
+    md = markdown(rows, abl, perf, rec, rank)
+    atomic_write_text(out / "grid_summary.md", md)
+    plots = [p for t in tasks for p in plot_gain_vs_mu(cells, out, t)]
     print(md.split("## Ablation")[0])
     print(f"wrote {out / 'grid_summary.md'}, {out / 'grid_summary.json'} and {len(plots)} plot(s)")
 
