@@ -74,8 +74,22 @@ TASKS = {
         train_path="../shared/data/commonsense/ARC-Challenge/train.json",
         seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
     ),
+    "boolq": lambda seed: CommonsenseDataModule(
+        test_path="../shared/data/commonsense/boolq/test.json",
+        train_path="../shared/data/commonsense/boolq/train.json",
+        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
+    ),
+    # No train file: train, calib and test are disjoint seeded splits (60/20/20) of the test file.
+    "piqa": lambda seed: CommonsenseDataModule(
+        test_path="../shared/data/commonsense/piqa/test.json",
+        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
+    ),
+    "hellaswag": lambda seed: CommonsenseDataModule(
+        test_path="../shared/data/commonsense/hellaswag/test_approx_tagstripped.json",
+        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
+    ),
 }
-PRIMARY = {"truthfulqa": "mc2", "arc_easy": "acc", "arc_challenge": "acc"}
+PRIMARY = {"truthfulqa": "mc2", "arc_easy": "acc", "arc_challenge": "acc", "boolq": "acc", "piqa": "acc", "hellaswag": "acc"}
 # Raised from the paper's 5e-5 (which the README demo keeps): at 5e-5, 200 zero-shot questions move
 # SmolLM2's test MC2 by 0.04 points -- a warm start too weak to say anything about steering.
 LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
@@ -85,7 +99,8 @@ LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1
 # of epoch e. LoRA on TruthfulQA first (3 seeds x 3 epochs), then the rest one seed at a time, so an
 # interrupted grid still covers every row; ARC-Easy and ARC-Challenge get the full 3-epoch ablation.
 OTHERS = [("arc_easy", "lora", (1, 2, 3)), ("arc_challenge", "lora", (1, 2, 3)), ("truthfulqa", "ia3", (1,)),
-          ("truthfulqa", "prompt_tuning", (1,)), ("truthfulqa", "prefix_tuning", (1,)), ("truthfulqa", "p_tuning", (1,))]
+          ("truthfulqa", "prompt_tuning", (1,)), ("truthfulqa", "prefix_tuning", (1,)), ("truthfulqa", "p_tuning", (1,)),
+          ("boolq", "lora", (1,)), ("piqa", "lora", (1,)), ("hellaswag", "lora", (1,))]
 GRID = [("truthfulqa", "lora", (1, 2, 3), (0, 1, 2))] + [
     (task, adapter, epochs, (seed,)) for seed in (0, 1, 2) for task, adapter, epochs in OTHERS
 ]
