@@ -17,11 +17,15 @@ skipped, so an interrupted run resumes. ``benchmarks/report.py`` turns the files
 
     python benchmarks/grid.py                       # the committed grid (see GRID below)
     python benchmarks/grid.py --only truthfulqa-lora --seeds 0
+    GRID_THREADS=1 python benchmarks/grid.py & GRID_THREADS=1 python benchmarks/grid.py   # 2 workers
+
+Workers share the grid through a lock file per cell (``results/grid/.tmp/<cell>.lock``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -265,6 +269,39 @@ class EpochProbe(L.Callback):
         )
 
 
+@contextlib.contextmanager
+def claimed(out_dir: Path, name: str):
+    """Yields whether this process owns the cell: several ``grid.py`` processes can share one grid.
+
+    The lock file holds the owner's PID; a lock whose process is gone (a killed run) is taken over.
+    """
+    lock = out_dir / ".tmp" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text()), 0)
+            owner_alive = True
+        except ProcessLookupError:
+            owner_alive = False
+        except (ValueError, OSError):
+            owner_alive = True  # being written this instant, or not ours to signal
+        if owner_alive:
+            yield False
+            return
+        lock.unlink(missing_ok=True)
+        with claimed(out_dir, name) as ok:
+            yield ok
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_dir: Path,
              model: str = "smollm2-135m", limit: int | None = None) -> None:
     name = f"{task}-{adapter}-seed{seed}"
@@ -272,6 +309,15 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
     if all((out_dir / f"{name}-epoch{e}.json").exists() for e in wanted | {max(wanted) + 1}):
         print(f"[{name}] done, skipping", flush=True)
         return
+    with claimed(out_dir, name) as mine:
+        if not mine:
+            print(f"[{name}] running in another process, skipping", flush=True)
+            return
+        _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit)
+
+
+def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[int], out_dir: Path,
+                     model: str, limit: int | None) -> None:
     print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
     L.seed_everything(seed, workers=True)
     module = SteeringLM(model=model, adapter=adapter, learning_rate=LEARNING_RATE[adapter],

@@ -69,3 +69,30 @@ def test_truthfulness_proxy():
     assert good["rougeL_acc"] == 1.0 and good["rougeL_diff"] > 0
     assert bad["rougeL_acc"] == 0.0 and bad["rougeL_diff"] < 0
     assert og.first_line(" Paris.\nQ: next question") == "Paris."
+
+
+def test_grid_workers_claim_each_cell_once_and_take_over_stale_locks(tmp_path):
+    grid = _load("grid")
+    with grid.claimed(tmp_path, "cell") as first:
+        with grid.claimed(tmp_path, "cell") as second:
+            assert (first, second) == (True, False)
+    lock = tmp_path / ".tmp" / "cell.lock"
+    assert not lock.exists()  # released
+    lock.write_text("999999999")  # a killed worker's lock: no such process
+    with grid.claimed(tmp_path, "cell") as third:
+        assert third and lock.read_text() != "999999999"
+
+
+def test_report_uses_plain_only_epoch_as_plus_one_baseline(tmp_path):
+    report = _load("report")
+    full = {"task": "t", "adapter": "lora", "seed": 0, "epoch": 1, "primary": "acc",
+            "calib": {v: {"acc": 0.5} for v in ("plain", "svd_x", "fixed_x", "contrastive_x")},
+            "test_per_question": {"plain": [0.0, 1.0]}}
+    extra = {**full, "epoch": 2, "baseline_only": True, "test_per_question": {"plain": [1.0, 1.0]}}
+    for d in (full, extra):
+        (tmp_path / f"e{d['epoch']}.json").write_text(__import__("json").dumps(d))
+    cells, plus_one = report.load(tmp_path)
+    assert list(cells) == [("t", "lora", 1)] and list(plus_one) == [("t", "lora", 2)]
+    methods = report.methods_for(cells, ("t", "lora", 1), "acc", plus_one)
+    (variant, src, own), = methods["warm start +1 epoch"]
+    assert variant == "plain" and src is plus_one[("t", "lora", 2)][0] and own is full
