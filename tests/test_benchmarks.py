@@ -95,4 +95,4 @@ def test_report_uses_plain_only_epoch_as_plus_one_baseline(tmp_path):
     assert list(cells) == [("t", "lora", 1)] and list(plus_one) == [("t", "lora", 2)]
     methods = report.methods_for(cells, ("t", "lora", 1), "acc", plus_one)
     (variant, src, own), = methods["warm start +1 epoch"]
-    assert variant == "plain" and src is plus_one[("t", "lora", 2)][0] and own is full
+    assert variant == "plain" and src is plus_one[("t", "lora", 2)][0] and own is cells[("t", "lora", 1)][0]
