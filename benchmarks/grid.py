@@ -30,6 +30,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -314,6 +315,8 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
             print(f"[{name}] running in another process, skipping", flush=True)
             return
         _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit)
+        if all((out_dir / f"{name}-epoch{e}.json").exists() for e in wanted | {max(wanted) + 1}):
+            shutil.rmtree(out_dir / ".tmp" / name, ignore_errors=True)  # the resume checkpoint (~0.5 GB)
 
 
 def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[int], out_dir: Path,
