@@ -117,7 +117,9 @@ def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch
 
 
 class PlainOnly:
-    """The "+1 epoch" baseline needs the plain adapter's scores only."""
+    """The "+1 epoch" baseline needs the plain adapter's scores only (no pre-trained pass)."""
+
+    needs_base = False
 
     def token_scores(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"plain": log_probs(warm.float()).gather(-1, y[:, None]).squeeze(-1)}
@@ -125,6 +127,8 @@ class PlainOnly:
 
 class Variants:
     """Every scoring variant of one epoch, as exact per-token log-probs of the label tokens."""
+
+    needs_base = True
 
     def __init__(self, mus: dict[str, dict[str, float]]):
         self.mus = mus  # alpha key -> strength name -> μ
@@ -193,7 +197,7 @@ def score_split(model, loader, task, variants: Variants, autocast) -> dict[str, 
     scores: dict[str, list] = {}
     for batch in loader:
         with autocast():
-            warm, base, y, row = paired_label_logits(model, batch)
+            warm, base, y, row = paired_label_logits(model, batch, with_base=variants.needs_base)
         n = batch["input_ids"].shape[0]
         for name, tok in variants.token_scores(warm, base, y).items():
             if not torch.isfinite(tok).all():

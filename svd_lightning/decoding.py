@@ -120,8 +120,8 @@ class SharedPrompts:
 
 @torch.no_grad()
 def paired_label_logits(
-    model, batch: dict, share_prompts: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    model, batch: dict, share_prompts: bool = True, with_base: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Warm and base logits at every labelled position: one forward pass per model for the batch.
 
     Returns ``(warm [M, V], base [M, V], labels [M], row [M])`` where ``row`` is the batch row of
@@ -129,6 +129,7 @@ def paired_label_logits(
     ``share_prompts`` encodes each distinct prompt once and reuses its KV cache for all of its
     continuations (the same numbers up to float rounding); prompt-learning adapters, whose virtual
     tokens peft re-inserts on every call, and batches without a repeated prompt use the full pass.
+    ``with_base=False`` skips the pre-trained pass (``base`` is then None).
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     target = labels[:, 1:]
@@ -139,16 +140,13 @@ def paired_label_logits(
         shared = SharedPrompts(ids, mask, labels)
         if not shared.usable or int(shared.group.max()) + 1 == ids.shape[0]:
             shared = None  # no prompt repeats: sharing saves nothing
-    if shared is not None:
-        warm = shared.label_logits(model)
+    label_logits = shared.label_logits if shared is not None else lambda m: _full_label_logits(m, ids, mask, labels)
+    warm, base = label_logits(model), None
+    if with_base:
         with adapter_disabled(model):
-            base = shared.label_logits(model)
-    else:
-        warm = _full_label_logits(model, ids, mask, labels)
-        with adapter_disabled(model):
-            base = _full_label_logits(model, ids, mask, labels)
+            base = label_logits(model)
     for name, z in (("warm", warm), ("base", base)):
-        if not torch.isfinite(z).all():
+        if z is not None and not torch.isfinite(z).all():
             raise FloatingPointError(f"non-finite {name} logits in the forward pass (check dtype/precision)")
     return warm, base, target[sel], row
 
