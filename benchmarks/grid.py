@@ -64,35 +64,27 @@ GAMMAS = [-0.5, 0.5, 1.0, 2.0]
 NONE_STRENGTHS = ("exact", "mean_identity", "median_identity", "pooled_identity", "pooled_fisher")
 FLOOR = -20.0
 
+COMMONSENSE = "../shared/data/commonsense"
+
+
+def commonsense(test: str, train: str | None = None):
+    """A commonsense task; without a train file, train/calib/test are seeded 60/20/20 splits of the test file."""
+    return lambda seed: CommonsenseDataModule(
+        test_path=f"{COMMONSENSE}/{test}", train_path=train and f"{COMMONSENSE}/{train}",
+        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
+    )
+
+
 TASKS = {
     # Zero-shot prompts keep the grid within 2 CPU cores; the README demo uses the six-shot prompt.
     "truthfulqa": lambda seed: TruthfulQADataModule(
         few_shot=False, instruction=False, seed=0, limit_train=200, limit_calib=60, limit_test=100, max_length=256
     ),
-    "arc_easy": lambda seed: CommonsenseDataModule(
-        test_path="../shared/data/commonsense/ARC-Easy/test.json",
-        train_path="../shared/data/commonsense/ARC-Easy/train.json",
-        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
-    ),
-    "arc_challenge": lambda seed: CommonsenseDataModule(
-        test_path="../shared/data/commonsense/ARC-Challenge/test.json",
-        train_path="../shared/data/commonsense/ARC-Challenge/train.json",
-        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
-    ),
-    "boolq": lambda seed: CommonsenseDataModule(
-        test_path="../shared/data/commonsense/boolq/test.json",
-        train_path="../shared/data/commonsense/boolq/train.json",
-        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
-    ),
-    # No train file: train, calib and test are disjoint seeded splits (60/20/20) of the test file.
-    "piqa": lambda seed: CommonsenseDataModule(
-        test_path="../shared/data/commonsense/piqa/test.json",
-        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
-    ),
-    "hellaswag": lambda seed: CommonsenseDataModule(
-        test_path="../shared/data/commonsense/hellaswag/test_approx_tagstripped.json",
-        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
-    ),
+    "arc_easy": commonsense("ARC-Easy/test.json", "ARC-Easy/train.json"),
+    "arc_challenge": commonsense("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
+    "boolq": commonsense("boolq/test.json", "boolq/train.json"),
+    "piqa": commonsense("piqa/test.json"),
+    "hellaswag": commonsense("hellaswag/test_approx_tagstripped.json"),
 }
 PRIMARY = {"truthfulqa": "mc2", "arc_easy": "acc", "arc_challenge": "acc", "boolq": "acc", "piqa": "acc", "hellaswag": "acc"}
 # Raised from the paper's 5e-5 (which the README demo keeps): at 5e-5, 200 zero-shot questions move
