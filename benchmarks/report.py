@@ -242,12 +242,11 @@ def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, r
                   "every (epoch, seed) as a paired replicate; [95% paired bootstrap CI].", "",
                   "| rank | variant | calib gain | " + " | ".join(f"{t} test gain" for t in tasks) + " |",
                   "|---:|---|---:|" + "---|" * len(tasks)]
-        marked = {DEFAULT, EXACT, PAPER}
-        shown = [(i, r) for i, r in enumerate(rank_) if i < 3 or i >= len(rank_) - 3 or r["variant"] in marked]
+        tags = {DEFAULT: " (default)", EXACT: " (exact)", PAPER: " (paper)"}
+        shown = [(i, r) for i, r in enumerate(rank_) if i < 3 or i >= len(rank_) - 3 or r["variant"] in tags]
         for i, r in shown:
             cells_ = " | ".join(f"{pct(x['test_gain'])} [{pct(x['ci_low'])}, {pct(x['ci_high'])}]" for x in r["tasks"].values())
-            tag = " (default)" if r["variant"] == DEFAULT else " (exact)" if r["variant"] == EXACT else " (paper)" if r["variant"] == PAPER else ""
-            lines.append(f"| {i + 1} | `{r['variant']}`{tag} | {pct(r['calib_gain'])} | {cells_} |")
+            lines.append(f"| {i + 1} | `{r['variant']}`{tags.get(r['variant'], '')} | {pct(r['calib_gain'])} | {cells_} |")
         lines.append("")
     for (task, adapter), rows_ in sorted(abl.items()):
         lines += [f"## Ablation: every SVDecode variant ({task} · {adapter})", "",
