@@ -31,7 +31,6 @@ import math
 import os
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -44,6 +43,8 @@ from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import choice_accuracy_per_question, truthfulqa_per_question
 from svd_lightning.module import SteeringLM
+from svd_lightning.precision import BF16, describe_cpu, fast_precision
+from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
 from svd_lightning.steering import (
     NO_MASK_ALPHA,
     ExactStrengthCache,
@@ -167,7 +168,7 @@ def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
     """μ for every (α, strength option) from the calibration tokens, plus diagnostics."""
     stats = {a: StrengthStats() for a in ALPHAS}
     caches = {a: ExactStrengthCache() for a in ALPHAS}
-    for batch in loader:
+    for batch in track(loader, "Calibration (every variant)", unit="batch"):
         with autocast():
             warm, base, y, _ = paired_label_logits(model, batch)
         warm, base = warm.float(), base.float()
@@ -184,10 +185,10 @@ def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def score_split(model, loader, task, variants: Variants, autocast) -> dict[str, dict[str, torch.Tensor]]:
+def score_split(model, loader, task, variants: Variants, autocast, desc: str) -> dict[str, dict[str, torch.Tensor]]:
     table = {k: [] for k in ("question_index", "choice_set", "choice_index", "is_true", "num_chars")}
     scores: dict[str, list] = {}
-    for batch in loader:
+    for batch in track(loader, desc, unit="batch"):
         with autocast():
             warm, base, y, row = paired_label_logits(model, batch, with_base=variants.needs_base)
         n = batch["input_ids"].shape[0]
@@ -220,7 +221,7 @@ class EpochProbe(L.Callback):
         model = pl_module.model
         was_training = model.training
         model.eval()
-        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cell["precision"] == BF16)  # noqa: E731
         t0 = time.perf_counter()
         if epoch == self.plus_one:
             mus, diag, variants = None, None, PlainOnly()
@@ -228,9 +229,9 @@ class EpochProbe(L.Callback):
             mus, diag = calibration_strengths(model, dm.calib_dataloader(), autocast)
             variants = Variants(mus)
         t1 = time.perf_counter()
-        calib = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast)
+        calib = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast, "Scoring calib")
         t2 = time.perf_counter()
-        test = score_split(model, dm.test_dataloader(), task, variants, autocast)
+        test = score_split(model, dm.test_dataloader(), task, variants, autocast, "Scoring test")
         t3 = time.perf_counter()
         model.train(was_training)
         payload = {
@@ -325,16 +326,19 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
     dm = TASKS[task](seed)
     if limit is not None:  # smoke tests
         dm.limits = (limit, limit, limit)
+    precision, why = fast_precision("cpu")
+    print(f"[{name}] precision {precision} ({why})", flush=True)
     cell = {"name": name, "task": task, "adapter": adapter, "seed": seed, "model": model,
-            "learning_rate": LEARNING_RATE[adapter], "precision": "bf16-mixed", "train_batch_size": dm.train_batch_size}
+            "learning_rate": LEARNING_RATE[adapter], "precision": precision, "cpu": describe_cpu(),
+            "train_batch_size": dm.train_batch_size}
     # An end-of-epoch checkpoint lets a killed grid resume this cell at its last finished epoch.
     ckpt_dir = out_dir / ".tmp" / name
     ckpt = L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max(wanted) + 1, precision="bf16-mixed",
+        accelerator="cpu", devices=1, max_epochs=max(wanted) + 1, precision=precision,
         logger=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, enable_progress_bar=sys.stderr.isatty(),
-        default_root_dir=str(ckpt_dir), callbacks=[EpochProbe(cell, wanted, out_dir), ckpt],
+        num_sanity_val_steps=0, default_root_dir=str(ckpt_dir),
+        callbacks=[EpochProbe(cell, wanted, out_dir), ckpt] + ([] if stderr_is_terminal() else [LogProgressBar()]),
     )
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)

@@ -15,30 +15,19 @@ validation of epoch k always uses the μ̄ of epoch k. No nested Trainer is star
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from tqdm.auto import tqdm
 
 from svd_lightning import artifacts
+from svd_lightning.calibration import CalibrationResult, calibrate
 from svd_lightning.decoding import paired_label_logits
-from svd_lightning.steering import (
-    Aggregate,
-    Curvature,
-    ExactStrengthCache,
-    StrengthStats,
-    confidence_mask,
-    kl_from_log_probs,
-    steering_direction,
-    strength_alpha,
-    strength_terms,
-)
+from svd_lightning.steering import Aggregate, Curvature, strength_alpha
 
 
 def calibration_loader(trainer: L.Trainer):
@@ -73,16 +62,6 @@ def _gather_ragged(trainer: L.Trainer, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[r, :, : sizes[r]] for r in range(len(sizes))], dim=-1)
 
 
-@dataclass
-class CalibrationResult:
-    stats: StrengthStats
-    cache: ExactStrengthCache  # this rank's tokens only (the exact solve all-reduces sums)
-    diagnostics: dict[str, float]
-    step: int
-    seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
 class SteeringExtraction(L.Callback):
     """Steering vectors on the calibration set, after every warm-start epoch.
 
@@ -100,55 +79,27 @@ class SteeringExtraction(L.Callback):
     def is_stale(self, trainer: L.Trainer) -> bool:
         return self.result is None or self.result.step != trainer.global_step
 
-    @torch.no_grad()
     def extract(self, trainer: L.Trainer, pl_module) -> CalibrationResult:
         if not self.is_stale(trainer):
             return self.result
-        alpha = strength_alpha(pl_module.hparams.alpha, pl_module.hparams.scoring_policy)
-        was_training = pl_module.training
-        pl_module.eval()
-        stats, cache = StrengthStats(), ExactStrengthCache()
-        sums = torch.zeros(4, dtype=torch.float64)  # KL, kept tokens, ‖δz‖, positions
-        start = time.perf_counter()
         loader = calibration_loader(trainer)
         total = len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
-        bar = tqdm(loader, total=total, desc="Calibration", leave=False, disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
-        for i, batch in enumerate(bar):
-            if i >= total:
-                break
-            if i % trainer.world_size != trainer.global_rank:
-                continue  # another rank's batch
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            try:
-                warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"{err} -- calibration batch {i}, after warm-start step {trainer.global_step}") from err
-            # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
-            delta, lp_warm, lp_base = steering_direction(warm, base)
-            keep = confidence_mask(lp_warm, alpha)
-            stats.update(strength_terms(warm, delta, keep, labels))
-            cache.update(warm, delta, keep, labels)
-            sums += torch.stack(
-                [
-                    kl_from_log_probs(lp_warm, lp_base).sum().double().cpu(),
-                    keep.sum(-1).double().sum().cpu() / keep.shape[-1],
-                    delta.norm(dim=-1).sum().double().cpu(),
-                    torch.tensor(float(labels.numel()), dtype=torch.float64),
-                ]
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = (batch for i, batch in enumerate(itertools.islice(loader, total)) if i % world == rank)
+        h = pl_module.hparams
+        try:
+            self.result = calibrate(
+                pl_module.model, mine, strength_alpha(h.alpha, h.scoring_policy),
+                forward_mode=h.get("forward_mode", "auto"),
+                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+                gather=lambda t: _gather_ragged(trainer, t),
+                device=pl_module.device, total=len(range(rank, total, world)),
+                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+                step=trainer.global_step,
             )
-        pl_module.train(was_training)
-        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum").cpu()
-        stats = StrengthStats.from_tensor(_gather_ragged(trainer, stats.to_tensor().to(pl_module.device)))
-        positions = max(float(sums[3]), 1.0)
-        diagnostics = {
-            "kl_mean": float(sums[0]) / positions,
-            "kept_fraction": float(sums[1]) / positions,
-            "delta_norm_mean": float(sums[2]) / positions,
-            "tokens": float(sums[3]),
-            "usable_tokens": float(stats.count),
-        }
-        self.result = CalibrationResult(stats, cache, diagnostics, trainer.global_step, time.perf_counter() - start)
-        for k, v in diagnostics.items():
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
+        for k, v in self.result.diagnostics.items():
             pl_module.log(f"steer/{k}", v, rank_zero_only=True)
         return self.result
 

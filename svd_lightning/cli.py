@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch import LightningDataModule
 
 from svd_lightning.module import SteeringLM
+from svd_lightning.precision import resolve_precision
+from svd_lightning.progress import LogProgressBar, stderr_is_terminal
 
 
 class SteeringCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Sanity validation would score before μ̄ exists; skip it unless asked for.
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        # `precision` left unset (null) means "what this machine runs fast"; an explicit value wins.
+        precision, why = resolve_precision(config.get("precision"), config.get("accelerator"))
+        print(f"svd-lightning: precision {precision} ({why})", file=sys.stderr, flush=True)
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        callbacks = list(config.get("callbacks") or []) + extra
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not stderr_is_terminal() and not any(isinstance(c, ProgressBar) for c in callbacks):
+            extra.append(LogProgressBar())
+        return self._instantiate_trainer({**config, "precision": precision}, extra)
 
 
 def main(args=None) -> None:

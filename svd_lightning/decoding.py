@@ -1,18 +1,35 @@
 """Steered generation and steered multiple-choice scoring for a peft model.
 
 Both distributions are conditioned on the same real tokens: the warm-started one (adapter on,
-virtual tokens included for prompt methods) and the pre-trained one (``model.disable_adapter()``,
-the same weights, no second copy). Prompt tuning / P-tuning prepend virtual positions to the
+virtual tokens included for prompt methods) and the pre-trained one (adapter off, the same weights,
+no second copy). Two ways to get them (``forward_mode``):
+
+* ``one_forward`` (LoRA): warm and base are rows of one batch -- ``[x; x]`` with peft's per-row
+  ``adapter_names = [adapter]*B + ["__base__"]*B`` -- so the weights are read once per step and
+  generation keeps one KV cache. Both halves always receive the same token.
+* ``two_pass`` (any adapter): a second forward under ``model.disable_adapter()`` (generation: inside
+  the logits processor, with its own KV cache).
+
+``auto`` (default) picks ``one_forward`` wherever peft supports per-row adapters (LoRA without DoRA,
+eval mode) and says which it chose, once. Prompt tuning / P-tuning prepend virtual positions to the
 logits; they are sliced off before warm and base logits are compared.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.steering import (
@@ -31,6 +48,60 @@ def adapter_disabled(model) -> Iterator[None]:
         raise TypeError(f"{type(model).__name__} has no adapter to disable; wrap it with peft first")
     with model.disable_adapter():
         yield
+
+
+ForwardMode = Literal["auto", "one_forward", "two_pass"]
+FORWARD_MODES = ("auto", "one_forward", "two_pass")
+BASE_ROWS = "__base__"  # peft's name for "no adapter" in a mixed batch
+_announced: set[tuple[str, str]] = set()
+
+
+def one_forward_unsupported(model) -> str | None:
+    """Why warm and base rows cannot share one forward pass on ``model`` (None: they can)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return f"{type(model).__name__} is not a peft model"
+    method = str(getattr(config, "peft_type", "")).split(".")[-1].lower()
+    if method != "lora":
+        return f"peft runs per-row adapters for LoRA only, not {method}"
+    if getattr(config, "use_dora", False):
+        return "peft has no per-row adapters for DoRA"
+    if len(getattr(model, "active_adapters", [None])) != 1:
+        return "several adapters are active"
+    if model.training:
+        return "the model is in training mode (peft refuses per-row adapters there)"
+    return None
+
+
+def resolve_forward_mode(model, forward_mode: ForwardMode = "auto", unsupported: str | None = None) -> str:
+    """``one_forward`` or ``two_pass`` for ``model``; ``unsupported`` adds a caller's own reason.
+
+    ``auto`` picks one_forward where it works and logs the choice once per (model type, choice);
+    forcing ``one_forward`` where it cannot work is an error naming the reason.
+    """
+    if forward_mode not in FORWARD_MODES:
+        raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+    if forward_mode == "two_pass":
+        return "two_pass"
+    reason = one_forward_unsupported(model) or unsupported
+    if forward_mode == "one_forward" and reason:
+        raise ValueError(f"forward_mode='one_forward' is not possible here: {reason}; use 'auto' or 'two_pass'")
+    chosen = "two_pass" if reason else "one_forward"
+    key = (type(getattr(model, "active_peft_config", model)).__name__, chosen)
+    if forward_mode == "auto" and key not in _announced:
+        _announced.add(key)
+        why = reason or "LoRA: warm and pre-trained rows in one batch"
+        rank_zero_info(f"svd-lightning: {chosen.replace('_', '-')} path for steering ({why})")
+    return chosen
+
+
+def _adapter_rows(model, n: int) -> list[str]:
+    """peft's ``adapter_names`` for ``[warm rows; base rows]`` of ``n`` rows each."""
+    return [model.active_adapter] * n + [BASE_ROWS] * n
+
+
+def _twice(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t])
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -52,9 +123,14 @@ def _uses_virtual_tokens(model) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def _full_label_logits(model, ids, mask, labels) -> torch.Tensor:
+def _full_label_logits(model, ids, mask, labels, paired: bool = False) -> torch.Tensor:
+    """Logits at every labelled position; ``paired``: warm rows' then base rows' in one pass."""
+    extra = {}
+    if paired:
+        extra["adapter_names"] = _adapter_rows(model, ids.shape[0])
+        ids, mask, labels = _twice(ids), _twice(mask), _twice(labels)
     T = ids.shape[1]
-    logits = _real_logits(model(input_ids=ids, attention_mask=mask).logits, T)
+    logits = _real_logits(model(input_ids=ids, attention_mask=mask, **extra).logits, T)
     return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
 
 
@@ -97,32 +173,44 @@ class SharedPrompts:
         # Full-batch positions count from the row's first token; the answer follows its prompt.
         self.answer_positions = p_len[self.group].unsqueeze(1) + cols
 
-    def label_logits(self, model) -> torch.Tensor:
+    def label_logits(self, model, paired: bool = False) -> torch.Tensor:
+        """Logits at every labelled position; ``paired``: warm rows' then base rows' in one pass."""
+        prompt_ids, prompt_mask, group = self.prompt_ids, self.prompt_mask, self.group
+        answer_ids, answer_mask, positions, select = self.answer_ids, self.answer_mask, self.answer_positions, self.select
+        prompt_extra, answer_extra = {}, {}
+        if paired:
+            prompt_extra["adapter_names"] = _adapter_rows(model, prompt_ids.shape[0])
+            answer_extra["adapter_names"] = _adapter_rows(model, answer_ids.shape[0])
+            group = torch.cat([group, group + prompt_ids.shape[0]])  # base rows follow base prompts
+            prompt_ids, prompt_mask = _twice(prompt_ids), _twice(prompt_mask)
+            answer_ids, answer_mask, positions, select = map(_twice, (answer_ids, answer_mask, positions, select))
         out = model(
-            input_ids=self.prompt_ids,
-            attention_mask=self.prompt_mask,
-            position_ids=_positions(self.prompt_mask),
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=_positions(prompt_mask),
             use_cache=True,
+            **prompt_extra,
         )
         cache = out.past_key_values
-        cache.reorder_cache(self.group)  # index_select on the batch dim: one copy per row
-        last = out.logits[:, -1][self.group]  # predicts each row's first continuation token
+        cache.reorder_cache(group)  # index_select on the batch dim: one copy per row
+        last = out.logits[:, -1][group]  # predicts each row's first continuation token
         rest = model(
-            input_ids=self.answer_ids,
-            attention_mask=torch.cat([self.prompt_mask[self.group], self.answer_mask], dim=1),
-            position_ids=self.answer_positions,
+            input_ids=answer_ids,
+            attention_mask=torch.cat([prompt_mask[group], answer_mask], dim=1),
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
+            **answer_extra,
         ).logits
         aligned = torch.cat([last.unsqueeze(1), rest[:, :-1]], dim=1)
-        return aligned[self.select]
+        return aligned[select]
 
 
 @torch.no_grad()
 def paired_label_logits(
-    model, batch: dict, share_prompts: bool = True, with_base: bool = True
+    model, batch: dict, share_prompts: bool = True, with_base: bool = True, forward_mode: ForwardMode = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Warm and base logits at every labelled position: one forward pass per model for the batch.
+    """Warm and base logits at every labelled position of the batch (``forward_mode``: see the module doc).
 
     Returns ``(warm [M, V], base [M, V], labels [M], row [M])`` where ``row`` is the batch row of
     each of the M label tokens (``labels[:, t]`` is predicted by the logits at ``t - 1``).
@@ -140,11 +228,15 @@ def paired_label_logits(
         shared = SharedPrompts(ids, mask, labels)
         if not shared.usable or int(shared.group.max()) + 1 == ids.shape[0]:
             shared = None  # no prompt repeats: sharing saves nothing
-    label_logits = shared.label_logits if shared is not None else lambda m: _full_label_logits(m, ids, mask, labels)
-    warm, base = label_logits(model), None
-    if with_base:
-        with adapter_disabled(model):
-            base = label_logits(model)
+    label_logits = shared.label_logits if shared is not None else lambda m, paired=False: _full_label_logits(m, ids, mask, labels, paired)
+    if with_base and resolve_forward_mode(model, forward_mode) == "one_forward":
+        both = label_logits(model, paired=True)
+        warm, base = both.chunk(2)
+    else:
+        warm, base = label_logits(model), None
+        if with_base:
+            with adapter_disabled(model):
+                base = label_logits(model)
     for name, z in (("warm", warm), ("base", base)):
         if z is not None and not torch.isfinite(z).all():
             raise FloatingPointError(f"non-finite {name} logits in the forward pass (check dtype/precision)")
@@ -164,6 +256,7 @@ def score_choices(
     policy: ScoringPolicy = "mask_generation_only",
     floor: float = -20.0,
     share_prompts: bool = True,
+    forward_mode: ForwardMode = "auto",
 ) -> dict[str, torch.Tensor]:
     """Summed log-probability of each row's continuation under plain (warm), base and steered models.
 
@@ -171,7 +264,7 @@ def score_choices(
     ``num_tokens`` (divide for per-token length normalisation). Masked label tokens follow
     ``policy`` (see :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN.
     """
-    warm, base, y, row = paired_label_logits(model, batch, share_prompts)
+    warm, base, y, row = paired_label_logits(model, batch, share_prompts, forward_mode=forward_mode)
     n = batch["input_ids"].shape[0]
     gather = lambda lp: lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()  # noqa: E731
     out = {
@@ -190,8 +283,17 @@ def score_choices(
 # Generation.
 
 
+def steered_next_log_probs(warm: torch.Tensor, base: torch.Tensor, mu: float, alpha: float, mask: bool = True) -> torch.Tensor:
+    """SVDecode's next-token log-probs from warm and base logits (−∞ on masked tokens, ``mask=False``: none)."""
+    delta, keep = steering_vector(warm.float(), base.float(), alpha)
+    if not mask:
+        keep = torch.ones_like(keep)
+    steered = (warm.float() + mu * masked_delta(delta, keep)).masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(steered, dim=-1)
+
+
 class SteeringLogitsProcessor(LogitsProcessor):
-    """Turns the warm model's next-token scores into SVDecode's steered log-probabilities.
+    """Two-pass path: turns the warm model's next-token scores into SVDecode's steered log-probs.
 
     Runs the pre-trained pass (adapter disabled) alongside ``generate`` with its own KV cache: the
     first call encodes the prompt, later calls feed only the newest token. Rows reordered by beam
@@ -243,22 +345,116 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.attn = self.attn[parent]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        base = self.base_next_logits(input_ids)
-        warm = scores.float()
-        delta, keep = steering_vector(warm, base, self.alpha)
-        if not self.mask:
-            keep = torch.ones_like(keep)
-        steered = (warm + self.mu * masked_delta(delta, keep)).masked_fill(~keep, float("-inf"))
-        return torch.log_softmax(steered, dim=-1)
+        return steered_next_log_probs(scores, self.base_next_logits(input_ids), self.mu, self.alpha, self.mask)
 
 
-def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mu: float, alpha: float = 0.1, mask: bool = True, **generate_kwargs) -> torch.Tensor:
-    """``model.generate`` with SVDecode; all of transformers' decoding options apply on top."""
-    processor = SteeringLogitsProcessor(model, mu, alpha, attention_mask=attention_mask, mask=mask)
-    extra = generate_kwargs.pop("logits_processor", None) or []
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        logits_processor=LogitsProcessorList([processor, *extra]),
-        **generate_kwargs,
+class PairedSteeringLogitsProcessor(LogitsProcessor):
+    """One-forward path: rows ``[warm; base]`` of one batch; both halves get the steered log-probs.
+
+    Identical scores in both halves make greedy and beam search pick the same tokens for both, so
+    the base rows always see the warm rows' prefix. Later user processors see only the warm half.
+    """
+
+    def __init__(self, mu: float, alpha: float = 0.1, mask: bool = True, then: list | None = None):
+        self.mu, self.alpha, self.mask, self.then = float(mu), alpha, mask, list(then or [])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        warm, base = scores.chunk(2)
+        out = steered_next_log_probs(warm, base, self.mu, self.alpha, self.mask)
+        warm_ids = input_ids[: warm.shape[0]]
+        for processor in self.then:
+            out = processor(warm_ids, out)
+        return _twice(out)
+
+
+class PairedSampler(LogitsProcessor):
+    """Draws the next token once per warm row (after the sampling warpers) and forces it on both halves.
+
+    It consumes the global RNG exactly as ``generate``'s own sampling does for the warm rows alone,
+    so a seeded one-forward run samples the same tokens as the two-pass path.
+    """
+
+    def __init__(self, warpers: list):
+        self.warpers = warpers
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        warm = scores[: scores.shape[0] // 2]
+        warm_ids = input_ids[: warm.shape[0]]
+        for warper in self.warpers:
+            warm = warper(warm_ids, warm)
+        token = torch.multinomial(torch.softmax(warm, dim=-1), num_samples=1)
+        forced = torch.full_like(warm, float("-inf")).scatter(-1, token, 0.0)
+        return _twice(forced)
+
+
+def _sampling_warpers(config) -> tuple[list, str | None]:
+    """transformers' sampling warpers for ``config`` in ``generate``'s order, or why we cannot mirror them."""
+    unsupported = [k for k in ("top_h", "epsilon_cutoff", "eta_cutoff") if getattr(config, k, None) not in (None, 0.0)]
+    if unsupported:
+        return [], f"sampling option(s) {unsupported} are only applied by generate itself"
+    warpers = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p))
+    if config.min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=config.min_p))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(mass=config.typical_p))
+    return warpers, None
+
+
+def _first_half(out):
+    """The warm rows of ``generate``'s output (a tensor or a ``GenerateOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return out[: out.shape[0] // 2]
+    halved = {}
+    for key, value in out.items():
+        if key == "past_key_values":
+            continue
+        if isinstance(value, torch.Tensor):
+            halved[key] = value[: value.shape[0] // 2]
+        elif isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+            halved[key] = tuple(v[: v.shape[0] // 2] for v in value)
+        else:
+            halved[key] = value
+    return type(out)(**halved)
+
+
+def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mu: float, alpha: float = 0.1,
+                     mask: bool = True, forward_mode: ForwardMode = "auto", **generate_kwargs):
+    """``model.generate`` with SVDecode; all of transformers' decoding options apply on top.
+
+    Sampling options (temperature, top-k, top-p, …) act on the steered distribution. The one-forward
+    path covers greedy, beam search and sampling (also with ``num_return_sequences``); beam
+    *sampling* and generate-only warpers (top-h, ε/η cutoffs) use the two-pass path. Processors that
+    ``generate`` adds itself (e.g. a repetition penalty) see the base rows too on the one-forward path.
+    """
+    extra = list(generate_kwargs.pop("logits_processor", None) or [])
+    config = model.generation_config.__class__.from_dict({**model.generation_config.to_dict(), **generate_kwargs})
+    sample, beams = bool(config.do_sample), int(config.num_beams or 1)
+    warpers, unsupported = _sampling_warpers(config) if sample else ([], None)
+    if sample and beams > 1:
+        unsupported = "beam sampling draws per beam inside generate"
+    if resolve_forward_mode(model, forward_mode, unsupported) == "two_pass":
+        processor = SteeringLogitsProcessor(model, mu, alpha, attention_mask=attention_mask, mask=mask)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              logits_processor=LogitsProcessorList([processor, *extra]), **generate_kwargs)
+    kwargs = dict(generate_kwargs, num_beams=beams)  # peft repeats adapter_names per beam only when told
+    processors: list = [PairedSteeringLogitsProcessor(mu, alpha, mask, then=extra)]
+    if sample:
+        # generate would repeat rows for num_return_sequences but not peft's adapter_names: repeat first.
+        copies = int(kwargs.pop("num_return_sequences", None) or 1)
+        input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
+        processors.append(PairedSampler(warpers))
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None, min_p=None, typical_p=None)
+    out = model.generate(
+        input_ids=_twice(input_ids),
+        attention_mask=_twice(attention_mask),
+        adapter_names=_adapter_rows(model, input_ids.shape[0]),
+        logits_processor=LogitsProcessorList(processors),
+        **kwargs,
     )
+    return _first_half(out)

@@ -18,11 +18,11 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from svd_lightning import artifacts
 from svd_lightning.decoding import steered_generate
 from svd_lightning.models import load_causal_lm, load_tokenizer
+from svd_lightning.progress import progress_bar
 
 MODES = ("greedy", "sample", "beam")
 
@@ -66,7 +66,7 @@ def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: flo
     rows, side = [], tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
     try:
-        with tqdm(total=len(prompts), unit="prompt", desc=f"{mode} decoding", disable=not progress) as bar:
+        with progress_bar(f"{mode} decoding", len(prompts), "prompt", enabled=progress) as bar:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)

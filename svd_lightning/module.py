@@ -11,7 +11,7 @@ import torch
 
 from svd_lightning import artifacts
 from svd_lightning.batch import validate_choice_batch
-from svd_lightning.decoding import score_choices
+from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
 from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.steering import ScoringPolicy
@@ -37,6 +37,9 @@ class SteeringLM(L.LightningModule):
         reuse_strength: with ``run_dir``, take its μ̄; ``False`` re-solves μ̄ (e.g. with another
             strength option or α) on the calibration set during ``validate`` / ``test``.
         seed: seed of the adapter's initialisation.
+        forward_mode: how warm and pre-trained distributions are computed for calibration and
+            scoring: ``auto`` (one forward pass for both where the adapter allows it, i.e. LoRA;
+            the choice is logged), ``one_forward`` or ``two_pass`` (see :mod:`svd_lightning.decoding`).
     """
 
     def __init__(
@@ -54,10 +57,13 @@ class SteeringLM(L.LightningModule):
         run_dir: str | None = None,
         reuse_strength: bool = True,
         seed: int = 0,
+        forward_mode: ForwardMode = "auto",
     ):
         super().__init__()
         if adapter not in ADAPTER_METHODS:
             raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTER_METHODS}")
+        if forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.save_hyperparameters()
@@ -112,7 +118,7 @@ class SteeringLM(L.LightningModule):
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         validate_choice_batch(batch)
         h = self.hparams
-        return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor)
+        return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor, forward_mode=h.forward_mode)
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         try:

@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     L.seed_everything(0, verbose=False)
     dm = TruthfulQADataModule(
         path=args.data, instruction=False, batch_size=args.batch_size, train_batch_size=args.train_batch_size,
+        calib_batch_size=args.train_batch_size,
         max_length=128, limit_train=args.limit_train, limit_calib=args.limit_calib, limit_test=args.limit_test,
     )
     module = SteeringLM("tiny-random", adapter=args.adapter, learning_rate=args.learning_rate)

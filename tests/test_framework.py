@@ -206,8 +206,8 @@ def test_crash_during_calibration_keeps_previous_artifacts(tmp_path):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".json"}
     assert {"steering.json", "metrics.json"} <= set(before)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
-    dm = _CalibrationCrash(path=str(data), instruction=False, batch_size=2, train_batch_size=1, max_length=128,
-                           limit_train=8, limit_calib=4, limit_test=3)
+    dm = _CalibrationCrash(path=str(data), instruction=False, batch_size=2, train_batch_size=1, calib_batch_size=1,
+                           max_length=128, limit_train=8, limit_calib=4, limit_test=3)
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run", version=0)  # same run directory
     trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger)
     with pytest.raises(RuntimeError, match="killed during calibration"):

@@ -81,27 +81,37 @@ def test_steered_beam_search_matches_slow_reference(tokenizer, mu, early_stoppin
 
 
 class _CheckEveryRow(LogitsProcessor):
-    """Runs right after the steering processor: its scores must equal a slow recomputation per row."""
+    """Runs right after the steering processor and records its scores; :meth:`verify` then compares
+    them with a slow recomputation per row (after ``generate``: the one-forward path's per-row
+    adapter hooks are active inside it)."""
 
     def __init__(self, model, mask, mu):
-        self.model, self.mask, self.mu, self.calls = model, mask, mu, 0
+        self.model, self.mask, self.mu, self.seen = model, mask, mu, []
 
     def __call__(self, input_ids, scores):
-        rows = input_ids.shape[0]
-        prompt_mask = self.mask.repeat_interleave(rows // self.mask.shape[0], 0)
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, input_ids.shape[1] - prompt_mask.shape[1])], 1)
-        slow = _slow_steered_log_probs(self.model, input_ids, mask, self.mu)
-        torch.testing.assert_close(scores, slow, rtol=1e-5, atol=1e-5)  # also: −inf exactly where slow has −inf
-        self.calls += 1
+        self.seen.append((input_ids.clone(), scores.clone()))
         return scores
 
+    @property
+    def calls(self) -> int:
+        return len(self.seen)
 
+    def verify(self) -> None:
+        for input_ids, scores in self.seen:
+            rows = input_ids.shape[0]
+            prompt_mask = self.mask.repeat_interleave(rows // self.mask.shape[0], 0)
+            mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, input_ids.shape[1] - prompt_mask.shape[1])], 1)
+            slow = _slow_steered_log_probs(self.model, input_ids, mask, self.mu)
+            torch.testing.assert_close(scores, slow, rtol=1e-5, atol=1e-5)  # also: −inf exactly where slow has −inf
+
+
+@pytest.mark.parametrize("forward_mode", ["auto", "two_pass"])
 @pytest.mark.parametrize("kw", [
     dict(num_beams=4, num_return_sequences=2, early_stopping=True, do_sample=False),
     dict(num_beams=3, do_sample=True, top_k=10),
     dict(num_return_sequences=3, do_sample=True, temperature=0.9, top_k=20),
 ], ids=["beam-eos", "beam-sample", "sample-x3"])
-def test_processor_tracks_every_row(tokenizer, kw):
+def test_processor_tracks_every_row(tokenizer, kw, forward_mode):
     model = perturbed_lora(dtype=torch.float64)
     ids, mask = _left_padded(tokenizer, PROMPTS)
     # An EOS the steered model actually emits, so beams finish at different lengths.
@@ -109,10 +119,11 @@ def test_processor_tracks_every_row(tokenizer, kw):
                                pad_token_id=tokenizer.pad_token_id)[0, -1])
     check = _CheckEveryRow(model, mask, -2.0)
     run = lambda: steered_generate(model, ids, mask, mu=-2.0, max_new_tokens=8, logits_processor=[check],  # noqa: E731
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kw)
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, forward_mode=forward_mode, **kw)
     torch.manual_seed(0)
     out = run()
     assert check.calls > 1
+    check.verify()
     n_out = kw.get("num_return_sequences", 1)
     assert out.shape[0] == len(PROMPTS) * n_out
     assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(n_out, 0))

@@ -211,7 +211,9 @@ class ChoiceDataModule(L.LightningDataModule):
 
     Args:
         batch_size: questions per choice batch (val/test/predict); each question yields one row per choice.
-        train_batch_size: questions per LM batch (train/calib).
+        train_batch_size: questions per LM batch of the warm start.
+        calib_batch_size: questions per LM batch of the calibration pass. No gradients are kept there,
+            so it can be larger than ``train_batch_size``; μ̄ does not depend on it.
         max_length: token budget per row; longer prompts are cut from the left, the answer is kept.
         split: train/calib/test fractions of the questions (seeded).
         seed: seeds the split and the train shuffling.
@@ -223,6 +225,7 @@ class ChoiceDataModule(L.LightningDataModule):
         self,
         batch_size: int = 1,
         train_batch_size: int = 1,
+        calib_batch_size: int = 8,
         max_length: int = 512,
         split: tuple[float, float, float] = (0.6, 0.2, 0.2),
         seed: int = 0,
@@ -235,12 +238,14 @@ class ChoiceDataModule(L.LightningDataModule):
         split = tuple(float(f) for f in split)
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
             raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
-        sizes = {"batch_size": batch_size, "train_batch_size": train_batch_size, "max_length": max_length}
+        sizes = {"batch_size": batch_size, "train_batch_size": train_batch_size,
+                 "calib_batch_size": calib_batch_size, "max_length": max_length}
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.save_hyperparameters()
         self.batch_size, self.train_batch_size, self.max_length = batch_size, train_batch_size, max_length
+        self.calib_batch_size = calib_batch_size
         self.split, self.seed, self.num_workers = split, seed, num_workers
         self.limits = (limit_train, limit_calib, limit_test)
         self.tokenizer = None  # set by the user for standalone use; a trainer's module takes precedence
@@ -308,7 +313,7 @@ class ChoiceDataModule(L.LightningDataModule):
 
     def calib_dataloader(self) -> DataLoader:
         """Teacher-forced calib split; not a Lightning hook, our callbacks call it."""
-        return self._loader(self.calib_set, collate_lm, self.train_batch_size)
+        return self._loader(self.calib_set, collate_lm, self.calib_batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, collate_choices, self.batch_size)

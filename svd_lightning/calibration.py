@@ -1,0 +1,106 @@
+"""The calibration pass, with no Trainer: steering statistics of every calibration label token.
+
+:func:`calibrate` runs the warm and pre-trained models over teacher-forced prompt + answer batches
+and returns what every strength option needs (:class:`CalibrationResult`). The Lightning callbacks
+(:mod:`svd_lightning.callbacks`) are thin wrappers that pass in their rank's batches and the
+collectives of their strategy; ``benchmarks/`` call it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from svd_lightning.decoding import ForwardMode, paired_label_logits
+from svd_lightning.progress import track
+from svd_lightning.steering import (
+    ExactStrengthCache,
+    StrengthStats,
+    confidence_mask,
+    kl_from_log_probs,
+    steering_direction,
+    strength_terms,
+)
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # all-reduce (sum) across ranks
+Gather = Callable[[torch.Tensor], torch.Tensor]  # all-gather [k, n_rank] -> [k, Σ n]
+
+
+@dataclass
+class CalibrationResult:
+    """Sufficient statistics of the strength μ̄ and diagnostics of one calibration pass."""
+
+    stats: StrengthStats
+    cache: ExactStrengthCache  # this rank's tokens only (the exact solve all-reduces sums)
+    diagnostics: dict[str, float]
+    step: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@torch.no_grad()
+def calibrate(
+    model,
+    batches: Iterable[dict],
+    alpha: float,
+    *,
+    forward_mode: ForwardMode = "auto",
+    reduce: Reduce | None = None,
+    gather: Gather | None = None,
+    device: torch.device | str | None = None,
+    total: int | None = None,
+    progress: bool = True,
+    step: int = 0,
+) -> CalibrationResult:
+    """Steering statistics over ``batches`` (prompt + reference answer, see :mod:`svd_lightning.batch`).
+
+    ``alpha`` is the mask threshold the strength is solved with
+    (:func:`svd_lightning.steering.strength_alpha`). Under DDP, give each rank its own batches and
+    the strategy's ``reduce`` (sum) and ``gather`` (ragged all-gather): the result is then the same
+    on every rank as one process over all batches. The model is put in eval mode and restored.
+    """
+    reduce, gather = reduce or _identity, gather or _identity
+    device = device if device is not None else next(model.parameters()).device
+    stats, cache = StrengthStats(), ExactStrengthCache()
+    sums = torch.zeros(4, dtype=torch.float64)  # KL, kept tokens, ‖δz‖, positions
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(track(batches, "Calibration", total=total, unit="batch", enabled=progress)):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            try:
+                warm, base, labels, _ = paired_label_logits(model, batch, forward_mode=forward_mode)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"{err} -- calibration batch {i}") from err
+            # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
+            delta, lp_warm, lp_base = steering_direction(warm, base)
+            keep = confidence_mask(lp_warm, alpha)
+            stats.update(strength_terms(warm, delta, keep, labels))
+            cache.update(warm, delta, keep, labels)
+            sums += torch.stack([
+                kl_from_log_probs(lp_warm, lp_base).sum().double().cpu(),
+                keep.sum(-1).double().sum().cpu() / keep.shape[-1],
+                delta.norm(dim=-1).sum().double().cpu(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64),
+            ])
+    finally:
+        model.train(was_training)
+    sums = reduce(sums.to(device)).cpu()
+    stats = StrengthStats.from_tensor(gather(stats.to_tensor().to(device)).cpu())
+    positions = max(float(sums[3]), 1.0)
+    diagnostics = {
+        "kl_mean": float(sums[0]) / positions,
+        "kept_fraction": float(sums[1]) / positions,
+        "delta_norm_mean": float(sums[2]) / positions,
+        "tokens": float(sums[3]),
+        "usable_tokens": float(stats.count),
+    }
+    return CalibrationResult(stats, cache, diagnostics, step, time.perf_counter() - start)
