@@ -1,0 +1,120 @@
+"""The one-forward path (warm and base as rows of one batch) against the two-pass path, in fp64."""
+
+import pytest
+import torch
+from peft import IA3Config, PromptTuningConfig, get_peft_model
+
+from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices, collate_lm
+from svd_lightning.calibration import calibrate
+from svd_lightning.decoding import paired_label_logits, resolve_forward_mode, score_choices, steered_generate
+from svd_lightning.tiny import tiny_model_and_tokenizer
+
+from conftest import left_padded, perturbed_lora
+
+PROMPTS = ["Q: What is the capital of France? A:", "Q: What happens if you eat a pomegranate?\nA:", "Yes"]
+EXAMPLES = [
+    ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0,
+                  answer=" Paris"),
+    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green on most days"], [True, False], 1, answer=" Yes"),
+    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes it is"], [True], 2, answer=" Yes it is"),
+    ChoiceExample("Q: What happens if you eat a pomegranate?\nA:", [" Nothing in particular happens.", " You will die."],
+                  [True, False], 3, answer=" Nothing in particular happens."),
+]
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return perturbed_lora(dtype=torch.float64)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_scoring_logits_match_two_pass(tokenizer, model64, share):
+    batch = collate_choices(EXAMPLES, Tokenized(tokenizer, 64))  # right padded rows of different lengths
+    one = paired_label_logits(model64, batch, share_prompts=share, forward_mode="one_forward")
+    two = paired_label_logits(model64, batch, share_prompts=share, forward_mode="two_pass")
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert not torch.allclose(one[0], one[1]), "warm and base must differ on this model"
+    s1 = score_choices(model64, batch, mu=-1.5, forward_mode="one_forward")
+    s2 = score_choices(model64, batch, mu=-1.5, forward_mode="two_pass")
+    for k in s2:
+        torch.testing.assert_close(s1[k], s2[k], rtol=0, atol=1e-10)
+
+
+def _calibration(model, tokenizer, batch_size, mode):
+    tok = Tokenized(tokenizer, 64)
+    batches = [collate_lm(EXAMPLES[i : i + batch_size], tok) for i in range(0, len(EXAMPLES), batch_size)]
+    result = calibrate(model, batches, 0.1, forward_mode=mode, progress=False)
+    return {**result.stats.summary(), "exact": result.cache.solve()}, result.diagnostics
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_calibration_mu_matches_two_pass(tokenizer, model64, batch_size):
+    one, diag_one = _calibration(model64, tokenizer, batch_size, "one_forward")
+    two, diag_two = _calibration(model64, tokenizer, batch_size, "two_pass")
+    assert diag_one["usable_tokens"] > 0
+    for key in two:
+        assert one[key] == pytest.approx(two[key], rel=1e-10, abs=1e-10), key
+    for key in diag_two:
+        assert diag_one[key] == pytest.approx(diag_two[key], rel=1e-10, abs=1e-12), key
+
+
+def test_batched_calibration_gives_the_same_mu(tokenizer):
+    """Padding in larger calibration batches changes no μ̄ (fp32, the default dtype)."""
+    model = perturbed_lora()
+    single, _ = _calibration(model, tokenizer, 1, "auto")
+    batched, _ = _calibration(model, tokenizer, 4, "auto")
+    for key in single:
+        assert batched[key] == pytest.approx(single[key], rel=1e-6, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kw", [
+    dict(do_sample=False),
+    dict(num_beams=3, num_return_sequences=3, do_sample=False, length_penalty=1.0),
+    dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95),
+    dict(do_sample=True, num_return_sequences=2, min_p=0.05),
+], ids=["greedy", "beam", "sample", "sample-x2"])
+@pytest.mark.parametrize("mu", [-2.0, 3.0])
+def test_generation_tokens_match_two_pass(tokenizer, model64, kw, mu):
+    ids, mask = left_padded(tokenizer, PROMPTS)  # rows of different lengths: left padding
+    out = {}
+    for mode in ("one_forward", "two_pass"):
+        torch.manual_seed(7)
+        out[mode] = steered_generate(model64, ids, mask, mu=mu, max_new_tokens=10, forward_mode=mode,
+                                     pad_token_id=tokenizer.pad_token_id, **kw)
+    assert torch.equal(out["one_forward"], out["two_pass"])
+    plain = model64.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    assert out["one_forward"].shape[1] > ids.shape[1]
+    if kw == dict(do_sample=False):
+        assert not torch.equal(plain, out["one_forward"]), "steering should change some token on this model"
+
+
+def test_beam_scores_match_two_pass(tokenizer, model64):
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    kw = dict(num_beams=4, num_return_sequences=2, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id,
+              return_dict_in_generate=True, output_scores=True)
+    one = steered_generate(model64, ids, mask, mu=-1.0, forward_mode="one_forward", **kw)
+    two = steered_generate(model64, ids, mask, mu=-1.0, forward_mode="two_pass", **kw)
+    assert torch.equal(one.sequences, two.sequences)
+    torch.testing.assert_close(one.sequences_scores, two.sequences_scores, rtol=0, atol=1e-10)
+
+
+def test_auto_picks_two_pass_where_peft_cannot_mix_rows(tokenizer):
+    base, _ = tiny_model_and_tokenizer(0)
+    ia3 = get_peft_model(base, IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"])).eval()
+    assert resolve_forward_mode(ia3, "auto") == "two_pass"
+    with pytest.raises(ValueError, match="LoRA only, not ia3"):
+        resolve_forward_mode(ia3, "one_forward")
+    prompt = get_peft_model(tiny_model_and_tokenizer(0)[0], PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    assert resolve_forward_mode(prompt, "auto") == "two_pass"
+    lora = perturbed_lora()
+    assert resolve_forward_mode(lora, "auto") == "one_forward"
+    assert resolve_forward_mode(lora.train(), "auto") == "two_pass"  # peft refuses per-row adapters in training
+    with pytest.raises(ValueError, match="forward_mode must be one of"):
+        resolve_forward_mode(lora, "fast")
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    with pytest.raises(ValueError, match="beam sampling"):
+        steered_generate(lora.eval(), ids, mask, mu=1.0, forward_mode="one_forward", num_beams=2, do_sample=True,
+                         max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)
