@@ -1,0 +1,249 @@
+"""What steering costs: plain vs steered scoring and generation, calibration vs a warm-start epoch.
+
+Every measurement runs in this one process, interleaved (each repeat runs every variant once, in
+the same order), so drift on a shared machine hits all variants alike. Ratios are taken within a
+repeat and reported as median [min, max] over repeats. Steered variants run both paths:
+``two_pass`` (a second forward with the adapter disabled) and ``one_forward`` (warm and base rows
+in one batch; LoRA only). Peak memory is the extra over the state before each call: CUDA's
+allocator peak on GPU, the process RSS sampled every 2 ms on CPU.
+
+    python benchmarks/cost.py                                   # SmolLM2-135M, the machine's precision
+    python benchmarks/cost.py --model tiny-random --repeats 3   # seconds; a smoke test
+    python benchmarks/cost.py --device cuda                     # on a GPU (bf16 where it has it)
+
+Scoring and calibration use the demo's TruthfulQA prompt (instruction + six-shot primer) and batch
+sizes; generation uses zero-shot prompts (``Q: …\\nA:``), greedy, exactly ``--new-tokens`` tokens.
+Calibration vs warm start is extrapolated to the demo's split sizes (490 train questions at batch 1,
+163 calibration questions) from the measured time per question of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from svd_lightning.batch import collate_lm
+from svd_lightning.calibration import calibrate
+from svd_lightning.data import TruthfulQADataModule
+from svd_lightning.decoding import paired_label_logits, score_choices, steered_generate
+from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
+from svd_lightning.precision import describe_cpu, resolve_precision
+from svd_lightning.steering import log_probs
+
+ROOT = Path(__file__).resolve().parent
+DEMO_TRAIN, DEMO_CALIB = 490, 163  # the demo's 60/20 split of 817 TruthfulQA questions
+PATHS = ("two_pass", "one_forward")
+
+
+class PeakMemory:
+    """Extra peak memory (MB) of the code inside the ``with`` block."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.extra_mb = device, 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.before = self.peak = self._rss_mb()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss_mb())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.extra_mb = torch.cuda.max_memory_allocated() / 2**20 - self.before
+        else:
+            self.running = False
+            self.thread.join()
+            self.extra_mb = max(self.peak, self._rss_mb()) - self.before
+
+
+def timed(device, fn) -> tuple[float, float]:
+    """(seconds, extra peak MB) of ``fn()``."""
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, mem.extra_mb
+
+
+def build(args):
+    device = torch.device(args.device)
+    precision, why = resolve_precision(args.precision, "gpu" if device.type == "cuda" else "cpu")
+    tok = load_tokenizer(args.model)
+    model = apply_adapter(load_causal_lm(args.model), "lora").to(device)
+    with torch.no_grad():  # a trained-looking adapter: B = 0 would make warm == base
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.01)
+    dm = TruthfulQADataModule(batch_size=1, train_batch_size=1, calib_batch_size=args.calib_batch_size, max_length=512,
+                              limit_train=args.train_steps, limit_calib=args.calib_questions, limit_test=args.score_questions)
+    dm.tokenizer = tok
+    dm.setup()
+    zero_shot = [f"Q: {ex.prompt.rsplit('Q: ', 1)[-1]}" for ex in dm.test_set + dm.calib_set + dm.train_set]
+    return device, precision, why, tok, model, dm, zero_shot
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def run(args) -> dict:
+    device, precision, why, tok, model, dm, zero_shot = build(args)
+    print(f"precision {precision} ({why}); device {device}; {describe_cpu()}; threads {torch.get_num_threads()}", flush=True)
+    to_dev = lambda b: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}  # noqa: E731
+    score_batches = [to_dev(b) for b in dm.test_dataloader()]
+    calib_batches = {bs: [to_dev(collate_lm(dm.calib_set[i : i + bs], dm.tokenized)) for i in range(0, len(dm.calib_set), bs)]
+                     for bs in sorted({1, args.calib_batch_size})}
+    train_batches = [to_dev(b) for b in dm.train_dataloader()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-5)
+
+    @torch.no_grad()
+    def score(variant):
+        for b in score_batches:
+            if variant == "plain":
+                warm, _, y, _ = paired_label_logits(model, b, with_base=False)
+                log_probs(warm).gather(-1, y[:, None])
+            else:
+                score_choices(model, b, mu=-1.0, forward_mode=variant)
+
+    def generate(variant, bs):
+        prompts = zero_shot[:bs]
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+        kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            if variant == "plain":
+                model.generate(**enc, **kw)
+            else:
+                steered_generate(model, enc["input_ids"], enc["attention_mask"], mu=-1.0, forward_mode=variant, **kw)
+
+    def train_epoch():
+        model.train()
+        for b in train_batches:
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+
+    def calibration(variant, bs):
+        calibrate(model, calib_batches[bs], 0.1, forward_mode=variant, progress=False)
+
+    jobs = {("score", v): (lambda v=v: score(v)) for v in ("plain", *PATHS)}
+    for bs in args.gen_batch_sizes:
+        jobs.update({(f"generate_b{bs}", v): (lambda v=v, bs=bs: generate(v, bs)) for v in ("plain", *PATHS)})
+    jobs[("warm_start", "train")] = train_epoch
+    for bs in calib_batches:
+        jobs.update({(f"calibration_b{bs}", v): (lambda v=v, bs=bs: calibration(v, bs)) for v in PATHS})
+
+    model.eval()
+    with autocast(device, precision):
+        for key, fn in jobs.items():  # warm-up: first calls allocate caches and pick kernels
+            if key[0] not in ("warm_start",):
+                fn()
+        samples = {key: [] for key in jobs}
+        for r in range(args.repeats):
+            for key, fn in jobs.items():
+                samples[key].append(timed(device, fn))
+            print(f"repeat {r + 1}/{args.repeats} done", flush=True)
+    return summarise(args, samples, device, precision, why, dm)
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+
+def summarise(args, samples, device, precision, why, dm) -> dict:
+    rows = []
+    for (task, variant), runs in samples.items():
+        seconds = [s for s, _ in runs]
+        row = {"task": task, "variant": variant, "seconds": _spread(seconds), "peak_extra_mb": max(m for _, m in runs)}
+        if variant in PATHS and (task, "plain") in samples:
+            plain = [s for s, _ in samples[(task, "plain")]]
+            row["ratio_vs_plain"] = _spread([s / p for s, p in zip(seconds, plain)])
+        if task.startswith("calibration"):
+            train = [s for s, _ in samples[("warm_start", "train")]]
+            per_q_calib = [s / len(dm.calib_set) for s in seconds]
+            per_q_train = [s / len(dm.train_set) for s in train]
+            row["ratio_vs_demo_epoch"] = _spread([c * DEMO_CALIB / (t * DEMO_TRAIN) for c, t in zip(per_q_calib, per_q_train)])
+        rows.append(row)
+    return {
+        "model": args.model, "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else describe_cpu(),
+        "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "precision": precision, "precision_reason": why, "repeats": args.repeats,
+        "sizes": {"score_questions": len(dm.test_set), "score_rows": sum(len(ex.choices) for ex in dm.test_set),
+                  "calib_questions": len(dm.calib_set), "train_steps": len(dm.train_set), "new_tokens": args.new_tokens,
+                  "gen_batch_sizes": args.gen_batch_sizes, "calib_batch_size": args.calib_batch_size},
+        "rows": rows,
+    }
+
+
+def table(result: dict) -> str:
+    fmt = lambda d: f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"  # noqa: E731
+    lines = [f"{result['model']} on {result['device_name']}, {result['precision']}, {result['threads']} threads, "
+             f"{result['repeats']} repeats: median [min, max]",
+             f"{'task':<16}{'variant':<13}{'seconds':>24}{'× plain':>24}{'× demo epoch':>24}{'peak +MB':>10}"]
+    for r in result["rows"]:
+        ratio = fmt(r["ratio_vs_plain"]) if "ratio_vs_plain" in r else "-"
+        epoch = fmt(r["ratio_vs_demo_epoch"]) if "ratio_vs_demo_epoch" in r else "-"
+        lines.append(f"{r['task']:<16}{r['variant']:<13}{fmt(r['seconds']):>24}{ratio:>24}{epoch:>24}{r['peak_extra_mb']:>10.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="auto", help="auto (what the machine runs fast), 32-true or bf16-mixed")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--score-questions", type=int, default=8)
+    ap.add_argument("--calib-questions", type=int, default=16)
+    ap.add_argument("--calib-batch-size", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=16, help="warm-start questions timed (batch 1)")
+    ap.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default=None, help="JSON path (default: results/cost_<model>_<device>.json)")
+    args = ap.parse_args(argv)
+    result = run(args)
+    out = Path(args.out or ROOT / "results" / f"cost_{args.model}_{torch.device(args.device).type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(table(result))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
