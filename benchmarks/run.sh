@@ -11,7 +11,7 @@ first=$!
 GRID_THREADS=1 $py benchmarks/grid.py "$@"
 wait "$first"
 $py benchmarks/report.py
-$py benchmarks/scoring_cost.py --questions 12
+$py benchmarks/cost.py   # plain vs steered cost, both paths (README, 'Cost')
 # open-ended generation needs the demo's run directory (bash scripts/demo.sh)
 run=$(ls -d runs/truthfulqa-lora/version_* 2>/dev/null | tail -1 || true)
 if [ -n "$run" ]; then $py benchmarks/open_generation.py --run-dir "$run" --limit 163; fi

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from svd_lightning import artifacts
-from svd_lightning.decoding import steered_generate
+from svd_lightning.decoding import FORWARD_MODES, ForwardMode, steered_generate
 from svd_lightning.models import load_causal_lm, load_tokenizer
 from svd_lightning.progress import progress_bar
 
@@ -60,7 +60,8 @@ def decoding_kwargs(mode: str = "greedy", max_new_tokens: int = 64, num_beams: i
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: float, mode: str = "greedy", *,
-                     batch_size: int = 8, seed: int = 0, mask: bool = True, progress: bool = True, **kw) -> list[dict]:
+                     batch_size: int = 8, seed: int = 0, mask: bool = True, progress: bool = True,
+                     forward_mode: ForwardMode = "auto", **kw) -> list[dict]:
     """Plain and steered continuations of ``prompts`` (left-padded batches); ``kw`` go to :func:`decoding_kwargs`."""
     gen = dict(decoding_kwargs(mode, **kw), pad_token_id=tokenizer.pad_token_id)
     rows, side = [], tokenizer.padding_side
@@ -73,7 +74,8 @@ def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: flo
                 torch.manual_seed(seed + start)
                 plain = model.generate(**enc, **gen)
                 torch.manual_seed(seed + start)
-                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], mu, alpha, mask, **gen)
+                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], mu, alpha, mask,
+                                           forward_mode=forward_mode, **gen)
                 n = enc["input_ids"].shape[1]
                 decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731
                 for p, a, b in zip(chunk, decode(plain), decode(steered)):
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     parser.add_argument("--mu", type=float, help="steering strength (default: μ̄ from steering.json)")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto",
+                        help="auto: warm and pre-trained rows in one forward pass where the adapter allows (LoRA)")
     args = parser.parse_args(argv)
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     model, tokenizer, steering = load_run(args.run_dir)
     mu = steering["mu"] if args.mu is None else args.mu
     rows = generate_answers(model, tokenizer, prompts, mu, steering["alpha"], args.mode, batch_size=args.batch_size,
-                            seed=args.seed, mask=steering.get("scoring_policy") != "none", **options)
+                            seed=args.seed, mask=steering.get("scoring_policy") != "none",
+                            forward_mode=args.forward_mode, **options)
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, mu={mu:+.4g}, alpha={steering['alpha']})")
 

@@ -1,6 +1,7 @@
 """The benchmark scripts' own math: the grid's fast variant scores equal the package's functions."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -96,3 +97,22 @@ def test_report_uses_plain_only_epoch_as_plus_one_baseline(tmp_path):
     methods = report.methods_for(cells, ("t", "lora", 1), "acc", plus_one)
     (variant, src, own), = methods["warm start +1 epoch"]
     assert variant == "plain" and src is plus_one[("t", "lora", 2)][0] and own is cells[("t", "lora", 1)][0]
+
+
+def test_cost_benchmark_runs_both_paths_and_reports_spread(tmp_path):
+    """benchmarks/cost.py on the tiny model: every task, both paths, ratios as median [min, max]."""
+    cost = _load("cost")
+    out = tmp_path / "cost.json"
+    cost.main(["--model", "tiny-random", "--repeats", "2", "--score-questions", "2", "--calib-questions", "4",
+               "--calib-batch-size", "2", "--train-steps", "2", "--gen-batch-sizes", "1", "2", "--new-tokens", "4",
+               "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {(r["task"], r["variant"]): r for r in result["rows"]}
+    for task in ("score", "generate_b1", "generate_b2", "calibration_b1", "calibration_b2"):
+        for path in ("two_pass", "one_forward"):
+            row = rows[(task, path)]
+            assert len(row["seconds"]["all"]) == 2
+            assert row["seconds"]["min"] <= row["seconds"]["median"] <= row["seconds"]["max"]
+            ratio = row.get("ratio_vs_plain") or row["ratio_vs_demo_epoch"]
+            assert ratio["min"] > 0
+    assert result["precision"] in ("32-true", "bf16-mixed") and "oneDNN bf16" in result["device_name"]
