@@ -5,7 +5,7 @@ the same order), so drift on a shared machine hits all variants alike. Ratios ar
 repeat and reported as median [min, max] over repeats. Steered variants run both paths:
 ``two_pass`` (a second forward with the adapter disabled) and ``one_forward`` (warm and base rows
 in one batch; LoRA only). Peak memory is the extra over the state before each call: CUDA's
-allocator peak on GPU, the process RSS sampled every 2 ms on CPU.
+allocator peak on GPU, the process's resettable RSS high-water mark on CPU (Linux).
 
     python benchmarks/cost.py                                   # SmolLM2-135M, the machine's precision
     python benchmarks/cost.py --model tiny-random --repeats 3   # seconds; a smoke test
@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -45,41 +43,43 @@ PATHS = ("two_pass", "one_forward")
 
 
 class PeakMemory:
-    """Extra peak memory (MB) of the code inside the ``with`` block."""
+    """Extra peak memory (MB) of the code inside the ``with`` block.
+
+    CPU: Linux's resettable RSS high-water mark (``/proc/self/clear_refs``), read before and after,
+    with no sampling thread (a third thread on 2 cores would slow the very code it measures).
+    """
 
     def __init__(self, device: torch.device):
-        self.device, self.extra_mb = device, 0.0
+        self.device, self.extra_mb = device, float("nan")
 
     @staticmethod
-    def _rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    def _status_mb(field: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        raise OSError(f"no {field} in /proc/self/status")
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.before = self.peak = self._rss_mb()
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current RSS
+            self.before = self._status_mb("VmRSS")
+        except OSError:
+            self.before = None  # not Linux, or not allowed: no memory figure
         return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self._rss_mb())
-            time.sleep(0.002)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.extra_mb = torch.cuda.max_memory_allocated() / 2**20 - self.before
-        else:
-            self.running = False
-            self.thread.join()
-            self.extra_mb = max(self.peak, self._rss_mb()) - self.before
+        elif self.before is not None:
+            self.extra_mb = self._status_mb("VmHWM") - self.before
 
 
 def timed(device, fn) -> tuple[float, float]:
@@ -169,12 +169,13 @@ def run(args) -> dict:
     with autocast(device, precision):
         for key, fn in jobs.items():  # warm-up: first calls allocate caches and pick kernels
             if key[0] not in ("warm_start",):
-                fn()
+                print(f"warm-up {key[0]} {key[1]}: {timed(device, fn)[0]:.2f} s", flush=True)
         samples = {key: [] for key in jobs}
         for r in range(args.repeats):
             for key, fn in jobs.items():
                 samples[key].append(timed(device, fn))
-            print(f"repeat {r + 1}/{args.repeats} done", flush=True)
+            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k[0]}/{k[1]} {v[-1][0]:.2f}s" for k, v in samples.items()),
+                  flush=True)
     return summarise(args, samples, device, precision, why, dm)
 
 
@@ -186,7 +187,7 @@ def summarise(args, samples, device, precision, why, dm) -> dict:
     rows = []
     for (task, variant), runs in samples.items():
         seconds = [s for s, _ in runs]
-        row = {"task": task, "variant": variant, "seconds": _spread(seconds), "peak_extra_mb": max(m for _, m in runs)}
+        row = {"task": task, "variant": variant, "seconds": _spread(seconds), "peak_extra_mb": max(m for _, m in runs)}  # NaN where unmeasurable
         if variant in PATHS and (task, "plain") in samples:
             plain = [s for s, _ in samples[(task, "plain")]]
             row["ratio_vs_plain"] = _spread([s / p for s, p in zip(seconds, plain)])

@@ -1,5 +1,8 @@
 """svd-lightning: Steering Vector Decoding (SVDecode) for PyTorch Lightning."""
 
+from svd_lightning.api import SteeredModel
+from svd_lightning.calibration import CalibrationResult, calibrate
+
 from svd_lightning.steering import (
     ExactStrengthCache,
     StrengthStats,
@@ -10,6 +13,9 @@ from svd_lightning.steering import (
 )
 
 __all__ = [
+    "CalibrationResult",
+    "SteeredModel",
+    "calibrate",
     "ExactStrengthCache",
     "StrengthStats",
     "steer",

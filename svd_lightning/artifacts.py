@@ -66,13 +66,6 @@ def save_adapter(model, run_dir: str | Path) -> Path:
     return final
 
 
-def read_steering(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / STEERING_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished svd-lightning run directory?")
-    return json.loads(path.read_text())
-
-
 def tokenizer_hash(tokenizer) -> str:
     """A short fingerprint of the vocabulary, to catch a run reused with another tokenizer."""
     vocab = sorted(tokenizer.get_vocab().items())

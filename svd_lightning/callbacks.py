@@ -7,6 +7,7 @@
   identity or Fisher curvature), set on the module, logged, and written to ``steering.json``.
 * :class:`SteeredValidation` -- prints the plain / base / steered table and writes ``metrics.json``.
 * :class:`LogitSnapshot` -- saves top-k pre-trained and warm-started logits of a probe batch.
+* :class:`ScoreWriter` -- ``predict`` writes every question's plain / base / steered scores (JSONL).
 
 Lightning validates *before* ``on_train_epoch_end``, so extraction and solving also run at
 ``on_validation_start`` whenever the weights changed since the last solve: the steered
@@ -16,17 +17,20 @@ validation of epoch k always uses the μ̄ of epoch k. No nested Trainer is star
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning import artifacts
 from svd_lightning.calibration import CalibrationResult, calibrate
 from svd_lightning.decoding import paired_label_logits
+from svd_lightning.run import SteeringRun, write_run
 from svd_lightning.steering import Aggregate, Curvature, strength_alpha
 
 
@@ -191,19 +195,23 @@ class StrengthSolver(L.Callback):
         return mu
 
     def _write(self, trainer, pl_module) -> None:
-        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
-        if not trainer.is_global_zero or not log_dir:
-            return
+        """Hand the run to the module (``fit`` writes it after the adapter, at the end); a μ̄
+        re-solved in validate/test is written now, with a copy of the adapter, as a run of its own."""
         h = pl_module.hparams
-        payload = {
-            **self.solution,
-            "model": h.model,
-            "adapter": h.adapter,
-            "adapter_options": h.adapter_options,
-            "tokenizer_sha256": artifacts.tokenizer_hash(pl_module.tokenizer),
-            "hparams": dict(h),
-        }
-        artifacts.write_json(Path(log_dir) / artifacts.STEERING_FILE, payload)
+        sol = self.solution
+        pl_module.steering_run = SteeringRun(
+            model=h.model, adapter=h.adapter, mu=sol["mu"], alpha=h.alpha, scoring_policy=h.scoring_policy,
+            floor=h.floor, strength=self.strength, curvature=self.curvature, trim=self.trim,
+            adapter_options=h.adapter_options, tokenizer_sha256=artifacts.tokenizer_hash(pl_module.tokenizer),
+            aggregates=sol["aggregates"], diagnostics=sol["diagnostics"],
+            calibration_seconds=sol["calibration_seconds"], global_step=sol["global_step"], hparams=dict(h),
+        )
+        if trainer.state.fn == "fit":
+            return
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
+        if trainer.is_global_zero and log_dir:
+            write_run(pl_module.model, pl_module.steering_run, log_dir)
+            rank_zero_info(f"svd-lightning: re-solved μ̄ written as a run to {Path(log_dir).resolve()}")
 
     def _needs_solve(self, trainer, pl_module) -> bool:
         if trainer.sanity_checking:
@@ -310,3 +318,35 @@ class LogitSnapshot(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._snapshot(trainer, pl_module, f"warm_epoch{trainer.current_epoch}")
+
+
+class ScoreWriter(BasePredictionWriter):
+    """``predict``: one JSON line per question with every choice's plain / base / steered log-likelihood.
+
+    Args:
+        out: the JSONL file (default: ``predictions.jsonl`` in the run's log directory). It is written
+            once, atomically, at the end: a crash leaves the previous file, never half of one.
+    """
+
+    def __init__(self, out: str | None = None):
+        super().__init__(write_interval="batch")
+        self.out = out
+        self.rows: dict[int, dict] = {}
+
+    def on_predict_start(self, trainer, pl_module):
+        self.rows = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        columns = {k: v.tolist() for k, v in prediction.items() if isinstance(v, torch.Tensor)}
+        for i, q in enumerate(columns["question_index"]):
+            row = self.rows.setdefault(q, {"question_index": q, "choices": []})
+            row["choices"].append({k: columns[k][i] for k in columns if k not in ("question_index",)})
+
+    def on_predict_end(self, trainer, pl_module):
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
+        if trainer.world_size > 1:
+            raise NotImplementedError("ScoreWriter writes from one process; run predict with devices=1")
+        path = Path(self.out) if self.out else Path(log_dir or ".") / "predictions.jsonl"
+        text = "".join(json.dumps({**row, "mu": pl_module.mu}) + "\n" for _, row in sorted(self.rows.items()))
+        artifacts.atomic_write_text(path, text)
+        rank_zero_info(f"svd-lightning: wrote {len(self.rows)} questions' scores to {path.resolve()}")

@@ -6,9 +6,10 @@ import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from svd_lightning.callbacks import ScoreWriter
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import resolve_precision
 from svd_lightning.progress import LogProgressBar, stderr_is_terminal
@@ -29,6 +30,8 @@ class SteeringCLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not stderr_is_terminal() and not any(isinstance(c, ProgressBar) for c in callbacks):
             extra.append(LogProgressBar())
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            extra.append(ScoreWriter())  # predict writes its scores into the run directory
         return self._instantiate_trainer({**config, "precision": precision}, extra)
 
 

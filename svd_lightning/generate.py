@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from svd_lightning import artifacts
 from svd_lightning.decoding import FORWARD_MODES, ForwardMode, steered_generate
 from svd_lightning.models import load_causal_lm, load_tokenizer
 from svd_lightning.progress import progress_bar
+from svd_lightning.run import ADAPTER_DIR, SteeringRun
 
 MODES = ("greedy", "sample", "beam")
 
@@ -61,8 +63,11 @@ def decoding_kwargs(mode: str = "greedy", max_new_tokens: int = 64, num_beams: i
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: float, mode: str = "greedy", *,
                      batch_size: int = 8, seed: int = 0, mask: bool = True, progress: bool = True,
-                     forward_mode: ForwardMode = "auto", **kw) -> list[dict]:
-    """Plain and steered continuations of ``prompts`` (left-padded batches); ``kw`` go to :func:`decoding_kwargs`."""
+                     forward_mode: ForwardMode = "auto", with_plain: bool = True, **kw) -> list[dict]:
+    """Plain and steered continuations of ``prompts`` (left-padded batches); ``kw`` go to :func:`decoding_kwargs`.
+
+    ``with_plain=False`` skips the warm model's own answer (``plain`` is then None).
+    """
     gen = dict(decoding_kwargs(mode, **kw), pad_token_id=tokenizer.pad_token_id)
     rows, side = [], tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
@@ -72,13 +77,13 @@ def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: flo
                 chunk = prompts[start : start + batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
                 torch.manual_seed(seed + start)
-                plain = model.generate(**enc, **gen)
+                plain = model.generate(**enc, **gen) if with_plain else None
                 torch.manual_seed(seed + start)
                 steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], mu, alpha, mask,
                                            forward_mode=forward_mode, **gen)
                 n = enc["input_ids"].shape[1]
                 decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731
-                for p, a, b in zip(chunk, decode(plain), decode(steered)):
+                for p, a, b in zip(chunk, decode(plain) if with_plain else [None] * len(chunk), decode(steered)):
                     rows.append({"prompt": p, "plain": a, "steered": b, "mu": float(mu), "mode": mode})
                 bar.update(len(chunk))
     finally:
@@ -87,16 +92,17 @@ def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: flo
 
 
 def load_run(run_dir: str | os.PathLike):
-    """``(peft model, tokenizer, steering.json)`` of a finished run directory."""
+    """``(peft model, tokenizer, SteeringRun)`` of a finished run directory (validated; see :mod:`svd_lightning.run`)."""
     from peft import PeftModel
 
-    steering = artifacts.read_steering(run_dir)
-    for key in ("mu", "alpha", "model"):
-        if key not in steering:
-            raise KeyError(f"{Path(run_dir) / artifacts.STEERING_FILE} has no {key!r}")
-    base = load_causal_lm(steering["model"])
-    model = PeftModel.from_pretrained(base, Path(run_dir) / artifacts.ADAPTER_DIR, is_trainable=False).eval()
-    return model, load_tokenizer(steering["model"]), steering
+    from svd_lightning.module import check_tokenizer
+
+    run = SteeringRun.load(run_dir)
+    tokenizer = load_tokenizer(run.model)
+    check_tokenizer(run, tokenizer, run_dir)
+    base = load_causal_lm(run.model)
+    model = PeftModel.from_pretrained(base, Path(run_dir) / ADAPTER_DIR, is_trainable=False).eval()
+    return model, tokenizer, run
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -110,6 +116,16 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     parser.add_argument("--temperature", type=float, help="--mode sample only")
     parser.add_argument("--top-k", type=int, help="--mode sample only")
     parser.add_argument("--top-p", type=float, help="--mode sample only")
-    parser.add_argument("--mu", type=float, help="steering strength (default: μ̄ from steering.json)")
+    parser.add_argument("--mu", type=_finite, help="steering strength (default: μ̄ from steering.json)")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto",
@@ -141,15 +157,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     try:  # fail on bad input before loading any model
         prompts = read_prompts(args.prompts)
         decoding_kwargs(args.mode, **options)
+        SteeringRun.load(args.run_dir)
     except (OSError, ValueError) as err:
         parser.error(str(err))
-    model, tokenizer, steering = load_run(args.run_dir)
-    mu = steering["mu"] if args.mu is None else args.mu
-    rows = generate_answers(model, tokenizer, prompts, mu, steering["alpha"], args.mode, batch_size=args.batch_size,
-                            seed=args.seed, mask=steering.get("scoring_policy") != "none",
+    print(f"svd-lightning: reading run {Path(args.run_dir).resolve()}", file=sys.stderr, flush=True)
+    model, tokenizer, run = load_run(args.run_dir)
+    mu = run.mu if args.mu is None else args.mu
+    rows = generate_answers(model, tokenizer, prompts, mu, run.alpha, args.mode, batch_size=args.batch_size,
+                            seed=args.seed, mask=run.scoring_policy != "none",
                             forward_mode=args.forward_mode, **options)
     write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, mu={mu:+.4g}, alpha={steering['alpha']})")
+    print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, mu={mu:+.4g}, alpha={run.alpha})")
 
 
 if __name__ == "__main__":

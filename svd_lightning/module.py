@@ -8,12 +8,14 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning import artifacts
 from svd_lightning.batch import validate_choice_batch
 from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
 from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
+from svd_lightning.run import ADAPTER_DIR, SteeringRun, acquire, release, write_run
 from svd_lightning.steering import ScoringPolicy
 
 VARIANTS = ("plain", "base", "steered")
@@ -23,17 +25,20 @@ class SteeringLM(L.LightningModule):
     """Any Hugging Face causal LM + a peft adapter, warm-started on a task and steered at decode time.
 
     Args:
-        model: hub id, local folder, ``.gguf`` file, ``smollm2-135m`` or ``tiny-random``.
-        adapter: peft method: lora, ia3, prompt_tuning, p_tuning (prompt encoder) or prefix_tuning.
+        model: hub id, local folder, ``.gguf`` file, ``smollm2-135m`` or ``tiny-random`` (default).
+        adapter: peft method: lora (default), ia3, prompt_tuning, p_tuning (prompt encoder) or prefix_tuning.
         adapter_options: overrides of the paper's defaults for that method (e.g. ``{r: 16}``).
         learning_rate: AdamW learning rate of the warm start (paper: 5e-5).
         task: ``truthfulqa`` (MC1/MC2 + the paper's columns) or ``choice`` (acc / acc_norm).
-        alpha: confidence-mask threshold α: keep tokens with p_φ ≥ α·max p_φ.
+        alpha: confidence-mask threshold α: keep tokens with p_φ ≥ α·max p_φ (default 0.1).
         scoring_policy: what a masked label token contributes to teacher-forced scores (see
-            :func:`svd_lightning.steering.steered_log_probs`).
-        floor: the log-prob of a masked label token under ``scoring_policy=floor``.
+            :func:`svd_lightning.steering.steered_log_probs`; default ``mask_generation_only``).
+        floor: the log-prob of a masked label token under ``scoring_policy=floor`` (default −20).
         strength: a fixed μ̄; leaves the strength solver nothing to do.
-        run_dir: a finished run directory: load its adapter and μ̄ instead of training from scratch.
+        run_dir: a finished run directory (:mod:`svd_lightning.run`): load its adapter and μ̄
+            instead of training from scratch. Model, adapter, α, policy and floor then come from
+            the run; setting one to another value is an error, except α / policy / floor with
+            ``reuse_strength=False``, which re-solves μ̄ for them.
         reuse_strength: with ``run_dir``, take its μ̄; ``False`` re-solves μ̄ (e.g. with another
             strength option or α) on the calibration set during ``validate`` / ``test``.
         seed: seed of the adapter's initialisation.
@@ -44,15 +49,15 @@ class SteeringLM(L.LightningModule):
 
     def __init__(
         self,
-        model: str = "tiny-random",
-        adapter: Literal["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"] = "lora",
+        model: str | None = None,
+        adapter: Literal["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"] | None = None,
         adapter_options: dict[str, Any] | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.0,
         task: Literal["truthfulqa", "choice"] = "truthfulqa",
-        alpha: float = 0.1,
-        scoring_policy: ScoringPolicy = "mask_generation_only",
-        floor: float = -20.0,
+        alpha: float | None = None,
+        scoring_policy: ScoringPolicy | None = None,
+        floor: float | None = None,
         strength: float | None = None,
         run_dir: str | None = None,
         reuse_strength: bool = True,
@@ -60,19 +65,27 @@ class SteeringLM(L.LightningModule):
         forward_mode: ForwardMode = "auto",
     ):
         super().__init__()
+        self.save_hyperparameters()
+        given = {"model": model, "adapter": adapter, "alpha": alpha, "scoring_policy": scoring_policy, "floor": floor}
+        self.source_run = SteeringRun.load(run_dir) if run_dir is not None else None
+        settings = resolve_settings(given, self.source_run, run_dir, reuse_strength)
+        self.hparams.update(settings)  # what was used, for config.yaml, checkpoints and the run file
+        model, adapter, alpha = settings["model"], settings["adapter"], settings["alpha"]
         if adapter not in ADAPTER_METHODS:
             raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTER_METHODS}")
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model)
         base = load_causal_lm(model)
+        self.steering_run: SteeringRun | None = None  # set by the strength solver; written at the end of fit
         if run_dir is not None:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(base, Path(run_dir) / artifacts.ADAPTER_DIR, is_trainable=True)
+            check_tokenizer(self.source_run, self.tokenizer, run_dir)
+            rank_zero_info(f"svd-lightning: reading run {Path(run_dir).resolve()}")
+            self.model = PeftModel.from_pretrained(base, Path(run_dir) / ADAPTER_DIR, is_trainable=True)
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
@@ -85,7 +98,7 @@ class SteeringLM(L.LightningModule):
         if strength is not None:
             self.set_strength(strength)
         elif run_dir is not None and reuse_strength:
-            self.set_strength(artifacts.read_steering(run_dir)["mu"])
+            self.set_strength(self.source_run.mu)
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_{v}": MultipleChoiceScores(task) for stage in ("val", "test") for v in VARIANTS}
         )
@@ -177,7 +190,64 @@ class SteeringLM(L.LightningModule):
         if state is not None:
             torch.set_rng_state(state["torch"])
 
+    def setup(self, stage: str) -> None:
+        # Two processes writing one run directory would mix their files: the second is refused.
+        if stage == "fit":
+            log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
+            if self.trainer.is_global_zero and log_dir:
+                acquire(log_dir)
+                rank_zero_info(f"svd-lightning: writing run {Path(log_dir).resolve()}")
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            log_dir = self.trainer.log_dir
+            if self.trainer.is_global_zero and log_dir:
+                release(log_dir)
+
     def on_train_end(self):
         log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
-        if self.trainer.is_global_zero and log_dir:
+        if not self.trainer.is_global_zero or not log_dir:
+            return
+        run = self.steering_run or (self.fixed_strength_run() if self.mu is not None else None)
+        if run is None:  # no μ̄: the adapter alone, which is not a run
             artifacts.save_adapter(self.model, log_dir)
+            return
+        write_run(self.model, run, log_dir)
+        rank_zero_info(f"svd-lightning: run written to {Path(log_dir).resolve()}")
+
+    def fixed_strength_run(self) -> SteeringRun:
+        h = self.hparams
+        return SteeringRun(model=h.model, adapter=h.adapter, mu=self.mu, alpha=h.alpha, scoring_policy=h.scoring_policy,
+                           floor=h.floor, strength="fixed", adapter_options=h.adapter_options,
+                           tokenizer_sha256=artifacts.tokenizer_hash(self.tokenizer), hparams=dict(h))
+
+
+DEFAULTS = {"model": "tiny-random", "adapter": "lora", "alpha": 0.1, "scoring_policy": "mask_generation_only", "floor": -20.0}
+RESOLVABLE = ("alpha", "scoring_policy", "floor")  # re-solving μ̄ makes these free to change
+
+
+def resolve_settings(given: dict, run: SteeringRun | None, run_dir, reuse_strength: bool) -> dict:
+    """Unset (None) settings come from the run, else from :data:`DEFAULTS`; conflicts are errors."""
+    out = {}
+    for key, value in given.items():
+        if run is None:
+            out[key] = DEFAULTS[key] if value is None else value
+            continue
+        stored = getattr(run, key)
+        if value is None or value == stored:
+            out[key] = stored
+        elif key in RESOLVABLE and not reuse_strength:
+            rank_zero_info(f"svd-lightning: {key}={value!r} instead of run {run_dir}'s {stored!r}: μ̄ is re-solved")
+            out[key] = value
+        else:
+            hint = " (or set reuse_strength: false to re-solve μ̄ for it)" if key in RESOLVABLE else ""
+            raise ValueError(f"{key}={value!r} conflicts with run {run_dir}, whose {key} is {stored!r}; leave it "
+                             f"unset to use the run's{hint}")
+    return out
+
+
+def check_tokenizer(run: SteeringRun, tokenizer, run_dir) -> None:
+    actual = artifacts.tokenizer_hash(tokenizer)
+    if run.tokenizer_sha256 is not None and run.tokenizer_sha256 != actual:
+        raise ValueError(f"the tokenizer of {run.model!r} (hash {actual}) is not the one run {run_dir} was trained "
+                         f"with (tokenizer_sha256 {run.tokenizer_sha256})")

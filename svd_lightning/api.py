@@ -1,0 +1,116 @@
+"""A finished run in your own code: score choices and generate with SVDecode, no Trainer.
+
+    from svd_lightning import SteeredModel
+
+    sm = SteeredModel.from_run_dir("runs/truthfulqa-lora/version_0")
+    sm.score("Q: What is the capital of France?\\nA:", [" Paris.", " Lyon."])
+    # {'plain': [...], 'base': [...], 'steered': [...]}   summed log-likelihood of each choice
+    sm.generate(["Q: What happens if you crack your knuckles a lot?\\nA:"], max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
+from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
+from svd_lightning.generate import MODES, generate_answers, load_run
+from svd_lightning.steering import ScoringPolicy
+
+
+@dataclass
+class SteeredModel:
+    """A peft model, its tokenizer and the steering settings of a run (μ̄, α, scoring policy).
+
+    ``mu`` must be finite; ``alpha`` in (0, 1]. Build one with :meth:`from_run_dir`, or directly
+    from a peft model you hold (e.g. ``SteeredModel(module.model, module.tokenizer, mu=module.mu)``).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    mu: float
+    alpha: float = 0.1
+    scoring_policy: ScoringPolicy = "mask_generation_only"
+    floor: float = -20.0
+    forward_mode: ForwardMode = "auto"
+    max_length: int = 512
+    run_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f" (run {self.run_dir})" if self.run_dir else ""
+        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not math.isfinite(self.mu):
+            raise ValueError(f"mu must be a finite number, got {self.mu!r}{where}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}{where}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+        self.model.eval()
+
+    @classmethod
+    def from_run_dir(cls, path: str | os.PathLike, *, device: str | torch.device | None = None, **overrides) -> "SteeredModel":
+        """Load ``path``'s base model + adapter + steering settings; ``overrides`` replace fields (e.g. ``mu=0.0``)."""
+        model, tokenizer, run = load_run(path)
+        if device is not None:
+            model = model.to(device)
+        settings = {"mu": run.mu, "alpha": run.alpha, "scoring_policy": run.scoring_policy, "floor": run.floor,
+                    "run_dir": str(path)}
+        unknown = set(overrides) - set(cls.__dataclass_fields__) - {"model", "tokenizer"}
+        if unknown:
+            raise TypeError(f"unknown settings {sorted(unknown)}; choose from {sorted(cls.__dataclass_fields__)}")
+        return cls(model, tokenizer, **{**settings, **overrides})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score(self, prompt: str | Sequence[str], choices: Sequence[str] | Sequence[Sequence[str]], batch_size: int = 8):
+        """Summed log-likelihood of each choice after its prompt: ``{"plain", "base", "steered"}``.
+
+        One question: ``score(prompt, [c1, c2, ...])`` returns a dict of lists. Many: ``score([p1, p2],
+        [[c11, c12], [c21, ...]])`` returns a list of such dicts, scored ``batch_size`` questions at a time.
+        Choices are continuations: include their leading space (``" Paris."``), as lm-eval does.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        choice_lists = [list(choices)] if single else [list(c) for c in choices]
+        if len(prompts) != len(choice_lists):
+            raise ValueError(f"{len(prompts)} prompts but {len(choice_lists)} choice lists")
+        for i, cs in enumerate(choice_lists):
+            if not cs or not all(isinstance(c, str) and c for c in cs):
+                raise ValueError(f"question {i}: choices must be a non-empty list of non-empty strings, got {cs!r}")
+        tok = Tokenized(self.tokenizer, self.max_length)
+        examples = [ChoiceExample(p, cs, [False] * len(cs), i) for i, (p, cs) in enumerate(zip(prompts, choice_lists))]
+        results = []
+        for start in range(0, len(examples), batch_size):
+            batch = collate_choices(examples[start : start + batch_size], tok)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            scores = score_choices(self.model, batch, self.mu, self.alpha, self.scoring_policy, self.floor,
+                                   forward_mode=self.forward_mode)
+            for q in batch["question_index"].unique(sorted=True).tolist():
+                rows = batch["question_index"] == q
+                results.append({k: scores[k][rows].tolist() for k in ("plain", "base", "steered")})
+        return results[0] if single else results
+
+    def generate(self, prompts: str | Sequence[str], mode: str = "greedy", *, with_plain: bool = False,
+                 batch_size: int = 8, seed: int = 0, **generation_kwargs):
+        """Steered continuations of ``prompts`` (``mode``: greedy, sample or beam).
+
+        ``with_plain=True`` returns dicts ``{prompt, plain, steered, mu, mode}`` with the warm model's
+        answer under the same decoding settings. Keyword options: ``max_new_tokens``, ``num_beams``,
+        ``temperature``, ``top_k``, ``top_p``.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        single = isinstance(prompts, str)
+        rows = generate_answers(self.model, self.tokenizer, [prompts] if single else list(prompts), self.mu, self.alpha,
+                                mode, batch_size=batch_size, seed=seed, mask=self.scoring_policy != "none",
+                                progress=False, forward_mode=self.forward_mode, with_plain=with_plain,
+                                **generation_kwargs)
+        out = rows if with_plain else [r["steered"] for r in rows]
+        return out[0] if single else out
