@@ -36,8 +36,9 @@ class SteeringCLI(LightningCLI):
 
 
 def main(args=None) -> None:
-    """``svd-lightning fit|validate|test|predict`` (LightningCLI) and ``svd-lightning generate`` (a run
-    directory answers a JSONL of prompts, plain and steered; see :mod:`svd_lightning.generate`)."""
+    """``svd-lightning fit|validate|test|predict`` (LightningCLI), ``svd-lightning generate`` (a run
+    directory answers a JSONL of prompts, plain and steered; see :mod:`svd_lightning.generate`) and
+    ``svd-lightning eval`` (lm-eval tasks with a run's SVDecode; see :mod:`svd_lightning.lm_eval`)."""
     # Returns None: the console script passes the return value to sys.exit.
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["generate"]:
@@ -45,12 +46,20 @@ def main(args=None) -> None:
 
         generate(argv[1:], prog="svd-lightning generate")
         return
+    if argv[:1] == ["eval"]:
+        try:
+            from svd_lightning.lm_eval import main as evaluate
+        except ModuleNotFoundError as err:
+            raise SystemExit(f"svd-lightning eval needs lm-eval: pip install -e '.[lm-eval]' ({err})") from None
+        evaluate(argv[1:], prog="svd-lightning eval")
+        return
     SteeringCLI(
         SteeringLM,
         LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": True, "epilog": "Generation from a run directory: svd-lightning generate --help"},
+        parser_kwargs={"default_env": True, "epilog": "Generation from a run directory: svd-lightning generate --help; "
+                                                     "lm-eval tasks: svd-lightning eval --help"},
         args=args,
     )
 

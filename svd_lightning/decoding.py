@@ -206,6 +206,61 @@ class SharedPrompts:
         return aligned[select]
 
 
+class CommonPrefix:
+    """Rows that all begin with the same tokens (a few-shot primer): encode them once per batch.
+
+    Calibration rows are different questions after one shared primer; the primer's KV cache is
+    computed once and expanded to every row, so each row only runs its own question and answer.
+    ``usable`` needs right padding, ≥ 2 rows and a shared prefix of ``min_len`` tokens that ends
+    before the first labelled token of every row.
+    """
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, min_len: int = 16):
+        self.ids, self.mask, self.labels = ids, mask, labels
+        lengths = mask.sum(1)
+        first_label = (labels != IGNORE_INDEX).int().argmax(1)
+        right_padded = mask.bool() == (torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1))
+        same = ((ids == ids[:1]) & mask.bool()).all(0).int()
+        self.length = min(int(same.cumprod(0).sum()), int(first_label.min()))
+        self.usable = bool(right_padded.all()) and ids.shape[0] > 1 and self.length >= min_len
+
+    def label_logits(self, model, paired: bool = False) -> torch.Tensor:
+        """Logits at every labelled position; ``paired``: warm rows' then base rows' in one pass."""
+        L, n = self.length, self.ids.shape[0]
+        prefix = self.ids[:1, :L]
+        expand = torch.zeros(n, dtype=torch.long, device=prefix.device)
+        prefix_extra, rest_extra = {}, {}
+        rest_ids, rest_mask, labels = self.ids[:, L:], self.mask[:, L:], self.labels[:, L:]
+        if paired:
+            prefix_extra["adapter_names"] = _adapter_rows(model, 1)
+            rest_extra["adapter_names"] = _adapter_rows(model, n)
+            prefix, expand = _twice(prefix), torch.cat([expand, expand + 1])
+            rest_ids, rest_mask, labels = _twice(rest_ids), _twice(rest_mask), _twice(labels)
+        out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **prefix_extra)
+        cache = out.past_key_values
+        cache.reorder_cache(expand)  # index_select on the batch dim: one copy per row
+        last = out.logits[:, -1][expand]  # predicts each row's first token after the prefix
+        rest = model(
+            input_ids=rest_ids,
+            attention_mask=torch.cat([rest_mask.new_ones(rest_ids.shape[0], L), rest_mask], dim=1),
+            position_ids=torch.arange(L, L + rest_ids.shape[1], device=rest_ids.device).expand(rest_ids.shape[0], -1),
+            past_key_values=cache,
+            use_cache=True,
+            **rest_extra,
+        ).logits
+        aligned = torch.cat([last.unsqueeze(1), rest[:, :-1]], dim=1)  # aligned[:, j] predicts token L + j
+        return aligned[labels != IGNORE_INDEX]
+
+
+def _sharing(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """The cheapest exact way to encode a batch: repeated prompts, else a common prefix, else None."""
+    shared = SharedPrompts(ids, mask, labels)
+    if shared.usable and int(shared.group.max()) + 1 < ids.shape[0]:
+        return shared
+    prefix = CommonPrefix(ids, mask, labels)
+    return prefix if prefix.usable else None
+
+
 @torch.no_grad()
 def paired_label_logits(
     model, batch: dict, share_prompts: bool = True, with_base: bool = True, forward_mode: ForwardMode = "auto"
@@ -215,19 +270,17 @@ def paired_label_logits(
     Returns ``(warm [M, V], base [M, V], labels [M], row [M])`` where ``row`` is the batch row of
     each of the M label tokens (``labels[:, t]`` is predicted by the logits at ``t - 1``).
     ``share_prompts`` encodes each distinct prompt once and reuses its KV cache for all of its
-    continuations (the same numbers up to float rounding); prompt-learning adapters, whose virtual
-    tokens peft re-inserts on every call, and batches without a repeated prompt use the full pass.
+    continuations (:class:`SharedPrompts`), or, for rows with different prompts after one shared
+    primer, the primer once (:class:`CommonPrefix`) -- the same numbers up to float rounding.
+    Prompt-learning adapters, whose virtual tokens peft re-inserts on every call, and batches
+    with nothing to share use the full pass.
     ``with_base=False`` skips the pre-trained pass (``base`` is then None).
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     target = labels[:, 1:]
     sel = target != IGNORE_INDEX
     row = sel.nonzero(as_tuple=True)[0]
-    shared = None
-    if share_prompts and not _uses_virtual_tokens(model):
-        shared = SharedPrompts(ids, mask, labels)
-        if not shared.usable or int(shared.group.max()) + 1 == ids.shape[0]:
-            shared = None  # no prompt repeats: sharing saves nothing
+    shared = _sharing(ids, mask, labels) if share_prompts and not _uses_virtual_tokens(model) else None
     label_logits = shared.label_logits if shared is not None else lambda m, paired=False: _full_label_logits(m, ids, mask, labels, paired)
     if with_base and resolve_forward_mode(model, forward_mode) == "one_forward":
         both = label_logits(model, paired=True)

@@ -24,6 +24,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def model64():
+    torch.manual_seed(0)  # LoRA A's init: a fixed model, so a failure reproduces
     return perturbed_lora(dtype=torch.float64)
 
 
@@ -97,7 +98,8 @@ def test_beam_scores_match_two_pass(tokenizer, model64):
     one = steered_generate(model64, ids, mask, mu=-1.0, forward_mode="one_forward", **kw)
     two = steered_generate(model64, ids, mask, mu=-1.0, forward_mode="two_pass", **kw)
     assert torch.equal(one.sequences, two.sequences)
-    torch.testing.assert_close(one.sequences_scores, two.sequences_scores, rtol=0, atol=1e-10)
+    # generate's scores are fp32 (the processors return fp32 log-probs): equal to fp32 rounding.
+    torch.testing.assert_close(one.sequences_scores, two.sequences_scores, rtol=0, atol=1e-6)
 
 
 def test_auto_picks_two_pass_where_peft_cannot_mix_rows(tokenizer):
@@ -118,3 +120,28 @@ def test_auto_picks_two_pass_where_peft_cannot_mix_rows(tokenizer):
     with pytest.raises(ValueError, match="beam sampling"):
         steered_generate(lora.eval(), ids, mask, mu=1.0, forward_mode="one_forward", num_beams=2, do_sample=True,
                          max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("mode", ["one_forward", "two_pass"])
+def test_common_primer_is_encoded_once_with_the_full_pass_logits(tokenizer, model64, mode):
+    """Calibration rows: different questions after one few-shot primer (CommonPrefix), fp64."""
+    from svd_lightning.decoding import CommonPrefix, _full_label_logits, adapter_disabled
+
+    primer = "Q: What is the capital of France?\nA: The capital of France is Paris.\n\n"
+    examples = [ChoiceExample(primer + ex.prompt, ex.choices, ex.is_true, ex.index, answer=ex.answer) for ex in EXAMPLES]
+    batch = collate_lm(examples, Tokenized(tokenizer, 128))
+    prefix = CommonPrefix(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert prefix.usable and prefix.length >= 16
+    warm, base, y, row = paired_label_logits(model64, batch, forward_mode=mode)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    torch.testing.assert_close(warm, _full_label_logits(model64, ids, mask, labels), rtol=0, atol=1e-10)
+    with adapter_disabled(model64):
+        torch.testing.assert_close(base, _full_label_logits(model64, ids, mask, labels), rtol=0, atol=1e-10)
+    sel = labels[:, 1:] != -100
+    assert torch.equal(y, labels[:, 1:][sel]) and torch.equal(row, sel.nonzero()[:, 0])
+    # A primer that is a whole row's prompt (its first answer token follows the primer directly).
+    short = collate_lm([ChoiceExample(primer, [" Yes"], [True], 0), examples[1]], Tokenized(tokenizer, 128))
+    assert CommonPrefix(short["input_ids"], short["attention_mask"], short["labels"]).usable
+    w2, b2, _, _ = paired_label_logits(model64, short, forward_mode=mode)
+    torch.testing.assert_close(w2, _full_label_logits(model64, short["input_ids"], short["attention_mask"], short["labels"]),
+                               rtol=0, atol=1e-10)

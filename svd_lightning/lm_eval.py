@@ -1,0 +1,113 @@
+"""lm-evaluation-harness backend: any lm-eval task, scored and generated with a run's SVDecode.
+
+    import svd_lightning.lm_eval  # registers the model name "svd"
+    lm_eval.simple_evaluate(model="svd", model_args="run_dir=runs/truthfulqa-lora/version_0", tasks=[...])
+
+    svd-lightning eval --run-dir RUN --tasks truthfulqa_mc1 [--include-path DIR] [--limit N]
+
+Log-likelihood requests are scored under the steered distribution of the run's scoring policy
+(:func:`svd_lightning.steering.steered_log_probs`, from the warm and pre-trained logits of the same
+tokens); ``generate_until`` goes through the steering logits processor. ``model_args``: ``run_dir``
+(required), ``mu`` (override μ̄; ``mu=0`` with a tiny α reproduces the warm model), ``forward_mode``,
+``batch_size``, ``device``, ``max_length``. Needs the ``lm-eval`` extra: ``pip install -e ".[lm-eval]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from svd_lightning.api import SteeredModel
+from svd_lightning.decoding import FORWARD_MODES, resolve_forward_mode, steered_generate
+from svd_lightning.steering import steered_log_probs
+
+
+@register_model("svd")
+class SteeredHFLM(HFLM):
+    """lm-eval's ``HFLM`` whose logits are SVDecode's steered log-probabilities."""
+
+    def __init__(self, run_dir: str, mu: float | None = None, forward_mode: str = "auto", device: str | None = None,
+                 batch_size: int | str = 1, max_length: int | None = None, **kwargs):
+        overrides = {"forward_mode": forward_mode} | ({} if mu is None else {"mu": float(mu)})
+        self.steered = SteeredModel.from_run_dir(run_dir, device=device, **overrides)
+        super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
+                         max_length=max_length, **kwargs)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """Steered log-probs ``[B, T, V]`` for right-padded ``inps`` (padding never precedes a real token)."""
+        sm = self.steered
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            if resolve_forward_mode(sm.model, sm.forward_mode) == "one_forward":
+                names = [sm.model.active_adapter] * inps.shape[0] + ["__base__"] * inps.shape[0]
+                warm, base = sm.model(input_ids=torch.cat([inps, inps]), adapter_names=names).logits.chunk(2)
+            else:
+                warm = sm.model(input_ids=inps).logits
+                with sm.model.disable_adapter():
+                    base = sm.model(input_ids=inps).logits
+        warm, base = warm[:, -inps.shape[1]:], base[:, -inps.shape[1]:]  # virtual tokens of prompt methods
+        return steered_log_probs(warm, base, sm.mu, sm.alpha, sm.scoring_policy, sm.floor)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        sm = self.steered
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is None:  # left padded: real tokens start at the first non-pad one
+            mask = ((context != self.tokenizer.pad_token_id).long().cumsum(-1) > 0).long()
+        generation_kwargs.setdefault("do_sample", False)
+        if not generation_kwargs["do_sample"]:
+            generation_kwargs.pop("temperature", None)
+        stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+        with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            return steered_generate(sm.model, context, mask, sm.mu, sm.alpha, sm.scoring_policy != "none",
+                                    forward_mode=sm.forward_mode, max_length=max_length, stopping_criteria=stopping,
+                                    pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
+
+    def get_model_info(self) -> dict:
+        sm = self.steered
+        return {"svd_run_dir": sm.run_dir, "svd_mu": sm.mu, "svd_alpha": sm.alpha,
+                "svd_scoring_policy": sm.scoring_policy, "svd_floor": sm.floor,
+                "model_num_parameters": sum(p.numel() for p in sm.model.parameters())}
+
+
+def evaluate(run_dir: str, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+             batch_size: int = 8, mu: float | None = None, forward_mode: str = "auto", **kwargs) -> dict:
+    """``lm_eval.simple_evaluate`` with the ``svd`` backend on ``run_dir``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model = SteeredHFLM(run_dir, mu=mu, forward_mode=forward_mode, batch_size=batch_size)
+    manager = TaskManager(include_path=include_path) if include_path else None
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit, **kwargs)
+
+
+def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Run lm-eval tasks with a run's SVDecode.")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--include-path", help="folder of extra task YAMLs")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mu", type=float, help="override μ̄ (finite)")
+    parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto")
+    parser.add_argument("--out", help="write the results JSON here")
+    args = parser.parse_args(argv)
+    print(f"svd-lightning: reading run {Path(args.run_dir).resolve()}", file=sys.stderr, flush=True)
+    results = evaluate(args.run_dir, args.tasks.split(","), args.include_path, args.limit, args.batch_size,
+                       args.mu, args.forward_mode)
+    table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+             for task, metrics in results["results"].items()}
+    print(json.dumps(table, indent=1))
+    if args.out:
+        from svd_lightning.artifacts import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({"results": table, "config": results.get("config", {})}, indent=1,
+                                               default=str))
