@@ -32,6 +32,7 @@ from svd_lightning.calibration import CalibrationResult, calibrate
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.run import SteeringRun, write_run
 from svd_lightning.steering import Aggregate, Curvature, strength_alpha
+from svd_lightning.progress import say
 
 
 def calibration_loader(trainer: L.Trainer):
@@ -211,7 +212,7 @@ class StrengthSolver(L.Callback):
         log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
         if trainer.is_global_zero and log_dir:
             write_run(pl_module.model, pl_module.steering_run, log_dir)
-            rank_zero_info(f"svd-lightning: re-solved μ̄ written as a run to {Path(log_dir).resolve()}")
+            say(f"re-solved μ̄ written as a run to {Path(log_dir).resolve()}")
 
     def _needs_solve(self, trainer, pl_module) -> bool:
         if trainer.sanity_checking:
@@ -349,4 +350,4 @@ class ScoreWriter(BasePredictionWriter):
         path = Path(self.out) if self.out else Path(log_dir or ".") / "predictions.jsonl"
         text = "".join(json.dumps({**row, "mu": pl_module.mu}) + "\n" for _, row in sorted(self.rows.items()))
         artifacts.atomic_write_text(path, text)
-        rank_zero_info(f"svd-lightning: wrote {len(self.rows)} questions' scores to {path.resolve()}")
+        say(f"wrote {len(self.rows)} questions' scores to {path.resolve()}")

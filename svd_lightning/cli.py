@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from svd_lightning.callbacks import ScoreWriter
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import resolve_precision
-from svd_lightning.progress import LogProgressBar, stderr_is_terminal
+from svd_lightning.progress import LogProgressBar, say, stderr_is_terminal
 
 
 class SteeringCLI(LightningCLI):
@@ -24,7 +24,7 @@ class SteeringCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         # `precision` left unset (null) means "what this machine runs fast"; an explicit value wins.
         precision, why = resolve_precision(config.get("precision"), config.get("accelerator"))
-        print(f"svd-lightning: precision {precision} ({why})", file=sys.stderr, flush=True)
+        say(f"precision {precision} ({why})")
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks = list(config.get("callbacks") or []) + extra
         wants_bar = config.get("enable_progress_bar") is not False

@@ -21,7 +21,6 @@ import contextlib
 from typing import Iterator, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation import (
     MinPLogitsWarper,
@@ -32,6 +31,7 @@ from transformers.generation import (
 )
 
 from svd_lightning.batch import IGNORE_INDEX
+from svd_lightning.progress import say
 from svd_lightning.steering import (
     ScoringPolicy,
     log_probs,
@@ -91,7 +91,7 @@ def resolve_forward_mode(model, forward_mode: ForwardMode = "auto", unsupported:
     if forward_mode == "auto" and key not in _announced:
         _announced.add(key)
         why = reason or "LoRA: warm and pre-trained rows in one batch"
-        rank_zero_info(f"svd-lightning: {chosen.replace('_', '-')} path for steering ({why})")
+        say(f"{chosen.replace('_', '-')} path for steering ({why})")
     return chosen
 
 

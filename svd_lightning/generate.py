@@ -16,14 +16,13 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from svd_lightning.decoding import FORWARD_MODES, ForwardMode, steered_generate
 from svd_lightning.models import load_causal_lm, load_tokenizer
-from svd_lightning.progress import progress_bar
+from svd_lightning.progress import progress_bar, say
 from svd_lightning.run import ADAPTER_DIR, SteeringRun
 
 MODES = ("greedy", "sample", "beam")
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
         SteeringRun.load(args.run_dir)
     except (OSError, ValueError) as err:
         parser.error(str(err))
-    print(f"svd-lightning: reading run {Path(args.run_dir).resolve()}", file=sys.stderr, flush=True)
+    say(f"reading run {Path(args.run_dir).resolve()}")
     model, tokenizer, run = load_run(args.run_dir)
     mu = run.mu if args.mu is None else args.mu
     rows = generate_answers(model, tokenizer, prompts, mu, run.alpha, args.mode, batch_size=args.batch_size,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from lm_eval.models.huggingface import HFLM
 from svd_lightning.api import SteeredModel
 from svd_lightning.decoding import FORWARD_MODES, resolve_forward_mode, steered_generate
 from svd_lightning.steering import steered_log_probs
+from svd_lightning.progress import say
 
 
 @register_model("svd")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
     parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto")
     parser.add_argument("--out", help="write the results JSON here")
     args = parser.parse_args(argv)
-    print(f"svd-lightning: reading run {Path(args.run_dir).resolve()}", file=sys.stderr, flush=True)
+    say(f"reading run {Path(args.run_dir).resolve()}")
     results = evaluate(args.run_dir, args.tasks.split(","), args.include_path, args.limit, args.batch_size,
                        args.mu, args.forward_mode)
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning import artifacts
 from svd_lightning.batch import validate_choice_batch
@@ -17,6 +16,7 @@ from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.run import ADAPTER_DIR, SteeringRun, acquire, release, write_run
 from svd_lightning.steering import ScoringPolicy
+from svd_lightning.progress import say
 
 VARIANTS = ("plain", "base", "steered")
 
@@ -84,7 +84,7 @@ class SteeringLM(L.LightningModule):
             from peft import PeftModel
 
             check_tokenizer(self.source_run, self.tokenizer, run_dir)
-            rank_zero_info(f"svd-lightning: reading run {Path(run_dir).resolve()}")
+            say(f"reading run {Path(run_dir).resolve()}")
             self.model = PeftModel.from_pretrained(base, Path(run_dir) / ADAPTER_DIR, is_trainable=True)
         else:
             with torch.random.fork_rng():
@@ -196,7 +196,7 @@ class SteeringLM(L.LightningModule):
             log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
             if self.trainer.is_global_zero and log_dir:
                 acquire(log_dir)
-                rank_zero_info(f"svd-lightning: writing run {Path(log_dir).resolve()}")
+                say(f"writing run {Path(log_dir).resolve()}")
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
@@ -213,7 +213,7 @@ class SteeringLM(L.LightningModule):
             artifacts.save_adapter(self.model, log_dir)
             return
         write_run(self.model, run, log_dir)
-        rank_zero_info(f"svd-lightning: run written to {Path(log_dir).resolve()}")
+        say(f"run written to {Path(log_dir).resolve()}")
 
     def fixed_strength_run(self) -> SteeringRun:
         h = self.hparams
@@ -237,7 +237,7 @@ def resolve_settings(given: dict, run: SteeringRun | None, run_dir, reuse_streng
         if value is None or value == stored:
             out[key] = stored
         elif key in RESOLVABLE and not reuse_strength:
-            rank_zero_info(f"svd-lightning: {key}={value!r} instead of run {run_dir}'s {stored!r}: μ̄ is re-solved")
+            say(f"{key}={value!r} instead of run {run_dir}'s {stored!r}: μ̄ is re-solved")
             out[key] = value
         else:
             hint = " (or set reuse_strength: false to re-solve μ̄ for it)" if key in RESOLVABLE else ""

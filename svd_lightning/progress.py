@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -180,3 +181,9 @@ class LogProgressBar(ProgressBar):
 
     def on_predict_end(self, trainer, pl_module):
         self._eval_end()
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """One ``svd-lightning: …`` line on stderr (rank zero only): choices made and paths written or read."""
+    print(f"svd-lightning: {message}", file=sys.stderr, flush=True)

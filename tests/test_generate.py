@@ -143,9 +143,10 @@ def test_processor_tracks_every_row(tokenizer, kw, forward_mode):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory and the in-memory model it was saved from (LoRA A is randomly initialised)."""
+    from svd_lightning.run import SteeringRun, write_run
+
     run, model = tmp_path_factory.mktemp("run"), perturbed_lora()
-    model.save_pretrained(run / "adapter")
-    (run / "steering.json").write_text(json.dumps({"mu": -1.0, "alpha": 0.1, "model": "tiny-random"}))
+    write_run(model, SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1), run)
     return run, model
 
 

@@ -113,7 +113,7 @@ def test_generate_refuses_non_finite_mu(tmp_path, mu, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Q: Yes?\\nA:"}\n')
     with pytest.raises(SystemExit):
-        generate_main(["--run-dir", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--mu", mu])
+        generate_main(["--run-dir", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), f"--mu={mu}"])
     assert "must be finite" in capsys.readouterr().err
 
 
@@ -131,7 +131,9 @@ def test_steered_model_scores_and_generates_like_the_package(tmp_path, tokenizer
     for k in ("plain", "base", "steered"):
         torch.testing.assert_close(torch.tensor(got[k]), ref[k], rtol=1e-5, atol=1e-5)
     many = sm.score(["Q: Is the sky blue?\nA:", "Q: Yes?\nA:"], [[" Yes", " No, it is green"], [" Yes", " No", " Maybe"]])
-    assert [len(m["steered"]) for m in many] == [2, 3] and many[0] == pytest.approx(got)
+    assert [len(m["steered"]) for m in many] == [2, 3]
+    for k in got:
+        assert many[0][k] == pytest.approx(got[k], rel=1e-5, abs=1e-5)
     prompts = ["Q: What is the capital of France? A:", "Yes"]
     answers = sm.generate(prompts, max_new_tokens=6)
     ref_rows = generate_answers(model, tokenizer, prompts, -1.0, 0.1, max_new_tokens=6, progress=False)
@@ -198,6 +200,9 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
     out = tmp_path / "runs/tiny/version_1/predictions.jsonl"
     assert f"to {out}" in err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 8 and rows[0]["mu"] == SteeringRun.load(run).mu
+    from svd_lightning.data import TruthfulQADataModule
+
+    expected = TruthfulQADataModule(path=str(data), instruction=False, limit_test=8).describe()["test"]
+    assert len(rows) == expected and rows[0]["mu"] == SteeringRun.load(run).mu
     assert {"plain", "base", "steered", "is_true", "choice_set", "choice_index"} <= set(rows[0]["choices"][0])
     assert not (tmp_path / "adapter").exists()  # nothing lands in the working directory
