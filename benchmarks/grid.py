@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import resource
@@ -38,7 +37,8 @@ import lightning as L
 import torch
 
 from svd_lightning import artifacts
-from svd_lightning.batch import IGNORE_INDEX, collate_choices, collate_lm
+from svd_lightning.batch import collate_choices
+from svd_lightning.calibration import calibrate_alphas
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import choice_accuracy_per_question, truthfulqa_per_question
@@ -47,13 +47,9 @@ from svd_lightning.precision import BF16, describe_cpu, fast_precision
 from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
 from svd_lightning.steering import (
     NO_MASK_ALPHA,
-    ExactStrengthCache,
-    StrengthStats,
     confidence_mask,
     log_probs,
     steering_direction,
-    steering_vector,
-    strength_terms,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -163,25 +159,17 @@ class Variants:
         return out
 
 
-@torch.no_grad()
 def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
     """μ for every (α, strength option) from the calibration tokens, plus diagnostics."""
-    stats = {a: StrengthStats() for a in ALPHAS}
-    caches = {a: ExactStrengthCache() for a in ALPHAS}
-    for batch in track(loader, "Calibration (every variant)", unit="batch"):
-        with autocast():
-            warm, base, y, _ = paired_label_logits(model, batch)
-        warm, base = warm.float(), base.float()
-        for a, alpha in ALPHAS.items():
-            delta, keep = steering_vector(warm, base, alpha or NO_MASK_ALPHA)  # as the StrengthSolver does
-            stats[a].update(strength_terms(warm, delta, keep, y))
-            caches[a].update(warm, delta, keep, y)
+    thresholds = {a: alpha or NO_MASK_ALPHA for a, alpha in ALPHAS.items()}  # as the StrengthSolver does
+    with autocast():
+        results = calibrate_alphas(model, loader, thresholds, desc="Calibration (every variant)")
     mus = {}
-    for a in ALPHAS:
-        summary = stats[a].summary()
+    for a, result in results.items():
+        summary = result.stats.summary()
         mus[a] = {s: summary[s] for s in STRENGTHS if s != "exact"}
-        mus[a]["exact"] = caches[a].solve()
-    return mus, {"tokens": stats["0.1"].count}
+        mus[a]["exact"] = result.cache.solve()
+    return mus, {"tokens": results["0.1"].stats.count}
 
 
 @torch.no_grad()

@@ -88,6 +88,35 @@ def main() -> None:
     show("non-finite logits", nan_logits)
     (tmp / "prompts.jsonl").write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
     show("generation prompts without 'prompt'", lambda: read_prompts(tmp / "prompts.jsonl"))
+    run_inputs(tmp)
+
+
+def run_inputs(tmp: Path) -> None:
+    """Bad run directories (tests/test_run.py)."""
+    from conftest import perturbed_lora
+
+    from svd_lightning.run import RUN_FILE, SteeringRun, write_run
+
+    def fresh(name: str) -> Path:
+        write_run(perturbed_lora(), SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1), tmp / name)
+        return tmp / name
+
+    show("missing run directory", lambda: SteeringRun.load(tmp / "no-run"))
+    run = fresh("truncated")
+    (run / RUN_FILE).write_text(open(run / RUN_FILE).read()[:40])
+    show("truncated steering.json", lambda: SteeringRun.load(run))
+    run = fresh("mu-null")
+    (run / RUN_FILE).write_text(open(run / RUN_FILE).read().replace('"mu": -1.0', '"mu": null'))
+    show('steering.json with "mu": null', lambda: SteeringRun.load(run))
+    run, other = fresh("mixed"), fresh("other")
+    (run / "adapter/adapter_model.safetensors").write_bytes((other / "adapter/adapter_model.safetensors").read_bytes())
+    show("a directory mixing two runs' files", lambda: SteeringRun.load(run))
+    run = fresh("no-steering")
+    (run / RUN_FILE).unlink()
+    show("a run killed before it finished (no steering.json)", lambda: SteeringRun.load(run))
+    run = fresh("reuse")
+    show("reuse with another adapter", lambda: SteeringLM(run_dir=str(run), adapter="ia3"))
+    show("reuse with another alpha", lambda: SteeringLM(run_dir=str(run), alpha=1.0))
 
 
 if __name__ == "__main__":

@@ -45,11 +45,23 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def calibrate(model, batches: Iterable[dict], alpha: float, **kwargs) -> CalibrationResult:
+    """Steering statistics over ``batches`` (prompt + reference answer, see :mod:`svd_lightning.batch`).
+
+    ``alpha`` is the mask threshold the strength is solved with
+    (:func:`svd_lightning.steering.strength_alpha`). Under DDP, give each rank its own batches and
+    the strategy's ``reduce`` (sum) and ``gather`` (ragged all-gather): the result is then the same
+    on every rank as one process over all batches. The model is put in eval mode and restored.
+    Keyword options: see :func:`calibrate_alphas`.
+    """
+    return calibrate_alphas(model, batches, {"alpha": alpha}, **kwargs)["alpha"]
+
+
 @torch.no_grad()
-def calibrate(
+def calibrate_alphas(
     model,
     batches: Iterable[dict],
-    alpha: float,
+    alphas: dict[str, float],
     *,
     forward_mode: ForwardMode = "auto",
     reduce: Reduce | None = None,
@@ -58,49 +70,50 @@ def calibrate(
     total: int | None = None,
     progress: bool = True,
     step: int = 0,
-) -> CalibrationResult:
-    """Steering statistics over ``batches`` (prompt + reference answer, see :mod:`svd_lightning.batch`).
-
-    ``alpha`` is the mask threshold the strength is solved with
-    (:func:`svd_lightning.steering.strength_alpha`). Under DDP, give each rank its own batches and
-    the strategy's ``reduce`` (sum) and ``gather`` (ragged all-gather): the result is then the same
-    on every rank as one process over all batches. The model is put in eval mode and restored.
-    """
+    desc: str = "Calibration",
+) -> dict[str, CalibrationResult]:
+    """:func:`calibrate` for several mask thresholds from one pass over the model: ``{name: result}``."""
     reduce, gather = reduce or _identity, gather or _identity
     device = device if device is not None else next(model.parameters()).device
-    stats, cache = StrengthStats(), ExactStrengthCache()
-    sums = torch.zeros(4, dtype=torch.float64)  # KL, kept tokens, ‖δz‖, positions
+    stats = {name: StrengthStats() for name in alphas}
+    caches = {name: ExactStrengthCache() for name in alphas}
+    sums = {name: torch.zeros(4, dtype=torch.float64) for name in alphas}  # KL, kept tokens, ‖δz‖, positions
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        for i, batch in enumerate(track(batches, "Calibration", total=total, unit="batch", enabled=progress)):
+        for i, batch in enumerate(track(batches, desc, total=total, unit="batch", enabled=progress)):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             try:
                 warm, base, labels, _ = paired_label_logits(model, batch, forward_mode=forward_mode)
             except FloatingPointError as err:
                 raise FloatingPointError(f"{err} -- calibration batch {i}") from err
+            if warm.dtype in (torch.bfloat16, torch.float16):  # autocast: the statistics are fp32
+                warm, base = warm.float(), base.float()
             # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
             delta, lp_warm, lp_base = steering_direction(warm, base)
-            keep = confidence_mask(lp_warm, alpha)
-            stats.update(strength_terms(warm, delta, keep, labels))
-            cache.update(warm, delta, keep, labels)
-            sums += torch.stack([
-                kl_from_log_probs(lp_warm, lp_base).sum().double().cpu(),
-                keep.sum(-1).double().sum().cpu() / keep.shape[-1],
-                delta.norm(dim=-1).sum().double().cpu(),
-                torch.tensor(float(labels.numel()), dtype=torch.float64),
-            ])
+            kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
+            norm = delta.norm(dim=-1).sum().double().cpu()
+            for name, alpha in alphas.items():
+                keep = confidence_mask(lp_warm, alpha)
+                stats[name].update(strength_terms(warm, delta, keep, labels))
+                caches[name].update(warm, delta, keep, labels)
+                sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1], norm,
+                                           torch.tensor(float(labels.numel()), dtype=torch.float64)])
     finally:
         model.train(was_training)
-    sums = reduce(sums.to(device)).cpu()
-    stats = StrengthStats.from_tensor(gather(stats.to_tensor().to(device)).cpu())
-    positions = max(float(sums[3]), 1.0)
-    diagnostics = {
-        "kl_mean": float(sums[0]) / positions,
-        "kept_fraction": float(sums[1]) / positions,
-        "delta_norm_mean": float(sums[2]) / positions,
-        "tokens": float(sums[3]),
-        "usable_tokens": float(stats.count),
-    }
-    return CalibrationResult(stats, cache, diagnostics, step, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    results = {}
+    for name in alphas:
+        total_sums = reduce(sums[name].to(device)).cpu()
+        merged = StrengthStats.from_tensor(gather(stats[name].to_tensor().to(device)).cpu())
+        positions = max(float(total_sums[3]), 1.0)
+        diagnostics = {
+            "kl_mean": float(total_sums[0]) / positions,
+            "kept_fraction": float(total_sums[1]) / positions,
+            "delta_norm_mean": float(total_sums[2]) / positions,
+            "tokens": float(total_sums[3]),
+            "usable_tokens": float(merged.count),
+        }
+        results[name] = CalibrationResult(merged, caches[name], diagnostics, step, seconds)
+    return results

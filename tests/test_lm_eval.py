@@ -1,0 +1,68 @@
+"""The lm-eval backend (`svd`) against our own scorer and generator, offline, on the tiny model."""
+
+import json
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra (installed by scripts/install.sh and CI)")
+
+from svd_lightning import SteeredModel  # noqa: E402
+from svd_lightning.cli import main as cli_main  # noqa: E402
+
+from test_framework import ROOT  # noqa: E402
+from test_run import _run  # noqa: E402
+
+TASKS = ROOT / "tests" / "lm_eval_tasks"
+DOCS = json.loads((TASKS / "tiny_mc.json").read_text())
+
+
+def _evaluate(run_dir, tasks, mu=None, **kw):
+    from svd_lightning.lm_eval import evaluate
+
+    return evaluate(str(run_dir), tasks, include_path=str(TASKS), batch_size=1, mu=mu, **kw)
+
+
+def _accuracy(sm, variant):
+    scores = sm.score([f"Q: {d['question']}\nA:" for d in DOCS], [[" " + c for c in d["choices"]] for d in DOCS])
+    hits = [max(range(len(s[variant])), key=s[variant].__getitem__) == d["label"] for s, d in zip(scores, DOCS)]
+    return sum(hits) / len(hits)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("lm_eval"), mu=-3.0)[0]
+
+
+def test_multiple_choice_matches_our_scorer(run_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the task YAML's data path is relative to the repository
+    sm = SteeredModel.from_run_dir(run_dir)
+    plain, steered = _accuracy(sm, "plain"), _accuracy(sm, "steered")
+    assert plain != steered, "μ̄ = −3 should change some answer on this model"
+    at_zero = _evaluate(run_dir, ["svd_tiny_mc"], mu=0.0)["results"]["svd_tiny_mc"]["acc,none"]
+    with_mu = _evaluate(run_dir, ["svd_tiny_mc"])["results"]["svd_tiny_mc"]["acc,none"]
+    assert at_zero == pytest.approx(plain) and with_mu == pytest.approx(steered)
+
+
+def test_generate_until_returns_the_steered_answers(run_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = _evaluate(run_dir, ["svd_tiny_gen"], log_samples=True)
+    got = [s["resps"][0][0] for s in sorted(out["samples"]["svd_tiny_gen"], key=lambda s: s["doc_id"])]
+    sm = SteeredModel.from_run_dir(run_dir)
+    ours = sm.generate([f"Q: {d['question']}\nA:" for d in DOCS], max_new_tokens=8, batch_size=1)
+    assert got == [a.split("\n")[0] for a in ours]
+    info = out["config"]["model_info"] if "model_info" in out.get("config", {}) else out.get("model_info", {})
+    assert info.get("svd_mu") == -3.0 and info.get("svd_alpha") == 0.1
+
+
+def test_registered_name_and_cli(run_dir, monkeypatch, tmp_path, capsys):
+    import svd_lightning.lm_eval  # noqa: F401 (registers "svd")
+    from lm_eval.api.registry import get_model
+
+    assert get_model("svd").__name__ == "SteeredHFLM"
+    monkeypatch.chdir(ROOT)
+    cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include-path", str(TASKS),
+              "--batch-size", "1", "--out", str(tmp_path / "r.json")])
+    assert "acc,none" in json.loads((tmp_path / "r.json").read_text())["results"]["svd_tiny_mc"]
+    assert f"reading run {run_dir}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mu must be a finite number"):
+        _evaluate(run_dir, ["svd_tiny_mc"], mu=float("nan"))
