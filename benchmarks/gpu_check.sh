@@ -60,7 +60,7 @@ else
   STEPS+=("cost_smollm2:skipped (SmolLM2 not available offline here, or no GPU):0")
 fi
 step fit_ddp 90 "$PY" -m svd_lightning.cli fit --config configs/tiny.yaml --trainer.accelerator "$ACCEL" \
-  --trainer.strategy ddp --trainer.devices 1 --trainer.logger.init_args.save_dir "$OUT_DIR/runs"
+  --trainer.strategy ddp --trainer.devices 1 --trainer.default_root_dir "$OUT_DIR/runs/tiny"
 
 "$PY" - "$OUT_DIR" "${STEPS[@]}" <<'EOF'
 import json, sys, pathlib

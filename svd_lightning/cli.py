@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 from svd_lightning.callbacks import ScoreWriter
 from svd_lightning.module import SteeringLM
@@ -22,6 +23,9 @@ class SteeringCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if config.get("logger") in (None, True):
+            # The run directory is <default_root_dir>/version_N, with CSV metrics in it.
+            config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
         # `precision` left unset (null) means "what this machine runs fast"; an explicit value wins.
         precision, why = resolve_precision(config.get("precision"), config.get("accelerator"))
         say(f"precision {precision} ({why})")

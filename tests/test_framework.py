@@ -46,7 +46,7 @@ def _trainer(tmp_path, callbacks, **kw):
 def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     data = write_truthfulqa(tmp_path / "mc.json")
     monkeypatch.chdir(tmp_path)
-    common = ["--data.init_args.path", str(data), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    common = ["--data.init_args.path", str(data), "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny"),
               "--trainer.enable_progress_bar", "false"]
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
     run = tmp_path / "runs/tiny/version_0"
@@ -281,3 +281,16 @@ def test_run_dir_can_be_recalibrated_with_another_strength_option(tmp_path):
     dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
     _trainer(tmp_path, [StrengthSolver("trimmed", "fisher")]).validate(module, dm)
     assert module.mu == pytest.approx(saved["aggregates"]["trimmed_fisher"], rel=1e-9)
+
+
+@pytest.mark.parametrize("config", ["tiny.yaml", "truthfulqa/lora.yaml", "commonsense/arc_easy_lora.yaml"])
+def test_print_config_round_trips(tmp_path, capsys, config):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / config), "--trainer.default_root_dir", str(tmp_path / "d"),
+              "--print_config"])
+    printed = capsys.readouterr().out
+    assert f"default_root_dir: {tmp_path / 'd'}" in printed  # the flag is honoured, not overridden by a logger
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed

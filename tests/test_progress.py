@@ -40,7 +40,7 @@ def test_fit_prints_progress_lines_when_piped(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SVD_PROGRESS_SECONDS", "0")
     data = write_truthfulqa(tmp_path / "mc.json", n=10)
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+          "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny")])
     err = capsys.readouterr().err
     for stage in ("Warm start, epoch 0", "Calibration", "Validation"):
         assert f"{stage}" in err and "ETA" in err, stage

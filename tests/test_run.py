@@ -187,7 +187,7 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
 
     data = write_truthfulqa(tmp_path / "mc.json")
     monkeypatch.chdir(tmp_path)
-    common = ["--data.init_args.path", str(data), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    common = ["--data.init_args.path", str(data), "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny"),
               "--trainer.enable_progress_bar", "false"]
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
     run = tmp_path / "runs/tiny/version_0"
@@ -206,3 +206,53 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
     assert len(rows) == expected and rows[0]["mu"] == SteeringRun.load(run).mu
     assert {"plain", "base", "steered", "is_true", "choice_set", "choice_index"} <= set(rows[0]["choices"][0])
     assert not (tmp_path / "adapter").exists()  # nothing lands in the working directory
+
+
+_FIT_SCRIPT = """
+import sys, lightning as L
+from svd_lightning.callbacks import StrengthSolver
+from svd_lightning.data import TruthfulQADataModule
+from svd_lightning.module import SteeringLM
+data, root, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+L.seed_everything(seed)
+dm = TruthfulQADataModule(path=data, instruction=False, batch_size=2, train_batch_size=2, max_length=128,
+                          limit_train=8, limit_calib=4, limit_test=2)
+module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4}, seed=seed)
+trainer = L.Trainer(accelerator="cpu", max_epochs=2, enable_checkpointing=False, enable_progress_bar=False,
+                    logger=L.pytorch.loggers.CSVLogger(root, name="", version=0), callbacks=[StrengthSolver("exact")])
+trainer.fit(module, dm)
+"""
+
+
+def test_killed_fit_leaves_the_previous_run_or_none_never_a_mix(tmp_path):
+    """Kill a tiny `fit` (writing into an existing complete run directory) at several moments."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = write_truthfulqa(tmp_path / "mc.json", n=12)
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT_SCRIPT)
+    run_dir = tmp_path / "runs" / "version_0"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fit = lambda seed: subprocess.Popen([sys.executable, str(script), str(data), str(tmp_path / "runs"), str(seed)],  # noqa: E731
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert fit(0).wait(timeout=300) == 0
+    old = SteeringRun.load(run_dir)
+    outcomes = set()
+    for delay in (1.0, 3.0, 5.0, 7.0, 9.0):
+        proc = fit(1)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        try:
+            run = SteeringRun.load(run_dir)  # validates that steering.json and adapter/ belong together
+            outcomes.add("old" if run.adapter_sha256 == old.adapter_sha256 else "new")
+        except RunError as err:
+            assert str(run_dir) in str(err)
+            outcomes.add("none")
+            assert fit(0).wait(timeout=300) == 0  # restore a complete run for the next kill
+            old = SteeringRun.load(run_dir)
+    assert "old" in outcomes  # an early kill leaves the previous run untouched
