@@ -22,22 +22,26 @@ def _evaluate(run_dir, tasks, mu=None, **kw):
     return evaluate(str(run_dir), tasks, include_path=str(TASKS), batch_size=1, mu=mu, **kw)
 
 
-def _accuracy(sm, variant):
+def _predictions(sm, variant):
     scores = sm.score([f"Q: {d['question']}\nA:" for d in DOCS], [[" " + c for c in d["choices"]] for d in DOCS])
-    hits = [max(range(len(s[variant])), key=s[variant].__getitem__) == d["label"] for s, d in zip(scores, DOCS)]
-    return sum(hits) / len(hits)
+    return [max(range(len(s[variant])), key=s[variant].__getitem__) for s in scores]
+
+
+def _accuracy(predictions):
+    return sum(p == d["label"] for p, d in zip(predictions, DOCS)) / len(DOCS)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("lm_eval"), mu=-3.0)[0]
+    return _run(tmp_path_factory.mktemp("lm_eval"), mu=10.0)[0]
 
 
 def test_multiple_choice_matches_our_scorer(run_dir, monkeypatch):
     monkeypatch.chdir(ROOT)  # the task YAML's data path is relative to the repository
     sm = SteeredModel.from_run_dir(run_dir)
-    plain, steered = _accuracy(sm, "plain"), _accuracy(sm, "steered")
-    assert plain != steered, "μ̄ = −3 should change some answer on this model"
+    plain, steered = _predictions(sm, "plain"), _predictions(sm, "steered")
+    assert plain != steered, "μ̄ should change some answer on this model"
+    plain, steered = _accuracy(plain), _accuracy(steered)
     at_zero = _evaluate(run_dir, ["svd_tiny_mc"], mu=0.0)["results"]["svd_tiny_mc"]["acc,none"]
     with_mu = _evaluate(run_dir, ["svd_tiny_mc"])["results"]["svd_tiny_mc"]["acc,none"]
     assert at_zero == pytest.approx(plain) and with_mu == pytest.approx(steered)
@@ -50,8 +54,8 @@ def test_generate_until_returns_the_steered_answers(run_dir, monkeypatch):
     sm = SteeredModel.from_run_dir(run_dir)
     ours = sm.generate([f"Q: {d['question']}\nA:" for d in DOCS], max_new_tokens=8, batch_size=1)
     assert got == [a.split("\n")[0] for a in ours]
-    info = out["config"]["model_info"] if "model_info" in out.get("config", {}) else out.get("model_info", {})
-    assert info.get("svd_mu") == -3.0 and info.get("svd_alpha") == 0.1
+    info = out["config"]  # lm-eval records get_model_info() here
+    assert info["svd_mu"] == 10.0 and info["svd_alpha"] == 0.1 and info["svd_scoring_policy"] == "mask_generation_only"
 
 
 def test_registered_name_and_cli(run_dir, monkeypatch, tmp_path, capsys):

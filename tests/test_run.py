@@ -16,9 +16,10 @@ from conftest import perturbed_lora
 from test_framework import _datamodule, _trainer, write_truthfulqa
 
 
-def _run(tmp_path, name="run", mu=-1.0, **fields):
+def _run(tmp_path, name="run", mu=-1.0, seed=0, **fields):
     """A complete tiny run directory written the way `fit` writes it (adapter first, then steering.json)."""
-    model = perturbed_lora()
+    torch.manual_seed(seed)  # LoRA A's init
+    model = perturbed_lora(seed)
     run = SteeringRun(model="tiny-random", adapter="lora", mu=mu, alpha=0.1, **fields)
     write_run(model, run, tmp_path / name)
     return tmp_path / name, model
@@ -65,7 +66,7 @@ def test_a_directory_mixing_two_runs_is_refused(tmp_path):
     """A kill between saving the new adapter and writing its steering.json, or two writers: the
     adapter is not the one steering.json was written for."""
     path, _ = _run(tmp_path)
-    other, _ = _run(tmp_path, "other")
+    other, _ = _run(tmp_path, "other", seed=1)
     (path / "adapter" / "adapter_model.safetensors").write_bytes((other / "adapter" / "adapter_model.safetensors").read_bytes())
     with pytest.raises(RunError, match="mixes two runs"):
         SteeringRun.load(path)
