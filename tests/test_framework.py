@@ -43,13 +43,19 @@ def _trainer(tmp_path, callbacks, **kw):
     return L.Trainer(callbacks=callbacks, **kw)
 
 
-def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
+def cli_tiny_fit(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """`svd-lightning fit` of configs/tiny.yaml on synthetic data, from tmp_path; returns the run and the
+    arguments that point later commands at the same data and root."""
     data = write_truthfulqa(tmp_path / "mc.json")
     monkeypatch.chdir(tmp_path)
     common = ["--data.init_args.path", str(data), "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny"),
               "--trainer.enable_progress_bar", "false"]
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
-    run = tmp_path / "runs/tiny/version_0"
+    return tmp_path / "runs/tiny/version_0", common
+
+
+def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
+    run, common = cli_tiny_fit(tmp_path, monkeypatch)
     for name in ("config.yaml", "steering.json", "metrics.json", "metrics.csv", "adapter/adapter_config.json"):
         assert (run / name).exists(), name
     steering = json.loads((run / "steering.json").read_text())

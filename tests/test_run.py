@@ -184,14 +184,10 @@ def test_a_second_writer_is_refused_and_a_dead_ones_claim_taken_over(tmp_path):
 
 def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeypatch, capsys):
     from svd_lightning.cli import main
-    from test_framework import ROOT
+    from test_framework import cli_tiny_fit
 
-    data = write_truthfulqa(tmp_path / "mc.json")
-    monkeypatch.chdir(tmp_path)
-    common = ["--data.init_args.path", str(data), "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny"),
-              "--trainer.enable_progress_bar", "false"]
-    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
-    run = tmp_path / "runs/tiny/version_0"
+    run, common = cli_tiny_fit(tmp_path, monkeypatch)
+    data = tmp_path / "mc.json"
     assert SteeringRun.load(run).format_version == 1 and not (run / ".writing").exists()
     err = capsys.readouterr().err
     assert f"writing run {run}" in err and f"run written to {run}" in err
