@@ -31,7 +31,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record status and seconds
   echo "   rc=$rc in $((SECONDS - start)) s" | tee -a "$LOG"
 }
 
-install() {
+do_install() {
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . || return 1
   if [ -d .whl ]; then "$PY" -m pip install -q --no-index --no-deps .whl/*.whl || return 1; fi
   # Anything still missing: from the registry if reachable (torch is never touched).
@@ -43,7 +43,9 @@ EOF
   "$PY" -c "import torch, svd_lightning; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 }
 
-step install 120 install
+export PY
+export -f do_install
+step install 120 bash -c do_install
 if [ "$DEVICE" = cuda ]; then
   step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_one_forward.py
   ACCEL=gpu
@@ -51,7 +53,7 @@ else
   step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py
   ACCEL=cpu
 fi
-step cost_tiny 60 "$PY" benchmarks/cost.py --model tiny-random --device "$DEVICE" --repeats 5 \
+step cost_tiny 120 "$PY" benchmarks/cost.py --model tiny-random --device "$DEVICE" --repeats 5 \
   --out "$OUT_DIR/cost_tiny-random_$DEVICE.json"
 if [ "$DEVICE" = cuda ] && "$PY" -c "from svd_lightning.models import smollm2_gguf; smollm2_gguf()" >>"$LOG" 2>&1; then
   step cost_smollm2 150 "$PY" benchmarks/cost.py --model smollm2-135m --device "$DEVICE" --repeats 5 \
