@@ -147,11 +147,16 @@ class LogProgressBar(ProgressBar):
         totals = self.total_val_batches if name == "Validation" else (
             self.total_test_batches if name == "Test" else self.total_predict_batches)
         self._eval_bar_parent = self._bar  # training continues after validation
+        self._eval_began = time.monotonic()
         self._start(name, totals)
 
     def _eval_end(self) -> None:
         self._end()
         self._bar = getattr(self, "_eval_bar_parent", None)
+        if self._bar is not None:  # the warm start's rate and ETA leave the validation time out
+            paused = time.monotonic() - self._eval_began
+            self._bar.start += paused
+            self._bar.last += paused
 
     def on_validation_start(self, trainer, pl_module):
         self._eval_start("Validation", trainer)
