@@ -104,6 +104,20 @@ def _twice(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t])
 
 
+@torch.no_grad()
+def paired_logits(model, input_ids: torch.Tensor, forward_mode: ForwardMode = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm and base logits ``[B, T, V]`` at every position of right-padded (or unpadded) ``input_ids``."""
+    if resolve_forward_mode(model, forward_mode) == "one_forward":
+        both = model(input_ids=_twice(input_ids), adapter_names=_adapter_rows(model, input_ids.shape[0])).logits
+        warm, base = both.chunk(2)
+    else:
+        warm = model(input_ids=input_ids).logits
+        with adapter_disabled(model):
+            base = model(input_ids=input_ids).logits
+    T = input_ids.shape[1]
+    return _real_logits(warm, T), _real_logits(base, T)
+
+
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     # Same rule as transformers' generate, so left padding gives the same positions in both passes.
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

@@ -8,7 +8,7 @@
 Log-likelihood requests are scored under the steered distribution of the run's scoring policy
 (:func:`svd_lightning.steering.steered_log_probs`, from the warm and pre-trained logits of the same
 tokens); ``generate_until`` goes through the steering logits processor. ``model_args``: ``run_dir``
-(required), ``mu`` (override μ̄; ``mu=0`` with a tiny α reproduces the warm model), ``forward_mode``,
+(required), ``mu`` (override μ̄; ``mu=0`` gives the warm model under the default policy), ``forward_mode``,
 ``batch_size``, ``device``, ``max_length``. Needs the ``lm-eval`` extra: ``pip install -e ".[lm-eval]"``.
 """
 
@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from svd_lightning.api import SteeredModel
-from svd_lightning.decoding import FORWARD_MODES, resolve_forward_mode, steered_generate
+from svd_lightning.decoding import FORWARD_MODES, paired_logits, steered_generate
 from svd_lightning.steering import steered_log_probs
 from svd_lightning.progress import say
 
@@ -42,16 +42,9 @@ class SteeredHFLM(HFLM):
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Steered log-probs ``[B, T, V]`` for right-padded ``inps`` (padding never precedes a real token)."""
         sm = self.steered
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
-            if resolve_forward_mode(sm.model, sm.forward_mode) == "one_forward":
-                names = [sm.model.active_adapter] * inps.shape[0] + ["__base__"] * inps.shape[0]
-                warm, base = sm.model(input_ids=torch.cat([inps, inps]), adapter_names=names).logits.chunk(2)
-            else:
-                warm = sm.model(input_ids=inps).logits
-                with sm.model.disable_adapter():
-                    base = sm.model(input_ids=inps).logits
-        warm, base = warm[:, -inps.shape[1]:], base[:, -inps.shape[1]:]  # virtual tokens of prompt methods
+        with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            warm, base = paired_logits(sm.model, inps, sm.forward_mode)
         return steered_log_probs(warm, base, sm.mu, sm.alpha, sm.scoring_policy, sm.floor)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
