@@ -315,6 +315,10 @@ class ChoiceDataModule(L.LightningDataModule):
         """Teacher-forced calib split; not a Lightning hook, our callbacks call it."""
         return self._loader(self.calib_set, collate_lm, self.calib_batch_size)
 
+    def calib_choice_dataloader(self) -> DataLoader:
+        """The calib split as choice batches (for strengths fit to the multiple-choice loss)."""
+        return self._loader(self.calib_set, collate_choices, self.batch_size)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, collate_choices, self.batch_size)
 
