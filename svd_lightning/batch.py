@@ -4,12 +4,18 @@ Every DataModule (ours or a user's) yields questions as :class:`ChoiceExample` a
 :func:`collate_choices` / :func:`collate_lm` turn them into tensors. A user DataModule may also
 build the dicts itself; :func:`validate_choice_batch` checks them once per run.
 
-``ChoiceBatch`` -- one row per (question, candidate continuation), right padded:
+A question has N choices. Each choice is a (context, continuation) pair and only the
+continuation is scored: usually one context (the prompt) is shared by N continuations (the
+answers); for lm-eval's *partial evaluation* (WinoGrande) each choice brings its own context (the
+sentence with that option filled into the blank) and all share one continuation (the rest of
+the sentence). :class:`ChoiceExample` holds both shapes; the batch does not care which.
+
+``ChoiceBatch`` -- one row per (question, choice), right padded:
 
 ==================  ========  =====================================================================
 key                 shape     meaning
 ==================  ========  =====================================================================
-input_ids           [N, T]    prompt tokens followed by the continuation tokens
+input_ids           [N, T]    the choice's context tokens followed by its continuation tokens
 attention_mask      [N, T]    1 on real tokens
 labels              [N, T]    the token id on continuation positions, -100 elsewhere (HF convention:
                               ``labels[:, t]`` is predicted from the logits at ``t - 1``)
@@ -21,7 +27,8 @@ num_chars           [N]       characters of the continuation text (for length-no
 ==================  ========  =====================================================================
 
 ``LMBatch`` -- teacher-forced training / calibration rows: ``input_ids``, ``attention_mask``,
-``labels`` as above, one row per question (prompt + its reference answer).
+``labels`` as above, one row per question (:meth:`ChoiceExample.reference`: the true choice's
+context + its continuation).
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ChoiceExample:
-    """One question with its candidate answers (tasks are data, as in lm-eval)."""
+    """One question with its candidate answers (tasks are data, as in lm-eval).
+
+    ``choices`` are the scored continuations. Without ``contexts`` every choice follows ``prompt``;
+    with ``contexts`` (one per choice) choice ``j`` follows ``contexts[j]`` and ``prompt`` is only
+    a readable form of the question (e.g. the sentence with its blank).
+    """
 
     prompt: str
     choices: list[str]
@@ -45,14 +57,28 @@ class ChoiceExample:
     index: int
     choice_sets: list[int] = field(default_factory=list)  # empty: all choices in set 0
     answer: str | None = None  # reference continuation for warm start / calibration
+    contexts: list[str] = field(default_factory=list)  # empty: every choice follows `prompt`
 
     def __post_init__(self) -> None:
         if not self.choice_sets:
             self.choice_sets = [0] * len(self.choices)
         if not (len(self.choices) == len(self.is_true) == len(self.choice_sets)):
             raise ValueError(f"question {self.index}: choices, is_true and choice_sets differ in length")
+        if self.contexts and len(self.contexts) != len(self.choices):
+            raise ValueError(f"question {self.index}: {len(self.contexts)} contexts for {len(self.choices)} choices")
         if self.answer is None:
             self.answer = next((c for c, t in zip(self.choices, self.is_true) if t), None)
+
+    def context(self, j: int) -> str:
+        """The text choice ``j`` continues."""
+        return self.contexts[j] if self.contexts else self.prompt
+
+    def reference(self) -> tuple[str, str | None]:
+        """(context, continuation) the warm start and calibration teacher-force."""
+        if not self.contexts:
+            return self.prompt, self.answer
+        true = [j for j, t in enumerate(self.is_true) if t]
+        return (self.contexts[true[0]] if true else self.prompt), self.answer
 
 
 class LMBatch(TypedDict):
@@ -131,10 +157,11 @@ def _rows_to_batch(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) ->
 
 def collate_lm(examples: Sequence[ChoiceExample], tok: Tokenized) -> LMBatch:
     """Prompt + reference answer, loss on the answer tokens only."""
-    missing = [ex.index for ex in examples if not ex.answer]
+    references = [ex.reference() for ex in examples]
+    missing = [ex.index for ex, (_, answer) in zip(examples, references) if not answer]
     if missing:
         raise ValueError(f"questions {missing} have no reference answer for teacher forcing")
-    return _rows_to_batch([tok.pair(ex.prompt, ex.answer) for ex in examples], tok.pad_id)
+    return _rows_to_batch([tok.pair(context, answer) for context, answer in references], tok.pad_id)
 
 
 def collate_choices(examples: Sequence[ChoiceExample], tok: Tokenized) -> ChoiceBatch:
@@ -142,7 +169,7 @@ def collate_choices(examples: Sequence[ChoiceExample], tok: Tokenized) -> Choice
     pairs, meta = [], []
     for ex in examples:
         for j, (choice, true, cset) in enumerate(zip(ex.choices, ex.is_true, ex.choice_sets)):
-            pairs.append(tok.pair(ex.prompt, choice))
+            pairs.append(tok.pair(ex.context(j), choice))
             meta.append((ex.index, j, cset, bool(true), len(choice.lstrip())))  # lm-eval: no delimiter
     batch = _rows_to_batch(pairs, tok.pad_id)
     q, j, s, t, n = zip(*meta)

@@ -20,6 +20,15 @@ class SteeringCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Sanity validation would score before μ̄ exists; skip it unless asked for.
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True,
+            help="fit only: score the test split with the finished run (validation scores the calib split)",
+        )
+
+    def after_fit(self) -> None:
+        # Validation scores the calib split, which μ̄ was solved on; the number to report is test's.
+        if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

@@ -147,10 +147,15 @@ def choice_accuracy(question_index, choice_set, choice_index, is_true, score, nu
     return {k: v.mean().item() for k, v in per_q.items()}
 
 
+MetricFamily = Literal["truthfulqa", "choice"]
+METRIC_FAMILIES = ("truthfulqa", "choice")
+
+
 class MultipleChoiceScores(Metric):
     """Accumulates the score table over batches (and DDP ranks) and computes multiple-choice metrics.
 
-    ``task="truthfulqa"`` uses :func:`truthfulqa_scores`, ``task="choice"`` :func:`choice_accuracy`.
+    ``family="truthfulqa"`` uses :func:`truthfulqa_scores`, ``family="choice"`` :func:`choice_accuracy`;
+    a task's DataModule declares which (its ``metric`` attribute).
     ``compute()`` returns a dict of scalar tensors; ``table()`` the deduplicated, synced score table.
     """
 
@@ -158,11 +163,11 @@ class MultipleChoiceScores(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, task: Literal["truthfulqa", "choice"] = "truthfulqa", **kwargs) -> None:
+    def __init__(self, family: MetricFamily = "truthfulqa", **kwargs) -> None:
         super().__init__(**kwargs)
-        if task not in ("truthfulqa", "choice"):
-            raise ValueError(f"task must be 'truthfulqa' or 'choice', got {task!r}")
-        self.task = task
+        if family not in METRIC_FAMILIES:
+            raise ValueError(f"metric family must be one of {METRIC_FAMILIES}, got {family!r}")
+        self.family = family
         for key in TABLE_KEYS:  # list states + "cat": every rank's rows are gathered, not averaged
             self.add_state(key, default=[], dist_reduce_fx="cat")
 
@@ -182,7 +187,7 @@ class MultipleChoiceScores(Metric):
         return _prepare(**{key: dim_zero_cat(getattr(self, key)) for key in TABLE_KEYS})
 
     def compute(self) -> dict[str, Tensor]:
-        fn = truthfulqa_scores if self.task == "truthfulqa" else choice_accuracy
+        fn = truthfulqa_scores if self.family == "truthfulqa" else choice_accuracy
         return {k: torch.tensor(v, device=self.device) for k, v in fn(**self._table()).items()}
 
     def table(self) -> dict[str, Tensor]:

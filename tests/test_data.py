@@ -49,9 +49,9 @@ def qa_rows(n: int) -> list[dict]:
     return [{"question": f"Q{i}: is {i} even?", "choices": ["yes", "no"], "label": i % 2} for i in range(n)]
 
 
-def ready(dm: ChoiceDataModule, tok) -> ChoiceDataModule:
+def ready(dm: ChoiceDataModule, tok, stage: str | None = None) -> ChoiceDataModule:
     dm.tokenizer = tok
-    dm.setup("fit")
+    dm.setup(stage)
     return dm
 
 
@@ -138,9 +138,10 @@ def test_dataloaders_follow_the_contract(tmp_path, tok):
         assert all(continuation_text(tok, batch, r) in answers for r in range(batch["input_ids"].shape[0]))
     assert len(dm.calib_dataloader()) == 1 and len(dm.train_dataloader()) == 2
 
-    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+    splits = [(dm.val_dataloader(), dm.calib_set), (dm.test_dataloader(), dm.test_set), (dm.predict_dataloader(), dm.test_set)]
+    for loader, split in splits:  # validation scores the calib split, never the test questions
         batches = list(loader)
-        assert len(batches) == 2  # 4 test questions, 2 per batch
+        assert len(batches) == len(split) // 2  # 2 questions per batch
         for batch in batches:
             assert set(batch) == set(CHOICE_KEYS)
             validate_choice_batch(batch)
@@ -153,7 +154,7 @@ def test_dataloaders_follow_the_contract(tmp_path, tok):
                 assert bool(batch["is_true"][r]) == ex.is_true[j]
                 assert int(batch["num_chars"][r]) == len(ex.choices[j].lstrip())
         seen = [int(q) for b in batches for q in b["question_index"].unique()]
-        assert seen == indices(dm.test_set)  # no shuffling
+        assert seen == indices(split)  # no shuffling
 
     pickle.dumps(dm.train_dataloader().collate_fn)  # workers need it
 

@@ -130,7 +130,7 @@ def split_update(metric, rows, parts):
 def test_metric_matches_pure_function(task, rows, fn):
     expected = fn(**table(rows))
     n = len(rows)
-    m = MultipleChoiceScores(task=task)
+    m = MultipleChoiceScores(family=task)
     split_update(m, rows, [range(0, n // 2), range(n // 2, n)])
     out = m.compute()
     assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in out.values())
@@ -144,7 +144,7 @@ def test_metric_matches_pure_function(task, rows, fn):
 
 
 def test_metric_table_and_reset():
-    m = MultipleChoiceScores(task="truthfulqa")
+    m = MultipleChoiceScores(family="truthfulqa")
     t = table(TQA_ROWS)
     m.update({k: t[k] for k in KEYS if k != "score"}, t["score"].float())
     m.update({k: t[k][:2] for k in KEYS if k != "score"}, t["score"][:2].float())  # repeats
@@ -162,9 +162,9 @@ def test_metric_table_and_reset():
 
 
 def test_metric_validates_inputs():
-    with pytest.raises(ValueError, match="task"):
-        MultipleChoiceScores(task="mmlu")
-    m = MultipleChoiceScores(task="choice")
+    with pytest.raises(ValueError, match="metric family"):
+        MultipleChoiceScores(family="mmlu")
+    m = MultipleChoiceScores(family="choice")
     t = table(CHOICE_ROWS)
     with pytest.raises(ValueError, match="rows"):
         m.update({k: t[k] for k in KEYS if k != "score"}, t["score"][:3])

@@ -1,8 +1,9 @@
 """The base DataModule: questions in, seeded train/calib/test splits and contract batches out.
 
-A task subclass only implements :meth:`ChoiceDataModule.load_examples` (and validates its own
-fields); splitting, tokenization and the dataloaders live here. See ``svd_lightning.batch`` for the
-batch contract.
+A task subclass implements :meth:`ChoiceDataModule.load_examples` (usually with
+:meth:`ChoiceDataModule.parse_file`, which applies the ``bad_rows`` setting) and declares its
+``metric`` family; splitting, tokenization and the dataloaders live here. See
+``svd_lightning.batch`` for the batch contract.
 """
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ import json
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
 
+from svd_lightning import artifacts
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices, collate_lm
+from svd_lightning.metrics import MetricFamily
+from svd_lightning.progress import say
 
 # svd_lightning/data/base.py -> the project root, so relative data paths also work from notebooks/
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = "../shared/data"
+SKIPPED_FILE = "skipped_rows.jsonl"  # in the run directory, when bad_rows: skip dropped any
+BadRows = Literal["error", "skip"]
 
 
 class DataError(ValueError):
@@ -35,7 +41,10 @@ class DataError(ValueError):
         if field is not None:
             where += f", field {field!r}"
         super().__init__(f"{where}: {message}")
-        self.path, self.row, self.field = str(path), row, field
+        self.path, self.row, self.field, self.reason = str(path), row, field, message
+
+    def record(self) -> dict:
+        return {"path": self.path, "row": self.row, "field": self.field, "reason": self.reason}
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -76,20 +85,28 @@ def _check_rows(path: Path, rows: list) -> list[dict]:
     return rows
 
 
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    try:
+        return path.read_bytes().decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not {encoding}: byte {e.object[e.start]:#04x} at offset {e.start} cannot be "
+                              f"decoded ({e.reason}); re-save the file as UTF-8") from None
+
+
 def read_records(path: str | Path) -> list[dict]:
     """Rows of a .json (list of objects), .jsonl or .csv file; other extensions via ``datasets``."""
     path = resolve_path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_pairs_hook)
+            rows = json.loads(_read_text(path), object_pairs_hook=_pairs_hook)
         except json.JSONDecodeError as e:
             raise DataError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
         if not isinstance(rows, list):
             raise DataError(path, f"expected a JSON list of objects at the top level, got {type(rows).__name__}")
     elif suffix in (".jsonl", ".ndjson"):
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -105,7 +122,9 @@ def read_records(path: str | Path) -> list[dict]:
 
 def _read_csv(path: Path) -> list[dict]:
     # utf-8-sig: TruthfulQA's v1 CSV starts with a BOM that would otherwise end up in the first header
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    import io
+
+    with io.StringIO(_read_text(path, "utf-8-sig"), newline="") as f:
         reader = csv.DictReader(f, strict=True)
         rows = []
         try:
@@ -139,21 +158,26 @@ def _read_with_datasets(path: Path) -> list[dict]:
 def check_example(
     ex: ChoiceExample, path: str | Path, set_fields: Sequence[str] = ("choices",), prompt_field: str = "prompt"
 ) -> ChoiceExample:
-    """Rejects empty prompts/choices, duplicate choices and choice sets without a true answer.
+    """Rejects empty prompts/choices, single-choice sets, duplicate choices and sets without a true answer.
 
     ``set_fields[s]`` is the source field of choice set ``s``, so the error points at the file's field.
+    A choice is its (context, continuation) pair: partial evaluation repeats the continuation.
     """
     row = ex.index
-    if not ex.prompt.strip():
+    if not ex.prompt.strip() or not all(c.strip() for c in ex.contexts):
         raise DataError(path, "empty prompt", row, prompt_field)
     if not ex.choices:
         raise DataError(path, "no choices", row, set_fields[0])
     for s in sorted(set(ex.choice_sets)):
         field = set_fields[min(s, len(set_fields) - 1)]
-        texts = [c.strip() for c, cs in zip(ex.choices, ex.choice_sets) if cs == s]
+        members = [j for j, cs in enumerate(ex.choice_sets) if cs == s]
+        texts = [ex.choices[j].strip() for j in members]
         if not all(texts):
             raise DataError(path, f"choice {texts.index('')} is an empty string", row, field)
-        dups = [c for c, n in Counter(texts).items() if n > 1]
+        if len(members) < 2:
+            raise DataError(path, f"only one choice ({texts[0]!r}): nothing to choose between", row, field)
+        pairs = [(ex.context(j).strip(), ex.choices[j].strip()) for j in members]
+        dups = [c if not ex.contexts else f"{ctx} | {c}" for (ctx, c), n in Counter(pairs).items() if n > 1]
         if dups:
             raise DataError(path, f"duplicate choices {dups}", row, field)
         if not any(t for t, cs in zip(ex.is_true, ex.choice_sets) if cs == s):
@@ -206,8 +230,14 @@ class ResumableLoader(DataLoader):
 class ChoiceDataModule(L.LightningDataModule):
     """Base for multiple-choice tasks.
 
-    Subclasses implement :meth:`load_examples`. The tokenizer comes from the attached
-    LightningModule (``module.tokenizer``) or from ``dm.tokenizer = tok`` when used standalone.
+    Subclasses implement :meth:`load_examples` and set ``metric``: ``"choice"`` (acc / acc_norm)
+    or ``"truthfulqa"`` (MC1 / MC2 / MC3 over choice sets 0 and 1); the model scores with it. The
+    tokenizer comes from the attached LightningModule (``module.tokenizer``) or from
+    ``dm.tokenizer = tok`` when used standalone.
+
+    Splits: ``train`` warm-starts the adapter; ``calib`` solves μ̄ and is what ``validate`` (and
+    validation during ``fit``) scores -- selection data, never the test questions; ``test`` is
+    scored by ``test`` / ``predict``.
 
     Args:
         batch_size: questions per choice batch (val/test/predict); each question yields one row per choice.
@@ -219,7 +249,13 @@ class ChoiceDataModule(L.LightningDataModule):
         seed: seeds the split and the train shuffling.
         limit_train, limit_calib, limit_test: keep only the first k questions of each split.
         num_workers: DataLoader workers.
+        bad_rows: ``error`` (default): a row that does not parse stops the run, naming file, row and
+            field. ``skip``: such rows are dropped and counted; the first few are printed and all of
+            them are written to ``skipped_rows.jsonl`` in the run directory. Errors of the file
+            itself (not JSON, not UTF-8, no rows) stop the run either way.
     """
+
+    metric: ClassVar[MetricFamily] = "choice"
 
     def __init__(
         self,
@@ -233,8 +269,11 @@ class ChoiceDataModule(L.LightningDataModule):
         limit_calib: int | None = None,
         limit_test: int | None = None,
         num_workers: int = 0,
+        bad_rows: BadRows = "error",
     ):
         super().__init__()
+        if bad_rows not in ("error", "skip"):
+            raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
         split = tuple(float(f) for f in split)
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
             raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
@@ -248,6 +287,8 @@ class ChoiceDataModule(L.LightningDataModule):
         self.calib_batch_size = calib_batch_size
         self.split, self.seed, self.num_workers = split, seed, num_workers
         self.limits = (limit_train, limit_calib, limit_test)
+        self.bad_rows = bad_rows
+        self.skipped: list[DataError] = []  # rows dropped by bad_rows: skip, in file order
         self.tokenizer = None  # set by the user for standalone use; a trainer's module takes precedence
         self.tokenized: Tokenized | None = None
         self.train_set: list[ChoiceExample] | None = None
@@ -258,8 +299,28 @@ class ChoiceDataModule(L.LightningDataModule):
     # --- what a task implements ---------------------------------------------------------------
 
     def load_examples(self) -> list[ChoiceExample]:
-        """All questions of the task, validated, with ``index`` = position in the file."""
+        """All questions of the task that are kept, validated, with ``index`` = position in the file."""
         raise NotImplementedError
+
+    def parse_file(self, path: str | Path, parse: Callable[[Path, int, dict], ChoiceExample]) -> list[ChoiceExample]:
+        """``parse(path, row_number, row)`` over the file's rows; a row's ``DataError`` follows ``bad_rows``."""
+        path = resolve_path(path)
+        rows = read_records(path)
+        kept, skipped = [], []
+        for i, row in enumerate(rows):
+            try:
+                kept.append(parse(path, i, row))
+            except DataError as err:
+                if self.bad_rows == "error":
+                    raise DataError(path, f"{err.reason} (set bad_rows: skip to drop such rows)", err.row, err.field) from None
+                skipped.append(err)
+        self.skipped = [e for e in self.skipped if e.path != str(path)] + skipped  # a re-read replaces
+        if skipped:
+            shown = "; ".join(str(e) for e in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+            say(f"{path}: skipped {len(skipped)} of {len(rows)} rows (bad_rows: skip): {shown}")
+        if not kept:
+            raise DataError(path, f"no usable rows: all {len(rows)} were bad")
+        return kept
 
     def split_examples(self, examples: list[ChoiceExample]) -> tuple[list, list, list]:
         """Seeded train/calib/test partition of ``examples``; override when a task ships its own files."""
@@ -274,6 +335,8 @@ class ChoiceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._ensure_splits()
+        self.check_splits(stage)
+        self._record_skipped()
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         tokenizer = getattr(module, "tokenizer", None)
         if tokenizer is None:
@@ -284,6 +347,28 @@ class ChoiceDataModule(L.LightningDataModule):
                 "`tokenizer` attribute (set in its __init__), or set `datamodule.tokenizer = tokenizer` before setup()"
             )
         self.tokenized = Tokenized(tokenizer, self.max_length)
+
+    def check_splits(self, stage: str | None) -> None:
+        """An empty split the stage needs is an error now, not a silent no-op after training."""
+        needs = {"fit": ("train", "calib"), "validate": ("calib",), "test": ("test",), "predict": ("test",)}
+        sizes = {"train": len(self.train_set), "calib": len(self.calib_set), "test": len(self.test_set)}
+        for name in needs.get(stage, ()):
+            if sizes[name] == 0:
+                given = ", ".join(f"{k} {v}" for k, v in sizes.items())
+                raise ValueError(
+                    f"{type(self).__name__}: the {name} split is empty ({given} of {self.num_examples} questions; "
+                    f"split={list(self.split)}, limits={list(self.limits)}); {stage} needs it"
+                )
+
+    def _record_skipped(self) -> None:
+        trainer = self.trainer
+        if trainer is None or not self.skipped:
+            return
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
+        if trainer.is_global_zero and log_dir:
+            lines = "".join(json.dumps(e.record()) + "\n" for e in self.skipped)
+            artifacts.atomic_write_text(Path(log_dir) / SKIPPED_FILE, lines)
+            say(f"{len(self.skipped)} skipped rows listed in {Path(log_dir).resolve() / SKIPPED_FILE}")
 
     def _ensure_splits(self) -> None:
         if self.train_set is not None:
@@ -320,7 +405,8 @@ class ChoiceDataModule(L.LightningDataModule):
         return self._loader(self.calib_set, collate_choices, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, collate_choices, self.batch_size)
+        """The calib split, scored: validation never sees the test questions."""
+        return self.calib_choice_dataloader()
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, collate_choices, self.batch_size)
@@ -332,7 +418,9 @@ class ChoiceDataModule(L.LightningDataModule):
         self._ensure_splits()
         return {
             "task": type(self).__name__,
+            "metric": self.metric,
             "questions": self.num_examples,
+            "skipped": len(self.skipped),
             "train": len(self.train_set),
             "calib": len(self.calib_set),
             "test": len(self.test_set),

@@ -1,12 +1,18 @@
-"""Commonsense reasoning tasks in the LLM-Adapters format ``{instruction, input, output, answer}``.
+"""The paper's eight commonsense sets in the LLM-Adapters format ``{instruction, input, output, answer}``.
 
-The options live inside ``instruction``, e.g. (ARC)::
+The options live inside ``instruction``, e.g. (ARC, SIQA, OBQA)::
 
     Please choose the correct answer to the question: {q}\\n\\nAnswer1: {a} Answer2: {b} ...
     \\n\\nAnswer format: answer1/answer2/...
 
-boolq has no option list (labels true/false), piqa separates ``Solution1:``/``Solution2:`` by blank lines,
-hellaswag (``Ending1..4``) and ARC (``Answer1..5``) by single spaces.
+boolq has no option list (labels true/false), piqa separates ``Solution1:``/``Solution2:`` by blank
+lines, hellaswag (``Ending1..4``), ARC-e/ARC-c/SIQA/OBQA (``Answer1..5``) and WinoGrande
+(``Option1: Sarah Option2: Maria Answer format: option1/option2`` -- one space, no blank line,
+before the format line) by single spaces.
+
+``option_text`` scoring of WinoGrande is lm-eval's *partial evaluation*: each option is put into
+the sentence's blank to form that choice's context, and the words after the blank -- the same
+for every option -- are the scored continuation.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from svd_lightning.batch import ChoiceExample
-from svd_lightning.data.base import ChoiceDataModule, DataError, check_example, read_records, resolve_path, seeded_split
+from svd_lightning.data.base import ChoiceDataModule, DataError, check_example, seeded_split
 
 # LLM-Adapters' `generate_prompt` (commonsense_evaluate.py); the model continues with "the correct answer is X".
 TEMPLATE = (
@@ -29,9 +35,9 @@ TEMPLATE_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\nthe correct answer is"
 )
 
-_FORMAT = re.compile(r"\n\nAnswer format: (\S+)\s*$")
+_FORMAT = re.compile(r"\s+Answer format: (\S+)\s*$")
 _PREAMBLE = re.compile(r"^Please [^:]*:\s*")  # "Please choose the correct answer to the question: "
-_NUMBERED = re.compile(r"^(solution|ending|answer)(\d+)$")
+_NUMBERED = re.compile(r"^(solution|ending|answer|option)(\d+)$")
 
 Scoring = Literal["label", "option_text"]
 
@@ -49,27 +55,49 @@ def parse_row(row: dict, scoring: Scoring, path, i: int) -> ChoiceExample:
     if answer not in labels:
         raise DataError(path, f"answer {answer!r} is not one of the labels {labels}", i, "answer")
     is_true = [label == answer for label in labels]
+    body = instruction[: fmt.start()]
 
     if scoring == "label":
+        if _numbered(labels):  # the options are not scored, but a row repeating one is ill-posed
+            _parse_options(body, labels, path, i)
         extra = row.get("input") or ""
         prompt = (TEMPLATE_WITH_INPUT if extra.strip() else TEMPLATE).format(instruction=instruction, input=extra)
-        choices = [" " + label for label in labels]
+        ex = ChoiceExample(prompt, [" " + label for label in labels], is_true, index=i)
     elif scoring == "option_text":
-        prompt, options = _parse_options(instruction[: fmt.start()], labels, path, i)
-        choices = [" " + text for text in options]
+        ex = _option_text_example(body, labels, is_true, path, i)
     else:
         raise ValueError(f"scoring must be 'label' or 'option_text', got {scoring!r}")
-    ex = ChoiceExample(prompt, choices, is_true, index=i, answer=choices[is_true.index(True)])
     return check_example(ex, path, set_fields=("instruction",), prompt_field="instruction")
 
 
-def _parse_options(body: str, labels: list[str], path, i: int) -> tuple[str, list[str]]:
-    """(lm-eval style prompt, option texts in label order) from the instruction without its format line."""
+def _numbered(labels: list[str]) -> bool:
+    return all(_NUMBERED.match(label) for label in labels)
+
+
+def _option_text_example(body: str, labels: list[str], is_true: list[bool], path, i: int) -> ChoiceExample:
+    """The options' own text scored under an lm-eval style prompt (see the module docstring)."""
     if sorted(labels) == ["false", "true"]:  # boolq: the labels are the options
         question = _PREAMBLE.sub("", body.strip(), count=1)
-        return f"Question: {question}\nAnswer:", labels
+        return ChoiceExample(f"Question: {question}\nAnswer:", [" " + label for label in labels], is_true, index=i)
+    name, context, options = _parse_options(body, labels, path, i)
+    if name == "Option":  # WinoGrande: partial evaluation
+        blank = context.find("_")
+        if blank < 0:
+            raise DataError(path, "no '_' blank in the sentence to put the options into", i, "instruction")
+        rest = context[blank + 1 :].strip()
+        if not rest:
+            raise DataError(path, "nothing after the blank to score (partial evaluation scores those words)", i, "instruction")
+        contexts = [context[:blank] + option for option in options]
+        return ChoiceExample(context, [" " + rest] * len(options), is_true, index=i, contexts=contexts)
+    # hellaswag continues the sentence itself; piqa, ARC, SIQA and OBQA are questions
+    prompt = context if name == "Ending" else f"Question: {context}\nAnswer:"
+    return ChoiceExample(prompt, [" " + text for text in options], is_true, index=i)
+
+
+def _parse_options(body: str, labels: list[str], path, i: int) -> tuple[str, str, list[str]]:
+    """(option name, the question without its preamble, option texts in label order)."""
     kinds = {m.group(1) for m in map(_NUMBERED.match, labels) if m}
-    if len(kinds) != 1 or any(_NUMBERED.match(label) is None for label in labels):
+    if len(kinds) != 1 or not _numbered(labels):
         raise DataError(path, f"cannot score labels {labels} as option text; use scoring='label'", i, "instruction")
     name = kinds.pop().capitalize()  # solution -> "Solution1: ..."
     start = re.search(rf"\n\n{name}1:", body)
@@ -83,14 +111,17 @@ def _parse_options(body: str, labels: list[str], path, i: int) -> tuple[str, lis
     for k, text in enumerate(texts):
         if not text:
             raise DataError(path, f"option {name}{k + 1} is an empty string", i, "instruction")
-    context = _PREAMBLE.sub("", body[: start.start()].strip(), count=1)
-    # hellaswag continues the sentence itself; piqa/ARC are questions
-    prompt = context if name == "Ending" else f"Question: {context}\nAnswer:"
-    return prompt, texts
+    dups = sorted({t for t in texts if texts.count(t) > 1})
+    if dups:
+        raise DataError(path, f"duplicate options {dups}", i, "instruction")
+    return name, _PREAMBLE.sub("", body[: start.start()].strip(), count=1), texts
 
 
 class CommonsenseDataModule(ChoiceDataModule):
-    """boolq / piqa / hellaswag / ARC-e / ARC-c files from LLM-Adapters (``../shared/data/commonsense``).
+    """The eight commonsense sets of LLM-Adapters: BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA.
+
+    Five ship in ``../shared/data/commonsense``; SIQA (``social_i_qa``), WinoGrande and OBQA
+    (``openbookqa``) are read from the same format wherever you keep LLM-Adapters' ``dataset/``.
 
     Args:
         test_path: the task's ``test.json``.
@@ -100,7 +131,8 @@ class CommonsenseDataModule(ChoiceDataModule):
         calib_fraction: calib share of the train file.
         scoring: ``"label"`` scores the paper's label words (``... the correct answer is`` + `` answer1``)
             under the LLM-Adapters prompt; ``"option_text"`` scores the options' own text under an
-            lm-eval style prompt (``Question: ...\\nAnswer:``), which small models handle better.
+            lm-eval style prompt (``Question: ...\\nAnswer:``; WinoGrande: partial evaluation),
+            which small models handle better.
         **kwargs: see :class:`ChoiceDataModule`.
     """
 
@@ -121,8 +153,7 @@ class CommonsenseDataModule(ChoiceDataModule):
         self.calib_fraction, self.scoring = calib_fraction, scoring
 
     def _load(self, path: str | Path) -> list[ChoiceExample]:
-        path = resolve_path(path)
-        return [parse_row(row, self.scoring, path, i) for i, row in enumerate(read_records(path))]
+        return self.parse_file(path, lambda p, i, row: parse_row(row, self.scoring, p, i))
 
     def load_examples(self) -> list[ChoiceExample]:
         return self._load(self.test_path)

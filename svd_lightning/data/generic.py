@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from svd_lightning.batch import ChoiceExample
-from svd_lightning.data.base import ChoiceDataModule, DataError, check_example, read_records, resolve_path
+from svd_lightning.data.base import ChoiceDataModule, DataError, check_example
 
 
 class GenericChoiceDataModule(ChoiceDataModule):
@@ -15,8 +15,10 @@ class GenericChoiceDataModule(ChoiceDataModule):
         path: the data file.
         template: ``str.format`` template over the row's fields, giving the prompt.
         choices_field: a list of strings, or (CSV) one ``;``-separated string.
-        label_field: index of the true choice, a list of indices (several true), or the true choice's
-            text. In CSV, a cell matching a choice's text is that choice, else ``;``-separated indices.
+        label_field: index of the true choice (0-based), a list of indices (several true), or the
+            true choice's text. One rule for every format: an integer -- or a string of digits, as
+            CSV stores it (``"1"``, ``"0;2"`` for several) -- is an index; any other string is a
+            choice's text. So CSV ``choices=1;2;3, label=1`` and JSON ``"label": 1`` both mean "2".
         continuation_prefix: put before each choice (the usual leading space of a continuation).
         **kwargs: see :class:`ChoiceDataModule`.
     """
@@ -35,8 +37,7 @@ class GenericChoiceDataModule(ChoiceDataModule):
         self.choices_field, self.label_field, self.continuation_prefix = choices_field, label_field, continuation_prefix
 
     def load_examples(self) -> list[ChoiceExample]:
-        path = resolve_path(self.path)
-        return [self._parse(path, i, row) for i, row in enumerate(read_records(path))]
+        return self.parse_file(self.path, self._parse)
 
     def _parse(self, path: Path, i: int, row: dict) -> ChoiceExample:
         for field in (self.choices_field, self.label_field):
@@ -62,17 +63,19 @@ class GenericChoiceDataModule(ChoiceDataModule):
     def _truth(self, label, choices: list[str], path: Path, i: int) -> list[bool]:
         field = self.label_field
         if isinstance(label, str):
-            if label.strip() in choices:  # the true choice's text
+            cells = [x.strip() for x in label.split(";")]
+            if all(x.isdigit() for x in cells):  # CSV stores indices as strings: "1" or "0;2"
+                label = [int(x) for x in cells]
+            elif label.strip() in choices:  # the true choice's text
                 return [c == label.strip() for c in choices]
-            try:  # CSV cells are strings: "1" or "0;2"
-                label = [int(x) for x in label.split(";")]
-            except ValueError:
-                msg = f"{label!r} is neither a choice nor an index; choices: {choices}"
-                raise DataError(path, msg, i, field) from None
+            else:
+                msg = f"{label!r} is neither a choice's text nor an index; choices: {choices}"
+                raise DataError(path, msg, i, field)
         indices = label if isinstance(label, list) else [label]
         if not indices or not all(isinstance(k, int) and not isinstance(k, bool) for k in indices):
             raise DataError(path, f"expected an int index, a list of them or a choice's text, got {label!r}", i, field)
         bad = [k for k in indices if not 0 <= k < len(choices)]
         if bad:
-            raise DataError(path, f"label {bad} is outside the {len(choices)} choices", i, field)
+            raise DataError(path, f"label {bad} is outside the {len(choices)} choices (labels are 0-based "
+                                  "indices; digits are always read as an index)", i, field)
         return [k in indices for k in range(len(choices))]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from svd_lightning.batch import ChoiceExample
-from svd_lightning.data.base import ChoiceDataModule, DataError, check_example, read_records, resolve_path
+from svd_lightning.data.base import ChoiceDataModule, DataError, check_example
 
 # The instruction prompt of the TruthfulQA paper (Lin et al., 2022, appendix; `presets.py` upstream).
 INSTRUCTION = (
@@ -52,6 +52,8 @@ class TruthfulQADataModule(ChoiceDataModule):
         **kwargs: see :class:`ChoiceDataModule`.
     """
 
+    metric = "truthfulqa"
+
     def __init__(
         self, path: str = "../shared/data/truthfulqa/v1_2021/mc_task.json", instruction: bool = True, few_shot: bool = True, **kwargs
     ):
@@ -59,8 +61,7 @@ class TruthfulQADataModule(ChoiceDataModule):
         self.path, self.instruction, self.few_shot = path, instruction, few_shot
 
     def load_examples(self) -> list[ChoiceExample]:
-        path = resolve_path(self.path)
-        return [self._parse(path, i, row) for i, row in enumerate(read_records(path))]
+        return self.parse_file(self.path, self._parse)
 
     def _parse(self, path, i: int, row: dict) -> ChoiceExample:
         question = row.get("question")
