@@ -29,7 +29,6 @@ class SteeringLM(L.LightningModule):
         adapter: peft method: lora (default), ia3, prompt_tuning, p_tuning (prompt encoder) or prefix_tuning.
         adapter_options: overrides of the paper's defaults for that method (e.g. ``{r: 16}``).
         learning_rate: AdamW learning rate of the warm start (paper: 5e-5).
-        task: ``truthfulqa`` (MC1/MC2 + the paper's columns) or ``choice`` (acc / acc_norm).
         alpha: confidence-mask threshold α: keep tokens with p_φ ≥ α·max p_φ (default 0.1).
         scoring_policy: what a masked label token contributes to teacher-forced scores (see
             :func:`svd_lightning.steering.steered_log_probs`; default ``mask_generation_only``).
@@ -54,7 +53,6 @@ class SteeringLM(L.LightningModule):
         adapter_options: dict[str, Any] | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.0,
-        task: Literal["truthfulqa", "choice"] = "truthfulqa",
         alpha: float | None = None,
         scoring_policy: ScoringPolicy | None = None,
         floor: float | None = None,
@@ -99,10 +97,18 @@ class SteeringLM(L.LightningModule):
             self.set_strength(strength)
         elif run_dir is not None and reuse_strength:
             self.set_strength(self.source_run.mu)
-        self.metrics = torch.nn.ModuleDict(
-            {f"{stage}_{v}": MultipleChoiceScores(task) for stage in ("val", "test") for v in VARIANTS}
-        )
+        self.metrics = self.build_metrics("choice")  # setup() switches to the DataModule's family
         self.last_metrics: dict[str, float] = {}
+
+    @staticmethod
+    def build_metrics(family: str) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict(
+            {f"{stage}_{v}": MultipleChoiceScores(family) for stage in ("val", "test") for v in VARIANTS}
+        )
+
+    @property
+    def metric_family(self) -> str:
+        return self.metrics["test_plain"].family
 
     # -- strength ------------------------------------------------------------------------------
     @property
@@ -191,6 +197,10 @@ class SteeringLM(L.LightningModule):
             torch.set_rng_state(state["torch"])
 
     def setup(self, stage: str) -> None:
+        # The task declares how it is scored (a DataModule's `metric`; plain loaders: acc / acc_norm).
+        family = getattr(self.trainer.datamodule, "metric", "choice")
+        if family != self.metric_family:
+            self.metrics = self.build_metrics(family)
         # Two processes writing one run directory would mix their files: the second is refused.
         if stage == "fit":
             log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
