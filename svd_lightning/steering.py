@@ -12,6 +12,10 @@ Notation (per next-token position, over the vocabulary):
     δ̂   = δz with masked entries set to 0         (the only finite reading of the paper's −∞)
     ẑ   = z_φ + μ·δz on kept tokens, −∞ on masked ones
 
+``direction="logit_difference"`` replaces δz by ``z_φ − z_θ`` (the contrastive / proxy-tuning
+direction, taken as ``r``: see :func:`steering_direction`); mask, scoring policies and every strength
+solver stay the same.
+
 All probabilities come from ``log_softmax`` in at least fp32 (fp64 inputs stay fp64).
 """
 
@@ -26,6 +30,8 @@ import torch
 Curvature = Literal["identity", "fisher"]
 Aggregate = Literal["mean", "median", "trimmed", "pooled", "exact"]
 ScoringPolicy = Literal["mask_generation_only", "none", "floor", "mask"]
+Direction = Literal["kl_gradient", "logit_difference"]
+DIRECTIONS = ("kl_gradient", "logit_difference")
 
 IGNORE_INDEX = -100
 EPS = 1e-12
@@ -34,7 +40,10 @@ EPS = 1e-12
 LOGPROB_FLOOR = -1000.0
 # Policy `none` (no confidence mask) keeps tokens with p_φ ≥ 1e-8·max p_φ in the compact strength
 # caches: every token below moves its logit by |μ·δz| ≤ |μ|·1e-8·|KL − r| -- nothing measurable --
-# while keeping the exact solve's cache to the tokens that carry probability.
+# while keeping the exact solve's cache to the tokens that carry probability. That bound is for the
+# KL gradient (δz ∝ p_φ); the logit difference is not small there, so under direction
+# logit_difference + policy none the strength solves treat those tokens as unsteered: an
+# approximation of the unmasked objective (a μ large enough to lift them into the top is rare).
 NO_MASK_ALPHA = 1e-8
 
 
@@ -60,19 +69,43 @@ def confidence_mask(warm_logprobs: torch.Tensor, alpha: float = 0.1) -> torch.Te
     return warm_logprobs >= top + math.log(alpha)
 
 
+def check_direction(direction: str) -> str:
+    """``direction`` if it is one of :data:`DIRECTIONS`, else a ValueError naming the options."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return direction
+
+
 def steering_direction(
-    warm_logits: torch.Tensor, base_logits: torch.Tensor
+    warm_logits: torch.Tensor, base_logits: torch.Tensor, direction: Direction = "kl_gradient"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``δz = p_φ ⊙ (KL − r)`` before any mask, with the warm and base log-probs it was built from.
+    """The steering direction before any mask, with the warm and base log-probs it was built from.
+
+    * ``kl_gradient`` (SVDecode): ``δz = p_φ ⊙ (KL − r) = −∇_{z_φ} KL(p_φ‖p_θ)``. It points back
+      toward p_θ: a useful μ is usually negative.
+    * ``logit_difference`` (contrastive / proxy tuning): ``z_φ − z_θ``, computed as
+      ``r = log p_φ − log p_θ``, which differs from it by one constant per position. Softmax ignores
+      that constant wherever the whole vector is added (``log_softmax(z_φ + μ r) =
+      log_softmax(z_φ + μ(z_φ − z_θ))``, i.e. :func:`contrastive_logits` at γ = μ); where only the
+      kept entries are added (policy ``mask_generation_only``) ``r`` does not depend on the
+      arbitrary offset a model's raw logits carry, and it stays finite where p_θ underflows
+      (same floor as the KL). It points away from p_θ: a useful μ is usually positive.
+
+    Neither is normalised: the method scales δz by μ as it is (δ̂ only zeroes masked entries), so
+    the logit difference is not normalised either and μ = γ is literal.
 
     O(V) per position; the V×V softmax Jacobian is never built. Returns ``(delta, lp_warm, lp_base)``
     in fp32 (fp64 for fp64 inputs), for callers that also need the log-probs or several masks.
     """
+    check_direction(direction)
     if warm_logits.shape != base_logits.shape:
         raise ValueError(f"warm {tuple(warm_logits.shape)} and base {tuple(base_logits.shape)} logits differ in shape")
     lp_warm = log_probs(warm_logits)
     lp_base = log_probs(base_logits).to(lp_warm.dtype)
-    p, r = lp_warm.exp(), _log_ratio(lp_warm, lp_base)
+    r = _log_ratio(lp_warm, lp_base)
+    if direction == "logit_difference":
+        return r, lp_warm, lp_base
+    p = lp_warm.exp()
     kl = (p * r).sum(dim=-1, keepdim=True)
     return p * (kl - r), lp_warm, lp_base
 
@@ -82,14 +115,15 @@ def _log_ratio(lp_warm: torch.Tensor, lp_base: torch.Tensor) -> torch.Tensor:
 
 
 def steering_vector(
-    warm_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 0.1
+    warm_logits: torch.Tensor, base_logits: torch.Tensor, alpha: float = 0.1, *, direction: Direction = "kl_gradient"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit-space steering vector ``δz = p_φ ⊙ (KL − r)`` and the confidence mask ``keep``.
+    """Logit-space steering vector (``δz = p_φ ⊙ (KL − r)``, or the logit difference: see
+    :func:`steering_direction`) and the confidence mask ``keep``.
 
     Returns ``(delta, keep)`` with ``delta`` in fp32 (fp64 for fp64 inputs) and ``keep`` boolean,
     both shaped like the logits.
     """
-    delta, lp_warm, _ = steering_direction(warm_logits, base_logits)
+    delta, lp_warm, _ = steering_direction(warm_logits, base_logits, direction)
     return delta, confidence_mask(lp_warm, alpha)
 
 
@@ -173,13 +207,15 @@ def steer(
     mu: float | torch.Tensor,
     alpha: float = 0.1,
     mask_value: float = float("-inf"),
+    *,
+    direction: Direction = "kl_gradient",
 ) -> torch.Tensor:
     """Steered logits ``z_φ + μ·δz`` on kept tokens, ``mask_value`` (−∞) on masked ones.
 
     The mask is applied after scaling, so a negative μ never meets −∞. With μ = 0 the kept logits
-    are the warm logits exactly.
+    are the warm logits exactly. ``direction``: see :func:`steering_direction`.
     """
-    delta, keep = steering_vector(warm_logits, base_logits, alpha)
+    delta, keep = steering_vector(warm_logits, base_logits, alpha, direction=direction)
     steered = warm_logits.to(delta.dtype) + mu * delta
     return steered.masked_fill(~keep, mask_value)
 
@@ -191,6 +227,8 @@ def steered_log_probs(
     alpha: float = 0.1,
     policy: ScoringPolicy = "mask_generation_only",
     floor: float = -20.0,
+    *,
+    direction: Direction = "kl_gradient",
 ) -> torch.Tensor:
     """Log-probabilities of the steered distribution for teacher-forced scoring.
 
@@ -204,9 +242,10 @@ def steered_log_probs(
       gets the fixed log-prob ``floor``.
     * ``mask``: the paper verbatim (masked tokens −∞); sums over a continuation may be −∞.
 
-    With μ = 0 and α → 0 every policy reproduces the warm model's log-probs.
+    With μ = 0 and α → 0 every policy reproduces the warm model's log-probs. ``direction``: the
+    steering vector (see :func:`steering_direction`); every policy applies to either.
     """
-    delta, keep = steering_vector(warm_logits, base_logits, alpha)
+    delta, keep = steering_vector(warm_logits, base_logits, alpha, direction=direction)
     if policy == "none":
         return torch.log_softmax(warm_logits.to(delta.dtype) + mu * delta, dim=-1)
     shifted = warm_logits.to(delta.dtype) + mu * masked_delta(delta, keep)
@@ -414,3 +453,172 @@ class ExactStrengthCache:
         if not math.isfinite(mu):
             raise FloatingPointError("exact strength solve diverged")
         return mu
+
+
+# --------------------------------------------------------------------------------------------------
+# Global strength fit to the multiple-choice loss (``choice_nll``).
+
+
+def _segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """log Σ exp(values) per segment id in ``[0, n)``; −∞ for empty or all −∞ segments."""
+    top = torch.full((n,), float("-inf"), dtype=values.dtype).scatter_reduce(0, segment, values, "amax")
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = torch.zeros(n, dtype=values.dtype).index_add(0, segment, (values - safe[segment]).exp())
+    return safe + mass.log()
+
+
+def strength_grid(lo: float = 1e-3, hi: float = 1e3, per_decade: int = 4) -> list[float]:
+    """0 and ±μ on a log-spaced grid from ``lo`` to ``hi``: the bracketing grid of :class:`ChoiceStrengthCache`.
+
+    Symmetric because the useful sign depends on the direction (negative for the KL gradient,
+    positive for the logit difference); log-spaced because μ's scale does too (δz is weighted by
+    p_φ, the logit difference is not).
+    """
+    k = round(math.log10(hi / lo) * per_decade)
+    mags = [lo * (hi / lo) ** (i / k) for i in range(k + 1)]
+    return [-m for m in reversed(mags)] + [0.0] + mags
+
+
+@dataclass
+class ChoiceStrengthCache:
+    """Per-question cache to fit μ to the calibration set's multiple-choice loss, in closed form per μ.
+
+    A row (one choice) scores ``S_c(μ) = Σ_t log p_steered(y_t)`` under ``policy`` (as
+    :func:`steered_log_probs` scores it). A choice set of a question is one softmax over its rows:
+    its loss is the NLL of the true *set*, ``−log Σ_{c true} softmax(S)_c`` (one true choice:
+    MC1-style NLL; several: MC2-style). Choice sets are separate softmaxes whose losses add
+    (TruthfulQA: mc1 + mc2). Sets without a true choice (or, under ``mask``, whose true rows all
+    hold a masked token) carry no μ-dependent loss and are left out.
+
+    Tokens use :class:`ExactStrengthCache`'s compact form (kept logits and δ̂, log-sum-exp of the
+    rest), so the loss at any μ needs no model pass. Under policy ``none`` the cache is built with
+    the :data:`NO_MASK_ALPHA` mask and scored like ``mask_generation_only``. The loss is not convex
+    in μ: :meth:`solve` brackets on :func:`strength_grid` and refines by golden section.
+
+    DDP: the loss is a sum over choice sets, so each rank caches its own questions (all rows of a
+    question on one rank, as whole-question batches give) and :meth:`solve` all-reduces the sums.
+    """
+
+    policy: ScoringPolicy = "mask_generation_only"
+    floor: float = -20.0
+    tokens: ExactStrengthCache = field(default_factory=ExactStrengthCache)
+    label_kept: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    token_row: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    row_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    row_true: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    groups: dict = field(default_factory=dict)  # (question_index, choice_set) -> group id
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("mask_generation_only", "none", "floor", "mask"):
+            raise ValueError(f"unknown scoring policy {self.policy!r}")
+
+    @property
+    def rows(self) -> int:
+        return int(self.row_group.numel())
+
+    def update(self, warm_logits: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor,
+               row: torch.Tensor, question_index: torch.Tensor, choice_set: torch.Tensor,
+               is_true: torch.Tensor) -> "ChoiceStrengthCache":
+        """Add one choice batch: label positions ``[M, V]`` / ``[M]`` (as :func:`paired_label_logits`
+        returns them, ``row`` = their batch row) and the batch's per-row ``[N]`` question ids."""
+        if (labels == IGNORE_INDEX).any():
+            raise ValueError("ChoiceStrengthCache.update takes label positions only (no -100 labels)")
+        offset = self.rows
+        self.tokens.update(warm_logits, delta, keep, labels)
+        self.label_kept = torch.cat([self.label_kept, keep.gather(-1, labels.unsqueeze(-1)).squeeze(-1).cpu()])
+        self.token_row = torch.cat([self.token_row, row.cpu() + offset])
+        keys = zip(question_index.tolist(), choice_set.tolist())
+        ids = [self.groups.setdefault(k, len(self.groups)) for k in keys]
+        self.row_group = torch.cat([self.row_group, torch.tensor(ids, dtype=torch.long)])
+        self.row_true = torch.cat([self.row_true, is_true.bool().cpu()])
+        return self
+
+    def row_scores(self, mu: float) -> torch.Tensor:
+        """``S_c(μ)`` of every cached row (float64), as steered scoring sums it."""
+        t = self.tokens
+        kept_lse = _segment_logsumexp(t.kept_logit + mu * t.kept_delta, t.segment, t.count)
+        label = t.label_logit + mu * t.label_delta
+        if self.policy in ("mask_generation_only", "none"):
+            token = label - torch.logaddexp(kept_lse, t.rest_lse)
+        else:  # floor / mask: the distribution renormalised over kept tokens, a fixed value elsewhere
+            fill = self.floor if self.policy == "floor" else float("-inf")
+            token = torch.where(self.label_kept, label - kept_lse, torch.full_like(label, fill))
+        return torch.zeros(self.rows, dtype=torch.float64).index_add(0, self.token_row, token)
+
+    def losses(self, mus) -> torch.Tensor:
+        """This cache's summed choice-set NLL at every μ of ``mus`` (``[K]`` float64: all-reducible)."""
+        n = len(self.groups)
+        out = torch.zeros(len(mus), dtype=torch.float64)
+        for k, mu in enumerate(mus):
+            s = self.row_scores(float(mu))
+            lse_all = _segment_logsumexp(s, self.row_group, n)
+            lse_true = _segment_logsumexp(s.masked_fill(~self.row_true, float("-inf")), self.row_group, n)
+            usable = torch.isfinite(lse_true)
+            out[k] = (lse_all - lse_true)[usable].sum()
+        return out
+
+    def usable_groups(self) -> int:
+        """Choice sets that carry loss (a true choice with a finite score)."""
+        s = self.row_scores(0.0).masked_fill(~self.row_true, float("-inf"))
+        return int(torch.isfinite(_segment_logsumexp(s, self.row_group, len(self.groups))).sum())
+
+    def solve(
+        self,
+        grid: list[float] | None = None,
+        tol: float = 1e-8,
+        max_iter: int = 200,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> float:
+        """The μ that minimises the (all-reduced) loss: best point of ``grid`` (default
+        :func:`strength_grid`, widened ×10 while the best is at an end), then golden section
+        between its neighbours. Ties prefer the smaller |μ|. Every rank takes the same steps."""
+
+        def evaluate(mus: list[float]) -> list[float]:
+            vals = self.losses(mus)
+            return (reduce(vals) if reduce is not None else vals).tolist()
+
+        mus = sorted(set(strength_grid() if grid is None else grid))
+        if len(mus) < 3:
+            raise ValueError(f"the bracketing grid needs at least 3 points, got {mus}")
+        values = evaluate(mus)
+        if not any(math.isfinite(v) for v in values):
+            raise FloatingPointError("the choice loss is not finite at any μ of the grid")
+
+        def best() -> int:
+            return min(range(len(mus)), key=lambda i: (values[i], abs(mus[i])))
+
+        i = best()
+        for _ in range(12):  # the minimum may lie beyond the grid: widen it outward
+            if 0 < i < len(mus) - 1:
+                break
+            edge = mus[i] * 10.0
+            if i == 0:
+                mus.insert(0, edge)
+                values.insert(0, evaluate([edge])[0])
+            else:
+                mus.append(edge)
+                values.append(evaluate([edge])[0])
+            i = best()
+        if not 0 < i < len(mus) - 1:
+            raise FloatingPointError(f"the choice loss keeps falling as |μ| grows (best at μ = {mus[i]:g})")
+        mu, loss = _golden_section(lambda m: evaluate([m])[0], mus[i - 1], mus[i + 1], tol, max_iter)
+        return mu if loss < values[i] else mus[i]
+
+
+def _golden_section(f: Callable[[float], float], a: float, b: float, tol: float, max_iter: int) -> tuple[float, float]:
+    """A local minimum of ``f`` on ``[a, b]`` (golden-section search); returns ``(μ, f(μ))``."""
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(max_iter):
+        if abs(b - a) <= tol * max(1.0, abs(c) + abs(d)):
+            break
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return (c, fc) if fc <= fd else (d, fd)

@@ -6,13 +6,18 @@ import pytest
 import torch
 
 from svd_lightning.steering import (
+    NO_MASK_ALPHA,
+    ChoiceStrengthCache,
     ExactStrengthCache,
     StrengthStats,
     contrastive_logits,
     kl_divergence,
     steer,
     steered_log_probs,
+    steering_direction,
     steering_vector,
+    strength_alpha,
+    strength_grid,
     strength_terms,
     token_strengths,
 )
@@ -271,3 +276,173 @@ def test_policy_none_steers_every_token_and_differs_from_the_masked_policies():
     masked = steered_log_probs(zw, zb, -2.0, alpha=0.3, policy="mask_generation_only")
     torch.testing.assert_close(masked, torch.log_softmax(zw - 2.0 * delta * keep, -1), rtol=0, atol=1e-12)
     assert not torch.allclose(none, masked)
+
+
+# --------------------------------------------------------------------------------------------------
+# direction="logit_difference"
+
+
+def test_logit_difference_is_the_log_ratio_and_unknown_directions_are_refused():
+    zw, zb = _logits(4, 3), _logits(4, 3, seed=1)
+    delta, _ = steering_vector(zw, zb, direction="logit_difference")
+    torch.testing.assert_close(delta, torch.log_softmax(zw, -1) - torch.log_softmax(zb, -1), rtol=0, atol=1e-12)
+    # z_φ − z_θ up to one constant per position
+    shift = (zw - zb) - delta
+    torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), rtol=0, atol=1e-12)
+    for fn in (lambda: steering_vector(zw, zb, direction="contrastive"), lambda: steering_direction(zw, zb, "up"),
+               lambda: steer(zw, zb, 1.0, direction="x"), lambda: steered_log_probs(zw, zb, 1.0, direction="x")):
+        with pytest.raises(ValueError, match="kl_gradient.*logit_difference"):
+            fn()
+
+
+@pytest.mark.parametrize("direction", ["kl_gradient", "logit_difference"])
+@pytest.mark.parametrize("policy", ["none", "mask_generation_only"])
+def test_mu_zero_is_the_warm_model_for_both_directions(direction, policy):
+    zw, zb = _logits(3, 2), _logits(3, 2, seed=1)
+    lp = steered_log_probs(zw, zb, 0.0, alpha=0.1, policy=policy, direction=direction)
+    torch.testing.assert_close(lp, torch.log_softmax(zw, -1), rtol=0, atol=1e-12)
+    _, keep = steering_vector(zw, zb, direction=direction)
+    assert torch.equal(steer(zw, zb, 0.0, direction=direction)[keep], zw[keep])
+
+
+@pytest.mark.parametrize("gamma", [-0.5, 0.3, 1.0, 2.5])
+def test_unmasked_logit_difference_steering_is_the_contrastive_baseline_at_mu_gamma(gamma):
+    """No normalisation: μ = γ exactly; equal up to log_softmax's per-position shift."""
+    zw, zb = _logits(5, 3), _logits(5, 3, seed=1)
+    ref = torch.log_softmax(contrastive_logits(zw, zb, gamma), -1)
+    none = steered_log_probs(zw, zb, gamma, policy="none", direction="logit_difference")
+    torch.testing.assert_close(none, ref, rtol=0, atol=1e-10)
+    everything_kept = steer(zw, zb, gamma, alpha=1e-300, direction="logit_difference")  # α → 0: no mask
+    torch.testing.assert_close(torch.log_softmax(everything_kept, -1), ref, rtol=0, atol=1e-10)
+    # The masked policies renormalise over the keep set: the contrastive baseline restricted to it.
+    _, keep = steering_vector(zw, zb, 0.2)
+    masked = steered_log_probs(zw, zb, gamma, alpha=0.2, policy="mask", direction="logit_difference")
+    torch.testing.assert_close(masked, torch.log_softmax(contrastive_logits(zw, zb, gamma).masked_fill(~keep, -math.inf), -1))
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1e-9])
+def test_exact_strength_with_the_logit_difference_matches_grid_search(alpha):
+    zw, zb, _, _, labels = _calibration_tokens(alpha=alpha)
+    delta, keep = steering_vector(zw, zb, alpha, direction="logit_difference")
+    mu = ExactStrengthCache().update(zw, delta, keep, labels).solve()
+    d = delta.masked_fill(~keep, 0.0)
+    grid = torch.linspace(mu - 2, mu + 2, 4001, dtype=torch.float64)
+    losses = torch.stack([-torch.log_softmax(zw + m * d, -1).gather(-1, labels[:, None]).sum() for m in grid])
+    assert abs(grid[losses.argmin()].item() - mu) < 2e-3
+    assert mu > 0  # labels drawn from the extrapolation past the warm model: along +(z_φ − z_θ)
+
+
+# --------------------------------------------------------------------------------------------------
+# choice_nll: the calibration set's multiple-choice loss
+
+
+def _choice_example(seed=0, questions=6, alpha=0.1, direction="kl_gradient", policy="mask_generation_only"):
+    """Random questions with an mc1-style set (one true) and an mc2-style set (two true), 1-4 tokens a choice."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []  # (question, set, is_true, tokens)
+    for q in range(questions):
+        for cset, n_true in ((0, 1), (1, 2)):
+            for c in range(3 + (q + cset) % 2):
+                rows.append((10 + q, cset, c < n_true, 1 + int(torch.randint(4, (1,), generator=g))))
+    M = sum(r[3] for r in rows)
+    zw, zb = _logits(M, scale=2.0, seed=seed), _logits(M, scale=2.0, seed=seed + 50)
+    zb = zw + 0.6 * (zb - zw)
+    row = torch.cat([torch.full((r[3],), i) for i, r in enumerate(rows)])
+    meta = {k: torch.tensor([r[j] for r in rows]) for j, k in enumerate(("question_index", "choice_set", "is_true"))}
+    # True answers lean past the warm model (away from the base), false ones toward the base: a
+    # finite best μ, since the sampled tokens overlap.
+    lean = torch.where(meta["is_true"][row].bool(), 0.5, -0.5).unsqueeze(-1).double()
+    target = zw + lean * (zw - zb)
+    labels = torch.multinomial(torch.softmax(target, -1), 1, generator=g).squeeze(-1)
+    delta, keep = steering_vector(zw, zb, strength_alpha(alpha, policy), direction=direction)
+    return zw, zb, delta, keep, labels, row, meta
+
+
+def _brute_choice_loss(zw, zb, labels, row, meta, mus, alpha, policy, direction, floor=-20.0):
+    """Σ over choice sets of −log Σ_true softmax(S): one steered_log_probs call per μ of ``mus`` → [K]."""
+    mu = torch.as_tensor(mus, dtype=torch.float64).reshape(-1, 1, 1)
+    lp = steered_log_probs(zw, zb, mu, alpha, policy, floor, direction=direction)
+    lp = lp.gather(-1, labels.expand(mu.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    scores = torch.zeros(mu.shape[0], len(meta["is_true"]), dtype=torch.float64).index_add(1, row, lp)
+    total = torch.zeros(mu.shape[0], dtype=torch.float64)
+    for q, cset in {(int(a), int(b)) for a, b in zip(meta["question_index"], meta["choice_set"])}:
+        sel = (meta["question_index"] == q) & (meta["choice_set"] == cset)
+        s, t = scores[:, sel], meta["is_true"][sel].bool()
+        if torch.isfinite(s[:, t]).any():
+            total += torch.logsumexp(s, -1) - torch.logsumexp(s[:, t], -1)
+    return total
+
+
+def _choice_cache(example, policy="mask_generation_only", split=None, floor=-20.0):
+    zw, _, delta, keep, labels, row, meta = example
+    cache = ChoiceStrengthCache(policy, floor)
+    bounds = [0, split, len(meta["is_true"])] if split else [0, len(meta["is_true"])]
+    for lo, hi in zip(bounds, bounds[1:]):  # batches of whole rows, row ids local to the batch
+        t = (row >= lo) & (row < hi)
+        cache.update(zw[t], delta[t], keep[t], labels[t], row[t] - lo,
+                     *(meta[k][lo:hi] for k in ("question_index", "choice_set", "is_true")))
+    return cache
+
+
+@pytest.mark.parametrize("direction", ["kl_gradient", "logit_difference"])
+@pytest.mark.parametrize("policy", ["mask_generation_only", "floor", "mask", "none"])
+def test_choice_loss_matches_brute_force_scoring(policy, direction):
+    if policy == "none" and direction == "logit_difference":
+        pytest.skip("the caches approximate policy none for the logit difference (see NO_MASK_ALPHA)")
+    ex = _choice_example(alpha=0.3, direction=direction, policy=policy)
+    cache = _choice_cache(ex, policy, split=17, floor=-7.0)
+    mus = [-30.0, -2.0, -0.1, 0.0, 0.4, 3.0, 25.0]
+    got = cache.losses(mus)
+    zw, zb, _, _, labels, row, meta = ex
+    ref = _brute_choice_loss(zw, zb, labels, row, meta, mus, 0.3, policy, direction, -7.0)
+    tol = 1e-6 if policy == "none" else 1e-10  # none: tokens below NO_MASK_ALPHA·max p_φ unsteered
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    assert torch.isfinite(got).all()
+    assert cache.usable_groups() == 12 or policy == "mask"
+
+
+@pytest.mark.parametrize("direction", ["kl_gradient", "logit_difference"])
+def test_choice_strength_solve_matches_a_brute_force_grid(direction):
+    ex = _choice_example(seed=3, questions=10, direction=direction)
+    cache = _choice_cache(ex)
+    mu = cache.solve()
+    zw, zb, _, _, labels, row, meta = ex
+    lo, hi = (-60.0, 60.0) if direction == "kl_gradient" else (-4.0, 12.0)
+    grid = torch.linspace(lo, hi, 6001, dtype=torch.float64)
+    brute = _brute_choice_loss(zw, zb, labels, row, meta, grid, 0.1, "mask_generation_only", direction)
+    best = grid[int(brute.argmin())].item()
+    assert cache.losses([mu])[0] <= brute.min() + 1e-9
+    assert abs(mu - best) <= 2 * (hi - lo) / 6000 + 1e-6, (mu, best)
+    # The true answers extrapolate away from the base model: −δz for the KL gradient, +(z_φ − z_θ) for the other.
+    assert (mu < 0) == (direction == "kl_gradient")
+    assert cache.losses([mu])[0] < cache.losses([0.0])[0] - 1.0
+
+
+def test_choice_strength_is_ddp_reducible():
+    """Two ranks holding different questions, all-reducing the loss sums, solve as one cache does."""
+    ex = _choice_example(seed=1, questions=8)
+    whole = _choice_cache(ex)
+    first_half = int((ex[6]["question_index"] < 14).sum())  # questions 10..13 | 14..17
+    zw, zb, delta, keep, labels, row, meta = ex
+    ranks = []
+    for lo, hi in ((0, first_half), (first_half, len(meta["is_true"]))):
+        t = (row >= lo) & (row < hi)
+        c = ChoiceStrengthCache()
+        c.update(zw[t], delta[t], keep[t], labels[t], row[t] - lo,
+                 *(meta[k][lo:hi] for k in ("question_index", "choice_set", "is_true")))
+        ranks.append(c)
+    mus = strength_grid()
+    torch.testing.assert_close(ranks[0].losses(mus) + ranks[1].losses(mus), whole.losses(mus), rtol=1e-12, atol=1e-10)
+
+    r0, r1 = ranks
+    asked = []
+    orig = r0.losses
+    r0.losses = lambda m: (asked.append(list(m)), orig(m))[1]
+    mu = r0.solve(reduce=lambda vals: vals + r1.losses(asked[-1]))
+    assert mu == pytest.approx(whole.solve(), abs=1e-9)
+
+
+def test_choice_strength_widens_a_grid_that_is_too_narrow():
+    ex = _choice_example(seed=3, questions=10)
+    cache = _choice_cache(ex)
+    assert cache.solve(grid=[-1e-3, 0.0, 1e-3]) == pytest.approx(cache.solve(), abs=1e-6)
