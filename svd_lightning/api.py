@@ -20,12 +20,12 @@ import torch
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
 from svd_lightning.generate import MODES, generate_answers, load_run
-from svd_lightning.steering import ScoringPolicy
+from svd_lightning.steering import Direction, ScoringPolicy, check_direction
 
 
 @dataclass
 class SteeredModel:
-    """A peft model, its tokenizer and the steering settings of a run (μ̄, α, scoring policy).
+    """A peft model, its tokenizer and the steering settings of a run (μ̄, α, scoring policy, direction).
 
     ``mu`` must be finite; ``alpha`` in (0, 1]. Build one with :meth:`from_run_dir`, or directly
     from a peft model you hold (e.g. ``SteeredModel(module.model, module.tokenizer, mu=module.mu)``).
@@ -37,6 +37,7 @@ class SteeredModel:
     alpha: float = 0.1
     scoring_policy: ScoringPolicy = "mask_generation_only"
     floor: float = -20.0
+    direction: Direction = "kl_gradient"  # the steering vector μ̄ scales (see steering.steering_direction)
     forward_mode: ForwardMode = "auto"
     max_length: int = 512
     run_dir: str | None = None
@@ -49,6 +50,7 @@ class SteeredModel:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}{where}")
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+        check_direction(self.direction)
         self.model.eval()
 
     @classmethod
@@ -58,7 +60,7 @@ class SteeredModel:
         if device is not None:
             model = model.to(device)
         settings = {"mu": run.mu, "alpha": run.alpha, "scoring_policy": run.scoring_policy, "floor": run.floor,
-                    "run_dir": str(path)}
+                    "direction": run.direction, "run_dir": str(path)}
         unknown = set(overrides) - set(cls.__dataclass_fields__) - {"model", "tokenizer"}
         if unknown:
             raise TypeError(f"unknown settings {sorted(unknown)}; choose from {sorted(cls.__dataclass_fields__)}")
@@ -91,7 +93,7 @@ class SteeredModel:
             batch = collate_choices(examples[start : start + batch_size], tok)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             scores = score_choices(self.model, batch, self.mu, self.alpha, self.scoring_policy, self.floor,
-                                   forward_mode=self.forward_mode)
+                                   forward_mode=self.forward_mode, direction=self.direction)
             for q in batch["question_index"].unique(sorted=True).tolist():
                 rows = batch["question_index"] == q
                 results.append({k: scores[k][rows].tolist() for k in ("plain", "base", "steered")})
@@ -111,6 +113,7 @@ class SteeredModel:
         rows = generate_answers(self.model, self.tokenizer, [prompts] if single else list(prompts), self.mu, self.alpha,
                                 mode, batch_size=batch_size, seed=seed, mask=self.scoring_policy != "none",
                                 progress=False, forward_mode=self.forward_mode, with_plain=with_plain,
+                                direction=self.direction,
                                 **generation_kwargs)
         out = rows if with_plain else [r["steered"] for r in rows]
         return out[0] if single else out

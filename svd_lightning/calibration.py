@@ -1,7 +1,9 @@
 """The calibration pass, with no Trainer: steering statistics of every calibration label token.
 
 :func:`calibrate` runs the warm and pre-trained models over teacher-forced prompt + answer batches
-and returns what every strength option needs (:class:`CalibrationResult`). The Lightning callbacks
+and returns what every token-level strength option needs (:class:`CalibrationResult`);
+:func:`calibrate_choices` runs them over the calibration *choice* batches for the strength fit to
+the multiple-choice loss (``choice_nll``). The Lightning callbacks
 (:mod:`svd_lightning.callbacks`) are thin wrappers that pass in their rank's batches and the
 collectives of their strategy; ``benchmarks/`` call it directly.
 """
@@ -17,11 +19,16 @@ import torch
 from svd_lightning.decoding import ForwardMode, paired_label_logits
 from svd_lightning.progress import track
 from svd_lightning.steering import (
+    ChoiceStrengthCache,
+    Direction,
     ExactStrengthCache,
+    ScoringPolicy,
     StrengthStats,
+    check_direction,
     confidence_mask,
     kl_from_log_probs,
     steering_direction,
+    strength_alpha,
     strength_terms,
 )
 
@@ -63,6 +70,7 @@ def calibrate_alphas(
     batches: Iterable[dict],
     alphas: dict[str, float],
     *,
+    direction: Direction = "kl_gradient",
     forward_mode: ForwardMode = "auto",
     reduce: Reduce | None = None,
     gather: Gather | None = None,
@@ -72,7 +80,12 @@ def calibrate_alphas(
     step: int = 0,
     desc: str = "Calibration",
 ) -> dict[str, CalibrationResult]:
-    """:func:`calibrate` for several mask thresholds from one pass over the model: ``{name: result}``."""
+    """:func:`calibrate` for several mask thresholds from one pass over the model: ``{name: result}``.
+
+    ``direction``: the steering vector the statistics are of (see
+    :func:`svd_lightning.steering.steering_direction`); the ``kl_mean`` diagnostic is the same for both.
+    """
+    check_direction(direction)
     reduce, gather = reduce or _identity, gather or _identity
     device = device if device is not None else next(model.parameters()).device
     stats = {name: StrengthStats() for name in alphas}
@@ -91,7 +104,7 @@ def calibrate_alphas(
             if warm.dtype in (torch.bfloat16, torch.float16):  # autocast: the statistics are fp32
                 warm, base = warm.float(), base.float()
             # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
-            delta, lp_warm, lp_base = steering_direction(warm, base)
+            delta, lp_warm, lp_base = steering_direction(warm, base, direction)
             kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
             norm = delta.norm(dim=-1).sum().double().cpu()
             for name, alpha in alphas.items():
@@ -117,3 +130,69 @@ def calibrate_alphas(
         }
         results[name] = CalibrationResult(merged, caches[name], diagnostics, step, seconds)
     return results
+
+
+@dataclass
+class ChoiceCalibration:
+    """One pass over calibration *choice* batches: the cache the ``choice_nll`` strength is solved on."""
+
+    cache: ChoiceStrengthCache  # this rank's questions only (the solve all-reduces the loss)
+    diagnostics: dict[str, float]
+    step: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def calibrate_choices(
+    model,
+    batches: Iterable[dict],
+    alpha: float,
+    *,
+    policy: ScoringPolicy = "mask_generation_only",
+    floor: float = -20.0,
+    direction: Direction = "kl_gradient",
+    forward_mode: ForwardMode = "auto",
+    reduce: Reduce | None = None,
+    device: torch.device | str | None = None,
+    total: int | None = None,
+    progress: bool = True,
+    step: int = 0,
+    desc: str = "Choice calibration",
+) -> ChoiceCalibration:
+    """The multiple-choice loss of the calibration set as a function of μ (see :class:`ChoiceStrengthCache`).
+
+    ``batches`` are choice batches (every row of a question in one batch, see
+    :mod:`svd_lightning.batch`); ``alpha``, ``policy``, ``floor`` and ``direction`` are the scoring
+    settings: the cache scores each choice as :func:`svd_lightning.decoding.score_choices` would at
+    any μ. ``cache.solve(reduce=...)`` gives the ``choice_nll`` strength. Under DDP give each rank
+    its own batches; ``reduce`` (sum) only merges the diagnostics here. The model is put in eval
+    mode and restored.
+    """
+    check_direction(direction)
+    reduce = reduce or _identity
+    device = device if device is not None else next(model.parameters()).device
+    cache = ChoiceStrengthCache(policy, floor)
+    keep_alpha = strength_alpha(alpha, policy)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(track(batches, desc, total=total, unit="batch", enabled=progress)):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            try:
+                warm, base, labels, row = paired_label_logits(model, batch, forward_mode=forward_mode)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"{err} -- choice calibration batch {i}") from err
+            if warm.dtype in (torch.bfloat16, torch.float16):  # autocast: the cache is fp64 from fp32
+                warm, base = warm.float(), base.float()
+            delta, lp_warm, _ = steering_direction(warm, base, direction)
+            keep = confidence_mask(lp_warm, keep_alpha)
+            cache.update(warm, delta, keep, labels, row,
+                         *(batch[k] for k in ("question_index", "choice_set", "is_true")))
+    finally:
+        model.train(was_training)
+    counts = torch.tensor([len(cache.groups), cache.usable_groups(), cache.rows, cache.tokens.count],
+                          dtype=torch.float64)
+    counts = reduce(counts.to(device)).cpu()
+    diagnostics = dict(zip(("choice_sets", "usable_choice_sets", "choice_rows", "choice_tokens"), counts.tolist()))
+    return ChoiceCalibration(cache, diagnostics, step, time.perf_counter() - start)

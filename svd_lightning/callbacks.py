@@ -4,7 +4,8 @@
   every label token, their statistics (mean KL, kept fraction, ‖δz‖) and the sufficient
   statistics of the strength (all ranks merged).
 * :class:`StrengthSolver` -- μ̄ from those statistics (mean / median / trimmed / pooled / exact,
-  identity or Fisher curvature), set on the module, logged, and written to ``steering.json``.
+  identity or Fisher curvature) or fit to the calibration multiple-choice loss (choice_nll, one more
+  pass over the calibration choices), set on the module, logged, and written to ``steering.json``.
 * :class:`SteeredValidation` -- prints the plain / base / steered table and writes ``metrics.json``.
 * :class:`LogitSnapshot` -- saves top-k pre-trained and warm-started logits of a probe batch.
 * :class:`ScoreWriter` -- ``predict`` writes every question's plain / base / steered scores (JSONL).
@@ -28,10 +29,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning import artifacts
-from svd_lightning.calibration import CalibrationResult, calibrate
+from svd_lightning.calibration import CalibrationResult, ChoiceCalibration, calibrate, calibrate_choices
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.run import SteeringRun, write_run
 from svd_lightning.steering import Aggregate, Curvature, strength_alpha
+
+STRENGTH_OPTIONS = ("exact", "mean", "median", "trimmed", "pooled", "choice_nll")
+CURVATURE_OPTIONS = ("identity", "fisher")
 from svd_lightning.progress import say
 
 
@@ -43,6 +47,24 @@ def calibration_loader(trainer: L.Trainer):
             "(teacher-forced prompt + answer batches, see svd_lightning.batch)"
         )
     return dm.calib_dataloader()
+
+
+def choice_calibration_loader(trainer: L.Trainer):
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "calib_choice_dataloader"):
+        raise RuntimeError(
+            "strength 'choice_nll' needs a DataModule with a `calib_choice_dataloader()` method (the "
+            "calibration questions as choice batches, see svd_lightning.batch)"
+        )
+    return dm.calib_choice_dataloader()
+
+
+def _my_batches(trainer: L.Trainer, loader, limit: int | None):
+    """This rank's share of ``loader`` (batches ``i % world == rank`` of the first ``limit``) and its size."""
+    total = len(loader) if limit is None else min(len(loader), limit)
+    rank, world = trainer.global_rank, trainer.world_size
+    mine = (batch for i, batch in enumerate(itertools.islice(loader, total)) if i % world == rank)
+    return mine, len(range(rank, total, world))
 
 
 def check_calibration_set(trainer: L.Trainer) -> None:
@@ -87,18 +109,16 @@ class SteeringExtraction(L.Callback):
     def extract(self, trainer: L.Trainer, pl_module) -> CalibrationResult:
         if not self.is_stale(trainer):
             return self.result
-        loader = calibration_loader(trainer)
-        total = len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
-        rank, world = trainer.global_rank, trainer.world_size
-        mine = (batch for i, batch in enumerate(itertools.islice(loader, total)) if i % world == rank)
+        mine, count = _my_batches(trainer, calibration_loader(trainer), self.limit_batches)
         h = pl_module.hparams
         try:
             self.result = calibrate(
                 pl_module.model, mine, strength_alpha(h.alpha, h.scoring_policy),
+                direction=h.get("direction", "kl_gradient"),
                 forward_mode=h.get("forward_mode", "auto"),
                 reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
                 gather=lambda t: _gather_ragged(trainer, t),
-                device=pl_module.device, total=len(range(rank, total, world)),
+                device=pl_module.device, total=count,
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
                 step=trainer.global_step,
             )
@@ -133,10 +153,18 @@ class StrengthSolver(L.Callback):
     Args:
         strength: ``exact`` minimises the calibration NLL of ``softmax(z_φ + μ δ̂)`` (convex; the
             objective steered scoring is judged by); ``mean`` is the paper (mean of per-token
-            Newton steps); ``median`` / ``trimmed`` / ``pooled`` are robust alternatives.
+            Newton steps); ``median`` / ``trimmed`` / ``pooled`` are robust alternatives;
+            ``choice_nll`` minimises the calibration questions' multiple-choice loss under the
+            scoring policy (NLL of the true choice, or of the true set for MC2-style sets; not
+            convex: grid bracket + golden section), from one extra pass over the DataModule's
+            ``calib_choice_dataloader()``.
         curvature: ``identity`` (the paper) or ``fisher`` for mean / median / trimmed / pooled.
         trim: the fraction cut at each tail by ``trimmed``.
-        limit_batches: passed to the extraction pass when this solver runs it itself.
+        limit_batches: passed to the extraction pass when this solver runs it itself, and to the
+            choice pass of ``choice_nll``.
+
+    Whichever ``strength`` is chosen, ``aggregates`` in ``steering.json`` records every token-level
+    option (and ``choice_nll`` when it was solved) on the same calibration set.
     """
 
     def __init__(
@@ -146,6 +174,10 @@ class StrengthSolver(L.Callback):
         trim: float = 0.1,
         limit_batches: int | None = None,
     ):
+        if strength not in STRENGTH_OPTIONS:
+            raise ValueError(f"strength must be one of {STRENGTH_OPTIONS}, got {strength!r}")
+        if curvature not in CURVATURE_OPTIONS:
+            raise ValueError(f"curvature must be one of {CURVATURE_OPTIONS}, got {curvature!r}")
         self.strength, self.curvature, self.trim = strength, curvature, trim
         self.limit_batches = limit_batches
         self.solution: dict | None = None
@@ -154,6 +186,23 @@ class StrengthSolver(L.Callback):
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" or pl_module.mu is None:
             check_calibration_set(trainer)
+            if self.strength == "choice_nll" and len(choice_calibration_loader(trainer)) == 0:
+                raise ValueError("strength 'choice_nll': calib_choice_dataloader() yields no batches")
+
+    def _choice_calibration(self, trainer, pl_module) -> ChoiceCalibration:
+        """One pass over this rank's calibration choice batches (strength ``choice_nll`` only)."""
+        mine, count = _my_batches(trainer, choice_calibration_loader(trainer), self.limit_batches)
+        h = pl_module.hparams
+        try:
+            return calibrate_choices(
+                pl_module.model, mine, h.alpha, policy=h.scoring_policy, floor=h.floor,
+                direction=h.get("direction", "kl_gradient"), forward_mode=h.get("forward_mode", "auto"),
+                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device,
+                total=count, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+                step=trainer.global_step,
+            )
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
 
     def _extraction(self, trainer) -> SteeringExtraction:
         for cb in trainer.callbacks:
@@ -172,7 +221,13 @@ class StrengthSolver(L.Callback):
             return trainer.strategy.reduce(v.to(pl_module.device), reduce_op="sum").cpu()
 
         summary["exact"] = result.cache.solve(reduce=allreduce)
-        key = "exact" if self.strength == "exact" else f"{self.strength}_{self.curvature}"
+        diagnostics, seconds = dict(result.diagnostics), result.seconds
+        if self.strength == "choice_nll":
+            choices = self._choice_calibration(trainer, pl_module)
+            summary["choice_nll"] = choices.cache.solve(reduce=allreduce)
+            diagnostics.update(choices.diagnostics)
+            seconds += choices.seconds
+        key = self.strength if self.strength in ("exact", "choice_nll") else f"{self.strength}_{self.curvature}"
         mu = summary[key]
         if not math.isfinite(mu):
             raise FloatingPointError(f"the {key} strength is not finite ({mu}); see steer/* logs")
@@ -184,9 +239,10 @@ class StrengthSolver(L.Callback):
             "trim": self.trim,
             "alpha": pl_module.hparams.alpha,
             "scoring_policy": pl_module.hparams.scoring_policy,
+            "direction": pl_module.hparams.get("direction", "kl_gradient"),
             "aggregates": summary,
-            "diagnostics": result.diagnostics,
-            "calibration_seconds": result.seconds + time.perf_counter() - start,
+            "diagnostics": diagnostics,
+            "calibration_seconds": seconds + time.perf_counter() - start,
             "global_step": trainer.global_step,
         }
         pl_module.log("steer/mu", mu, rank_zero_only=True)
@@ -202,7 +258,7 @@ class StrengthSolver(L.Callback):
         sol = self.solution
         pl_module.steering_run = SteeringRun(
             model=h.model, adapter=h.adapter, mu=sol["mu"], alpha=h.alpha, scoring_policy=h.scoring_policy,
-            floor=h.floor, strength=self.strength, curvature=self.curvature, trim=self.trim,
+            floor=h.floor, direction=h.get("direction", "kl_gradient"), strength=self.strength, curvature=self.curvature, trim=self.trim,
             adapter_options=h.adapter_options, tokenizer_sha256=artifacts.tokenizer_hash(pl_module.tokenizer),
             aggregates=sol["aggregates"], diagnostics=sol["diagnostics"],
             calibration_seconds=sol["calibration_seconds"], global_step=sol["global_step"], hparams=dict(h),

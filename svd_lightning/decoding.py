@@ -33,7 +33,9 @@ from transformers.generation import (
 from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.progress import say
 from svd_lightning.steering import (
+    Direction,
     ScoringPolicy,
+    check_direction,
     log_probs,
     masked_delta,
     steered_log_probs,
@@ -324,13 +326,17 @@ def score_choices(
     floor: float = -20.0,
     share_prompts: bool = True,
     forward_mode: ForwardMode = "auto",
+    *,
+    direction: Direction = "kl_gradient",
 ) -> dict[str, torch.Tensor]:
     """Summed log-probability of each row's continuation under plain (warm), base and steered models.
 
     Returns fp32 tensors ``[N]``: ``plain``, ``base``, ``steered`` (absent when ``mu`` is None) and
     ``num_tokens`` (divide for per-token length normalisation). Masked label tokens follow
     ``policy`` (see :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN.
+    ``direction``: the steering vector (see :func:`svd_lightning.steering.steering_direction`).
     """
+    check_direction(direction)
     warm, base, y, row = paired_label_logits(model, batch, share_prompts, forward_mode=forward_mode)
     n = batch["input_ids"].shape[0]
     gather = lambda lp: lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()  # noqa: E731
@@ -340,7 +346,8 @@ def score_choices(
         "num_tokens": _per_row(torch.ones_like(y, dtype=torch.float32), row, n),
     }
     if mu is not None:
-        out["steered"] = _per_row(gather(steered_log_probs(warm, base, mu, alpha, policy, floor)), row, n)
+        steered = steered_log_probs(warm, base, mu, alpha, policy, floor, direction=direction)
+        out["steered"] = _per_row(gather(steered), row, n)
     if any(torch.isnan(v).any() for v in out.values()):
         raise FloatingPointError("NaN in multiple-choice scores")
     return out
@@ -350,9 +357,10 @@ def score_choices(
 # Generation.
 
 
-def steered_next_log_probs(warm: torch.Tensor, base: torch.Tensor, mu: float, alpha: float, mask: bool = True) -> torch.Tensor:
+def steered_next_log_probs(warm: torch.Tensor, base: torch.Tensor, mu: float, alpha: float, mask: bool = True, *,
+                           direction: Direction = "kl_gradient") -> torch.Tensor:
     """SVDecode's next-token log-probs from warm and base logits (−∞ on masked tokens, ``mask=False``: none)."""
-    delta, keep = steering_vector(warm.float(), base.float(), alpha)
+    delta, keep = steering_vector(warm.float(), base.float(), alpha, direction=direction)
     if not mask:
         keep = torch.ones_like(keep)
     steered = (warm.float() + mu * masked_delta(delta, keep)).masked_fill(~keep, float("-inf"))
@@ -369,8 +377,10 @@ class SteeringLogitsProcessor(LogitsProcessor):
     search all accept. ``mu=0`` keeps the warm model's ranking among kept tokens (min-p style).
     """
 
-    def __init__(self, model, mu: float, alpha: float = 0.1, attention_mask: torch.Tensor | None = None, mask: bool = True):
+    def __init__(self, model, mu: float, alpha: float = 0.1, attention_mask: torch.Tensor | None = None, mask: bool = True,
+                 direction: Direction = "kl_gradient"):
         self.model, self.mu, self.alpha, self.mask = model, float(mu), alpha, mask
+        self.direction = check_direction(direction)
         self.prompt_mask = attention_mask
         self.cache = None
         self.seen: torch.Tensor | None = None  # the ids whose base pass is in the cache
@@ -412,7 +422,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.attn = self.attn[parent]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return steered_next_log_probs(scores, self.base_next_logits(input_ids), self.mu, self.alpha, self.mask)
+        return steered_next_log_probs(scores, self.base_next_logits(input_ids), self.mu, self.alpha, self.mask,
+                                      direction=self.direction)
 
 
 class PairedSteeringLogitsProcessor(LogitsProcessor):
@@ -422,12 +433,14 @@ class PairedSteeringLogitsProcessor(LogitsProcessor):
     the base rows always see the warm rows' prefix. Later user processors see only the warm half.
     """
 
-    def __init__(self, mu: float, alpha: float = 0.1, mask: bool = True, then: list | None = None):
+    def __init__(self, mu: float, alpha: float = 0.1, mask: bool = True, then: list | None = None,
+                 direction: Direction = "kl_gradient"):
         self.mu, self.alpha, self.mask, self.then = float(mu), alpha, mask, list(then or [])
+        self.direction = check_direction(direction)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         warm, base = scores.chunk(2)
-        out = steered_next_log_probs(warm, base, self.mu, self.alpha, self.mask)
+        out = steered_next_log_probs(warm, base, self.mu, self.alpha, self.mask, direction=self.direction)
         warm_ids = input_ids[: warm.shape[0]]
         for processor in self.then:
             out = processor(warm_ids, out)
@@ -491,8 +504,11 @@ def _first_half(out):
 
 
 def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mu: float, alpha: float = 0.1,
-                     mask: bool = True, forward_mode: ForwardMode = "auto", **generate_kwargs):
+                     mask: bool = True, forward_mode: ForwardMode = "auto", *, direction: Direction = "kl_gradient",
+                     **generate_kwargs):
     """``model.generate`` with SVDecode; all of transformers' decoding options apply on top.
+
+    ``direction``: the steering vector (see :func:`svd_lightning.steering.steering_direction`).
 
     Sampling options (temperature, top-k, top-p, …) act on the steered distribution. The one-forward
     path covers greedy, beam search and sampling (also with ``num_return_sequences``); beam
@@ -506,11 +522,12 @@ def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if sample and beams > 1:
         unsupported = "beam sampling draws per beam inside generate"
     if resolve_forward_mode(model, forward_mode, unsupported) == "two_pass":
-        processor = SteeringLogitsProcessor(model, mu, alpha, attention_mask=attention_mask, mask=mask)
+        processor = SteeringLogitsProcessor(model, mu, alpha, attention_mask=attention_mask, mask=mask,
+                                            direction=direction)
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               logits_processor=LogitsProcessorList([processor, *extra]), **generate_kwargs)
     kwargs = dict(generate_kwargs, num_beams=beams)  # peft repeats adapter_names per beam only when told
-    processors: list = [PairedSteeringLogitsProcessor(mu, alpha, mask, then=extra)]
+    processors: list = [PairedSteeringLogitsProcessor(mu, alpha, mask, then=extra, direction=direction)]
     if sample:
         # generate would repeat rows for num_return_sequences but not peft's adapter_names: repeat first.
         copies = int(kwargs.pop("num_return_sequences", None) or 1)

@@ -3,8 +3,9 @@
     svd-lightning generate --run-dir RUN --prompts prompts.jsonl --out answers.jsonl [--mode beam]
     python -m svd_lightning.generate ...   (the same)
 
-The base model is ``steering.json``'s ``model``, the adapter is ``RUN/adapter`` and μ̄, α come from
-``RUN/steering.json`` (``--mu`` overrides μ̄). Each input row needs a non-empty ``prompt``; each
+The base model is ``steering.json``'s ``model``, the adapter is ``RUN/adapter`` and μ̄, α and the
+steering direction come from ``RUN/steering.json`` (``--mu`` overrides μ̄; the direction has no flag,
+since μ̄ was solved for the run's direction). Each input row needs a non-empty ``prompt``; each
 output row is ``{prompt, plain, steered, mu, mode}``, with the same decoding settings for both
 answers (a run calibrated with ``scoring_policy: none`` steers without the confidence mask, as that
 policy specifies). Sampling reseeds with ``seed + index of the batch's first prompt`` before each answer.
@@ -24,6 +25,7 @@ from svd_lightning.decoding import FORWARD_MODES, ForwardMode, steered_generate
 from svd_lightning.models import load_causal_lm, load_tokenizer
 from svd_lightning.progress import progress_bar, say
 from svd_lightning.run import ADAPTER_DIR, SteeringRun
+from svd_lightning.steering import Direction
 
 MODES = ("greedy", "sample", "beam")
 
@@ -62,7 +64,8 @@ def decoding_kwargs(mode: str = "greedy", max_new_tokens: int = 64, num_beams: i
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: float, mode: str = "greedy", *,
                      batch_size: int = 8, seed: int = 0, mask: bool = True, progress: bool = True,
-                     forward_mode: ForwardMode = "auto", with_plain: bool = True, **kw) -> list[dict]:
+                     forward_mode: ForwardMode = "auto", with_plain: bool = True, direction: Direction = "kl_gradient",
+                     **kw) -> list[dict]:
     """Plain and steered continuations of ``prompts`` (left-padded batches); ``kw`` go to :func:`decoding_kwargs`.
 
     ``with_plain=False`` skips the warm model's own answer (``plain`` is then None).
@@ -79,7 +82,7 @@ def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: flo
                 plain = model.generate(**enc, **gen) if with_plain else None
                 torch.manual_seed(seed + start)
                 steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], mu, alpha, mask,
-                                           forward_mode=forward_mode, **gen)
+                                           forward_mode=forward_mode, direction=direction, **gen)
                 n = enc["input_ids"].shape[1]
                 decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731
                 for p, a, b in zip(chunk, decode(plain) if with_plain else [None] * len(chunk), decode(steered)):
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     mu = run.mu if args.mu is None else args.mu
     rows = generate_answers(model, tokenizer, prompts, mu, run.alpha, args.mode, batch_size=args.batch_size,
                             seed=args.seed, mask=run.scoring_policy != "none",
-                            forward_mode=args.forward_mode, **options)
+                            forward_mode=args.forward_mode, direction=run.direction, **options)
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, mu={mu:+.4g}, alpha={run.alpha})")
 

@@ -45,7 +45,7 @@ class SteeredHFLM(HFLM):
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
             warm, base = paired_logits(sm.model, inps, sm.forward_mode)
-        return steered_log_probs(warm, base, sm.mu, sm.alpha, sm.scoring_policy, sm.floor)
+        return steered_log_probs(warm, base, sm.mu, sm.alpha, sm.scoring_policy, sm.floor, direction=sm.direction)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         from lm_eval.models.utils_hf import stop_sequences_criteria
@@ -61,13 +61,14 @@ class SteeredHFLM(HFLM):
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
             return steered_generate(sm.model, context, mask, sm.mu, sm.alpha, sm.scoring_policy != "none",
-                                    forward_mode=sm.forward_mode, max_length=max_length, stopping_criteria=stopping,
+                                    forward_mode=sm.forward_mode, direction=sm.direction, max_length=max_length,
+                                    stopping_criteria=stopping,
                                     pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
 
     def get_model_info(self) -> dict:
         sm = self.steered
         return {"svd_run_dir": sm.run_dir, "svd_mu": sm.mu, "svd_alpha": sm.alpha,
-                "svd_scoring_policy": sm.scoring_policy, "svd_floor": sm.floor,
+                "svd_scoring_policy": sm.scoring_policy, "svd_floor": sm.floor, "svd_direction": sm.direction,
                 "model_num_parameters": sum(p.numel() for p in sm.model.parameters())}
 
 

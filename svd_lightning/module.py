@@ -15,7 +15,7 @@ from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
 from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.run import ADAPTER_DIR, SteeringRun, acquire, release, write_run
-from svd_lightning.steering import ScoringPolicy
+from svd_lightning.steering import Direction, ScoringPolicy, check_direction
 from svd_lightning.progress import say
 
 VARIANTS = ("plain", "base", "steered")
@@ -33,11 +33,14 @@ class SteeringLM(L.LightningModule):
         scoring_policy: what a masked label token contributes to teacher-forced scores (see
             :func:`svd_lightning.steering.steered_log_probs`; default ``mask_generation_only``).
         floor: the log-prob of a masked label token under ``scoring_policy=floor`` (default −20).
+        direction: the steering vector μ̄ scales: ``kl_gradient`` (SVDecode's δz, default) or
+            ``logit_difference`` (``z_φ − z_θ``, the contrastive / proxy-tuning direction; a useful μ̄
+            is then usually positive). See :func:`svd_lightning.steering.steering_direction`.
         strength: a fixed μ̄; leaves the strength solver nothing to do.
         run_dir: a finished run directory (:mod:`svd_lightning.run`): load its adapter and μ̄
-            instead of training from scratch. Model, adapter, α, policy and floor then come from
-            the run; setting one to another value is an error, except α / policy / floor with
-            ``reuse_strength=False``, which re-solves μ̄ for them.
+            instead of training from scratch. Model, adapter, α, policy, floor and direction then
+            come from the run; setting one to another value is an error, except α / policy / floor /
+            direction with ``reuse_strength=False``, which re-solves μ̄ for them.
         reuse_strength: with ``run_dir``, take its μ̄; ``False`` re-solves μ̄ (e.g. with another
             strength option or α) on the calibration set during ``validate`` / ``test``.
         seed: seed of the adapter's initialisation.
@@ -56,6 +59,7 @@ class SteeringLM(L.LightningModule):
         alpha: float | None = None,
         scoring_policy: ScoringPolicy | None = None,
         floor: float | None = None,
+        direction: Direction | None = None,
         strength: float | None = None,
         run_dir: str | None = None,
         reuse_strength: bool = True,
@@ -64,7 +68,8 @@ class SteeringLM(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        given = {"model": model, "adapter": adapter, "alpha": alpha, "scoring_policy": scoring_policy, "floor": floor}
+        given = {"model": model, "adapter": adapter, "alpha": alpha, "scoring_policy": scoring_policy, "floor": floor,
+                 "direction": direction}
         self.source_run = SteeringRun.load(run_dir) if run_dir is not None else None
         settings = resolve_settings(given, self.source_run, run_dir, reuse_strength)
         self.hparams.update(settings)  # what was used, for config.yaml, checkpoints and the run file
@@ -73,6 +78,7 @@ class SteeringLM(L.LightningModule):
             raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTER_METHODS}")
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+        check_direction(settings["direction"])
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.tokenizer = load_tokenizer(model)
@@ -137,7 +143,8 @@ class SteeringLM(L.LightningModule):
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         validate_choice_batch(batch)
         h = self.hparams
-        return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor, forward_mode=h.forward_mode)
+        return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor, forward_mode=h.forward_mode,
+                             direction=h.direction)
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         try:
@@ -228,12 +235,13 @@ class SteeringLM(L.LightningModule):
     def fixed_strength_run(self) -> SteeringRun:
         h = self.hparams
         return SteeringRun(model=h.model, adapter=h.adapter, mu=self.mu, alpha=h.alpha, scoring_policy=h.scoring_policy,
-                           floor=h.floor, strength="fixed", adapter_options=h.adapter_options,
+                           floor=h.floor, direction=h.direction, strength="fixed", adapter_options=h.adapter_options,
                            tokenizer_sha256=artifacts.tokenizer_hash(self.tokenizer), hparams=dict(h))
 
 
-DEFAULTS = {"model": "tiny-random", "adapter": "lora", "alpha": 0.1, "scoring_policy": "mask_generation_only", "floor": -20.0}
-RESOLVABLE = ("alpha", "scoring_policy", "floor")  # re-solving μ̄ makes these free to change
+DEFAULTS = {"model": "tiny-random", "adapter": "lora", "alpha": 0.1, "scoring_policy": "mask_generation_only", "floor": -20.0,
+            "direction": "kl_gradient"}
+RESOLVABLE = ("alpha", "scoring_policy", "floor", "direction")  # re-solving μ̄ makes these free to change
 
 
 def resolve_settings(given: dict, run: SteeringRun | None, run_dir, reuse_strength: bool) -> dict:

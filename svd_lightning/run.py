@@ -25,8 +25,9 @@ FORMAT_VERSION = 1
 RUN_FILE = artifacts.STEERING_FILE
 ADAPTER_DIR = artifacts.ADAPTER_DIR
 SCORING_POLICIES = ("mask_generation_only", "none", "floor", "mask")
-STRENGTHS = ("exact", "mean", "median", "trimmed", "pooled", "fixed")
+STRENGTHS = ("exact", "mean", "median", "trimmed", "pooled", "choice_nll", "fixed")
 CURVATURES = ("identity", "fisher")
+DIRECTIONS = ("kl_gradient", "logit_difference")  # = svd_lightning.steering.DIRECTIONS
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -43,6 +44,7 @@ class SteeringRun:
     mu: float  # the steering strength μ̄
     alpha: float  # confidence-mask threshold
     scoring_policy: str = "mask_generation_only"
+    direction: str = "kl_gradient"  # the steering vector μ̄ scales; runs written before it existed: kl_gradient
     floor: float = -20.0
     strength: str = "exact"  # how μ̄ was solved (``fixed``: set by hand)
     curvature: str = "identity"
@@ -80,6 +82,8 @@ class SteeringRun:
             bad("strength", f"must be one of {STRENGTHS}")
         if self.curvature not in CURVATURES:
             bad("curvature", f"must be one of {CURVATURES}")
+        if self.direction not in DIRECTIONS:
+            bad("direction", f"must be one of {DIRECTIONS}")
         if not isinstance(self.format_version, int) or not 0 <= self.format_version <= FORMAT_VERSION:
             bad("format_version", f"must be an integer ≤ {FORMAT_VERSION} (a newer svd-lightning wrote this run?)")
 

@@ -1,0 +1,145 @@
+"""Strength fit to the multiple-choice loss (choice_nll) and the logit-difference direction, on the tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from svd_lightning import SteeredModel
+from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
+from svd_lightning.calibration import calibrate_choices
+from svd_lightning.callbacks import StrengthSolver
+from svd_lightning.decoding import score_choices, steered_generate
+from svd_lightning.module import SteeringLM
+from svd_lightning.run import DIRECTIONS, RUN_FILE, RunError, SteeringRun, write_run
+from svd_lightning.steering import DIRECTIONS as STEERING_DIRECTIONS, steer
+
+from conftest import left_padded, perturbed_lora
+from test_framework import _datamodule, _trainer, write_truthfulqa
+
+EXAMPLES = [
+    ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0),
+    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green", " Yes it is", " No"], [True, False, True, False], 1,
+                  choice_sets=[0, 0, 1, 1]),
+    ChoiceExample("Q: What happens if you eat a pomegranate?\nA:", [" Nothing in particular happens.", " You will die.",
+                  " Nothing happens.", " You die."], [True, False, True, False], 2, choice_sets=[0, 0, 1, 1]),
+    ChoiceExample("Q: Who outnumbers whom?\nA:", [" The dead outnumber the living.", " The living outnumber the dead.",
+                  " I have no comment."], [True, False, True], 3, choice_sets=[1, 1, 1]),
+]
+
+
+@pytest.fixture(scope="module")
+def model64():
+    torch.manual_seed(0)  # LoRA A's init: a fixed model, so a failure reproduces
+    return perturbed_lora(dtype=torch.float64)
+
+
+def _batches(tokenizer, size=2):
+    tok = Tokenized(tokenizer, 64)
+    return [collate_choices(EXAMPLES[i : i + size], tok) for i in range(0, len(EXAMPLES), size)]
+
+
+def _scored_loss(model, batches, mu, **settings):
+    """The choice loss from score_choices itself: Σ over (question, choice set) of −log Σ_true softmax(S)."""
+    total = 0.0
+    for batch in batches:
+        s = score_choices(model, batch, mu, forward_mode="two_pass", **settings)["steered"].double()
+        for q, cset in {(int(a), int(b)) for a, b in zip(batch["question_index"], batch["choice_set"])}:
+            sel = (batch["question_index"] == q) & (batch["choice_set"] == cset)
+            t = batch["is_true"][sel].bool()
+            total += float(torch.logsumexp(s[sel], 0) - torch.logsumexp(s[sel][t], 0))
+    return total
+
+
+@pytest.mark.parametrize("direction", ["kl_gradient", "logit_difference"])
+@pytest.mark.parametrize("policy", ["mask_generation_only", "floor"])
+def test_choice_calibration_reproduces_steered_scoring(tokenizer, model64, policy, direction):
+    batches = _batches(tokenizer)
+    settings = dict(alpha=0.1, policy=policy, floor=-12.0, direction=direction)
+    got = calibrate_choices(model64, batches, 0.1, policy=policy, floor=-12.0, direction=direction, progress=False)
+    assert got.diagnostics == {"choice_sets": 6.0, "usable_choice_sets": 6.0, "choice_rows": 14.0,
+                               "choice_tokens": float(sum(int((b["labels"] != -100).sum()) for b in batches))}
+    mus = [-8.0, -1.0, 0.0, 0.5, 3.0]
+    # score_choices sums fp32 token scores: agreement to fp32 rounding of the sums.
+    ref = torch.tensor([_scored_loss(model64, batches, m, **settings) for m in mus], dtype=torch.float64)
+    torch.testing.assert_close(got.cache.losses(mus), ref, rtol=1e-5, atol=1e-5)
+    mu = got.cache.solve()
+    grid = torch.linspace(-20, 20, 41).tolist()
+    brute = min(_scored_loss(model64, batches, m, **settings) for m in grid)
+    assert _scored_loss(model64, batches, mu, **settings) <= brute + 1e-4
+    # Questions split over two "ranks" give the same loss.
+    halves = [calibrate_choices(model64, [b], 0.1, policy=policy, floor=-12.0, direction=direction, progress=False)
+              for b in batches]
+    torch.testing.assert_close(halves[0].cache.losses(mus) + halves[1].cache.losses(mus), got.cache.losses(mus))
+
+
+def test_unknown_strength_or_curvature_fails_when_the_solver_is_built():
+    with pytest.raises(ValueError, match="strength must be one of .*choice_nll"):
+        StrengthSolver("choice-nll")
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        StrengthSolver("mean", "hessian")
+
+
+def test_unknown_direction_is_refused_everywhere(model64, tokenizer):
+    with pytest.raises(ValueError, match="direction must be one of"):
+        SteeringLM("tiny-random", direction="contrastive")
+    with pytest.raises(ValueError, match="direction must be one of"):
+        SteeredModel(model64, tokenizer, mu=1.0, direction="contrastive")
+    with pytest.raises(ValueError, match="direction must be one of"):
+        score_choices(model64, _batches(tokenizer)[0], 1.0, direction="contrastive")
+    with pytest.raises(RunError, match="field 'direction' must be one of"):
+        SteeringRun(model="tiny-random", adapter="lora", mu=1.0, alpha=0.1, direction="contrastive")
+
+
+def test_run_format_round_trips_direction_and_old_runs_load_as_kl_gradient(tmp_path):
+    assert DIRECTIONS == STEERING_DIRECTIONS
+    model = perturbed_lora()
+    write_run(model, SteeringRun(model="tiny-random", adapter="lora", mu=0.5, alpha=0.1, direction="logit_difference"),
+              tmp_path / "new")
+    assert SteeringRun.load(tmp_path / "new").direction == "logit_difference"
+    write_run(model, SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1), tmp_path / "old")
+    path = tmp_path / "old" / RUN_FILE
+    payload = json.loads(path.read_text())
+    del payload["direction"]  # a steering.json written before the setting existed
+    path.write_text(json.dumps(payload))
+    assert SteeringRun.load(tmp_path / "old").direction == "kl_gradient"
+    sm = SteeredModel.from_run_dir(tmp_path / "new")
+    assert sm.direction == "logit_difference"
+
+
+@torch.no_grad()
+def test_logit_difference_generation_matches_a_slow_reference(tokenizer, model64):
+    ids, mask = left_padded(tokenizer, ["Q: What is the capital of France? A:", "Yes"])
+    pos = lambda m: (m.cumsum(-1) - 1).clamp_min(0)  # noqa: E731
+    slow, smask = ids, mask
+    for _ in range(6):  # recompute both full forwards every step; greedy on the masked steered logits
+        warm = model64(input_ids=slow, attention_mask=smask, position_ids=pos(smask)).logits[:, -1]
+        with model64.disable_adapter():
+            base = model64(input_ids=slow, attention_mask=smask, position_ids=pos(smask)).logits[:, -1]
+        nxt = steer(warm, base, 0.8, 0.1, direction="logit_difference").argmax(-1)
+        slow, smask = torch.cat([slow, nxt[:, None]], 1), torch.cat([smask, torch.ones_like(smask[:, :1])], 1)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    for mode in ("one_forward", "two_pass"):
+        fast = steered_generate(model64, ids, mask, mu=0.8, alpha=0.1, forward_mode=mode, direction="logit_difference", **kw)
+        assert torch.equal(fast, slow), mode
+    kl = steered_generate(model64, ids, mask, mu=0.8, alpha=0.1, **kw)
+    assert not torch.equal(kl, slow), "the two directions should steer differently on this model"
+
+
+def test_fit_with_choice_nll_and_logit_difference_writes_both_into_the_run(tmp_path):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
+    module = SteeringLM("tiny-random", learning_rate=0.05, adapter_options={"r": 4}, direction="logit_difference")
+    solver = StrengthSolver("choice_nll")
+    trainer = _trainer(tmp_path, [solver], max_steps=2)
+    trainer.fit(module, dm)
+    run = SteeringRun.load(trainer.log_dir)
+    assert run.direction == "logit_difference" and run.strength == "choice_nll"
+    assert run.mu == solver.solution["mu"] == run.aggregates["choice_nll"] == module.mu
+    assert {"exact", "mean_identity", "choice_nll"} <= set(run.aggregates)
+    assert run.diagnostics["usable_choice_sets"] == 2 * dm.describe()["calib"]  # mc1 + mc2 of every question
+    # The same μ from the pure functions on the trained model.
+    h = module.hparams
+    direct = calibrate_choices(module.model, dm.calib_choice_dataloader(), h.alpha, policy=h.scoring_policy,
+                               floor=h.floor, direction="logit_difference", progress=False)
+    assert direct.cache.solve() == pytest.approx(run.mu, rel=1e-6, abs=1e-8)
+    assert SteeringLM(run_dir=trainer.log_dir).hparams.direction == "logit_difference"
