@@ -144,8 +144,8 @@ class LogProgressBar(ProgressBar):
     def _eval_start(self, name: str, trainer) -> None:
         if trainer.sanity_checking:
             return
-        totals = self.total_val_batches if name == "Validation" else (
-            self.total_test_batches if name == "Test" else self.total_predict_batches)
+        totals = self.total_val_batches if name == "Validation" else sum(
+            trainer.num_test_batches if name == "Test" else trainer.num_predict_batches)
         self._eval_bar_parent = self._bar  # training continues after validation
         self._eval_began = time.monotonic()
         self._start(name, totals)

@@ -61,18 +61,22 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     steering = json.loads((run / "steering.json").read_text())
     assert torch.isfinite(torch.tensor(steering["mu"]))
     assert steering["strength"] == "exact" and steering["alpha"] == 0.1
-    fit_metrics = json.loads((run / "metrics.json").read_text())["history"][-1]
-    for v in ("plain", "base", "steered"):
-        for m in ("mc1", "mc2", "mc2_paper", "mc3_paper", "mc_avg_paper"):
-            assert f"val/{m}_{v}" in fit_metrics
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["stage"] for h in history] == ["val", "test"]  # validation on calib, then test after fit
+    fit_metrics = {stage: h for h in history for stage in [h["stage"]]}
+    for stage in ("val", "test"):
+        for v in ("plain", "base", "steered"):
+            for m in ("mc1", "mc2", "mc2_paper", "mc3_paper", "mc_avg_paper"):
+                assert f"{stage}/{m}_{v}" in fit_metrics[stage]
     assert "+SVDecode" in capsys.readouterr().out
 
-    main(["validate", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
-    again = json.loads((tmp_path / "runs/tiny/version_1/metrics.json").read_text())["history"][-1]
-    assert again["val/mu"] == pytest.approx(steering["mu"], abs=1e-12)
-    for m in ("mc1", "mc2", "mc_avg_paper"):
-        for v in ("plain", "base", "steered"):
-            assert again[f"val/{m}_{v}"] == pytest.approx(fit_metrics[f"val/{m}_{v}"], abs=1e-5), (m, v)
+    for version, stage in ((1, "val"), (2, "test")):  # the run reproduces both from its directory
+        main(["validate" if stage == "val" else "test", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
+        again = json.loads((tmp_path / f"runs/tiny/version_{version}/metrics.json").read_text())["history"][-1]
+        assert again[f"{stage}/mu"] == pytest.approx(steering["mu"], abs=1e-12)
+        for m in ("mc1", "mc2", "mc_avg_paper"):
+            for v in ("plain", "base", "steered"):
+                assert again[f"{stage}/{m}_{v}"] == pytest.approx(fit_metrics[stage][f"{stage}/{m}_{v}"], abs=1e-5), (m, v)
 
 
 @torch.no_grad()
@@ -146,7 +150,7 @@ def test_fixed_strength_skips_solver_in_validate(tmp_path):
     assert solver.solution is None and module.last_metrics["val/mu"] == -1.25
 
 
-CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "_base")
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -252,7 +256,7 @@ def test_empty_calibration_set_fails_before_training(tmp_path):
     dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=0)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05)
     before = [p.detach().clone() for p in module.model.parameters() if p.requires_grad]
-    with pytest.raises(ValueError, match="calibration set is empty"):
+    with pytest.raises(ValueError, match=r"the calib split is empty \(train 6, calib 0, test 2 of 10 questions"):
         _trainer(tmp_path, [SteeringExtraction(), StrengthSolver()]).fit(module, dm)
     after = [p for p in module.model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(before, after)) and module.global_step == 0
@@ -289,7 +293,7 @@ def test_run_dir_can_be_recalibrated_with_another_strength_option(tmp_path):
     assert module.mu == pytest.approx(saved["aggregates"]["trimmed_fisher"], rel=1e-9)
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml", "truthfulqa/lora.yaml", "commonsense/arc_easy_lora.yaml"])
+@pytest.mark.parametrize("config", ["tiny.yaml", "truthfulqa/lora.yaml", "truthfulqa/ia3.yaml", "commonsense/winogrande.yaml"])
 def test_print_config_round_trips(tmp_path, capsys, config):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "configs" / config), "--trainer.default_root_dir", str(tmp_path / "d"),

@@ -42,6 +42,6 @@ def test_fit_prints_progress_lines_when_piped(tmp_path, monkeypatch, capsys):
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),
           "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny")])
     err = capsys.readouterr().err
-    for stage in ("Warm start, epoch 0", "Calibration", "Validation"):
+    for stage in ("Warm start, epoch 0", "Calibration", "Validation", "Test"):
         assert f"{stage}" in err and "ETA" in err, stage
     assert "\r" not in err  # no tqdm redraws in a log file
