@@ -11,9 +11,16 @@ the last one it scores the plain adapter only: the equal-cost "+1 epoch" baselin
    mask alone (μ = 0) and the contrastive baseline ``z_φ + γ(z_φ − z_θ)`` for a γ grid -- all
    exact, from the same two forward passes.
 
-It writes ``results/grid/<task>-<adapter>-seed<k>-epoch<e>.json``: calib means (for selection) and
-test per-question values (for paired bootstrap CIs) of every variant. Cells whose files exist are
-skipped, so an interrupted run resumes. ``benchmarks/report.py`` turns the files into tables/plots.
+It writes ``results/grid/<task>-<adapter>-seed<k>-epoch<e>.json``: calib means and per-question
+calib *and* test values of every variant (so report.py can resample the selection as well as the
+test questions), and the file rows of the cell's train/calib/test questions. Cells whose files exist
+in the current ``FORMAT`` are skipped, so an interrupted run resumes; older files are rewritten.
+``benchmarks/report.py`` turns the files into tables/plots.
+
+Seeds are independent replicates: seed k draws the train/calib/test split (where the split is ours:
+TruthfulQA, PIQA, HellaSwag; for ARC and BoolQ the train file's train/calib split, the test file
+being fixed), the shuffle order, the adapter init and dropout. An adapter whose init does not depend
+on the seed (IA3) is marked ``deterministic_init`` in its cells.
 
     python benchmarks/grid.py                       # the committed grid (see GRID below)
     python benchmarks/grid.py --only truthfulqa-lora --seeds 0
@@ -26,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 import os
 import resource
@@ -64,18 +73,22 @@ FLOOR = -20.0
 COMMONSENSE = "../shared/data/commonsense"
 
 
-def commonsense(test: str, train: str | None = None):
-    """A commonsense task; without a train file, train/calib/test are seeded 60/20/20 splits of the test file."""
+def commonsense(test: str, train: str | None = None, root: str = COMMONSENSE):
+    """A commonsense task; without a train file, train/calib/test are seeded 60/20/20 splits of the test file.
+
+    The cell's seed is the DataModule's: it draws the split and the shuffle order, so seeds are
+    independent replicates of the data as well as of the adapter init.
+    """
     return lambda seed: CommonsenseDataModule(
-        test_path=f"{COMMONSENSE}/{test}", train_path=train and f"{COMMONSENSE}/{train}",
-        seed=0, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
+        test_path=f"{root}/{test}", train_path=train and f"{root}/{train}",
+        seed=seed, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
     )
 
 
 TASKS = {
     # Zero-shot prompts keep the grid within 2 CPU cores; the README demo uses the six-shot prompt.
     "truthfulqa": lambda seed: TruthfulQADataModule(
-        few_shot=False, instruction=False, seed=0, limit_train=200, limit_calib=60, limit_test=100, max_length=256
+        few_shot=False, instruction=False, seed=seed, limit_train=200, limit_calib=60, limit_test=100, max_length=256
     ),
     "arc_easy": commonsense("ARC-Easy/test.json", "ARC-Easy/train.json"),
     "arc_challenge": commonsense("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
@@ -83,7 +96,15 @@ TASKS = {
     "piqa": commonsense("piqa/test.json"),
     "hellaswag": commonsense("hellaswag/test_approx_tagstripped.json"),
 }
-PRIMARY = {task: "mc2" if task == "truthfulqa" else "acc" for task in TASKS}
+# The two headline metrics of each task, primary first (calib selection uses the primary one).
+METRICS = {task: ("mc2", "mc1") if task == "truthfulqa" else ("acc", "acc_norm") for task in TASKS}
+PRIMARY = {task: metrics[0] for task, metrics in METRICS.items()}
+# Cell file format; report.py reads it. 2: independent seeds, per-question calib and test values of
+# every variant for both headline metrics (``per_question``), ``split``, ``deterministic_init``.
+FORMAT = 2
+# peft starts IA3's scaling vectors at 1 (the identity) and IA3 has no dropout: the seed changes
+# nothing in the model, only the data split and order. Every other adapter draws its init.
+DETERMINISTIC_INIT = {"ia3"}
 # Raised from the paper's 5e-5 (which the README demo keeps): at 5e-5, 200 zero-shot questions move
 # SmolLM2's test MC2 by 0.04 points -- a warm start too weak to say anything about steering.
 LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
@@ -103,6 +124,55 @@ GRID = [("truthfulqa", "lora", (1, 2, 3), (0, 1, 2))] + [
 def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
     fn = truthfulqa_per_question if task == "truthfulqa" else choice_accuracy_per_question
     return fn(**{**table, "score": score})
+
+
+SPLITS = ("train", "calib", "test")
+
+
+def split_record(dm) -> dict[str, list[int]]:
+    """The file rows (``ChoiceExample.index``) of each split's questions, as used (after the limits).
+
+    Recorded per cell so that splits can be checked for overlap and re-created without the code.
+    """
+    dm.prepare_data()
+    return {name: [ex.index for ex in getattr(dm, f"{name}_set")] for name in SPLITS}
+
+
+def split_sources(dm) -> dict[str, str]:
+    """The file each split's rows index into: ARC/BoolQ take train and calib from their train file."""
+    if isinstance(dm, CommonsenseDataModule):
+        train = dm.train_path or dm.test_path
+        return {"train": train, "calib": train, "test": dm.test_path}
+    return {name: dm.path for name in SPLITS}
+
+
+def init_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the trainable parameters: equal across seeds exactly when the init ignores the seed."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def is_current(path: Path) -> bool:
+    """A cell file written in this ``FORMAT`` (an older one is rerun: its seeds shared one split)."""
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format", 1) == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def per_question_lists(task: str, per_split: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, list]]:
+    """metric -> variant -> per-question values (questions in file order), for both headline metrics."""
+    out = {}
+    for metric in METRICS[task]:
+        binary = metric in ("mc1", "acc", "acc_norm")
+        out[metric] = {v: [int(x) if binary else round(float(x), 6) for x in per_q[metric]] for v, per_q in per_split.items()}
+    return out
 
 
 class PlainOnly:
@@ -173,7 +243,8 @@ def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def score_split(model, loader, task, variants: Variants, autocast, desc: str) -> dict[str, dict[str, torch.Tensor]]:
+def score_split(model, loader, task, variants: Variants, autocast, desc: str) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+    """variant -> metric -> per-question values, and the question ids (file rows) in that order."""
     table = {k: [] for k in ("question_index", "choice_set", "choice_index", "is_true", "num_chars")}
     scores: dict[str, list] = {}
     for batch in track(loader, desc, unit="batch"):
@@ -187,7 +258,8 @@ def score_split(model, loader, task, variants: Variants, autocast, desc: str) ->
         for k in table:
             table[k].append(batch[k])
     table = {k: torch.cat(v) for k, v in table.items()}
-    return {name: per_question(task, table, torch.cat(v)) for name, v in scores.items()}
+    ids = torch.unique(table["question_index"]).tolist()  # the metrics' question order (sorted ids)
+    return {name: per_question(task, table, torch.cat(v)) for name, v in scores.items()}, ids
 
 
 class EpochProbe(L.Callback):
@@ -203,7 +275,7 @@ class EpochProbe(L.Callback):
         epoch = trainer.current_epoch + 1
         train_seconds = time.perf_counter() - self.epoch_start
         path = self.out_dir / f"{self.cell['name']}-epoch{epoch}.json"
-        if epoch not in self.epochs | {self.plus_one} or path.exists():
+        if epoch not in self.epochs | {self.plus_one} or is_current(path):
             return
         dm, task = trainer.datamodule, self.cell["task"]
         model = pl_module.model
@@ -217,12 +289,18 @@ class EpochProbe(L.Callback):
             mus, diag = calibration_strengths(model, dm.calib_dataloader(), autocast)
             variants = Variants(mus)
         t1 = time.perf_counter()
-        calib = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast, "Scoring calib")
+        calib, calib_ids = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast,
+                                       "Scoring calib")
         t2 = time.perf_counter()
-        test = score_split(model, dm.test_dataloader(), task, variants, autocast, "Scoring test")
+        test, test_ids = score_split(model, dm.test_dataloader(), task, variants, autocast, "Scoring test")
         t3 = time.perf_counter()
         model.train(was_training)
+        split = split_record(dm)
+        for name, ids in (("calib", calib_ids), ("test", test_ids)):  # per-question lists follow `split`
+            if ids != split[name]:
+                raise RuntimeError(f"{name}: the scored question ids are not the split's rows in file order")
         payload = {
+            "format": FORMAT,
             **self.cell,
             "epoch": epoch,
             "baseline_only": epoch == self.plus_one,
@@ -237,6 +315,11 @@ class EpochProbe(L.Callback):
             "test_per_question": {
                 v: [round(float(x), 4) for x in per_q[PRIMARY[task]]] for v, per_q in test.items()
             },
+            "metrics": list(METRICS[task]),
+            # split -> metric -> variant -> values, questions in the order of `split` (ascending file row)
+            "per_question": {"calib": per_question_lists(task, calib), "test": per_question_lists(task, test)},
+            "split": split,
+            "split_files": split_sources(dm),
         }
         if task == "truthfulqa":  # MC1 per question too (0/1), the other headline number
             payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
@@ -292,7 +375,7 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
              model: str = "smollm2-135m", limit: int | None = None) -> None:
     name = f"{task}-{adapter}-seed{seed}"
     wanted = set(epochs)
-    done = lambda: all((out_dir / f"{name}-epoch{e}.json").exists() for e in wanted | {max(wanted) + 1})  # noqa: E731
+    done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") for e in wanted | {max(wanted) + 1})  # noqa: E731
     if done():
         print(f"[{name}] done, skipping", flush=True)
         return
@@ -302,15 +385,19 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
             return
         _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit)
         if done():
-            shutil.rmtree(out_dir / ".tmp" / name, ignore_errors=True)  # the resume checkpoint (~0.5 GB)
+            shutil.rmtree(checkpoint_dir(out_dir, name), ignore_errors=True)  # the resume checkpoint (~0.5 GB)
+
+
+def checkpoint_dir(out_dir: Path, name: str) -> Path:
+    """Per format: a checkpoint of an older format trained on another split and must not be resumed."""
+    return out_dir / ".tmp" / f"{name}-format{FORMAT}"
 
 
 def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[int], out_dir: Path,
                      model: str, limit: int | None) -> None:
     print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
     L.seed_everything(seed, workers=True)
-    module = SteeringLM(model=model, adapter=adapter, learning_rate=LEARNING_RATE[adapter],
-                        task="truthfulqa" if task == "truthfulqa" else "choice", seed=seed)
+    module = SteeringLM(model=model, adapter=adapter, learning_rate=LEARNING_RATE[adapter], seed=seed)
     dm = TASKS[task](seed)
     if limit is not None:  # smoke tests
         dm.limits = (limit, limit, limit)
@@ -318,9 +405,10 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
     print(f"[{name}] precision {precision} ({why})", flush=True)
     cell = {"name": name, "task": task, "adapter": adapter, "seed": seed, "model": model,
             "learning_rate": LEARNING_RATE[adapter], "precision": precision, "cpu": describe_cpu(),
-            "train_batch_size": dm.train_batch_size}
+            "train_batch_size": dm.train_batch_size, "data_seed": dm.seed,
+            "deterministic_init": adapter in DETERMINISTIC_INIT, "init_fingerprint": init_fingerprint(module.model)}
     # An end-of-epoch checkpoint lets a killed grid resume this cell at its last finished epoch.
-    ckpt_dir = out_dir / ".tmp" / name
+    ckpt_dir = checkpoint_dir(out_dir, name)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=max(wanted) + 1, precision=precision,

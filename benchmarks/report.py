@@ -1,10 +1,22 @@
-"""Tables, paired bootstrap CIs and plots from the grid's cell files (``benchmarks/grid.py``).
+"""Tables, bootstrap CIs, the selection effect and plots from the grid's cell files (``benchmarks/grid.py``).
 
     python benchmarks/report.py            # reads results/grid/*.json, writes results/grid_summary.{json,md} + PNGs
 
-Every choice is made on the calibration split of the same seed (strength option, policy, α, fixed μ,
-contrastive γ); the test split only reports. CIs: paired bootstrap over test questions (the same
-resampled questions for every seed), the statistic is the seed-averaged mean difference.
+Every choice is made on calibration data (strength option, policy, α, fixed μ, contrastive γ); the
+test split only reports. Three things keep the numbers honest:
+
+* **Seeds are replicates.** Each gain is the mean over seeds of the per-seed paired difference to the
+  warm start, shown with the per-seed values beside it. Its 95% CI is a hierarchical bootstrap:
+  resample seeds, then the test questions within each drawn seed (:func:`hierarchical_ci`).
+* **Selection is resampled.** For a calib-selected method the bootstrap redoes the selection on
+  resampled calib questions in every replicate (:func:`selection_ci`).
+* **The selection effect is measured.** Leave-one-seed-out (:func:`loso_picks`): the variant with the
+  best calib score pooled over the other seeds is scored on seed k's test split, for every k. Its gain
+  is an out-of-sample estimate; in-sample (select on the same seed's calib) minus LOSO is the optimism.
+
+Cells of format 1 (before independent seeds: every seed shared the seed-0 split and shuffle, and
+calib scores were saved as means only) are still read, with the statistics they allow; in a
+(task, adapter, epoch) that has cells of the current format the old ones are dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -20,19 +33,86 @@ from svd_lightning.artifacts import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 BOOTSTRAP = 2000
+FORMAT = 2  # the cell format of benchmarks/grid.py this report reads in full
 DEFAULT = "svd_a0.3_mask_generation_only_trimmed_fisher"  # the configs' default, chosen on calib
 EXACT = "svd_a0.1_mask_generation_only_exact"
 PAPER = "svd_a0.1_floor_mean_identity"  # the paper's recipe in teacher-forced scoring (mask, mean μ*)
+# Methods that pick a variant on calib, and the variants they pick from.
+SELECTED = {
+    "SVDecode (selected on calib)": "svd_",
+    "fixed μ (selected on calib)": "fixed_",
+    "contrastive γ (selected on calib)": "contrastive_",
+}
+LOSO = " — leave-one-seed-out"  # suffix of the honest-selection row of a SELECTED method
 
 
-def load(grid_dir: Path) -> tuple[dict, dict]:
+# --- cells ------------------------------------------------------------------------------------------
+
+
+def cell_format(d: dict) -> int:
+    return d.get("format", 1)
+
+
+def load(grid_dir: Path, quiet: bool = False) -> tuple[dict, dict]:
     """``(cells, plus_one)``: (task, adapter, epoch) -> seed -> payload, for fully scored epochs and for
-    the extra epochs scored plain only (the "+1 epoch" baseline of a cell's last epoch)."""
+    the extra epochs scored plain only (the "+1 epoch" baseline of a cell's last epoch).
+
+    Within one (task, adapter, epoch), cells older than the newest format there are dropped: their
+    seeds are not the same kind of replicate.
+    """
     cells, plus_one = defaultdict(dict), defaultdict(dict)
     for path in sorted(grid_dir.glob("*.json")):
         d = json.loads(path.read_text())
         (plus_one if d.get("baseline_only") else cells)[(d["task"], d["adapter"], d["epoch"])][d["seed"]] = d
+    for table in (cells, plus_one):
+        for key, seeds in table.items():
+            newest = max(cell_format(d) for d in seeds.values())
+            old = sorted(s for s, d in seeds.items() if cell_format(d) < newest)
+            for s in old:
+                del seeds[s]
+            if old and not quiet:
+                print(f"{'-'.join(map(str, key))}: skipped seed(s) {old} of an older cell format than {newest}")
+    n_old = sum(cell_format(d) < FORMAT for seeds in cells.values() for d in seeds.values())
+    if n_old and not quiet:
+        print(f"{n_old} cell(s) of format 1: seeds share one split and shuffle, calib scores are means only "
+              "(selection is not resampled); rerun benchmarks/grid.py for independent seeds")
     return cells, plus_one
+
+
+def headline_metrics(d: dict) -> list[str]:
+    """The cell's two headline metrics, primary first (format 1 cells: what they saved per question)."""
+    if "metrics" in d:
+        return list(d["metrics"])
+    return [d["primary"], "mc1"] if d["task"] == "truthfulqa" else [d["primary"], "acc_norm"]
+
+
+def test_values(d: dict, variant: str, metric: str) -> np.ndarray | None:
+    """Per-question test values of one variant, in the order of ``d["split"]["test"]`` (None: not saved)."""
+    if "per_question" in d:
+        values = d["per_question"]["test"].get(metric, {}).get(variant)
+    elif metric == d["primary"]:
+        values = d["test_per_question"].get(variant)
+    elif metric == "mc1":
+        values = d.get("test_per_question_mc1", {}).get(variant)
+    else:
+        values = None
+    return None if values is None else np.asarray(values, dtype=float)
+
+
+def calib_values(d: dict, variant: str, metric: str) -> np.ndarray:
+    """Per-question calib values of one variant. Format 1 saved only the mean: it stands in for every
+    question (same pooled mean, no resampling spread)."""
+    if "per_question" in d:
+        return np.asarray(d["per_question"]["calib"][metric][variant], dtype=float)
+    return np.full(d.get("sizes", {}).get("calib", 1), d["calib"][variant][metric], dtype=float)
+
+
+def identical_seeds(ds: Sequence[dict]) -> bool:
+    """True when every seed scored the plain adapter identically (format 1 IA3: one replicate, not three)."""
+    if len(ds) < 2:
+        return False
+    first = test_values(ds[0], "plain", ds[0]["primary"])
+    return all(first is not None and np.array_equal(first, test_values(d, "plain", d["primary"])) for d in ds[1:])
 
 
 def select(d: dict, prefix: str, metric: str) -> str:
@@ -41,13 +121,108 @@ def select(d: dict, prefix: str, metric: str) -> str:
     return max(names, key=lambda v: d["calib"][v][metric])
 
 
+# --- statistics (pure functions on per-seed arrays) -------------------------------------------------
+
+
 def paired_ci(a: list[np.ndarray], b: list[np.ndarray], rng: np.random.Generator) -> tuple[float, float, float]:
-    """Seed-averaged mean of a − b over questions, with a 95% paired bootstrap interval."""
+    """Seed-averaged mean of a − b over questions, with a 95% paired bootstrap interval over questions only
+    (the same resampled questions for every seed: only valid when the seeds share their test questions)."""
     d = np.stack([x - y for x, y in zip(a, b)])  # [seeds, questions]
     n = d.shape[1]
     idx = rng.integers(0, n, size=(BOOTSTRAP, n))
     boot = d[:, idx].mean(axis=2).mean(axis=0)
     return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def _resampled_means(x: np.ndarray, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Means over the last axis of ``x`` ([..., n] questions) for ``shape`` bootstrap draws of the
+    questions with replacement, one draw shared by every leading row (paired): ``shape + x.shape[:-1]``."""
+    n, draws = x.shape[-1], int(np.prod(shape))
+    idx = rng.integers(0, n, size=(draws, n)) + n * np.arange(draws)[:, None]
+    counts = np.bincount(idx.ravel(), minlength=draws * n).reshape(draws, n).astype(float)  # times each question is drawn
+    flat = x.reshape(-1, n)
+    return (counts @ flat.T / n).reshape(*shape, *x.shape[:-1])
+
+
+def _over_drawn_seeds(per_slot: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """``per_slot[k][b, j]``: seed k's statistic if drawn into slot j of replicate b. Draws S seeds with
+    replacement per replicate and averages their slots: [B]. A seed drawn twice gets two independent
+    question resamples (its slots differ)."""
+    stacked = np.stack(per_slot)  # [S, B, S]
+    n_seeds, n_boot = stacked.shape[0], stacked.shape[1]
+    drawn = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    return stacked[drawn, np.arange(n_boot)[:, None], np.arange(n_seeds)[None, :]].mean(axis=1)
+
+
+def _ci(mean: float, boot: np.ndarray) -> tuple[float, float, float]:
+    return float(mean), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def hierarchical_ci(diffs: Sequence[np.ndarray], rng: np.random.Generator, n_boot: int = BOOTSTRAP) -> tuple[float, float, float]:
+    """Mean over seeds of the per-seed mean difference, with a 95% CI that resamples seeds, then the
+    questions within each drawn seed. Seeds may have different (and different numbers of) questions.
+    With one seed it is the question bootstrap; with few seeds the seed level makes it wide, as it should."""
+    diffs = [np.asarray(d, dtype=float) for d in diffs]
+    n_seeds = len(diffs)
+    per_slot = [_resampled_means(d, rng, (n_boot, n_seeds)) for d in diffs]
+    return _ci(np.mean([d.mean() for d in diffs]), _over_drawn_seeds(per_slot, rng))
+
+
+def pick(calib: dict[str, Sequence[np.ndarray]], seeds: Sequence[int]) -> str:
+    """The variant with the best calib mean pooled over the questions of ``seeds`` (ties: first by name).
+
+    ``calib``: variant -> per seed, its per-question calib values."""
+    names = sorted(calib)
+    pooled = [np.concatenate([np.asarray(calib[v][j], dtype=float) for j in seeds]).mean() for v in names]
+    return names[int(np.argmax(pooled))]
+
+
+def in_sample_picks(calib: dict[str, Sequence[np.ndarray]]) -> list[str]:
+    """Per seed, the variant best on that seed's own calib questions (what the grid's rows always did)."""
+    n_seeds = len(next(iter(calib.values())))
+    return [pick(calib, [k]) for k in range(n_seeds)]
+
+
+def loso_picks(calib: dict[str, Sequence[np.ndarray]]) -> list[str] | None:
+    """Per seed k, the variant best on the calib questions of every other seed (pooled): a choice made
+    without seed k's data, so seed k's test split scores it out of sample. None with a single seed."""
+    n_seeds = len(next(iter(calib.values())))
+    if n_seeds < 2:
+        return None
+    return [pick(calib, [j for j in range(n_seeds) if j != k]) for k in range(n_seeds)]
+
+
+def picked_gains(picks: Sequence[str], test: dict[str, Sequence[np.ndarray]], warm: Sequence[np.ndarray]) -> list[float]:
+    """Per seed k, the test gain of ``picks[k]`` over the warm start on seed k's questions."""
+    return [float(np.mean(np.asarray(test[v][k], dtype=float) - np.asarray(warm[k], dtype=float))) for k, v in enumerate(picks)]
+
+
+def selection_ci(calib: dict[str, Sequence[np.ndarray]], test: dict[str, Sequence[np.ndarray]], warm: Sequence[np.ndarray],
+                 rng: np.random.Generator, loso: bool, n_boot: int = BOOTSTRAP) -> tuple[float, float, float]:
+    """Seed-averaged gain of a calib-selected variant with a 95% CI that includes the selection: each
+    replicate resamples every seed's calib questions and redoes the picks (LOSO: on the other seeds;
+    else on the seed's own calib), then resamples seeds and each drawn seed's test questions."""
+    names = sorted(calib)
+    n_seeds = len(warm)
+    picks = loso_picks(calib) if loso else in_sample_picks(calib)
+    if picks is None:
+        raise ValueError("leave-one-seed-out needs at least two seeds")
+    mean = float(np.mean(picked_gains(picks, test, warm)))
+    # calib: per seed, resampled sums [B, V] (sums, so seeds of different sizes pool by question)
+    sizes = [len(calib[names[0]][j]) for j in range(n_seeds)]
+    sums = [_resampled_means(np.stack([np.asarray(calib[v][j], dtype=float) for v in names]), rng, (n_boot,)) * sizes[j]
+            for j in range(n_seeds)]
+    per_slot = []
+    for k in range(n_seeds):
+        pool = [j for j in range(n_seeds) if j != k] if loso else [k]
+        chosen = np.argmax(sum(sums[j] for j in pool), axis=1)  # [B]; argmax ties: first by name
+        diffs = np.stack([np.asarray(test[v][k], dtype=float) - np.asarray(warm[k], dtype=float) for v in names])
+        gains = _resampled_means(diffs, rng, (n_boot, n_seeds))  # [B, S, V]
+        per_slot.append(gains[np.arange(n_boot), :, chosen])  # [B, S]
+    return _ci(mean, _over_drawn_seeds(per_slot, rng))
+
+
+# --- rows ---------------------------------------------------------------------------------------------
 
 
 def methods_for(cells: dict, key: tuple, metric: str, plus_one: dict | None = None) -> dict[str, list[tuple[str, dict, dict]]]:
@@ -63,41 +238,116 @@ def methods_for(cells: dict, key: tuple, metric: str, plus_one: dict | None = No
         out["SVDecode (default: trimmed Fisher, α=0.3)"].append((DEFAULT, d, d))
         out["SVDecode (exact, α=0.1)"].append((EXACT, d, d))
         out["SVDecode (paper: mean μ*, mask)"].append((PAPER, d, d))
-        out["SVDecode (selected on calib)"].append((select(d, "svd_", metric), d, d))
         out["mask only, μ=0 (α=0.1)"].append(("maskonly_a0.1", d, d))
-        out["fixed μ (selected on calib)"].append((select(d, "fixed_", metric), d, d))
-        out["contrastive γ (selected on calib)"].append((select(d, "contrastive_", metric), d, d))
+        for name, prefix in SELECTED.items():
+            out[name].append((select(d, prefix, metric), d, d))
         if seed in nxt:
             out["warm start +1 epoch"].append(("plain", nxt[seed], d))
     return out
 
 
+def _metric_stats(picks, metric: str, rng, selection: tuple | None = None) -> dict | None:
+    """Test level, gain vs warm (mean, per seed) and its CI for one metric. A metric saved as means only
+    (format 1 acc_norm) gets its gains without a CI; None if it was not saved at all."""
+    values = [test_values(src, v, metric) for v, src, _ in picks]
+    warm = [test_values(own, "plain", metric) for _, _, own in picks]
+    if any(x is None for x in values + warm):
+        means = [src["test"][v].get(metric) for v, src, _ in picks]
+        warm_means = [own["test"]["plain"].get(metric) for _, _, own in picks]
+        if None in means + warm_means:
+            return None
+        per_seed = [float(x - w) for x, w in zip(means, warm_means)]
+        return {"test": float(np.mean(means)), "test_per_seed": [float(x) for x in means],
+                "gain": float(np.mean(per_seed)), "per_seed_gain": per_seed, "ci_low": None, "ci_high": None}
+    per_seed = [float(np.mean(x - w)) for x, w in zip(values, warm)]
+    if selection is None:
+        mean, lo, hi = hierarchical_ci([x - w for x, w in zip(values, warm)], rng)
+    else:
+        calib, prefix_test, loso = selection
+        mean, lo, hi = selection_ci(calib, prefix_test(metric), warm, rng, loso)
+    return {"test": float(np.mean([x.mean() for x in values])), "test_per_seed": [float(x.mean()) for x in values],
+            "gain": mean, "per_seed_gain": per_seed, "ci_low": lo, "ci_high": hi}
+
+
+def _candidates(ds: list[dict], prefix: str, metric: str) -> tuple[dict, callable]:
+    """calib: variant -> per seed per-question calib values; and metric -> the same for test."""
+    names = sorted(v for v in ds[0]["calib"] if v.startswith(prefix))
+    calib = {v: [calib_values(d, v, metric) for d in ds] for v in names}
+    return calib, lambda m: {v: [test_values(d, v, m) for d in ds] for v in names}
+
+
+def _row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -> dict:
+    task, adapter, epoch = key
+    by_metric = {m: _metric_stats(picks, m, rng, selection) for m in metrics}
+    head = by_metric[metric]
+    row = {
+        "task": task, "adapter": adapter, "epoch": epoch, "method": name, "metric": metric, "metrics": metrics,
+        "seeds": len(picks), "seed_ids": [own["seed"] for _, _, own in picks],
+        "questions": len(test_values(picks[0][1], picks[0][0], metric)),
+        "questions_per_seed": [len(test_values(src, v, metric)) for v, src, _ in picks],
+        "test": head["test"], "calib": float(np.mean([src["calib"][v][metric] for v, src, _ in picks])),
+        "gain_vs_warm": head["gain"], "per_seed_gain": head["per_seed_gain"], "ci_low": head["ci_low"], "ci_high": head["ci_high"],
+        "by_metric": by_metric, "selection": kind,
+        "ci": "hierarchical (seeds, then questions)" + (", selection redone on resampled calib" if selection else ""),
+        "picks": [v for v, _, _ in picks], "variants": sorted({v for v, _, _ in picks}),
+        "mu": [_mu_of(src, v) for v, src, _ in picks] if all(v.startswith("svd_") for v, _, _ in picks) else None,
+        "format": min(cell_format(own) for _, _, own in picks),
+        "deterministic_init": any(own.get("deterministic_init") for _, _, own in picks),
+        "identical_seeds": identical_seeds([own for _, _, own in picks]),
+    }
+    if by_metric.get("mc1"):
+        row["test_mc1"] = by_metric["mc1"]["test"]
+    return row
+
+
 def summarise(cells: dict, rng, plus_one: dict | None = None) -> list[dict]:
+    """One row per (task, adapter, epoch, method); a calib-selected method gets a second,
+    leave-one-seed-out row right after it (with two or more seeds)."""
     rows = []
     for key in sorted(cells):
-        task, adapter, epoch = key
         seeds = cells[key]
-        metric = next(iter(seeds.values()))["primary"]
+        ds = [seeds[s] for s in sorted(seeds)]
+        metric = ds[0]["primary"]
+        metrics = headline_metrics(ds[0])
         methods = methods_for(cells, key, metric, plus_one)
         for name, picks in methods.items():
             if name == "warm start +1 epoch" and len(picks) != len(seeds):
                 continue
-            values = [np.array(src["test_per_question"][v]) for v, src, _ in picks]
-            base_for_pair = [np.array(d["test_per_question"]["plain"]) for _, _, d in picks]
-            mean, lo, hi = paired_ci(values, base_for_pair, rng)
-            row = {
-                "task": task, "adapter": adapter, "epoch": epoch, "method": name, "metric": metric,
-                "seeds": len(picks), "questions": len(values[0]),
-                "test": float(np.mean([v.mean() for v in values])),
-                "calib": float(np.mean([src["calib"][v][metric] for v, src, _ in picks])),
-                "gain_vs_warm": mean, "ci_low": lo, "ci_high": hi,
-                "variants": sorted({v for v, _, _ in picks}),
-                "mu": [_mu_of(src, v) for v, src, _ in picks] if all(v.startswith("svd_") for v, _, _ in picks) else None,
-            }
-            if task == "truthfulqa":
-                row["test_mc1"] = float(np.mean([np.mean(src["test_per_question_mc1"][v]) for v, src, _ in picks]))
-            rows.append(row)
+            if any(v not in src["test"] for v, src, _ in picks):  # a variant this grid did not score
+                continue
+            if name not in SELECTED:
+                rows.append(_row(key, name, picks, metric, metrics, rng))
+                continue
+            calib, test_of = _candidates(ds, SELECTED[name], metric)
+            own = [(v, d, d) for v, d in zip(in_sample_picks(calib), ds)]  # the picks selection_ci redoes
+            rows.append(_row(key, name, own, metric, metrics, rng, (calib, test_of, False), "in-sample"))
+            loso = loso_picks(calib)
+            if loso is not None:
+                honest = [(v, d, d) for v, d in zip(loso, ds)]
+                rows.append(_row(key, name + LOSO, honest, metric, metrics, rng, (calib, test_of, True), "loso"))
     return rows
+
+
+def selection_effect(rows: list[dict]) -> list[dict]:
+    """In-sample vs leave-one-seed-out for every calib-selected method: the optimism of selecting and
+    scoring on the same seed, per metric (mean and per seed)."""
+    by = {(r["task"], r["adapter"], r["epoch"], r["method"]): r for r in rows}
+    out = []
+    for (task, adapter, epoch, method), r in sorted(by.items()):
+        honest = by.get((task, adapter, epoch, method + LOSO))
+        if method not in SELECTED or honest is None:
+            continue
+        entry = {"task": task, "adapter": adapter, "epoch": epoch, "method": method, "seeds": r["seeds"],
+                 "in_sample_picks": r["picks"], "loso_picks": honest["picks"], "metrics": {}}
+        for m, s in r["by_metric"].items():
+            h = honest["by_metric"].get(m)
+            if s is None or h is None:
+                continue
+            entry["metrics"][m] = {"in_sample": s["gain"], "in_sample_per_seed": s["per_seed_gain"],
+                                   "loso": h["gain"], "loso_per_seed": h["per_seed_gain"],
+                                   "loso_ci": [h["ci_low"], h["ci_high"]], "optimism": s["gain"] - h["gain"]}
+        out.append(entry)
+    return out
 
 
 def ablation(cells: dict, task: str, adapter: str, rng) -> list[dict]:
@@ -108,16 +358,17 @@ def ablation(cells: dict, task: str, adapter: str, rng) -> list[dict]:
             continue
         ds = [seeds[s] for s in sorted(seeds)]
         metric = ds[0]["primary"]
-        warm = [np.array(d["test_per_question"]["plain"]) for d in ds]
+        warm = [test_values(d, "plain", metric) for d in ds]
         warm_calib = float(np.mean([d["calib"]["plain"][metric] for d in ds]))
         for v in sorted(ds[0]["test"]):
             if not v.startswith("svd_"):
                 continue
-            mean, lo, hi = paired_ci([np.array(d["test_per_question"][v]) for d in ds], warm, rng)
+            diffs = [test_values(d, v, metric) - w for d, w in zip(ds, warm)]
+            mean, lo, hi = hierarchical_ci(diffs, rng)
             out.append({
                 "task": task, "adapter": adapter, "epoch": epoch, "variant": v, "seeds": len(ds),
                 "calib_gain": float(np.mean([d["calib"][v][metric] for d in ds])) - warm_calib,
-                "test_gain": mean, "ci_low": lo, "ci_high": hi,
+                "test_gain": mean, "per_seed_gain": [float(x.mean()) for x in diffs], "ci_low": lo, "ci_high": hi,
                 "mu": float(np.mean([_mu_of(d, v) for d in ds])),
             })
     return out
@@ -131,13 +382,45 @@ def recommend(abl: list[dict]) -> dict:
     best = max(sorted(by), key=lambda v: np.mean([r["calib_gain"] for r in by[v]]))
     rows = sorted(by[best], key=lambda r: r["epoch"])
     return {"variant": best, "mean_calib_gain": float(np.mean([r["calib_gain"] for r in rows])),
-            "per_epoch": [{k: r[k] for k in ("epoch", "calib_gain", "test_gain", "ci_low", "ci_high", "mu")} for r in rows]}
+            "per_epoch": [{k: r[k] for k in ("epoch", "calib_gain", "test_gain", "per_seed_gain", "ci_low", "ci_high", "mu")}
+                          for r in rows]}
+
+
+def recommend_loso(cells: dict, task: str, adapter: str, rng) -> dict | None:
+    """:func:`recommend`'s rule (best SVDecode variant on calib, pooled over every epoch and seed) redone
+    leave-one-seed-out: for seed k it only sees the other seeds' calib questions, and seed k's test
+    split scores its pick at every epoch. Next to the all-seeds pick this is the default's winner's curse."""
+    epochs = sorted(e for t, a, e in cells if (t, a) == (task, adapter))
+    seeds = sorted(set.intersection(*(set(cells[(task, adapter, e)]) for e in epochs))) if epochs else []
+    if len(seeds) < 2:
+        return None
+    ds = {e: [cells[(task, adapter, e)][s] for s in seeds] for e in epochs}
+    first = ds[epochs[0]][0]
+    metric = first["primary"]
+    names = sorted(v for v in first["calib"] if v.startswith("svd_"))
+    calib = {v: [np.concatenate([calib_values(ds[e][j], v, metric) for e in epochs]) for j in range(len(seeds))] for v in names}
+    picks, everyone = loso_picks(calib), pick(calib, range(len(seeds)))
+    per_epoch = []
+    for e in epochs:
+        metrics = [m for m in headline_metrics(first) if all(test_values(d, "plain", m) is not None for d in ds[e])]
+        entry = {"epoch": e}
+        for m in metrics:
+            test = {v: [test_values(d, v, m) for d in ds[e]] for v in names}
+            warm = [test_values(d, "plain", m) for d in ds[e]]
+            mean, lo, hi = selection_ci(calib, test, warm, rng, loso=True)
+            entry[m] = {"loso": mean, "loso_per_seed": picked_gains(picks, test, warm), "ci_low": lo, "ci_high": hi,
+                        "all_seeds_pick": float(np.mean(picked_gains([everyone] * len(seeds), test, warm))),
+                        "all_seeds_pick_per_seed": picked_gains([everyone] * len(seeds), test, warm)}
+        per_epoch.append(entry)
+    return {"task": task, "adapter": adapter, "seeds": seeds, "all_seeds_pick": everyone, "loso_picks": picks,
+            "per_epoch": per_epoch}
 
 
 def ranking(cells: dict, tasks: list[str], rng, adapter: str = "lora") -> list[dict]:
     """Every SVDecode variant ranked by its calibration gain averaged over tasks, epochs and seeds.
 
-    Per task, the test gain pools every (epoch, seed) as a paired replicate of the same test questions.
+    Per task, a seed's test gain averages its epochs (they share the seed's test questions); the CI
+    resamples seeds, then questions (:func:`hierarchical_ci`).
     """
     per_task = {}
     for task in tasks:
@@ -152,10 +435,13 @@ def ranking(cells: dict, tasks: list[str], rng, adapter: str = "lora") -> list[d
         row = {"variant": v, "tasks": {}}
         for task, ds in per_task.items():
             metric = ds[0]["primary"]
-            mean, lo, hi = paired_ci([np.array(d["test_per_question"][v]) for d in ds],
-                                     [np.array(d["test_per_question"]["plain"]) for d in ds], rng)
+            by_seed = defaultdict(list)
+            for d in ds:
+                by_seed[d["seed"]].append(test_values(d, v, metric) - test_values(d, "plain", metric))
+            mean, lo, hi = hierarchical_ci([np.mean(x, axis=0) for _, x in sorted(by_seed.items())], rng)
             calib = float(np.mean([d["calib"][v][metric] - d["calib"]["plain"][metric] for d in ds]))
-            row["tasks"][task] = {"calib_gain": calib, "test_gain": mean, "ci_low": lo, "ci_high": hi, "replicates": len(ds)}
+            row["tasks"][task] = {"calib_gain": calib, "test_gain": mean, "ci_low": lo, "ci_high": hi,
+                                  "seeds": len(by_seed), "replicates": len(ds)}
         row["calib_gain"] = float(np.mean([r["calib_gain"] for r in row["tasks"].values()]))
         row["test_gain"] = float(np.mean([r["test_gain"] for r in row["tasks"].values()]))
         out.append(row)
@@ -176,70 +462,156 @@ def pct(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
-HEADLINE = {  # column -> method name in the rows
-    "SVDecode default": "SVDecode (default: trimmed Fisher, α=0.3)",
-    "`exact` α=0.1": "SVDecode (exact, α=0.1)",
-    "paper recipe": "SVDecode (paper: mean μ*, mask)",
-    "SVDecode, calib-selected": "SVDecode (selected on calib)",
-    "warm +1 epoch": "warm start +1 epoch",
-    "contrastive γ (calib)": "contrastive γ (selected on calib)",
-    "fixed μ (calib)": "fixed μ (selected on calib)",
-}
+HEADLINE = [  # the methods of the headline table, in order
+    "warm start",
+    "SVDecode (default: trimmed Fisher, α=0.3)",
+    "SVDecode (exact, α=0.1)",
+    "SVDecode (paper: mean μ*, mask)",
+    "SVDecode (selected on calib)",
+    "SVDecode (selected on calib)" + LOSO,
+    "warm start +1 epoch",
+    "contrastive γ (selected on calib)",
+    "contrastive γ (selected on calib)" + LOSO,
+]
+DETERMINISTIC = "†"  # the adapter's init does not depend on the seed
+IDENTICAL = "‡"  # every seed's warm start scored identically: one replicate, not several
+
+
+def ci_text(lo: float | None, hi: float | None) -> str:
+    return "[no CI: saved as means only]" if lo is None else f"[{pct(lo)}, {pct(hi)}]"
+
+
+def gain_text(s: dict | None) -> str:
+    """``mean (seed0 / seed1 / ...) [CI]`` in points, or why there is none."""
+    if s is None:
+        return "n/a (not saved)"
+    seeds = " / ".join(pct(x) for x in s["per_seed_gain"])
+    return f"{pct(s['gain'])} ({seeds}) {ci_text(s['ci_low'], s['ci_high'])}"
+
+
+def level_text(s: dict | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{100 * s['test']:.2f} (" + " / ".join(f"{100 * x:.2f}" for x in s["test_per_seed"]) + ")"
+
+
+def group_label(r: dict) -> str:
+    marks = (DETERMINISTIC if r["deterministic_init"] else "") + (IDENTICAL if r.get("identical_seeds") else "")
+    return f"{r['task']} · {r['adapter']} · {r['epoch']}{marks}"
 
 
 def headline(by: dict) -> list[str]:
-    """One line per (task, adapter, epoch): warm start and every method's gain [95% CI]."""
-    lines = ["## Headline: gain vs warm start, points [95% paired bootstrap CI]", "",
-             "| task · adapter · epoch | seeds | test items | warm start | " + " | ".join(HEADLINE) + " |",
-             "|---|---:|---:|---:|" + "---|" * len(HEADLINE)]
-    for (task, adapter, epoch), rs in sorted(by.items()):
+    """Per (task, adapter, epoch), the headline methods on both headline metrics: the warm start's level,
+    every other method's gain over it with the per-seed gains and the 95% CI."""
+    lines = ["## Headline: gain vs warm start, points: mean (per seed) [95% CI]", "",
+             "Metrics: TruthfulQA MC2 and MC1; commonsense acc and acc_norm. Warm start: its level (per seed). "
+             f"CIs resample seeds, then questions; for calib-selected rows also the selection. {DETERMINISTIC}: the "
+             f"adapter's init ignores the seed (IA3): seeds vary the data only. {IDENTICAL}: every seed's warm start "
+             "scored the test questions identically (format 1 IA3: neither data nor init depended on the seed): "
+             "not independent replicates.", "",
+             "| task · adapter · epoch | method | seeds × test items | metric 1 | metric 2 |", "|---|---|---|---|---|"]
+    for key, rs in sorted(by.items()):
         m = {r["method"]: r for r in rs}
-        cell = lambda r: "(not run)" if r is None else f"{pct(r['gain_vs_warm'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}]"  # noqa: E731
-        warm = m["warm start"]
-        lines.append(f"| {task} · {adapter} · {epoch} | {warm['seeds']} | {warm['questions']} | {100 * warm['test']:.2f} | "
-                     + " | ".join(cell(m.get(name)) for name in HEADLINE.values()) + " |")
+        for name in HEADLINE:
+            r = m.get(name)
+            if r is None:
+                continue
+            metrics = r["metrics"] + [None] * (2 - len(r["metrics"]))
+            text = level_text if name == "warm start" else gain_text
+            cells = [f"{mt} {text(r['by_metric'].get(mt))}" if mt else "" for mt in metrics[:2]]
+            items = "/".join(str(n) for n in sorted(set(r["questions_per_seed"])))
+            lines.append(f"| {group_label(r)} | {name} | {r['seeds']} × {items} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
-def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, rankings: dict | None = None) -> str:
+def selection_lines(effects: list[dict]) -> list[str]:
+    """The selection effect: in-sample (select and score on the same seed) vs leave-one-seed-out."""
+    if not effects:
+        return []
+    lines = ["## Selection effect: in-sample vs leave-one-seed-out selection", "",
+             "In-sample picks each seed's variant on that seed's calib questions; leave-one-seed-out (LOSO) picks",
+             "seed k's variant on the pooled calib questions of the other seeds and scores it on seed k's test split.",
+             "Optimism = in-sample − LOSO gain. Points, mean (per seed); LOSO CI redoes the selection per replicate.", "",
+             "| task · adapter · epoch | method | metric | in-sample gain | LOSO gain [95% CI] | optimism | LOSO picks |",
+             "|---|---|---|---|---|---:|---|"]
+    for e in effects:
+        picks = ", ".join(f"`{v}`" for v in e["loso_picks"])
+        for m, x in e["metrics"].items():
+            ins = f"{pct(x['in_sample'])} (" + " / ".join(pct(v) for v in x["in_sample_per_seed"]) + ")"
+            lo = f"{pct(x['loso'])} (" + " / ".join(pct(v) for v in x["loso_per_seed"]) + ") " + ci_text(*x["loso_ci"])
+            lines.append(f"| {e['task']} · {e['adapter']} · {e['epoch']} | {e['method']} | {m} | {ins} | {lo} | "
+                         f"{pct(x['optimism'])} | {picks} |")
+    return lines + [""]
+
+
+def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, rankings: dict | None = None,
+             effects: list[dict] | None = None, rec_loso: dict | None = None) -> str:
     lines = ["# SVDecode benchmark grid (SmolLM2-135M, generated by `benchmarks/report.py`)", ""]
     lines += [
-        "Numbers are percentages, averaged over seeds; `gain` is the paired difference to the warm start",
-        "of the same seed with a 95% paired bootstrap CI over test questions. Every selection uses the",
-        "calibration split only. Metric: TruthfulQA MC2 (standard) with MC1 beside it; commonsense sets: accuracy.",
+        "Numbers are percentages; `gain` is the paired difference to the warm start of the same seed, averaged",
+        "over seeds, with the per-seed gains beside it and a 95% hierarchical bootstrap CI (seeds, then test",
+        "questions within a seed; for a calib-selected method the selection is redone in every replicate).",
+        "Every selection uses calibration questions only. Metrics: TruthfulQA MC2 (standard) and MC1;",
+        "commonsense sets: acc and acc_norm. The configs' default was picked on the calib questions of the",
+        "format-1 grid, whose every seed used the seed-0 split: in format-2 cells seed 0 is not fresh data",
+        "for it (same split), seeds ≥ 1 are.",
         "",
     ]
+    formats = sorted({r["format"] for r in rows})
+    if formats != [FORMAT]:
+        lines += [f"**Cell formats {formats}.** Format 1 cells: every seed shares the seed-0 split and shuffle, so",
+                  "seeds vary only the adapter init and dropout; calib scores are means only, so their selection",
+                  "CIs do not resample calib questions; commonsense acc_norm was saved as means only (gains, no CI).", ""]
     by = defaultdict(list)
     for r in rows:
         by[(r["task"], r["adapter"], r["epoch"])].append(r)
     lines += headline(by)
+    lines += selection_lines(effects or [])
     for (task, adapter, epoch), rs in sorted(by.items()):
         r0 = rs[0]
-        lines += [f"## {task} · {adapter} · epoch {epoch} ({r0['seeds']} seeds, {r0['questions']} test questions)", ""]
-        mc1 = task == "truthfulqa"
-        lines.append(f"| method | test {r0['metric']} |" + (" test mc1 |" if mc1 else "") + " gain vs warm [95% CI] | calib | chosen |")
-        lines.append("|---|---:|" + ("---:|" if mc1 else "") + "---|---:|---|")
+        m1, *rest = r0["metrics"]
+        m2 = rest[0] if rest else None
+        lines += [f"## {group_label(r0)} ({r0['seeds']} seeds {r0['seed_ids']}, "
+                  f"{'/'.join(map(str, sorted(set(r0['questions_per_seed']))))} test questions per seed)", ""]
+        lines.append(f"| method | test {m1} |" + (f" test {m2} |" if m2 else "") + f" {m1} gain (per seed) [95% CI] |"
+                     + (f" {m2} gain (per seed) [95% CI] |" if m2 else "") + f" calib {m1} | chosen |")
+        lines.append("|---|---:|" + ("---:|" if m2 else "") + "---|" + ("---|" if m2 else "") + "---:|---|")
         for r in rs:
             chosen = ", ".join(r["variants"]) if len(r["variants"]) <= 3 else f"{len(r['variants'])} different"
             if r["mu"]:
                 chosen += " (μ̄ " + ", ".join(f"{m:+.3g}" for m in r["mu"]) + ")"
+            s1, s2 = r["by_metric"][m1], r["by_metric"].get(m2) if m2 else None
             lines.append(
-                f"| {r['method']} | {100 * r['test']:.2f} |" + (f" {100 * r['test_mc1']:.2f} |" if mc1 else "")
-                + f" {pct(r['gain_vs_warm'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] | {100 * r['calib']:.2f} | {chosen} |"
+                f"| {r['method']} | {100 * s1['test']:.2f} |" + ((f" {100 * s2['test']:.2f} |" if s2 else " n/a |") if m2 else "")
+                + f" {gain_text(s1)} |" + (f" {gain_text(s2)} |" if m2 else "") + f" {100 * r['calib']:.2f} | {chosen} |"
             )
         lines.append("")
     if rec:
         lines += ["## Default chosen on calibration evidence (truthfulqa · lora, all epochs and seeds)", "",
                   f"`{rec['variant']}`: mean calib gain {pct(rec['mean_calib_gain'])}; on test, per epoch: "
-                  + "; ".join(f"epoch {r['epoch']}: {pct(r['test_gain'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] (μ {r['mu']:+.3g})"
-                              for r in rec["per_epoch"]), ""]
+                  + "; ".join(f"epoch {r['epoch']}: {pct(r['test_gain'])} (" + " / ".join(pct(x) for x in r["per_seed_gain"])
+                              + f") [{pct(r['ci_low'])}, {pct(r['ci_high'])}] (μ {r['mu']:+.3g})" for r in rec["per_epoch"]), ""]
+    if rec_loso:
+        lines += ["The same rule leave-one-seed-out: for seed k, the best variant on the other seeds' calib questions",
+                  "(every epoch pooled), scored on seed k's test split; next to it the all-seeds pick "
+                  f"`{rec_loso['all_seeds_pick']}` on the same seeds. Points, mean (per seed) [95% CI, selection redone].", "",
+                  "LOSO picks: " + ", ".join(f"seed {s}: `{v}`" for s, v in zip(rec_loso["seeds"], rec_loso["loso_picks"])), "",
+                  "| epoch | metric | LOSO gain | all-seeds pick gain |", "|---:|---|---|---|"]
+        for e in rec_loso["per_epoch"]:
+            for m, x in e.items():
+                if m == "epoch":
+                    continue
+                lines.append(f"| {e['epoch']} | {m} | {pct(x['loso'])} (" + " / ".join(pct(v) for v in x["loso_per_seed"])
+                             + f") [{pct(x['ci_low'])}, {pct(x['ci_high'])}] | {pct(x['all_seeds_pick'])} ("
+                             + " / ".join(pct(v) for v in x["all_seeds_pick_per_seed"]) + ") |")
+        lines.append("")
     for title, rank_ in (rankings or {}).items():
         if not rank_:
             continue
         tasks = list(rank_[0]["tasks"])
         lines += [f"## Best three and worst three SVDecode variants by calibration gain ({title})", "",
-                  "Ranked by calib gain averaged over tasks, epochs and seeds (test not used). Test gain per task pools",
-                  "every (epoch, seed) as a paired replicate; [95% paired bootstrap CI].", "",
+                  "Ranked by calib gain averaged over tasks, epochs and seeds (test not used). Test gain per task: a",
+                  "seed's epochs averaged, then over seeds; [95% hierarchical bootstrap CI, seeds then questions].", "",
                   "| rank | variant | calib gain | " + " | ".join(f"{t} test gain" for t in tasks) + " |",
                   "|---:|---|---:|" + "---|" * len(tasks)]
         tags = {DEFAULT: " (default)", EXACT: " (exact)", PAPER: " (paper)"}
@@ -250,10 +622,11 @@ def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, r
         lines.append("")
     for (task, adapter), rows_ in sorted(abl.items()):
         lines += [f"## Ablation: every SVDecode variant ({task} · {adapter})", "",
-                  "| epoch | variant | mean μ | calib gain | test gain [95% CI] |", "|---:|---|---:|---:|---|"]
+                  "| epoch | variant | mean μ | calib gain | test gain (per seed) [95% CI] |", "|---:|---|---:|---:|---|"]
         for r in sorted(rows_, key=lambda r: (r["epoch"], -r["calib_gain"])):
             lines.append(f"| {r['epoch']} | {r['variant']} | {r['mu']:+.3g} | {pct(r['calib_gain'])} | "
-                         f"{pct(r['test_gain'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] |")
+                         f"{pct(r['test_gain'])} (" + " / ".join(pct(x) for x in r["per_seed_gain"])
+                         + f") [{pct(r['ci_low'])}, {pct(r['ci_high'])}] |")
         lines.append("")
     if perf:
         lines += ["## Cost (seconds, from the same cells)", "", "| task · adapter | warm-start epoch | calibration | calibration / epoch |",
@@ -333,6 +706,8 @@ def main(argv=None) -> None:
     abl = {(t, "lora"): ablation(cells, t, "lora", rng) for t in tasks}
     perf = cost(cells)
     rec = recommend(abl[("truthfulqa", "lora")]) if ("truthfulqa", "lora") in abl else None
+    rec_loso = recommend_loso(cells, "truthfulqa", "lora", rng) if rec else None
+    effects = selection_effect(rows)
     commonsense = sorted({t for t, a, e in cells if a == "lora" and t != "truthfulqa"})
     rankings = {
         "LoRA; the 3-epoch ablation: " + ", ".join(tasks): ranking(cells, tasks, rng),
@@ -340,9 +715,9 @@ def main(argv=None) -> None:
     }
     out = Path(args.out)
     summary = {"rows": rows, "ablation": [r for rs in abl.values() for r in rs], "cost": perf,
-               "recommended": rec, "rankings": rankings}
+               "recommended": rec, "recommended_loso": rec_loso, "selection_effect": effects, "rankings": rankings}
     atomic_write_text(out / "grid_summary.json", json.dumps(summary, indent=1))
-    md = markdown(rows, abl, perf, rec, rankings)
+    md = markdown(rows, abl, perf, rec, rankings, effects, rec_loso)
     atomic_write_text(out / "grid_summary.md", md)
     plots = [p for t in tasks for p in plot_gain_vs_mu(cells, out, t)]
     print(md.split("## Ablation")[0])

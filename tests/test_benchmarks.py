@@ -116,3 +116,189 @@ def test_cost_benchmark_runs_both_paths_and_reports_spread(tmp_path):
             ratio = row.get("ratio_vs_plain") or row["ratio_vs_demo_epoch"]
             assert ratio["min"] > 0
     assert result["precision"] in ("32-true", "bf16-mixed") and "oneDNN bf16" in result["device_name"]
+
+
+# --- independent seeds (grid.py) and honest statistics (report.py) ----------------------------------
+
+PIQA_ROW = {
+    "instruction": "Please choose the correct solution to the question: open a jar {i}\n\nSolution1: twist the lid {i}"
+    "\n\nSolution2: hit the jar {i}\n\nAnswer format: solution1/solution2",
+    "input": "", "output": "the correct answer is solution1", "answer": "solution1",
+}
+
+
+def _piqa_file(path: Path, n: int) -> Path:
+    rows = [{k: v.format(i=i) if isinstance(v, str) else v for k, v in PIQA_ROW.items()} for i in range(n)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _splits(factory, seed):
+    return _load("grid").split_record(factory(seed))
+
+
+def test_grid_seed_draws_the_split_and_the_shuffle(tmp_path):
+    """Within a seed the splits are disjoint and cover the file; another seed draws other splits."""
+    grid = _load("grid")
+    _piqa_file(tmp_path / "piqa.json", 40)
+    factory = grid.commonsense("piqa.json", root=str(tmp_path))
+    splits = {seed: _splits(factory, seed) for seed in (0, 1, 2)}
+    for s in splits.values():
+        parts = [set(s[name]) for name in grid.SPLITS]
+        assert sum(map(len, parts)) == 40 and set.union(*parts) == set(range(40))  # disjoint, complete
+        assert all(s[name] == sorted(s[name]) for name in grid.SPLITS)  # file order: the per-question order
+    for name in grid.SPLITS:
+        assert len({tuple(s[name]) for s in splits.values()}) == 3, name
+    from svd_lightning.tiny import tiny_tokenizer
+
+    dm = factory(1)
+    dm.tokenizer = tiny_tokenizer()
+    dm.setup("fit")
+    assert dm.train_dataloader().generator.initial_seed() == 1  # the shuffle order follows the seed too
+
+
+def test_grid_seed_with_a_train_file_draws_train_and_calib(tmp_path):
+    """ARC/BoolQ: train and calib come from the train file (seeded); the test file is fixed."""
+    grid = _load("grid")
+    _piqa_file(tmp_path / "train.json", 30)
+    _piqa_file(tmp_path / "test.json", 8)
+    factory = grid.commonsense("test.json", "train.json", root=str(tmp_path))
+    a, b = _splits(factory, 0), _splits(factory, 1)
+    for s in (a, b):
+        assert not set(s["train"]) & set(s["calib"]) and s["test"] == list(range(8))
+    assert a["calib"] != b["calib"] and a["train"] != b["train"]
+    dm = factory(0)
+    assert grid.split_sources(dm) == {"train": f"{tmp_path}/train.json", "calib": f"{tmp_path}/train.json",
+                                      "test": f"{tmp_path}/test.json"}
+
+
+@pytest.mark.skipif(not (BENCH.parent / "../shared/data/truthfulqa/v1_2021/mc_task.json").exists(),
+                    reason="shared TruthfulQA file not present")
+def test_grid_truthfulqa_splits_differ_across_seeds():
+    grid = _load("grid")
+    a, b = _splits(grid.TASKS["truthfulqa"], 0), _splits(grid.TASKS["truthfulqa"], 1)
+    for s in (a, b):
+        assert not (set(s["train"]) & set(s["calib"]) or set(s["train"]) & set(s["test"]) or set(s["calib"]) & set(s["test"]))
+        assert (len(s["train"]), len(s["calib"]), len(s["test"])) == (200, 60, 100)
+    assert set(a["test"]) != set(b["test"]) and set(a["calib"]) != set(b["calib"])
+
+
+def test_grid_deterministic_init_is_exactly_the_adapters_whose_init_ignores_the_seed():
+    grid = _load("grid")
+    from svd_lightning.models import apply_adapter
+    from svd_lightning.tiny import tiny_model_and_tokenizer
+
+    for adapter in grid.LEARNING_RATE:
+        prints = []
+        for seed in (0, 1):
+            model, _ = tiny_model_and_tokenizer()
+            torch.manual_seed(seed)  # as SteeringLM seeds the adapter's init
+            prints.append(grid.init_fingerprint(apply_adapter(model, adapter)))
+        assert (prints[0] == prints[1]) == (adapter in grid.DETERMINISTIC_INIT), adapter
+
+
+def test_hierarchical_ci_resamples_seeds_then_questions():
+    report = _load("report")
+    rng = np.random.default_rng(0)
+    # No spread within a seed, seeds at 0, 0.1, 0.2: only the seed level varies. All three draws of seed
+    # 0 (probability 1/27 > 2.5%) give 0, so the interval reaches the extreme seeds.
+    diffs = [np.full(50, 0.0), np.full(80, 0.1), np.full(20, 0.2)]  # seeds may differ in size
+    mean, lo, hi = report.hierarchical_ci(diffs, rng)
+    assert mean == pytest.approx(0.1) and lo == pytest.approx(0.0) and hi == pytest.approx(0.2)
+    # a question-only bootstrap (the old paired CI) would call this certain:
+    same = [np.full(50, x) for x in (0.0, 0.1, 0.2)]
+    assert report.paired_ci(same, [np.zeros(50)] * 3, rng)[1:] == pytest.approx((0.1, 0.1))
+    # one seed: the question bootstrap
+    x = np.r_[np.zeros(50), np.ones(50)]
+    mean, lo, hi = report.hierarchical_ci([x], rng)
+    assert mean == 0.5 and 0.38 < lo < 0.42 and 0.58 < hi < 0.62  # ±1.96·0.05
+
+
+def _table():
+    """3 seeds × 2 variants, built so that the in-sample winner differs from the leave-one-seed-out pick.
+
+    calib means: a = (1, 0, 0), b = (0, .6, .6). In-sample: seed 0 -> a, seeds 1, 2 -> b.
+    LOSO: without seed 0, b (0.6 vs 0); without seed 1, a (0.5 vs 0.3); without seed 2, a (0.5 vs 0.3).
+    """
+    calib = {"a": [np.ones(2), np.zeros(2), np.zeros(2)], "b": [np.zeros(2), np.full(2, 0.6), np.full(2, 0.6)]}
+    test = {"a": [np.array([1.0, 0.0]), np.zeros(2), np.ones(2)], "b": [np.zeros(2), np.ones(2), np.array([0.0, 1.0])]}
+    warm = [np.zeros(2)] * 3
+    return calib, test, warm
+
+
+def test_leave_one_seed_out_selection_on_a_hand_built_table():
+    report = _load("report")
+    calib, test, warm = _table()
+    assert report.in_sample_picks(calib) == ["a", "b", "b"]
+    assert report.loso_picks(calib) == ["b", "a", "a"]
+    assert report.picked_gains(["a", "b", "b"], test, warm) == [0.5, 1.0, 0.5]  # in-sample: mean 2/3
+    assert report.picked_gains(["b", "a", "a"], test, warm) == [0.0, 0.0, 1.0]  # LOSO: mean 1/3
+    mean, lo, hi = report.selection_ci(calib, test, warm, np.random.default_rng(0), loso=True)
+    assert mean == pytest.approx(1 / 3) and lo <= mean <= hi
+    assert report.selection_ci(calib, test, warm, np.random.default_rng(0), loso=False)[0] == pytest.approx(2 / 3)
+    assert report.loso_picks({v: x[:1] for v, x in calib.items()}) is None  # one seed: nothing to leave out
+    assert report.pick({"b": [np.ones(1)], "a": [np.ones(1)]}, [0]) == "a"  # ties: first by name
+
+
+def _cell(seed, calib, test, warm, fmt=2):
+    """A format-2 cell of task t (acc, acc_norm) with the variants of _table as svd_ variants."""
+    variants = {"plain": (np.full(2, 0.2), warm), "svd_a": (calib["a"][seed], test["a"][seed]),
+                "svd_b": (calib["b"][seed], test["b"][seed]), "base": (np.zeros(2), warm),
+                "contrastive_g+1": (np.zeros(2), warm), "fixed_a0.1_mask_generation_only_mu+1": (np.zeros(2), warm)}
+    per_q = {split: {m: {v: list(map(float, x[i])) for v, x in variants.items()} for m in ("acc", "acc_norm")}
+             for i, split in enumerate(("calib", "test"))}
+    means = {split: {v: {m: float(np.mean(per_q[split][m][v])) for m in ("acc", "acc_norm")} for v in variants}
+             for split in ("calib", "test")}
+    return {"format": fmt, "task": "t", "adapter": "lora", "seed": seed, "epoch": 1, "primary": "acc",
+            "metrics": ["acc", "acc_norm"], "calib": means["calib"], "test": means["test"], "per_question": per_q,
+            "test_per_question": per_q["test"]["acc"], "mu": {"a": {"a": -1.0, "b": -2.0}},
+            "split": {"train": [seed], "calib": [10 + seed, 20 + seed], "test": [30 + seed, 40 + seed]}}
+
+
+def test_report_rows_show_both_metrics_per_seed_and_the_loso_row(tmp_path, monkeypatch):
+    report = _load("report")
+    monkeypatch.setattr(report, "_mu_of", lambda d, v: -1.0)
+    calib, test, warm = _table()
+    for seed in range(3):
+        (tmp_path / f"t-lora-seed{seed}-epoch1.json").write_text(json.dumps(_cell(seed, calib, test, warm[seed])))
+    old = {**_cell(2, calib, test, warm[2], fmt=1), "seed": 3}
+    old.pop("format")
+    (tmp_path / "t-lora-seed3-epoch1.json").write_text(json.dumps(old))  # an older format beside new cells
+    cells, _ = report.load(tmp_path, quiet=True)
+    assert sorted(cells[("t", "lora", 1)]) == [0, 1, 2]  # dropped
+    rows = {r["method"]: r for r in report.summarise(cells, np.random.default_rng(0))}
+    selected = rows["SVDecode (selected on calib)"]
+    honest = rows["SVDecode (selected on calib)" + report.LOSO]
+    assert selected["picks"] == ["svd_a", "svd_b", "svd_b"] and honest["picks"] == ["svd_b", "svd_a", "svd_a"]
+    for m in ("acc", "acc_norm"):
+        assert selected["by_metric"][m]["per_seed_gain"] == [0.5, 1.0, 0.5]
+        assert honest["by_metric"][m]["per_seed_gain"] == [0.0, 0.0, 1.0]
+        assert honest["by_metric"][m]["gain"] == pytest.approx(1 / 3)
+    [effect] = [e for e in report.selection_effect(list(rows.values())) if e["method"] == "SVDecode (selected on calib)"]
+    assert effect["metrics"]["acc"]["optimism"] == pytest.approx(1 / 3)
+    md = report.markdown(list(rows.values()), {}, {}, effects=report.selection_effect(list(rows.values())))
+    assert "acc_norm +33.33 (+0.00 / +0.00 / +100.00)" in md and "leave-one-seed-out" in md
+
+
+def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
+    """Two IA3 seeds of the real grid code on the tiny model: format 2, disjoint recorded splits that
+    differ across seeds, equal init fingerprints (IA3), per-question values that follow the split."""
+    if not (BENCH.parent / "../shared/data/truthfulqa/v1_2021/mc_task.json").exists():
+        pytest.skip("shared TruthfulQA file not present")
+    grid, report = _load("grid"), _load("report")
+    grid.main(["--model", "tiny-random", "--limit", "2", "--only", "truthfulqa-ia3", "--seeds", "0", "1", "--out", str(tmp_path)])
+    cells = [json.loads((tmp_path / f"truthfulqa-ia3-seed{s}-epoch1.json").read_text()) for s in (0, 1)]
+    for d in cells:
+        assert d["format"] == grid.FORMAT and d["deterministic_init"] and d["data_seed"] == d["seed"]
+        s = d["split"]
+        assert not (set(s["train"]) & set(s["calib"]) or set(s["calib"]) & set(s["test"]) or set(s["train"]) & set(s["test"]))
+        for split in ("calib", "test"):
+            for metric in ("mc2", "mc1"):
+                assert {len(x) for x in d["per_question"][split][metric].values()} == {len(s[split])}
+        assert d["per_question"]["calib"]["mc2"].keys() == d["calib"].keys()  # every variant
+    assert cells[0]["split"] != cells[1]["split"] and cells[0]["init_fingerprint"] == cells[1]["init_fingerprint"]
+    assert grid.is_current(tmp_path / "truthfulqa-ia3-seed0-epoch2.json")  # the +1 epoch cell
+    out = tmp_path / "report"
+    report.main(["--grid", str(tmp_path), "--out", str(out)])
+    md = (out / "grid_summary.md").read_text()
+    assert "truthfulqa · ia3 · 1†" in md and "leave-one-seed-out" in md
