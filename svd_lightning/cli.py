@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from svd_lightning.callbacks import ScoreWriter
+from svd_lightning.data import ChoiceDataModule
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import resolve_precision
 from svd_lightning.progress import LogProgressBar, say, stderr_is_terminal
@@ -24,6 +25,13 @@ class SteeringCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True,
             help="fit only: score the test split with the finished run (validation scores the calib split)",
         )
+
+    def before_fit(self) -> None:
+        if self._get(self.config, "test_after_fit") and isinstance(self.datamodule, ChoiceDataModule):
+            try:  # fit ends by scoring test: an empty test split fails now, not after training
+                self.datamodule.check_splits("test")
+            except ValueError as err:
+                raise ValueError(f"{err} (fit ends by scoring it; --test_after_fit false skips that)") from None
 
     def after_fit(self) -> None:
         # Validation scores the calib split, which μ̄ was solved on; the number to report is test's.

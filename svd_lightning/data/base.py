@@ -73,28 +73,29 @@ def _pairs_hook(pairs: list[tuple[str, Any]]) -> _JsonObject:
     return obj
 
 
-def _check_rows(path: Path, rows: list) -> list[dict]:
-    if not rows:
-        raise DataError(path, "the file has no rows")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(path, f"expected a JSON object, got {type(row).__name__}", row=i)
-        for key, value in [(None, row), *row.items()]:
-            if isinstance(value, _JsonObject) and value.duplicates:
-                raise DataError(path, f"duplicate key(s) {value.duplicates} (JSON keeps only the last)", i, key)
-    return rows
+def check_row(path: Path, i: int, row: Any) -> dict:
+    """A row is an object whose keys are unique (JSON would silently keep the last of two)."""
+    if not isinstance(row, dict):
+        raise DataError(path, f"expected a JSON object, got {type(row).__name__}", row=i)
+    for key, value in [(None, row), *row.items()]:
+        if isinstance(value, _JsonObject) and value.duplicates:
+            raise DataError(path, f"duplicate key(s) {value.duplicates} (JSON keeps only the last)", i, key)
+    return row
 
 
 def _read_text(path: Path, encoding: str = "utf-8") -> str:
     try:
         return path.read_bytes().decode(encoding)
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not {encoding}: byte {e.object[e.start]:#04x} at offset {e.start} cannot be "
+        raise DataError(path, f"not UTF-8: byte {e.object[e.start]:#04x} at offset {e.start} cannot be "
                               f"decoded ({e.reason}); re-save the file as UTF-8") from None
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Rows of a .json (list of objects), .jsonl or .csv file; other extensions via ``datasets``."""
+def read_records(path: str | Path) -> list:
+    """Rows of a .json (list of objects), .jsonl or .csv file; other extensions via ``datasets``.
+
+    File-level problems raise :class:`DataError`; rows are checked one by one by :func:`check_row`.
+    """
     path = resolve_path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
@@ -117,7 +118,9 @@ def read_records(path: str | Path) -> list[dict]:
         rows = _read_csv(path)
     else:
         rows = _read_with_datasets(path)
-    return _check_rows(path, rows)
+    if not rows:
+        raise DataError(path, "the file has no rows")
+    return rows
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -309,7 +312,7 @@ class ChoiceDataModule(L.LightningDataModule):
         kept, skipped = [], []
         for i, row in enumerate(rows):
             try:
-                kept.append(parse(path, i, row))
+                kept.append(parse(path, i, check_row(path, i, row)))
             except DataError as err:
                 if self.bad_rows == "error":
                     raise DataError(path, f"{err.reason} (set bad_rows: skip to drop such rows)", err.row, err.field) from None
@@ -350,6 +353,7 @@ class ChoiceDataModule(L.LightningDataModule):
 
     def check_splits(self, stage: str | None) -> None:
         """An empty split the stage needs is an error now, not a silent no-op after training."""
+        self._ensure_splits()
         needs = {"fit": ("train", "calib"), "validate": ("calib",), "test": ("test",), "predict": ("test",)}
         sizes = {"train": len(self.train_set), "calib": len(self.calib_set), "test": len(self.test_set)}
         for name in needs.get(stage, ()):
