@@ -62,6 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit-test", type=int, default=7)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--train-batch-size", type=int, default=2)
+    p.add_argument("--strength", default="choice_nll", help="choice_nll also reports exact and every token aggregate")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # same kernels (and summation order) in every run, and light on the CPU
@@ -72,7 +73,7 @@ def main(argv=None) -> None:
         max_length=128, limit_train=args.limit_train, limit_calib=args.limit_calib, limit_test=args.limit_test,
     )
     module = SteeringLM("tiny-random", adapter=args.adapter, learning_rate=args.learning_rate)
-    extraction, solver, report = SteeringExtraction(), StrengthSolver("exact"), SteeredValidation(print_table=False)
+    extraction, solver, report = SteeringExtraction(), StrengthSolver(args.strength), SteeredValidation(print_table=False)
     tables = ScoreTables()
     trainer = L.Trainer(
         accelerator="cpu",

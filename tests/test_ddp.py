@@ -1,6 +1,7 @@
 """DDP end to end: 2 CPU ranks (gloo) must reproduce the single-process SVDecode run exactly.
 
-One fit epoch with ``SteeringExtraction`` + ``StrengthSolver("exact")`` + steered validation runs
+One fit epoch with ``SteeringExtraction`` + ``StrengthSolver("choice_nll")`` (which also solves
+``exact`` and every token aggregate, so all of them are compared) + steered validation runs
 twice on the same synthetic TruthfulQA file, in ``tests/ddp_worker.py``: once with
 ``Trainer(strategy="ddp", devices=2, accelerator="cpu")`` and once with one process. μ̄, every
 solver aggregate, the calibration diagnostics and every validation metric (plain / base / steered)
@@ -94,6 +95,8 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     # The strength and every aggregate the solver reports.
     assert ddp["mu"] == pytest.approx(one["mu"], abs=TOL)
     assert ddp["module_mu"] == pytest.approx(ddp["mu"], abs=1e-12)
+    assert ddp["mu"] == ddp["aggregates"]["choice_nll"] and "exact" in ddp["aggregates"]
+    assert ddp["diagnostics"]["usable_choice_sets"] == one["diagnostics"]["usable_choice_sets"] == 10  # mc1 + mc2
     assert set(ddp["aggregates"]) == set(one["aggregates"])
     for key, value in one["aggregates"].items():
         assert ddp["aggregates"][key] == pytest.approx(value, abs=TOL), key
