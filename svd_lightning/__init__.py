@@ -1,9 +1,10 @@
 """svd-lightning: Steering Vector Decoding (SVDecode) for PyTorch Lightning."""
 
 from svd_lightning.api import SteeredModel
-from svd_lightning.calibration import CalibrationResult, calibrate
+from svd_lightning.calibration import CalibrationResult, calibrate, calibrate_choices
 
 from svd_lightning.steering import (
+    ChoiceStrengthCache,
     ExactStrengthCache,
     StrengthStats,
     steer,
@@ -16,6 +17,8 @@ __all__ = [
     "CalibrationResult",
     "SteeredModel",
     "calibrate",
+    "calibrate_choices",
+    "ChoiceStrengthCache",
     "ExactStrengthCache",
     "StrengthStats",
     "steer",
