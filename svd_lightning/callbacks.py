@@ -21,7 +21,9 @@ import itertools
 import json
 import math
 import time
+import typing
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -32,9 +34,10 @@ from svd_lightning import artifacts
 from svd_lightning.calibration import CalibrationResult, ChoiceCalibration, calibrate, calibrate_choices
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.run import SteeringRun, write_run
-from svd_lightning.steering import Aggregate, Curvature, strength_alpha
+from svd_lightning.steering import Curvature, strength_alpha
 
-STRENGTH_OPTIONS = ("exact", "mean", "median", "trimmed", "pooled", "choice_nll")
+Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]
+STRENGTH_OPTIONS = typing.get_args(Strength)
 CURVATURE_OPTIONS = ("identity", "fisher")
 from svd_lightning.progress import say
 
@@ -169,7 +172,7 @@ class StrengthSolver(L.Callback):
 
     def __init__(
         self,
-        strength: Aggregate = "exact",
+        strength: Strength = "exact",
         curvature: Curvature = "identity",
         trim: float = 0.1,
         limit_batches: int | None = None,

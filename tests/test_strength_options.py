@@ -143,3 +143,17 @@ def test_fit_with_choice_nll_and_logit_difference_writes_both_into_the_run(tmp_p
                                floor=h.floor, direction="logit_difference", progress=False)
     assert direct.cache.solve() == pytest.approx(run.mu, rel=1e-6, abs=1e-8)
     assert SteeringLM(run_dir=trainer.log_dir).hparams.direction == "logit_difference"
+
+
+def test_cli_accepts_choice_nll_and_direction(tmp_path, capsys):
+    from test_framework import ROOT
+
+    from svd_lightning.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text((ROOT / "configs/tiny.yaml").read_text().replace("strength: exact", "strength: choice_nll"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--model.direction", "logit_difference", "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "strength: choice_nll" in printed and "direction: logit_difference" in printed
