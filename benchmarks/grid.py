@@ -56,6 +56,7 @@ from svd_lightning.precision import BF16, describe_cpu, fast_precision
 from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
 from svd_lightning.steering import (
     NO_MASK_ALPHA,
+    ChoiceStrengthCache,
     confidence_mask,
     log_probs,
     steering_direction,
@@ -68,9 +69,19 @@ FIXED_MU = [-5.0, -2.0, -1.0, -0.5, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.5, 1.0,
 GAMMAS = [-0.5, 0.5, 1.0, 2.0]
 # Policy `none` costs one full-vocabulary log-softmax per μ: only these strength options.
 NONE_STRENGTHS = ("exact", "mean_identity", "median_identity", "pooled_identity", "pooled_fisher")
+# The logit difference z_φ − z_θ as a steering direction (contrastive decoding / proxy tuning as a peer
+# of SVDecode): with the α = 0.1 mask ("ld_a0.1") and without a mask ("ld_none": contrastive at γ = μ),
+# each with the exact calib-NLL strength and with the strength fit to the calib multiple-choice loss.
+LD_MASKS = {"ld_a0.1": 0.1, "ld_none": None}
+# The strength fit to the calib multiple-choice loss (choice_nll), per (μ table key, policy):
+CHOICE_FITS = {"0.1": "mask_generation_only", "ld_a0.1": "mask_generation_only", "ld_none": "none"}
 FLOOR = -20.0
 
 COMMONSENSE = "../shared/data/commonsense"
+
+
+def is_truthfulqa(task: str) -> bool:
+    return task.startswith("truthfulqa")
 
 
 def commonsense(test: str, train: str | None = None, root: str = COMMONSENSE):
@@ -90,6 +101,11 @@ TASKS = {
     "truthfulqa": lambda seed: TruthfulQADataModule(
         few_shot=False, instruction=False, seed=seed, limit_train=200, limit_calib=60, limit_test=100, max_length=256
     ),
+    # The README demo's regime: instruction + six-shot prompt, all 490 train questions, LR 5e-5.
+    # Calib and test are the first 50 / 80 questions of the seed's 163 / 164 (scoring cost on 2 cores).
+    "truthfulqa_demo": lambda seed: TruthfulQADataModule(
+        few_shot=True, instruction=True, seed=seed, limit_calib=50, limit_test=80, max_length=512
+    ),
     "arc_easy": commonsense("ARC-Easy/test.json", "ARC-Easy/train.json"),
     "arc_challenge": commonsense("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
     "boolq": commonsense("boolq/test.json", "boolq/train.json"),
@@ -97,7 +113,7 @@ TASKS = {
     "hellaswag": commonsense("hellaswag/test_approx_tagstripped.json"),
 }
 # The two headline metrics of each task, primary first (calib selection uses the primary one).
-METRICS = {task: ("mc2", "mc1") if task == "truthfulqa" else ("acc", "acc_norm") for task in TASKS}
+METRICS = {task: ("mc2", "mc1") if is_truthfulqa(task) else ("acc", "acc_norm") for task in TASKS}
 PRIMARY = {task: metrics[0] for task, metrics in METRICS.items()}
 # Cell file format; report.py reads it. 2: independent seeds, per-question calib and test values of
 # every variant for both headline metrics (``per_question``), ``split``, ``deterministic_init``.
@@ -108,6 +124,9 @@ DETERMINISTIC_INIT = {"ia3"}
 # Raised from the paper's 5e-5 (which the README demo keeps): at 5e-5, 200 zero-shot questions move
 # SmolLM2's test MC2 by 0.04 points -- a warm start too weak to say anything about steering.
 LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
+TASK_LEARNING_RATE = {"truthfulqa_demo": 5e-5}  # the demo regime keeps the paper's rate
+# Cells trained only to their last evaluated epoch: the demo regime's 490-step epoch costs 20 min.
+NO_PLUS_ONE = {"truthfulqa_demo"}
 
 # (task, adapter, epochs evaluated, seeds) in run order. Every cell trains one epoch past its last
 # evaluated epoch and scores the plain adapter there: epoch e+1 is the equal-cost "+1 epoch" baseline
@@ -116,13 +135,13 @@ LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1
 OTHERS = [("arc_easy", "lora", (1, 2, 3)), ("arc_challenge", "lora", (1, 2, 3)), ("truthfulqa", "ia3", (1,)),
           ("truthfulqa", "prompt_tuning", (1,)), ("truthfulqa", "prefix_tuning", (1,)), ("truthfulqa", "p_tuning", (1,)),
           ("boolq", "lora", (1,)), ("piqa", "lora", (1,)), ("hellaswag", "lora", (1,))]
-GRID = [("truthfulqa", "lora", (1, 2, 3), (0, 1, 2))] + [
+GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1, 2, 3), (0, 1, 2))] + [
     (task, adapter, epochs, (seed,)) for seed in (0, 1, 2) for task, adapter, epochs in OTHERS
 ]
 
 
 def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
-    fn = truthfulqa_per_question if task == "truthfulqa" else choice_accuracy_per_question
+    fn = truthfulqa_per_question if is_truthfulqa(task) else choice_accuracy_per_question
     return fn(**{**table, "score": score})
 
 
@@ -199,6 +218,14 @@ class Variants:
         out = {"plain": pick(lp_w), "base": pick(lp_b)}
         for g in GAMMAS:
             out[f"contrastive_g{g:+g}"] = pick(log_probs(w + g * (w - b)))
+        ratio, _, _ = steering_direction(w, b, "logit_difference")
+        for key, alpha in LD_MASKS.items():
+            for strength, mu in self.mus.get(key, {}).items():
+                if alpha is None:
+                    out[f"{key}_{strength}"] = pick(log_probs(w + mu * ratio))
+                else:
+                    keep = confidence_mask(lp_w, alpha)
+                    out[f"{key}_mask_generation_only_{strength}"] = pick(log_probs(w + mu * ratio.masked_fill(~keep, 0.0)))
         for a, alpha in ALPHAS.items():
             if alpha is None:
                 for s in NONE_STRENGTHS:
@@ -213,7 +240,8 @@ class Variants:
             kv, kd = kv.masked_fill(~kk, -math.inf), delta.gather(-1, ki).masked_fill(~kk, 0.0)
             zy, ky = pick(w), pick(keep)
             dy = pick(delta).masked_fill(~ky, 0.0)
-            entries = [(f"svd_a{a}_{{pol}}_{s}", mu, ("mask_generation_only", "floor")) for s, mu in self.mus[a].items()]
+            entries = [(f"svd_a{a}_{{pol}}_{s}", mu, ("mask_generation_only",) if s == "choice_nll" else
+                        ("mask_generation_only", "floor")) for s, mu in self.mus[a].items()]
             if a == "0.1":
                 entries += [(f"fixed_a0.1_{{pol}}_mu{m:+g}", m, ("mask_generation_only",)) for m in FIXED_MU]
             entries.append((f"maskonly_a{a}", 0.0, ("floor",)))  # the paper's mask alone
@@ -239,11 +267,37 @@ def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
         summary = result.stats.summary()
         mus[a] = {s: summary[s] for s in STRENGTHS if s != "exact"}
         mus[a]["exact"] = result.cache.solve()
+    with autocast():
+        ld = calibrate_alphas(model, loader, {k: a or NO_MASK_ALPHA for k, a in LD_MASKS.items()},
+                              direction="logit_difference", desc="Calibration (logit difference)")
+    for key, result in ld.items():
+        mus[key] = {"exact": result.cache.solve()}
     return mus, {"tokens": results["0.1"].stats.count}
 
 
+class ChoiceFits:
+    """The calib choice pass also fills the caches of the strengths fit to the multiple-choice loss."""
+
+    def __init__(self):
+        self.caches = {key: ChoiceStrengthCache(policy) for key, policy in CHOICE_FITS.items()}
+
+    def update(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor, row: torch.Tensor, batch: dict) -> None:
+        w, b = warm.float(), base.float()
+        meta = [batch[k] for k in ("question_index", "choice_set", "is_true")]
+        for key, cache in self.caches.items():
+            direction = "kl_gradient" if key == "0.1" else "logit_difference"
+            delta, lp_w, _ = steering_direction(w, b, direction)
+            alpha = 0.1 if key != "ld_none" else NO_MASK_ALPHA  # policy none: the no-mask cache
+            cache.update(w, delta, confidence_mask(lp_w, alpha), y, row, *meta)
+
+    def solve(self, mus: dict) -> None:
+        for key, cache in self.caches.items():
+            mus[key]["choice_nll"] = cache.solve()
+
+
 @torch.no_grad()
-def score_split(model, loader, task, variants: Variants, autocast, desc: str) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+def score_split(model, loader, task, variants: Variants, autocast, desc: str,
+                fits: ChoiceFits | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
     """variant -> metric -> per-question values, and the question ids (file rows) in that order."""
     table = {k: [] for k in ("question_index", "choice_set", "choice_index", "is_true", "num_chars")}
     scores: dict[str, list] = {}
@@ -251,6 +305,8 @@ def score_split(model, loader, task, variants: Variants, autocast, desc: str) ->
         with autocast():
             warm, base, y, row = paired_label_logits(model, batch, with_base=variants.needs_base)
         n = batch["input_ids"].shape[0]
+        if fits is not None:
+            fits.update(warm, base, y, row, batch)
         for name, tok in variants.token_scores(warm, base, y).items():
             if not torch.isfinite(tok).all():
                 raise FloatingPointError(f"non-finite token scores in variant {name}")
@@ -265,7 +321,8 @@ def score_split(model, loader, task, variants: Variants, autocast, desc: str) ->
 class EpochProbe(L.Callback):
     def __init__(self, cell: dict, epochs: set[int], out_dir: Path):
         self.cell, self.epochs, self.out_dir = cell, epochs, out_dir
-        self.plus_one = max(epochs) + 1  # scored plain only: the "+1 epoch" baseline of the last epoch
+        # Scored plain only: the "+1 epoch" baseline of the last evaluated epoch (None: not trained).
+        self.plus_one = max(epochs) + 1 if cell["task"] not in NO_PLUS_ONE else None
         self.epoch_start = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -289,8 +346,11 @@ class EpochProbe(L.Callback):
             mus, diag = calibration_strengths(model, dm.calib_dataloader(), autocast)
             variants = Variants(mus)
         t1 = time.perf_counter()
+        fits = ChoiceFits() if mus is not None else None
         calib, calib_ids = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast,
-                                       "Scoring calib")
+                                       "Scoring calib", fits)
+        if fits is not None:  # choice_nll variants are scored on test only: their μ needs the whole calib pass
+            fits.solve(mus)
         t2 = time.perf_counter()
         test, test_ids = score_split(model, dm.test_dataloader(), task, variants, autocast, "Scoring test")
         t3 = time.perf_counter()
@@ -321,7 +381,7 @@ class EpochProbe(L.Callback):
             "split": split,
             "split_files": split_sources(dm),
         }
-        if task == "truthfulqa":  # MC1 per question too (0/1), the other headline number
+        if is_truthfulqa(task):  # MC1 per question too (0/1), the other headline number
             payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
         artifacts.write_json(path, payload)
         head = PRIMARY[task]
@@ -375,7 +435,7 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
              model: str = "smollm2-135m", limit: int | None = None) -> None:
     name = f"{task}-{adapter}-seed{seed}"
     wanted = set(epochs)
-    done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") for e in wanted | {max(wanted) + 1})  # noqa: E731
+    done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") for e in wanted | {final_epoch(task, wanted)})  # noqa: E731
     if done():
         print(f"[{name}] done, skipping", flush=True)
         return
@@ -388,6 +448,11 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
             shutil.rmtree(checkpoint_dir(out_dir, name), ignore_errors=True)  # the resume checkpoint (~0.5 GB)
 
 
+def final_epoch(task: str, epochs) -> int:
+    """The last epoch a cell trains: one past its last evaluated epoch (the "+1 epoch" baseline)."""
+    return max(epochs) + (task not in NO_PLUS_ONE)
+
+
 def checkpoint_dir(out_dir: Path, name: str) -> Path:
     """Per format: a checkpoint of an older format trained on another split and must not be resumed."""
     return out_dir / ".tmp" / f"{name}-format{FORMAT}"
@@ -397,21 +462,22 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
                      model: str, limit: int | None) -> None:
     print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
     L.seed_everything(seed, workers=True)
-    module = SteeringLM(model=model, adapter=adapter, learning_rate=LEARNING_RATE[adapter], seed=seed)
+    learning_rate = TASK_LEARNING_RATE.get(task, LEARNING_RATE[adapter])
+    module = SteeringLM(model=model, adapter=adapter, learning_rate=learning_rate, seed=seed)
     dm = TASKS[task](seed)
     if limit is not None:  # smoke tests
         dm.limits = (limit, limit, limit)
     precision, why = fast_precision("cpu")
     print(f"[{name}] precision {precision} ({why})", flush=True)
     cell = {"name": name, "task": task, "adapter": adapter, "seed": seed, "model": model,
-            "learning_rate": LEARNING_RATE[adapter], "precision": precision, "cpu": describe_cpu(),
+            "learning_rate": learning_rate, "precision": precision, "cpu": describe_cpu(),
             "train_batch_size": dm.train_batch_size, "data_seed": dm.seed,
             "deterministic_init": adapter in DETERMINISTIC_INIT, "init_fingerprint": init_fingerprint(module.model)}
     # An end-of-epoch checkpoint lets a killed grid resume this cell at its last finished epoch.
     ckpt_dir = checkpoint_dir(out_dir, name)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max(wanted) + 1, precision=precision,
+        accelerator="cpu", devices=1, max_epochs=final_epoch(task, wanted), precision=precision,
         logger=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, default_root_dir=str(ckpt_dir),
         callbacks=[EpochProbe(cell, wanted, out_dir), ckpt] + ([] if stderr_is_terminal() else [LogProgressBar()]),
@@ -427,6 +493,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", help="cells as task-adapter, e.g. truthfulqa-lora")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-random for a smoke test")
     ap.add_argument("--limit", type=int, help="questions per split (smoke tests)")
+    ap.add_argument("--epochs", type=int, nargs="+", help="evaluate only these epochs of each cell (a scoped run)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +503,7 @@ def main(argv=None) -> None:
             continue
         for seed in seeds:
             if seed in args.seeds:
-                run_cell(task, adapter, seed, epochs, out, args.model, args.limit)
+                run_cell(task, adapter, seed, tuple(args.epochs or epochs), out, args.model, args.limit)
 
 
 if __name__ == "__main__":

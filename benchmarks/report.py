@@ -37,6 +37,14 @@ FORMAT = 2  # the cell format of benchmarks/grid.py this report reads in full
 DEFAULT = "svd_a0.3_mask_generation_only_trimmed_fisher"  # the configs' default, chosen on calib
 EXACT = "svd_a0.1_mask_generation_only_exact"
 PAPER = "svd_a0.1_floor_mean_identity"  # the paper's recipe in teacher-forced scoring (mask, mean μ*)
+# Strengths fit to the calib multiple-choice loss (no selection among variants): SVDecode's direction
+# and the logit difference z_φ − z_θ, with the α = 0.1 mask or none (contrastive decoding at γ = μ).
+METRIC_FIT = {
+    "SVDecode (choice_nll μ, α=0.1)": "svd_a0.1_mask_generation_only_choice_nll",
+    "logit difference (choice_nll μ, α=0.1)": "ld_a0.1_mask_generation_only_choice_nll",
+    "contrastive (choice_nll γ, no mask)": "ld_none_choice_nll",
+    "contrastive (exact γ, no mask)": "ld_none_exact",
+}
 # Methods that pick a variant on calib, and the variants they pick from.
 SELECTED = {
     "SVDecode (selected on calib)": "svd_",
@@ -83,7 +91,7 @@ def headline_metrics(d: dict) -> list[str]:
     """The cell's two headline metrics, primary first (format 1 cells: what they saved per question)."""
     if "metrics" in d:
         return list(d["metrics"])
-    return [d["primary"], "mc1"] if d["task"] == "truthfulqa" else [d["primary"], "acc_norm"]
+    return [d["primary"], "mc1"] if d["task"].startswith("truthfulqa") else [d["primary"], "acc_norm"]
 
 
 def test_values(d: dict, variant: str, metric: str) -> np.ndarray | None:
@@ -239,6 +247,9 @@ def methods_for(cells: dict, key: tuple, metric: str, plus_one: dict | None = No
         out["SVDecode (exact, α=0.1)"].append((EXACT, d, d))
         out["SVDecode (paper: mean μ*, mask)"].append((PAPER, d, d))
         out["mask only, μ=0 (α=0.1)"].append(("maskonly_a0.1", d, d))
+        for name, variant in METRIC_FIT.items():
+            if variant in d.get("test", {}):  # cells written before these variants existed lack them
+                out[name].append((variant, d, d))
         for name, prefix in SELECTED.items():
             out[name].append((select(d, prefix, metric), d, d))
         if seed in nxt:
@@ -276,6 +287,12 @@ def _candidates(ds: list[dict], prefix: str, metric: str) -> tuple[dict, callabl
     return calib, lambda m: {v: [test_values(d, v, m) for d in ds] for v in names}
 
 
+def _calib_mean(picks, metric: str) -> float:
+    """Mean calib score of the picked variants; NaN for choice_nll ones, whose μ needs the whole calib pass."""
+    values = [src["calib"].get(v, {}).get(metric) for v, src, _ in picks]
+    return float(np.mean(values)) if None not in values else float("nan")
+
+
 def _row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -> dict:
     task, adapter, epoch = key
     by_metric = {m: _metric_stats(picks, m, rng, selection) for m in metrics}
@@ -285,7 +302,7 @@ def _row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -
         "seeds": len(picks), "seed_ids": [own["seed"] for _, _, own in picks],
         "questions": len(test_values(picks[0][1], picks[0][0], metric)),
         "questions_per_seed": [len(test_values(src, v, metric)) for v, src, _ in picks],
-        "test": head["test"], "calib": float(np.mean([src["calib"][v][metric] for v, src, _ in picks])),
+        "test": head["test"], "calib": _calib_mean(picks, metric),
         "gain_vs_warm": head["gain"], "per_seed_gain": head["per_seed_gain"], "ci_low": head["ci_low"], "ci_high": head["ci_high"],
         "by_metric": by_metric, "selection": kind,
         "ci": "hierarchical (seeds, then questions)" + (", selection redone on resampled calib" if selection else ""),
@@ -361,7 +378,7 @@ def ablation(cells: dict, task: str, adapter: str, rng) -> list[dict]:
         warm = [test_values(d, "plain", metric) for d in ds]
         warm_calib = float(np.mean([d["calib"]["plain"][metric] for d in ds]))
         for v in sorted(ds[0]["test"]):
-            if not v.startswith("svd_"):
+            if not v.startswith("svd_") or v not in ds[0]["calib"]:  # choice_nll: not a selection candidate
                 continue
             diffs = [test_values(d, v, metric) - w for d, w in zip(ds, warm)]
             mean, lo, hi = hierarchical_ci(diffs, rng)
@@ -429,7 +446,8 @@ def ranking(cells: dict, tasks: list[str], rng, adapter: str = "lora") -> list[d
             per_task[task] = ds
     if not per_task:
         return []
-    variants = sorted(set.intersection(*(set(v for v in ds[0]["test"] if v.startswith("svd_")) for ds in per_task.values())))
+    variants = sorted(set.intersection(*(set(v for v in ds[0]["test"] if v.startswith("svd_") and v in ds[0]["calib"])
+                                         for ds in per_task.values())))
     out = []
     for v in variants:
         row = {"variant": v, "tasks": {}}
@@ -708,7 +726,7 @@ def main(argv=None) -> None:
     rec = recommend(abl[("truthfulqa", "lora")]) if ("truthfulqa", "lora") in abl else None
     rec_loso = recommend_loso(cells, "truthfulqa", "lora", rng) if rec else None
     effects = selection_effect(rows)
-    commonsense = sorted({t for t, a, e in cells if a == "lora" and t != "truthfulqa"})
+    commonsense = sorted({t for t, a, e in cells if a == "lora" and not t.startswith("truthfulqa")})
     rankings = {
         "LoRA; the 3-epoch ablation: " + ", ".join(tasks): ranking(cells, tasks, rng),
         "LoRA; every commonsense set: " + ", ".join(commonsense): ranking(cells, commonsense, rng),
