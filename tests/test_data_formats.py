@@ -243,7 +243,7 @@ def test_empty_split_fails_before_training(tmp_path):
 
     path = write_json(tmp_path / "qa.json", [{"question": f"q{i}?", "choices": ["x", "y"], "label": 0} for i in range(2)])
     module = SteeringLM("tiny-random")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     dm = GenericChoiceDataModule(str(path), split=(0.5, 0.0, 0.5))
     with pytest.raises(ValueError, match=r"the calib split is empty \(train 1, calib 0, test 1 of 2 questions"):
         trainer.fit(module, dm)

@@ -54,7 +54,7 @@ def test_trainer_accelerator_runs_the_tiny_fit(tmp_path, device):
                               limit_train=4, limit_calib=2, limit_test=2)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[StrengthSolver("exact")])
+                        default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False, callbacks=[StrengthSolver("exact")])
     trainer.fit(module, dm)
     assert module.mu is not None and torch.isfinite(torch.tensor(module.mu))
     assert next(module.parameters()).device.type == device
