@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from svd_lightning import artifacts
 from svd_lightning.calibration import CalibrationResult, ChoiceCalibration, calibrate, calibrate_choices
 from svd_lightning.decoding import paired_label_logits
+from svd_lightning.metrics import paired_bootstrap
 from svd_lightning.run import SteeringRun, write_run
 from svd_lightning.steering import Curvature, strength_alpha
 
@@ -312,10 +313,17 @@ class SteeredValidation(L.Callback):
         log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
         if not trainer.is_global_zero:
             return
+        paired = paired_gains(pl_module.last_per_question, pl_module.metric_family)
+        if paired:
+            self.history[-1]["paired_bootstrap"] = paired
         if self.print_table:
             print(format_table(metrics, stage))
+            for line in format_paired(paired):
+                print(line)
         if log_dir:
             artifacts.write_json(Path(log_dir) / artifacts.METRICS_FILE, {"history": self.history})
+            if pl_module.last_per_question:
+                artifacts.write_json(Path(log_dir) / f"{stage}_per_question.json", pl_module.last_per_question)
 
     def on_validation_end(self, trainer, pl_module):
         self._report(trainer, pl_module, "val")
@@ -328,6 +336,29 @@ class SteeredValidation(L.Callback):
 
     def load_state_dict(self, state_dict):
         self.history = list(state_dict.get("history", []))
+
+
+HEADLINE = {"truthfulqa": ("mc1", "mc2"), "choice": ("acc", "acc_norm")}
+
+
+def paired_gains(per_question: dict, family: str) -> dict:
+    """Steered minus warm and minus pre-trained, per headline metric: mean and 95% paired bootstrap CI."""
+    if "steered" not in per_question:
+        return {}
+    out = {}
+    for other in ("plain", "base"):
+        for m in HEADLINE[family]:
+            diff = torch.tensor(per_question["steered"][m], dtype=torch.float64) - torch.tensor(per_question[other][m], dtype=torch.float64)
+            out[f"{m}_steered_minus_{other}"] = dict(zip(("mean", "ci_low", "ci_high"), paired_bootstrap(diff)),
+                                                      questions=int(diff.numel()))
+    return out
+
+
+def format_paired(paired: dict) -> list[str]:
+    names = {"plain": "warm start", "base": "pre-trained"}
+    return [f"{key.split('_steered')[0]:<6} +SVDecode − {names[key.rsplit('_', 1)[1]]:<11} {100 * g['mean']:+6.2f} "
+            f"[{100 * g['ci_low']:+.2f}, {100 * g['ci_high']:+.2f}] (95% paired bootstrap over {g['questions']} questions, one run)"
+            for key, g in paired.items()]
 
 
 def format_table(metrics: dict[str, float], stage: str) -> str:

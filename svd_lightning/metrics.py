@@ -190,9 +190,29 @@ class MultipleChoiceScores(Metric):
         fn = truthfulqa_scores if self.family == "truthfulqa" else choice_accuracy
         return {k: torch.tensor(v, device=self.device) for k, v in fn(**self._table()).items()}
 
+    def per_question(self) -> dict[str, Tensor]:
+        """Metric -> per-question values (sorted by question id), over all ranks; ``question`` holds the ids."""
+        table = self.table()
+        fn = truthfulqa_per_question if self.family == "truthfulqa" else choice_accuracy_per_question
+        return {"question": torch.unique(table["question_index"]), **fn(**table)}
+
     def table(self) -> dict[str, Tensor]:
         """Deduplicated score table over all ranks (CPU, sorted by question, set, choice)."""
         if self._is_synced:  # already inside compute()'s sync
             return self._table()
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
             return self._table()
+
+
+def paired_bootstrap(diff: Tensor, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-question differences with a 95% percentile bootstrap interval over questions.
+
+    Paired: both methods answered the same questions, so resampling their differences keeps the
+    question effect out of the interval. One run's interval: it says nothing about seed variance.
+    """
+    diff = torch.as_tensor(diff, dtype=torch.float64).reshape(-1)
+    n = diff.numel()
+    g = torch.Generator().manual_seed(seed)
+    means = diff[torch.randint(0, n, (n_boot, n), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(diff.mean()), lo, hi

@@ -105,6 +105,7 @@ class SteeringLM(L.LightningModule):
             self.set_strength(self.source_run.mu)
         self.metrics = self.build_metrics("choice")  # setup() switches to the DataModule's family
         self.last_metrics: dict[str, float] = {}
+        self.last_per_question: dict[str, dict[str, list]] = {}
 
     @staticmethod
     def build_metrics(family: str) -> torch.nn.ModuleDict:
@@ -157,13 +158,16 @@ class SteeringLM(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         results: dict[str, float] = {}
+        per_question: dict[str, dict[str, list]] = {}
         for v in VARIANTS:
             metric = self.metrics[f"{stage}_{v}"]
             if metric.update_count == 0:
                 continue
             for name, value in metric.compute().items():
                 results[f"{stage}/{name}_{v}"] = float(value)
+            per_question[v] = {k: t.tolist() for k, t in metric.per_question().items()}
             metric.reset()
+        self.last_per_question = per_question  # SteeredValidation: paired CIs and the per-question file
         if self.mu is not None:
             results[f"{stage}/mu"] = self.mu
         # Values are already synced across ranks by torchmetrics.

@@ -68,7 +68,15 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
         for v in ("plain", "base", "steered"):
             for m in ("mc1", "mc2", "mc2_paper", "mc3_paper", "mc_avg_paper"):
                 assert f"{stage}/{m}_{v}" in fit_metrics[stage]
-    assert "+SVDecode" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "+SVDecode" in out and "95% paired bootstrap over" in out
+    per_question = json.loads((run / "test_per_question.json").read_text())
+    for m in ("mc1", "mc2"):  # the printed gain is the mean of the per-question differences, inside its CI
+        gain = fit_metrics["test"]["paired_bootstrap"][f"{m}_steered_minus_plain"]
+        diffs = [s - p for s, p in zip(per_question["steered"][m], per_question["plain"][m])]
+        assert gain["mean"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
+        assert gain["mean"] == pytest.approx(fit_metrics["test"][f"test/{m}_steered"] - fit_metrics["test"][f"test/{m}_plain"], abs=1e-6)
+        assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and gain["questions"] == len(diffs)
 
     for version, stage in ((1, "val"), (2, "test")):  # the run reproduces both from its directory
         main(["validate" if stage == "val" else "test", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
