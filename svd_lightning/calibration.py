@@ -52,6 +52,28 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, device, total: int | None,
+                  progress: bool, desc: str):
+    """Per batch ``(batch, warm, base, labels, row)`` at the labelled positions, fp32, in eval mode.
+
+    The model is put in eval mode for the pass (dropout off) and restored when the generator ends.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(track(batches, desc, total=total, unit="batch", enabled=progress)):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            try:
+                warm, base, labels, row = paired_label_logits(model, batch, forward_mode=forward_mode)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"{err} -- {desc.lower()} batch {i}") from err
+            if warm.dtype in (torch.bfloat16, torch.float16):  # autocast: the statistics are fp32
+                warm, base = warm.float(), base.float()
+            yield batch, warm, base, labels, row
+    finally:
+        model.train(was_training)
+
+
 def calibrate(model, batches: Iterable[dict], alpha: float, **kwargs) -> CalibrationResult:
     """Steering statistics over ``batches`` (prompt + reference answer, see :mod:`svd_lightning.batch`).
 
@@ -92,29 +114,18 @@ def calibrate_alphas(
     caches = {name: ExactStrengthCache() for name in alphas}
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in alphas}  # KL, kept tokens, ‖δz‖, positions
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        for i, batch in enumerate(track(batches, desc, total=total, unit="batch", enabled=progress)):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            try:
-                warm, base, labels, _ = paired_label_logits(model, batch, forward_mode=forward_mode)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"{err} -- calibration batch {i}") from err
-            if warm.dtype in (torch.bfloat16, torch.float16):  # autocast: the statistics are fp32
-                warm, base = warm.float(), base.float()
-            # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
-            delta, lp_warm, lp_base = steering_direction(warm, base, direction)
-            kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
-            norm = delta.norm(dim=-1).sum().double().cpu()
-            for name, alpha in alphas.items():
-                keep = confidence_mask(lp_warm, alpha)
-                stats[name].update(strength_terms(warm, delta, keep, labels))
-                caches[name].update(warm, delta, keep, labels)
-                sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1], norm,
-                                           torch.tensor(float(labels.numel()), dtype=torch.float64)])
-    finally:
-        model.train(was_training)
+    passes = _label_logits(model, batches, forward_mode=forward_mode, device=device, total=total, progress=progress, desc=desc)
+    for _, warm, base, labels, _ in passes:
+        # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
+        delta, lp_warm, lp_base = steering_direction(warm, base, direction)
+        kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
+        norm = delta.norm(dim=-1).sum().double().cpu()
+        for name, alpha in alphas.items():
+            keep = confidence_mask(lp_warm, alpha)
+            stats[name].update(strength_terms(warm, delta, keep, labels))
+            caches[name].update(warm, delta, keep, labels)
+            sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1], norm,
+                                       torch.tensor(float(labels.numel()), dtype=torch.float64)])
     seconds = time.perf_counter() - start
     results = {}
     for name in alphas:
@@ -174,23 +185,11 @@ def calibrate_choices(
     cache = ChoiceStrengthCache(policy, floor)
     keep_alpha = strength_alpha(alpha, policy)
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        for i, batch in enumerate(track(batches, desc, total=total, unit="batch", enabled=progress)):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            try:
-                warm, base, labels, row = paired_label_logits(model, batch, forward_mode=forward_mode)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"{err} -- choice calibration batch {i}") from err
-            if warm.dtype in (torch.bfloat16, torch.float16):  # autocast: the cache is fp64 from fp32
-                warm, base = warm.float(), base.float()
-            delta, lp_warm, _ = steering_direction(warm, base, direction)
-            keep = confidence_mask(lp_warm, keep_alpha)
-            cache.update(warm, delta, keep, labels, row,
-                         *(batch[k] for k in ("question_index", "choice_set", "is_true")))
-    finally:
-        model.train(was_training)
+    passes = _label_logits(model, batches, forward_mode=forward_mode, device=device, total=total, progress=progress, desc=desc)
+    for batch, warm, base, labels, row in passes:
+        delta, lp_warm, _ = steering_direction(warm, base, direction)
+        keep = confidence_mask(lp_warm, keep_alpha)
+        cache.update(warm, delta, keep, labels, row, *(batch[k] for k in ("question_index", "choice_set", "is_true")))
     counts = torch.tensor([len(cache.groups), cache.usable_groups(), cache.rows, cache.tokens.count],
                           dtype=torch.float64)
     counts = reduce(counts.to(device)).cpu()

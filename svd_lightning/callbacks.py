@@ -43,24 +43,21 @@ CURVATURE_OPTIONS = ("identity", "fisher")
 from svd_lightning.progress import say
 
 
-def calibration_loader(trainer: L.Trainer):
+def _datamodule_loader(trainer: L.Trainer, method: str, who: str, what: str):
     dm = trainer.datamodule
-    if dm is None or not hasattr(dm, "calib_dataloader"):
-        raise RuntimeError(
-            "the steering callbacks need a DataModule with a `calib_dataloader()` method "
-            "(teacher-forced prompt + answer batches, see svd_lightning.batch)"
-        )
-    return dm.calib_dataloader()
+    if dm is None or not hasattr(dm, method):
+        raise RuntimeError(f"{who} need a DataModule with a `{method}()` method ({what}, see svd_lightning.batch)")
+    return getattr(dm, method)()
+
+
+def calibration_loader(trainer: L.Trainer):
+    return _datamodule_loader(trainer, "calib_dataloader", "the steering callbacks",
+                              "teacher-forced prompt + answer batches")
 
 
 def choice_calibration_loader(trainer: L.Trainer):
-    dm = trainer.datamodule
-    if dm is None or not hasattr(dm, "calib_choice_dataloader"):
-        raise RuntimeError(
-            "strength 'choice_nll' needs a DataModule with a `calib_choice_dataloader()` method (the "
-            "calibration questions as choice batches, see svd_lightning.batch)"
-        )
-    return dm.calib_choice_dataloader()
+    return _datamodule_loader(trainer, "calib_choice_dataloader", "strength 'choice_nll' and its callbacks",
+                              "the calibration questions as choice batches")
 
 
 def _my_batches(trainer: L.Trainer, loader, limit: int | None):
