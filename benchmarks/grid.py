@@ -66,15 +66,18 @@ ROOT = Path(__file__).resolve().parent
 ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmasked (policy `none`)
 STRENGTHS = [f"{a}_{c}" for a in ("mean", "median", "trimmed", "pooled") for c in ("identity", "fisher")] + ["exact"]
 FIXED_MU = [-5.0, -2.0, -1.0, -0.5, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
-GAMMAS = [-0.5, 0.5, 1.0, 2.0]
+# Contrastive z_φ + γ(z_φ − z_θ) on a γ grid: calib selection by accuracy/MC2 ("contrastive γ (calib)")
+# and by the calib multiple-choice NLL (its choice_nll strength, fit on this grid).
+GAMMAS = [0.0] + [sign * g for g in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0) for sign in (-1, 1)]
 # Policy `none` costs one full-vocabulary log-softmax per μ: only these strength options.
 NONE_STRENGTHS = ("exact", "mean_identity", "median_identity", "pooled_identity", "pooled_fisher")
 # The logit difference z_φ − z_θ as a steering direction (contrastive decoding / proxy tuning as a peer
 # of SVDecode): with the α = 0.1 mask ("ld_a0.1") and without a mask ("ld_none": contrastive at γ = μ),
 # each with the exact calib-NLL strength and with the strength fit to the calib multiple-choice loss.
 LD_MASKS = {"ld_a0.1": 0.1, "ld_none": None}
-# The strength fit to the calib multiple-choice loss (choice_nll), per (μ table key, policy):
-CHOICE_FITS = {"0.1": "mask_generation_only", "ld_a0.1": "mask_generation_only", "ld_none": "none"}
+# choice_nll by ChoiceStrengthCache (bracket + golden section) where the mask keeps the cache small;
+# unmasked (ld_none) it would hold thousands of tokens per position, so its γ is the best of GAMMAS.
+CHOICE_FITS = {"0.1": "mask_generation_only", "ld_a0.1": "mask_generation_only"}
 FLOOR = -20.0
 
 COMMONSENSE = "../shared/data/commonsense"
@@ -142,7 +145,26 @@ GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1,
 
 def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
     fn = truthfulqa_per_question if is_truthfulqa(task) else choice_accuracy_per_question
-    return fn(**{**table, "score": score})
+    return {**fn(**{**table, "score": score}), "choice_nll": choice_nll_per_question(table, score)}
+
+
+def choice_nll_per_question(table: dict, score: torch.Tensor) -> torch.Tensor:
+    """−log Σ_{true} softmax(score) per choice set, summed over a question's sets (sorted by question id):
+    the multiple-choice loss the choice_nll strength minimises."""
+    q, cs, true = table["question_index"], table["choice_set"], table["is_true"].bool()
+    group_ids, group = torch.unique(torch.stack([q, cs]), dim=1, return_inverse=True)
+    n, score = group_ids.shape[1], score.double()
+
+    def lse(mask: torch.Tensor) -> torch.Tensor:
+        x = score.masked_fill(~mask, -math.inf)
+        top = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, group, x, "amax")
+        top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        return top_safe + torch.zeros(n, dtype=torch.float64).index_add(0, group, (x - top_safe[group]).exp()).log()
+
+    nll = lse(torch.ones_like(true)) - lse(true)
+    nll = torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll))  # a set without a true choice: no loss
+    questions, per_q = torch.unique(group_ids[0], return_inverse=True)
+    return torch.zeros(len(questions), dtype=torch.float64).index_add(0, per_q, nll)
 
 
 SPLITS = ("train", "calib", "test")
@@ -287,8 +309,7 @@ class ChoiceFits:
         for key, cache in self.caches.items():
             direction = "kl_gradient" if key == "0.1" else "logit_difference"
             delta, lp_w, _ = steering_direction(w, b, direction)
-            alpha = 0.1 if key != "ld_none" else NO_MASK_ALPHA  # policy none: the no-mask cache
-            cache.update(w, delta, confidence_mask(lp_w, alpha), y, row, *meta)
+            cache.update(w, delta, confidence_mask(lp_w, 0.1), y, row, *meta)
 
     def solve(self, mus: dict) -> None:
         for key, cache in self.caches.items():
@@ -351,6 +372,8 @@ class EpochProbe(L.Callback):
                                        "Scoring calib", fits)
         if fits is not None:  # choice_nll variants are scored on test only: their μ needs the whole calib pass
             fits.solve(mus)
+            nll = {g: float(calib[f"contrastive_g{g:+g}"]["choice_nll"].mean()) for g in GAMMAS}
+            mus["ld_none"]["choice_nll"] = min(GAMMAS, key=lambda g: (nll[g], abs(g)))
         t2 = time.perf_counter()
         test, test_ids = score_split(model, dm.test_dataloader(), task, variants, autocast, "Scoring test")
         t3 = time.perf_counter()
