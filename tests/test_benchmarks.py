@@ -49,6 +49,27 @@ def test_grid_variant_scores_equal_steered_log_probs():
     torch.testing.assert_close(out["fixed_a0.1_mask_generation_only_mu-2"], ref, atol=1e-4, rtol=0)
     ref = pick(torch.log_softmax(contrastive_logits(warm, base, 0.5), -1))
     torch.testing.assert_close(out["contrastive_g+0.5"], ref, atol=1e-4, rtol=0)
+    # the logit-difference direction: masked (α = 0.1) and unmasked (= contrastive at γ = μ)
+    mus.update({"ld_a0.1": {"exact": 0.8, "choice_nll": 1.3}, "ld_none": {"choice_nll": 0.5}})
+    out = grid.Variants(mus).token_scores(warm, base, y)
+    for s, mu in mus["ld_a0.1"].items():
+        ref = pick(steered_log_probs(warm, base, mu, 0.1, "mask_generation_only", direction="logit_difference"))
+        torch.testing.assert_close(out[f"ld_a0.1_mask_generation_only_{s}"], ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["ld_none_choice_nll"], out["contrastive_g+0.5"], atol=1e-4, rtol=0)
+
+
+def test_grid_choice_nll_per_question_by_hand():
+    grid = _load("grid")
+    # question 7: set 0 (one true of 3), set 1 (two true of 3); question 2: one set, 2 choices
+    table = {"question_index": torch.tensor([7, 7, 7, 7, 7, 7, 2, 2]),
+             "choice_set": torch.tensor([0, 0, 0, 1, 1, 1, 0, 0]),
+             "is_true": torch.tensor([1, 0, 0, 1, 1, 0, 0, 1], dtype=torch.bool)}
+    score = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.0, -2.0, -4.0, -4.5], dtype=torch.float64)
+    lse = lambda x: float(torch.logsumexp(torch.tensor(x, dtype=torch.float64), 0))  # noqa: E731
+    q7 = (lse([-1.0, -2.0, -0.5]) - (-1.0)) + (lse([-3.0, -1.0, -2.0]) - lse([-3.0, -1.0]))
+    q2 = lse([-4.0, -4.5]) - (-4.5)
+    got = grid.choice_nll_per_question(table, score)  # sorted by question id: 2, then 7
+    torch.testing.assert_close(got, torch.tensor([q2, q7], dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_paired_bootstrap_ci_covers_the_mean_and_detects_a_shift():
