@@ -314,6 +314,8 @@ class SteeredValidation(L.Callback):
         if paired:
             self.history[-1]["paired_bootstrap"] = paired
         if self.print_table:
+            split = "the calib split, which μ̄ was solved on" if stage == "val" else "the test split"
+            print(f"{'validation' if stage == 'val' else 'test'} on {split} (step {trainer.global_step}):")
             print(format_table(metrics, stage))
             for line in format_paired(paired):
                 print(line)

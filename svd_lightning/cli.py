@@ -36,7 +36,7 @@ class SteeringCLI(LightningCLI):
     def after_fit(self) -> None:
         # Validation scores the calib split, which μ̄ was solved on; the number to report is test's.
         if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)  # our table is printed
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
