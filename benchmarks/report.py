@@ -482,14 +482,17 @@ def pct(x: float) -> str:
 
 HEADLINE = [  # the methods of the headline table, in order
     "warm start",
-    "SVDecode (default: trimmed Fisher, α=0.3)",
+    "SVDecode (choice_nll μ, α=0.1)",
+    "contrastive (choice_nll γ, no mask)",
     "SVDecode (exact, α=0.1)",
     "SVDecode (paper: mean μ*, mask)",
+    "mask only, μ=0 (α=0.1)",
+    "SVDecode (default: trimmed Fisher, α=0.3)",
     "SVDecode (selected on calib)",
     "SVDecode (selected on calib)" + LOSO,
-    "warm start +1 epoch",
     "contrastive γ (selected on calib)",
     "contrastive γ (selected on calib)" + LOSO,
+    "warm start +1 epoch",
 ]
 DETERMINISTIC = "†"  # the adapter's init does not depend on the seed
 IDENTICAL = "‡"  # every seed's warm start scored identically: one replicate, not several
