@@ -113,5 +113,8 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
             assert got[col] == table[col], (variant, col)
         assert got["score"] == pytest.approx(table["score"], abs=1e-4), variant
     # global_step differs by design: 4 training questions are 2 steps alone, 1 step per rank in DDP.
-    drop_step = lambda h: {k: v for k, v in h.items() if k != "step"}  # noqa: E731
+    drop_step = lambda h: {k: v for k, v in h.items() if k not in ("step", "paired_bootstrap")}  # noqa: E731
     assert drop_step(ddp["history"][-1]) == pytest.approx(drop_step(one["history"][-1]), abs=TOL)
+    # the paired CIs come from the per-question values gathered over ranks (padding deduplicated)
+    for key, gain in one["history"][-1]["paired_bootstrap"].items():
+        assert ddp["history"][-1]["paired_bootstrap"][key] == pytest.approx(gain, abs=TOL), key
