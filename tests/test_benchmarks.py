@@ -193,9 +193,11 @@ def test_grid_seed_with_a_train_file_draws_train_and_calib(tmp_path):
                                       "test": f"{tmp_path}/test.json"}
 
 
-@pytest.mark.skipif(not (BENCH.parent / "../shared/data/truthfulqa/v1_2021/mc_task.json").exists(),
-                    reason="shared TruthfulQA file not present")
+SHARED_TRUTHFULQA = BENCH.parent / "../shared/data/truthfulqa/v1_2021/mc_task.json"
+
+
 def test_grid_truthfulqa_splits_differ_across_seeds():
+    assert SHARED_TRUTHFULQA.exists(), f"shared data not found at {SHARED_TRUTHFULQA.resolve()} (CI has ../shared)"
     grid = _load("grid")
     a, b = _splits(grid.TASKS["truthfulqa"], 0), _splits(grid.TASKS["truthfulqa"], 1)
     for s in (a, b):
@@ -304,8 +306,7 @@ def test_report_rows_show_both_metrics_per_seed_and_the_loso_row(tmp_path, monke
 def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
     """Two IA3 seeds of the real grid code on the tiny model: format 2, disjoint recorded splits that
     differ across seeds, equal init fingerprints (IA3), per-question values that follow the split."""
-    if not (BENCH.parent / "../shared/data/truthfulqa/v1_2021/mc_task.json").exists():
-        pytest.skip("shared TruthfulQA file not present")
+    assert SHARED_TRUTHFULQA.exists(), f"shared data not found at {SHARED_TRUTHFULQA.resolve()} (CI has ../shared)"
     grid, report = _load("grid"), _load("report")
     grid.main(["--model", "tiny-random", "--limit", "2", "--only", "truthfulqa-ia3", "--seeds", "0", "1", "--out", str(tmp_path)])
     cells = [json.loads((tmp_path / f"truthfulqa-ia3-seed{s}-epoch1.json").read_text()) for s in (0, 1)]
