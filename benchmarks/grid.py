@@ -50,13 +50,14 @@ from svd_lightning.batch import collate_choices
 from svd_lightning.calibration import calibrate_alphas
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits
-from svd_lightning.metrics import choice_accuracy_per_question, truthfulqa_per_question
+from svd_lightning.metrics import HEADLINE_METRICS, choice_accuracy_per_question, truthfulqa_per_question
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import BF16, describe_cpu, fast_precision
 from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
 from svd_lightning.steering import (
     NO_MASK_ALPHA,
     ChoiceStrengthCache,
+    choice_set_nll,
     confidence_mask,
     log_probs,
     steering_direction,
@@ -116,7 +117,7 @@ TASKS = {
     "hellaswag": commonsense("hellaswag/test_approx_tagstripped.json"),
 }
 # The two headline metrics of each task, primary first (calib selection uses the primary one).
-METRICS = {task: ("mc2", "mc1") if is_truthfulqa(task) else ("acc", "acc_norm") for task in TASKS}
+METRICS = {task: HEADLINE_METRICS["truthfulqa" if is_truthfulqa(task) else "choice"] for task in TASKS}
 PRIMARY = {task: metrics[0] for task, metrics in METRICS.items()}
 # Cell file format; report.py reads it. 2: independent seeds, per-question calib and test values of
 # every variant for both headline metrics (``per_question``), ``split``, ``deterministic_init``.
@@ -151,17 +152,8 @@ def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch
 def choice_nll_per_question(table: dict, score: torch.Tensor) -> torch.Tensor:
     """−log Σ_{true} softmax(score) per choice set, summed over a question's sets (sorted by question id):
     the multiple-choice loss the choice_nll strength minimises."""
-    q, cs, true = table["question_index"], table["choice_set"], table["is_true"].bool()
-    group_ids, group = torch.unique(torch.stack([q, cs]), dim=1, return_inverse=True)
-    n, score = group_ids.shape[1], score.double()
-
-    def lse(mask: torch.Tensor) -> torch.Tensor:
-        x = score.masked_fill(~mask, -math.inf)
-        top = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, group, x, "amax")
-        top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        return top_safe + torch.zeros(n, dtype=torch.float64).index_add(0, group, (x - top_safe[group]).exp()).log()
-
-    nll = lse(torch.ones_like(true)) - lse(true)
+    group_ids, group = torch.unique(torch.stack([table["question_index"], table["choice_set"]]), dim=1, return_inverse=True)
+    nll = choice_set_nll(score.double(), group, table["is_true"].bool(), group_ids.shape[1])
     nll = torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll))  # a set without a true choice: no loss
     questions, per_q = torch.unique(group_ids[0], return_inverse=True)
     return torch.zeros(len(questions), dtype=torch.float64).index_add(0, per_q, nll)

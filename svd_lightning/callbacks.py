@@ -33,14 +33,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from svd_lightning import artifacts
 from svd_lightning.calibration import CalibrationResult, ChoiceCalibration, calibrate, calibrate_choices
 from svd_lightning.decoding import paired_label_logits
-from svd_lightning.metrics import paired_bootstrap
+from svd_lightning.metrics import HEADLINE_METRICS, paired_bootstrap
+from svd_lightning.progress import say
 from svd_lightning.run import SteeringRun, write_run
 from svd_lightning.steering import Curvature, strength_alpha
 
 Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]
 STRENGTH_OPTIONS = typing.get_args(Strength)
 CURVATURE_OPTIONS = ("identity", "fisher")
-from svd_lightning.progress import say
 
 
 def _datamodule_loader(trainer: L.Trainer, method: str, who: str, what: str):
@@ -337,16 +337,13 @@ class SteeredValidation(L.Callback):
         self.history = list(state_dict.get("history", []))
 
 
-HEADLINE = {"truthfulqa": ("mc1", "mc2"), "choice": ("acc", "acc_norm")}
-
-
 def paired_gains(per_question: dict, family: str) -> dict:
     """Steered minus warm and minus pre-trained, per headline metric: mean and 95% paired bootstrap CI."""
     if "steered" not in per_question:
         return {}
     out = {}
     for other in ("plain", "base"):
-        for m in HEADLINE[family]:
+        for m in HEADLINE_METRICS[family]:
             diff = torch.tensor(per_question["steered"][m], dtype=torch.float64) - torch.tensor(per_question[other][m], dtype=torch.float64)
             out[f"{m}_steered_minus_{other}"] = dict(zip(("mean", "ci_low", "ci_high"), paired_bootstrap(diff)),
                                                       questions=int(diff.numel()))

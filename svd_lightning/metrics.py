@@ -149,6 +149,8 @@ def choice_accuracy(question_index, choice_set, choice_index, is_true, score, nu
 
 MetricFamily = Literal["truthfulqa", "choice"]
 METRIC_FAMILIES = ("truthfulqa", "choice")
+# The two numbers a reader expects of each family, primary first (tables, CIs, the grid).
+HEADLINE_METRICS = {"truthfulqa": ("mc2", "mc1"), "choice": ("acc", "acc_norm")}
 
 
 class MultipleChoiceScores(Metric):

@@ -467,6 +467,16 @@ def _segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n: int) -> t
     return safe + mass.log()
 
 
+def choice_set_nll(scores: torch.Tensor, group: torch.Tensor, true: torch.Tensor, n: int) -> torch.Tensor:
+    """The multiple-choice loss ``−log Σ_{c true} softmax(scores)_c`` of each of ``n`` choice sets.
+
+    ``scores`` are the rows' summed log-likelihoods, ``group`` each row's set id, ``true`` whether
+    the row is a correct choice. NaN-free: a set with no (finite) true row gets +∞.
+    """
+    lse_all = _segment_logsumexp(scores, group, n)
+    return lse_all - _segment_logsumexp(scores.masked_fill(~true, float("-inf")), group, n)
+
+
 def strength_grid(lo: float = 1e-3, hi: float = 1e3, per_decade: int = 4) -> list[float]:
     """0 and ±μ on a log-spaced grid from ``lo`` to ``hi``: the bracketing grid of :class:`ChoiceStrengthCache`.
 
@@ -550,11 +560,8 @@ class ChoiceStrengthCache:
         n = len(self.groups)
         out = torch.zeros(len(mus), dtype=torch.float64)
         for k, mu in enumerate(mus):
-            s = self.row_scores(float(mu))
-            lse_all = _segment_logsumexp(s, self.row_group, n)
-            lse_true = _segment_logsumexp(s.masked_fill(~self.row_true, float("-inf")), self.row_group, n)
-            usable = torch.isfinite(lse_true)
-            out[k] = (lse_all - lse_true)[usable].sum()
+            nll = choice_set_nll(self.row_scores(float(mu)), self.row_group, self.row_true, n)
+            out[k] = nll[torch.isfinite(nll)].sum()
         return out
 
     def usable_groups(self) -> int:

@@ -9,6 +9,7 @@ A task subclass implements :meth:`ChoiceDataModule.load_examples` (usually with
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from functools import partial
@@ -125,8 +126,6 @@ def read_records(path: str | Path) -> list:
 
 def _read_csv(path: Path) -> list[dict]:
     # utf-8-sig: TruthfulQA's v1 CSV starts with a BOM that would otherwise end up in the first header
-    import io
-
     with io.StringIO(_read_text(path, "utf-8-sig"), newline="") as f:
         reader = csv.DictReader(f, strict=True)
         rows = []
