@@ -55,6 +55,7 @@ from svd_lightning.module import SteeringLM
 from svd_lightning.precision import BF16, describe_cpu, fast_precision
 from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
 from svd_lightning.steering import (
+    GAMMA_GRID,
     NO_MASK_ALPHA,
     ChoiceStrengthCache,
     choice_set_nll,
@@ -68,8 +69,9 @@ ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmas
 STRENGTHS = [f"{a}_{c}" for a in ("mean", "median", "trimmed", "pooled") for c in ("identity", "fisher")] + ["exact"]
 FIXED_MU = [-5.0, -2.0, -1.0, -0.5, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 # Contrastive z_φ + γ(z_φ − z_θ) on a γ grid: calib selection by accuracy/MC2 ("contrastive γ (calib)")
-# and by the calib multiple-choice NLL (its choice_nll strength, fit on this grid).
-GAMMAS = [0.0] + [sign * g for g in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0) for sign in (-1, 1)]
+# and by the calib multiple-choice NLL (its choice_nll strength, fit on this grid, as the framework's
+# ContrastiveBaseline fits it).
+GAMMAS = list(GAMMA_GRID)
 # Policy `none` costs one full-vocabulary log-softmax per μ: only these strength options.
 NONE_STRENGTHS = ("exact", "mean_identity", "median_identity", "pooled_identity", "pooled_fisher")
 # The logit difference z_φ − z_θ as a steering direction (contrastive decoding / proxy tuning as a peer

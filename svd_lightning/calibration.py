@@ -3,13 +3,16 @@
 :func:`calibrate` runs the warm and pre-trained models over teacher-forced prompt + answer batches
 and returns what every token-level strength option needs (:class:`CalibrationResult`);
 :func:`calibrate_choices` runs them over the calibration *choice* batches for the strength fit to
-the multiple-choice loss (``choice_nll``). The Lightning callbacks
+the multiple-choice loss (``choice_nll``); :func:`calibrate_choice_grid` evaluates that loss exactly
+on a fixed grid of strengths (the contrastive baseline's γ, whose unmasked direction no compact
+cache holds). The Lightning callbacks
 (:mod:`svd_lightning.callbacks`) are thin wrappers that pass in their rank's batches and the
 collectives of their strategy; ``benchmarks/`` call it directly.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -25,8 +28,10 @@ from svd_lightning.steering import (
     ScoringPolicy,
     StrengthStats,
     check_direction,
+    choice_set_nll,
     confidence_mask,
     kl_from_log_probs,
+    policy_log_probs,
     steering_direction,
     strength_alpha,
     strength_terms,
@@ -195,3 +200,80 @@ def calibrate_choices(
     counts = reduce(counts.to(device)).cpu()
     diagnostics = dict(zip(("choice_sets", "usable_choice_sets", "choice_rows", "choice_tokens"), counts.tolist()))
     return ChoiceCalibration(cache, diagnostics, step, time.perf_counter() - start)
+
+
+@dataclass
+class ChoiceGridCalibration:
+    """The calibration set's multiple-choice loss at every strength of a fixed grid (all ranks summed)."""
+
+    mus: list[float]
+    losses: torch.Tensor  # [K] float64
+    diagnostics: dict[str, float]
+    step: int = 0
+    seconds: float = 0.0
+
+    def best(self) -> float:
+        """The grid point with the smallest loss; ties prefer the smaller |μ|."""
+        finite = [i for i, v in enumerate(self.losses.tolist()) if math.isfinite(v)]
+        if not finite:
+            raise FloatingPointError("the choice loss is not finite at any point of the grid")
+        return self.mus[min(finite, key=lambda i: (float(self.losses[i]), abs(self.mus[i])))]
+
+    def at_edge(self) -> bool:
+        """The best point is the grid's largest or smallest: the loss may keep falling beyond it."""
+        return self.best() in (min(self.mus), max(self.mus)) and self.best() != 0.0
+
+
+@torch.no_grad()
+def calibrate_choice_grid(
+    model,
+    batches: Iterable[dict],
+    mus: Iterable[float],
+    alpha: float,
+    *,
+    policy: ScoringPolicy = "mask_generation_only",
+    floor: float = -20.0,
+    direction: Direction = "kl_gradient",
+    forward_mode: ForwardMode = "auto",
+    reduce: Reduce | None = None,
+    device: torch.device | str | None = None,
+    total: int | None = None,
+    progress: bool = True,
+    step: int = 0,
+    desc: str = "Choice calibration (grid)",
+) -> ChoiceGridCalibration:
+    """The multiple-choice loss of :class:`ChoiceStrengthCache` at each μ of ``mus``, exactly, in one pass.
+
+    Where :func:`calibrate_choices` caches tokens to solve for any μ, this scores every grid point
+    from each batch's logits and keeps only the sums: memory does not grow with the vocabulary kept,
+    so it also serves policy ``none`` with the logit difference (the contrastive baseline). Batches
+    hold whole questions (see :mod:`svd_lightning.batch`). Under DDP give each rank its own batches
+    and ``reduce`` (sum): the losses are then those of all ranks' questions.
+    """
+    check_direction(direction)
+    mus = [float(m) for m in mus]
+    if len(mus) < 2 or not all(math.isfinite(m) for m in mus):
+        raise ValueError(f"the strength grid needs at least 2 finite points, got {mus}")
+    reduce = reduce or _identity
+    device = device if device is not None else next(model.parameters()).device
+    losses = torch.zeros(len(mus), dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64)  # choice sets, choice rows
+    keep_alpha = strength_alpha(alpha, policy)
+    start = time.perf_counter()
+    passes = _label_logits(model, batches, forward_mode=forward_mode, device=device, total=total, progress=progress, desc=desc)
+    for batch, warm, base, labels, row in passes:
+        delta, lp_warm, _ = steering_direction(warm, base, direction)
+        keep = confidence_mask(lp_warm, keep_alpha)
+        pairs = torch.stack([batch["question_index"], batch["choice_set"]]).cpu()
+        sets, group = torch.unique(pairs, dim=1, return_inverse=True)
+        true, n = batch["is_true"].bool().cpu(), batch["input_ids"].shape[0]
+        for k, mu in enumerate(mus):
+            token = policy_log_probs(warm, delta, keep, mu, policy, floor).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            scores = torch.zeros(n, dtype=torch.float64).index_add(0, row.cpu(), token.double().cpu())
+            nll = choice_set_nll(scores, group, true, sets.shape[1])
+            losses[k] += nll[torch.isfinite(nll)].sum()
+        counts += torch.tensor([sets.shape[1], n], dtype=torch.float64)
+    losses = reduce(losses.to(device)).cpu()
+    counts = reduce(counts.to(device)).cpu()
+    diagnostics = dict(zip(("choice_sets", "choice_rows"), counts.tolist()))
+    return ChoiceGridCalibration(mus, losses, diagnostics, step, time.perf_counter() - start)

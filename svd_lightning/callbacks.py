@@ -6,7 +6,10 @@
 * :class:`StrengthSolver` -- μ̄ from those statistics (mean / median / trimmed / pooled / exact,
   identity or Fisher curvature) or fit to the calibration multiple-choice loss (choice_nll, one more
   pass over the calibration choices), set on the module, logged, and written to ``steering.json``.
-* :class:`SteeredValidation` -- prints the plain / base / steered table and writes ``metrics.json``.
+* :class:`ContrastiveBaseline` -- γ of the contrastive baseline ``z_φ + γ(z_φ − z_θ)``, fit to the
+  calibration multiple-choice loss, so the module scores it next to SVDecode.
+* :class:`SteeredValidation` -- prints the plain / base / steered (/ contrastive) table with paired
+  bootstrap CIs and writes ``metrics.json`` and the per-question scores.
 * :class:`LogitSnapshot` -- saves top-k pre-trained and warm-started logits of a probe batch.
 * :class:`ScoreWriter` -- ``predict`` writes every question's plain / base / steered scores (JSONL).
 
@@ -31,12 +34,18 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning import artifacts
-from svd_lightning.calibration import CalibrationResult, ChoiceCalibration, calibrate, calibrate_choices
+from svd_lightning.calibration import (
+    CalibrationResult,
+    ChoiceCalibration,
+    calibrate,
+    calibrate_choice_grid,
+    calibrate_choices,
+)
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, paired_bootstrap
 from svd_lightning.progress import say
 from svd_lightning.run import SteeringRun, write_run
-from svd_lightning.steering import Curvature, strength_alpha
+from svd_lightning.steering import GAMMA_GRID, NO_MASK_ALPHA, Curvature, strength_alpha
 
 Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]
 STRENGTH_OPTIONS = typing.get_args(Strength)
@@ -295,6 +304,74 @@ class StrengthSolver(L.Callback):
         self.solution = state_dict.get("solution")
 
 
+class ContrastiveBaseline(L.Callback):
+    """Score the contrastive baseline ``z_φ + γ(z_φ − z_θ)`` next to SVDecode, with γ fit on calibration data.
+
+    γ minimises the calibration questions' multiple-choice loss (the ``choice_nll`` objective, with
+    the contrastive scores) over ``gammas``, exactly at each point, from one pass over the
+    DataModule's ``calib_choice_dataloader()`` before the module scores with new weights. The
+    baseline is the logit-difference direction with no mask
+    (:func:`svd_lightning.steering.contrastive_log_probs`): same two distributions, same decode cost.
+    The module then scores a ``contrastive`` variant: in the tables, metrics, per-question files
+    and paired CIs, and ``γ`` is logged as ``steer/contrastive_gamma``.
+
+    Args:
+        gammas: the grid γ is chosen on (default :data:`svd_lightning.steering.GAMMA_GRID`, 0 = warm start).
+        limit_batches: use only the first k calibration choice batches.
+    """
+
+    def __init__(self, gammas: list[float] | None = None, limit_batches: int | None = None):
+        self.gammas = [float(g) for g in (GAMMA_GRID if gammas is None else gammas)]
+        if len(self.gammas) < 2 or not all(math.isfinite(g) for g in self.gammas):
+            raise ValueError(f"gammas needs at least 2 finite values, got {gammas}")
+        self.limit_batches = limit_batches
+        self.solution: dict | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "predict" and len(choice_calibration_loader(trainer)) == 0:
+            raise ValueError("ContrastiveBaseline: calib_choice_dataloader() yields no batches")
+
+    def solve(self, trainer, pl_module) -> float:
+        mine, count = _my_batches(trainer, choice_calibration_loader(trainer), self.limit_batches)
+        try:
+            result = calibrate_choice_grid(
+                pl_module.model, mine, self.gammas, NO_MASK_ALPHA, policy="none", direction="logit_difference",
+                forward_mode=pl_module.hparams.get("forward_mode", "auto"),
+                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device, total=count,
+                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+                step=trainer.global_step, desc="Contrastive calibration",
+            )
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
+        gamma = result.best()
+        pl_module.set_contrastive_gamma(gamma)
+        self.solution = {"gamma": gamma, "losses": dict(zip(map(str, result.mus), result.losses.tolist())),
+                         "diagnostics": result.diagnostics, "seconds": result.seconds, "global_step": trainer.global_step}
+        pl_module.log("steer/contrastive_gamma", gamma, rank_zero_only=True)
+        edge = " -- at the grid's edge: the loss may keep falling beyond it (pass wider `gammas`)" if result.at_edge() else ""
+        rank_zero_info(f"contrastive baseline γ = {gamma:+g} (calib multiple-choice loss, best of "
+                       f"{len(self.gammas)} grid points){edge}")
+        return gamma
+
+    def _maybe_solve(self, trainer, pl_module):
+        # New weights (another step) or no γ yet: re-fit; validate/test after fit reuse the last one.
+        if trainer.sanity_checking:
+            return
+        if self.solution is None or self.solution["global_step"] != trainer.global_step or pl_module.gamma is None:
+            self.solve(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._maybe_solve(trainer, pl_module)
+
+    on_test_start = on_validation_start
+
+    def state_dict(self):
+        return {"solution": self.solution}
+
+    def load_state_dict(self, state_dict):
+        self.solution = state_dict.get("solution")
+
+
 class SteeredValidation(L.Callback):
     """Print plain (warm) / base / steered metrics side by side and write ``metrics.json``."""
 
@@ -337,30 +414,40 @@ class SteeredValidation(L.Callback):
         self.history = list(state_dict.get("history", []))
 
 
+STEERED = {"steered": "+SVDecode", "contrastive": "+contrastive"}  # the decode-time methods, as tables name them
+REFERENCES = {"plain": "warm start", "base": "pre-trained"}
+
+
 def paired_gains(per_question: dict, family: str) -> dict:
-    """Steered minus warm and minus pre-trained, per headline metric: mean and 95% paired bootstrap CI."""
-    if "steered" not in per_question:
-        return {}
+    """Each steered method minus warm and minus pre-trained, per headline metric: mean and 95% paired
+    bootstrap CI over questions, keyed ``<metric>_<method>_minus_<reference>``."""
     out = {}
-    for other in ("plain", "base"):
-        for m in HEADLINE_METRICS[family]:
-            diff = torch.tensor(per_question["steered"][m], dtype=torch.float64) - torch.tensor(per_question[other][m], dtype=torch.float64)
-            out[f"{m}_steered_minus_{other}"] = dict(zip(("mean", "ci_low", "ci_high"), paired_bootstrap(diff)),
-                                                      questions=int(diff.numel()))
+    for method in (v for v in STEERED if v in per_question):
+        for other in REFERENCES:
+            for m in HEADLINE_METRICS[family]:
+                diff = (torch.tensor(per_question[method][m], dtype=torch.float64)
+                        - torch.tensor(per_question[other][m], dtype=torch.float64))
+                out[f"{m}_{method}_minus_{other}"] = dict(
+                    zip(("mean", "ci_low", "ci_high"), paired_bootstrap(diff)),
+                    metric=m, method=method, reference=other, questions=int(diff.numel()),
+                )
     return out
 
 
 def format_paired(paired: dict) -> list[str]:
-    names = {"plain": "warm start", "base": "pre-trained"}
-    return [f"{key.split('_steered')[0]:<6} +SVDecode − {names[key.rsplit('_', 1)[1]]:<11} {100 * g['mean']:+6.2f} "
+    return [f"{g['metric']:<6} {STEERED[g['method']]:<12} − {REFERENCES[g['reference']]:<11} {100 * g['mean']:+6.2f} "
             f"[{100 * g['ci_low']:+.2f}, {100 * g['ci_high']:+.2f}] (95% paired bootstrap over {g['questions']} questions, one run)"
-            for key, g in paired.items()]
+            for g in paired.values()]
 
 
 def format_table(metrics: dict[str, float], stage: str) -> str:
-    """Rows: metrics; columns: pre-trained (base), warm start (plain), +SVDecode (steered)."""
-    names = sorted({k.split("/", 1)[1].rsplit("_", 1)[0] for k in metrics if k.startswith(f"{stage}/") and k.rsplit("_", 1)[-1] in ("plain", "base", "steered")})
-    cols = [("base", "pre-trained"), ("plain", "warm start"), ("steered", "+SVDecode")]
+    """Rows: metrics; columns: pre-trained (base), warm start (plain), +SVDecode (steered), and
+    +contrastive when it was scored."""
+    variants = ("plain", "base", *STEERED)
+    keys = [k for k in metrics if k.startswith(f"{stage}/") and k.rsplit("_", 1)[-1] in variants]
+    names = sorted({k.split("/", 1)[1].rsplit("_", 1)[0] for k in keys})
+    cols = [("base", "pre-trained"), ("plain", "warm start"), *STEERED.items()]
+    cols = [(v, title) for v, title in cols if any(k.endswith(f"_{v}") for k in keys)]
     lines = [f"{'metric':<14}" + "".join(f"{title:>13}" for _, title in cols)]
     for n in names:
         cells = "".join(
@@ -369,6 +456,8 @@ def format_table(metrics: dict[str, float], stage: str) -> str:
         lines.append(f"{n:<14}{cells}")
     if f"{stage}/mu" in metrics:
         lines.append(f"μ̄ = {metrics[f'{stage}/mu']:+.4f}")
+    if f"{stage}/gamma" in metrics:
+        lines.append(f"contrastive γ = {metrics[f'{stage}/gamma']:+g}")
     return "\n".join(lines)
 
 
@@ -408,7 +497,7 @@ class LogitSnapshot(L.Callback):
 
 
 class ScoreWriter(BasePredictionWriter):
-    """``predict``: one JSON line per question with every choice's plain / base / steered log-likelihood.
+    """``predict``: one JSON line per question with every choice's plain / base / steered (/ contrastive) log-likelihood.
 
     Args:
         out: the JSONL file (default: ``predictions.jsonl`` in the run's log directory). It is written

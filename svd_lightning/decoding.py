@@ -36,6 +36,7 @@ from svd_lightning.steering import (
     Direction,
     ScoringPolicy,
     check_direction,
+    contrastive_log_probs,
     log_probs,
     masked_delta,
     steered_log_probs,
@@ -328,6 +329,7 @@ def score_choices(
     forward_mode: ForwardMode = "auto",
     *,
     direction: Direction = "kl_gradient",
+    contrastive: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Summed log-probability of each row's continuation under plain (warm), base and steered models.
 
@@ -335,6 +337,8 @@ def score_choices(
     ``num_tokens`` (divide for per-token length normalisation). Masked label tokens follow
     ``policy`` (see :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN.
     ``direction``: the steering vector (see :func:`svd_lightning.steering.steering_direction`).
+    ``contrastive``: a γ also scores the contrastive baseline ``z_φ + γ(z_φ − z_θ)`` from the same
+    logits (``contrastive``; see :func:`svd_lightning.steering.contrastive_log_probs`).
     """
     check_direction(direction)
     warm, base, y, row = paired_label_logits(model, batch, share_prompts, forward_mode=forward_mode)
@@ -348,6 +352,8 @@ def score_choices(
     if mu is not None:
         steered = steered_log_probs(warm, base, mu, alpha, policy, floor, direction=direction)
         out["steered"] = _per_row(gather(steered), row, n)
+    if contrastive is not None:
+        out["contrastive"] = _per_row(gather(contrastive_log_probs(warm, base, contrastive)), row, n)
     if any(torch.isnan(v).any() for v in out.values()):
         raise FloatingPointError("NaN in multiple-choice scores")
     return out

@@ -18,7 +18,7 @@ from svd_lightning.run import ADAPTER_DIR, SteeringRun, acquire, release, write_
 from svd_lightning.steering import Direction, ScoringPolicy, check_direction
 from svd_lightning.progress import say
 
-VARIANTS = ("plain", "base", "steered")
+VARIANTS = ("plain", "base", "steered", "contrastive")  # contrastive: once a γ is set (ContrastiveBaseline)
 
 
 class SteeringLM(L.LightningModule):
@@ -99,6 +99,8 @@ class SteeringLM(L.LightningModule):
         self.model.train()
         # μ̄ lives in a buffer so Lightning checkpoints carry it; NaN means "not solved yet".
         self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64))
+        # The contrastive baseline's γ (callbacks.ContrastiveBaseline), scored next to SVDecode; NaN: none.
+        self.register_buffer("contrastive_gamma", torch.tensor(float("nan"), dtype=torch.float64))
         if strength is not None:
             self.set_strength(strength)
         elif run_dir is not None and reuse_strength:
@@ -128,6 +130,16 @@ class SteeringLM(L.LightningModule):
             raise ValueError(f"steering strength must be finite, got {mu}")
         self.steering_strength.fill_(float(mu))
 
+    @property
+    def gamma(self) -> float | None:
+        value = float(self.contrastive_gamma)
+        return None if math.isnan(value) else value
+
+    def set_contrastive_gamma(self, gamma: float) -> None:
+        if not math.isfinite(gamma):
+            raise ValueError(f"contrastive γ must be finite, got {gamma}")
+        self.contrastive_gamma.fill_(float(gamma))
+
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -145,7 +157,7 @@ class SteeringLM(L.LightningModule):
         validate_choice_batch(batch)
         h = self.hparams
         return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor, forward_mode=h.forward_mode,
-                             direction=h.direction)
+                             direction=h.direction, contrastive=self.gamma)
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         try:
@@ -170,6 +182,8 @@ class SteeringLM(L.LightningModule):
         self.last_per_question = per_question  # SteeredValidation: paired CIs and the per-question file
         if self.mu is not None:
             results[f"{stage}/mu"] = self.mu
+        if "contrastive" in per_question:
+            results[f"{stage}/gamma"] = self.gamma
         # Values are already synced across ranks by torchmetrics.
         self.log_dict(results, rank_zero_only=False, sync_dist=False)
         self.last_metrics = results
@@ -191,7 +205,7 @@ class SteeringLM(L.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch, batch_idx):
-        """Per-row scores (plain, base, steered) with the batch's question/choice ids."""
+        """Per-row scores (plain, base, steered, contrastive once γ is set) with the batch's question/choice ids."""
         scores = self.score_batch(batch)
         keys = ("question_index", "choice_set", "choice_index", "is_true")
         return {**{k: batch[k] for k in keys}, **scores}

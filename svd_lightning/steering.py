@@ -246,6 +246,18 @@ def steered_log_probs(
     steering vector (see :func:`steering_direction`); every policy applies to either.
     """
     delta, keep = steering_vector(warm_logits, base_logits, alpha, direction=direction)
+    return policy_log_probs(warm_logits, delta, keep, mu, policy, floor)
+
+
+def policy_log_probs(
+    warm_logits: torch.Tensor,
+    delta: torch.Tensor,
+    keep: torch.Tensor,
+    mu: float | torch.Tensor,
+    policy: ScoringPolicy = "mask_generation_only",
+    floor: float = -20.0,
+) -> torch.Tensor:
+    """:func:`steered_log_probs` from a steering vector and mask already computed (several μ, one pass)."""
     if policy == "none":
         return torch.log_softmax(warm_logits.to(delta.dtype) + mu * delta, dim=-1)
     shifted = warm_logits.to(delta.dtype) + mu * masked_delta(delta, keep)
@@ -256,6 +268,17 @@ def steered_log_probs(
     lp = torch.log_softmax(shifted.masked_fill(~keep, float("-inf")), dim=-1)
     fill = floor if policy == "floor" else float("-inf")
     return lp.masked_fill(~keep, fill)
+
+
+# The contrastive baseline's γ grid (0 = the warm start): the benchmark grid's variants and
+# :class:`svd_lightning.callbacks.ContrastiveBaseline` choose γ on it.
+GAMMA_GRID = (0.0,) + tuple(sign * g for g in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0) for sign in (-1, 1))
+
+
+def contrastive_log_probs(warm_logits: torch.Tensor, base_logits: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+    """The contrastive baseline as steering: the logit-difference direction at μ = γ with no mask,
+    i.e. ``log_softmax(z_φ + γ(z_φ − z_θ))`` (= :func:`contrastive_logits`, normalised)."""
+    return steered_log_probs(warm_logits, base_logits, gamma, policy="none", direction="logit_difference")
 
 
 def contrastive_logits(warm_logits: torch.Tensor, base_logits: torch.Tensor, gamma: float) -> torch.Tensor:

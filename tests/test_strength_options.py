@@ -1,18 +1,19 @@
 """Strength fit to the multiple-choice loss (choice_nll) and the logit-difference direction, on the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from svd_lightning import SteeredModel
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
-from svd_lightning.calibration import calibrate_choices
-from svd_lightning.callbacks import StrengthSolver
+from svd_lightning.calibration import calibrate_choice_grid, calibrate_choices
+from svd_lightning.callbacks import ContrastiveBaseline, SteeredValidation, StrengthSolver
 from svd_lightning.decoding import score_choices, steered_generate
 from svd_lightning.module import SteeringLM
 from svd_lightning.run import DIRECTIONS, RUN_FILE, RunError, SteeringRun, write_run
-from svd_lightning.steering import DIRECTIONS as STEERING_DIRECTIONS, steer
+from svd_lightning.steering import DIRECTIONS as STEERING_DIRECTIONS, GAMMA_GRID, NO_MASK_ALPHA, contrastive_logits, steer
 
 from conftest import left_padded, perturbed_lora
 from test_framework import _datamodule, _trainer, write_truthfulqa
@@ -157,3 +158,71 @@ def test_cli_accepts_choice_nll_and_direction(tmp_path, capsys):
     assert exit_.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "strength: choice_nll" in printed and "direction: logit_difference" in printed
+
+
+@pytest.mark.parametrize("settings", [
+    dict(alpha=NO_MASK_ALPHA, policy="none", direction="logit_difference"),  # the contrastive baseline
+    dict(alpha=0.1, policy="mask_generation_only", direction="kl_gradient"),
+    dict(alpha=0.1, policy="floor", floor=-12.0, direction="logit_difference"),
+])
+def test_choice_grid_calibration_is_the_scored_choice_loss_at_every_grid_point(tokenizer, model64, settings):
+    batches = _batches(tokenizer)
+    mus = [-3.0, -0.5, 0.0, 0.75, 2.0, 5.0]
+    alpha, rest = settings["alpha"], {k: v for k, v in settings.items() if k != "alpha"}
+    got = calibrate_choice_grid(model64, batches, mus, alpha, progress=False, **rest)
+    ref = torch.tensor([_scored_loss(model64, batches, m, alpha=alpha, **rest) for m in mus], dtype=torch.float64)
+    torch.testing.assert_close(got.losses, ref, rtol=1e-5, atol=1e-5)
+    assert got.best() == mus[int(ref.argmin())]
+    assert got.diagnostics == {"choice_sets": 6.0, "choice_rows": 14.0}
+    # Two "ranks", each with its own questions, sum to the same losses.
+    parts = [calibrate_choice_grid(model64, [b], mus, alpha, progress=False, **rest).losses for b in batches]
+    torch.testing.assert_close(parts[0] + parts[1], got.losses)
+
+
+def test_contrastive_scores_are_the_contrastive_logits_in_float64(tokenizer, model64):
+    batch = _batches(tokenizer, size=4)[0]
+    gamma = 1.5
+    out = score_choices(model64, batch, None, forward_mode="two_pass", contrastive=gamma)
+    assert "steered" not in out
+    with torch.no_grad():
+        warm = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        with model64.disable_adapter():
+            base = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    lp = torch.log_softmax(contrastive_logits(warm, base, gamma), -1)[:, :-1]
+    labels = batch["labels"][:, 1:]
+    tok = lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1).masked_fill(labels == -100, 0.0)
+    torch.testing.assert_close(out["contrastive"].double(), tok.sum(-1), rtol=0, atol=1e-4)
+    plain = score_choices(model64, batch, None, forward_mode="two_pass", contrastive=0.0)
+    torch.testing.assert_close(plain["contrastive"], plain["plain"])  # γ = 0: the warm start
+
+
+def test_fit_scores_the_contrastive_baseline_next_to_svdecode(tmp_path, capsys):
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
+    module = SteeringLM("tiny-random", learning_rate=0.05, adapter_options={"r": 4})
+    baseline = ContrastiveBaseline()
+    trainer = _trainer(tmp_path, [StrengthSolver("exact"), baseline, SteeredValidation()], max_steps=2)
+    trainer.fit(module, dm)
+    trainer.test(module, dm, verbose=False)
+    # γ is the grid point with the smallest calib choice loss, from the pure function on the trained model.
+    direct = calibrate_choice_grid(module.model, dm.calib_choice_dataloader(), GAMMA_GRID, NO_MASK_ALPHA,
+                                   policy="none", direction="logit_difference", progress=False)
+    assert module.gamma == baseline.solution["gamma"] == direct.best()
+    assert baseline.solution["global_step"] == 2
+    got = module.last_metrics
+    assert got["test/gamma"] == module.gamma and 0.0 <= got["test/mc2_contrastive"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "+contrastive" in printed and f"contrastive γ = {module.gamma:+g}" in printed
+    assert "+contrastive − warm start" in printed
+    history = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())["history"]
+    paired = history[-1]["paired_bootstrap"]["mc2_contrastive_minus_plain"]
+    assert paired["method"] == "contrastive" and paired["questions"] == dm.describe()["test"]
+    per_q = json.loads((Path(trainer.log_dir) / "test_per_question.json").read_text())
+    assert set(per_q) == {"plain", "base", "steered", "contrastive"}
+    assert len(per_q["contrastive"]["mc2"]) == dm.describe()["test"]
+
+
+def test_contrastive_baseline_refuses_a_grid_it_cannot_choose_on():
+    with pytest.raises(ValueError, match="gammas needs at least 2 finite values"):
+        ContrastiveBaseline(gammas=[1.0])
+    with pytest.raises(ValueError, match="gammas needs at least 2 finite values"):
+        ContrastiveBaseline(gammas=[0.0, float("nan")])
