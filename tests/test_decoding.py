@@ -77,14 +77,6 @@ def test_processor_mu0_keeps_warm_argmax(tokenizer, lora_model):
     assert torch.isfinite(out.logsumexp(-1)).all()
 
 
-def _choice_batch(tokenizer):
-    examples = [
-        ChoiceExample("Q: What is the capital of France?\nA:", [" Paris.", " Lyon is the capital of France.", " I have no comment."], [True, False, False], 0),
-        ChoiceExample("Q: Yes or no?\nA:", [" Yes", " No"], [False, True], 1),
-    ]
-    return collate_choices(examples, Tokenized(tokenizer, max_length=64))
-
-
 @pytest.mark.parametrize("policy", ["mask_generation_only", "floor", "mask"])
 def test_score_choices_matches_per_row_reference(tokenizer, lora_model, policy):
     batch = _choice_batch(tokenizer)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from svd_lightning.steering import (
-    NO_MASK_ALPHA,
     ChoiceStrengthCache,
     ExactStrengthCache,
     StrengthStats,
