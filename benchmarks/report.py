@@ -243,7 +243,7 @@ def methods_for(cells: dict, key: tuple, metric: str, plus_one: dict | None = No
     for seed, d in sorted(seeds.items()):
         out["pre-trained"].append(("base", d, d))
         out["warm start"].append(("plain", d, d))
-        out["SVDecode (default: trimmed Fisher, α=0.3)"].append((DEFAULT, d, d))
+        out["SVDecode (trimmed Fisher, α=0.3: TruthfulQA default)"].append((DEFAULT, d, d))
         out["SVDecode (exact, α=0.1)"].append((EXACT, d, d))
         out["SVDecode (paper: mean μ*, mask)"].append((PAPER, d, d))
         out["mask only, μ=0 (α=0.1)"].append(("maskonly_a0.1", d, d))
@@ -487,7 +487,7 @@ HEADLINE = [  # the methods of the headline table, in order
     "SVDecode (exact, α=0.1)",
     "SVDecode (paper: mean μ*, mask)",
     "mask only, μ=0 (α=0.1)",
-    "SVDecode (default: trimmed Fisher, α=0.3)",
+    "SVDecode (trimmed Fisher, α=0.3: TruthfulQA default)",
     "SVDecode (selected on calib)",
     "SVDecode (selected on calib)" + LOSO,
     "contrastive γ (selected on calib)",
