@@ -217,6 +217,8 @@ class SteeringLM(L.LightningModule):
         checkpoint["svd_lightning_rng"] = {"torch": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written before the contrastive baseline existed have no γ: none solved yet.
+        checkpoint.get("state_dict", {}).setdefault("contrastive_gamma", torch.tensor(float("nan"), dtype=torch.float64))
         state = checkpoint.get("svd_lightning_rng")
         if state is not None:
             torch.set_rng_state(state["torch"])

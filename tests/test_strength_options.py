@@ -226,3 +226,12 @@ def test_contrastive_baseline_refuses_a_grid_it_cannot_choose_on():
         ContrastiveBaseline(gammas=[1.0])
     with pytest.raises(ValueError, match="gammas needs at least 2 finite values"):
         ContrastiveBaseline(gammas=[0.0, float("nan")])
+
+
+def test_a_checkpoint_from_before_the_contrastive_baseline_still_loads():
+    old = {"state_dict": {k: v for k, v in SteeringLM("tiny-random", strength=-1.0).state_dict().items()
+                          if k != "contrastive_gamma"}}
+    module = SteeringLM("tiny-random")
+    module.on_load_checkpoint(old)  # Lightning calls it before load_state_dict
+    module.load_state_dict(old["state_dict"])
+    assert module.mu == -1.0 and module.gamma is None
