@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -293,8 +294,14 @@ def _calib_mean(picks, metric: str) -> float:
     return float(np.mean(values)) if None not in values else float("nan")
 
 
+def row_rng(*parts) -> np.random.Generator:
+    """A bootstrap stream of one table row: its CI does not move when cells are added to the grid."""
+    return np.random.default_rng(zlib.crc32("|".join(map(str, parts)).encode()))
+
+
 def _row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -> dict:
     task, adapter, epoch = key
+    rng = row_rng(key, name)
     by_metric = {m: _metric_stats(picks, m, rng, selection) for m in metrics}
     head = by_metric[metric]
     row = {
