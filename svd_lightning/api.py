@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,8 +17,8 @@ from typing import Sequence
 import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
-from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
-from svd_lightning.generate import MODES, generate_answers, load_run
+from svd_lightning.decoding import FORWARD_MODES, MODES, ForwardMode, generate_answers, score_choices
+from svd_lightning.run import SCORING_POLICIES, check_settings, load_run
 from svd_lightning.steering import Direction, ScoringPolicy, check_direction
 
 
@@ -43,11 +42,10 @@ class SteeredModel:
     run_dir: str | None = None
 
     def __post_init__(self) -> None:
-        where = f" (run {self.run_dir})" if self.run_dir else ""
-        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not math.isfinite(self.mu):
-            raise ValueError(f"mu must be a finite number, got {self.mu!r}{where}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}{where}")
+        check_settings(self.mu, self.alpha, self.floor, where=f"SteeredModel (run {self.run_dir})" if self.run_dir
+                       else "SteeredModel")
+        if self.scoring_policy not in SCORING_POLICIES:
+            raise ValueError(f"scoring_policy must be one of {SCORING_POLICIES}, got {self.scoring_policy!r}")
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
         check_direction(self.direction)
@@ -79,11 +77,17 @@ class SteeredModel:
         Choices are continuations: include their leading space (``" Paris."``), as lm-eval does.
         """
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
-        choice_lists = [list(choices)] if single else [list(c) for c in choices]
+        prompts = [prompt] if single else _sequence(prompt, "prompt", "a string or a list of strings")
+        if single:
+            choice_lists = [_sequence(choices, "choices", 'a list of strings (e.g. [" Yes.", " No."])')]
+        else:
+            outer = _sequence(choices, "choices", "a list with one list of strings per prompt")
+            choice_lists = [_sequence(c, f"choices[{i}]", "a list of strings") for i, c in enumerate(outer)]
         if len(prompts) != len(choice_lists):
             raise ValueError(f"{len(prompts)} prompts but {len(choice_lists)} choice lists")
-        for i, cs in enumerate(choice_lists):
+        for i, (p, cs) in enumerate(zip(prompts, choice_lists)):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} must be a string, got {type(p).__name__}")
             if not cs or not all(isinstance(c, str) and c for c in cs):
                 raise ValueError(f"question {i}: choices must be a non-empty list of non-empty strings, got {cs!r}")
         tok = Tokenized(self.tokenizer, self.max_length)
@@ -110,6 +114,8 @@ class SteeredModel:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         single = isinstance(prompts, str)
+        if not single:
+            prompts = _sequence(prompts, "prompts", "a string or a list of strings")
         rows = generate_answers(self.model, self.tokenizer, [prompts] if single else list(prompts), self.mu, self.alpha,
                                 mode, batch_size=batch_size, seed=seed, mask=self.scoring_policy != "none",
                                 progress=False, forward_mode=self.forward_mode, with_plain=with_plain,
@@ -117,3 +123,10 @@ class SteeredModel:
                                 **generation_kwargs)
         out = rows if with_plain else [r["steered"] for r in rows]
         return out[0] if single else out
+
+
+def _sequence(value, name: str, expected: str) -> list:
+    """``value`` as a list, refusing a lone string (which would be split into characters)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.60}")
+    return list(value)

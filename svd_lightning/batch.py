@@ -58,6 +58,7 @@ class ChoiceExample:
     choice_sets: list[int] = field(default_factory=list)  # empty: all choices in set 0
     answer: str | None = None  # reference continuation for warm start / calibration
     contexts: list[str] = field(default_factory=list)  # empty: every choice follows `prompt`
+    source: str | None = None  # the file the question came from (for error messages)
 
     def __post_init__(self) -> None:
         if not self.choice_sets:

@@ -33,7 +33,6 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from svd_lightning import artifacts
 from svd_lightning.calibration import (
     CalibrationResult,
     ChoiceCalibration,
@@ -43,8 +42,9 @@ from svd_lightning.calibration import (
 )
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, paired_bootstrap
+from svd_lightning.logger import run_writer
 from svd_lightning.progress import say
-from svd_lightning.run import SteeringRun, write_run
+from svd_lightning.run import METRICS_FILE, SteeringRun, atomic_write_text, tokenizer_hash
 from svd_lightning.steering import GAMMA_GRID, NO_MASK_ALPHA, Curvature, strength_alpha
 
 Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]
@@ -269,16 +269,16 @@ class StrengthSolver(L.Callback):
         pl_module.steering_run = SteeringRun(
             model=h.model, adapter=h.adapter, mu=sol["mu"], alpha=h.alpha, scoring_policy=h.scoring_policy,
             floor=h.floor, direction=h.get("direction", "kl_gradient"), strength=self.strength, curvature=self.curvature, trim=self.trim,
-            adapter_options=h.adapter_options, tokenizer_sha256=artifacts.tokenizer_hash(pl_module.tokenizer),
+            adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(pl_module.tokenizer),
             aggregates=sol["aggregates"], diagnostics=sol["diagnostics"],
             calibration_seconds=sol["calibration_seconds"], global_step=sol["global_step"], hparams=dict(h),
         )
         if trainer.state.fn == "fit":
             return
-        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
-        if trainer.is_global_zero and log_dir:
-            write_run(pl_module.model, pl_module.steering_run, log_dir)
-            say(f"re-solved μ̄ written as a run to {Path(log_dir).resolve()}")
+        writer = run_writer(trainer)
+        if writer is not None:  # this command's own new run, never the run μ̄ was re-solved from
+            writer.write_run(pl_module.model, pl_module.steering_run, pl_module.tokenizer)
+            say(f"the re-solved μ̄ is part of the new run {writer.target.resolve()}")
 
     def _needs_solve(self, trainer, pl_module) -> bool:
         if trainer.sanity_checking:
@@ -384,8 +384,8 @@ class SteeredValidation(L.Callback):
         if trainer.sanity_checking or not metrics:
             return
         self.history.append({"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
-        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
-        if not trainer.is_global_zero:
+        writer = run_writer(trainer)
+        if writer is None:  # not global rank zero
             return
         paired = paired_gains(pl_module.last_per_question, pl_module.metric_family)
         if paired:
@@ -396,10 +396,9 @@ class SteeredValidation(L.Callback):
             print(format_table(metrics, stage))
             for line in format_paired(paired):
                 print(line)
-        if log_dir:
-            artifacts.write_json(Path(log_dir) / artifacts.METRICS_FILE, {"history": self.history})
-            if pl_module.last_per_question:
-                artifacts.write_json(Path(log_dir) / f"{stage}_per_question.json", pl_module.last_per_question)
+        writer.write_json(METRICS_FILE, {"history": self.history})
+        if pl_module.last_per_question:
+            writer.write_json(f"{stage}_per_question.json", pl_module.last_per_question)
 
     def on_validation_end(self, trainer, pl_module):
         self._report(trainer, pl_module, "val")
@@ -482,12 +481,9 @@ class LogitSnapshot(L.Callback):
         for key, v in lp.items():
             top = v[: self.max_positions].topk(k, dim=-1)
             self.snapshots.setdefault(key, {"values": top.values.cpu(), "indices": top.indices.cpu(), "labels": labels[: self.max_positions].cpu()})
-        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
-        if trainer.is_global_zero and log_dir:
-            path = Path(log_dir) / "logit_snapshots.pt"
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.snapshots, tmp)
-            tmp.replace(path)
+        writer = run_writer(trainer)
+        if writer is not None:
+            writer.save_torch("logit_snapshots.pt", self.snapshots)
 
     def on_fit_start(self, trainer, pl_module):
         self._snapshot(trainer, pl_module, "start")
@@ -496,12 +492,15 @@ class LogitSnapshot(L.Callback):
         self._snapshot(trainer, pl_module, f"warm_epoch{trainer.current_epoch}")
 
 
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
 class ScoreWriter(BasePredictionWriter):
     """``predict``: one JSON line per question with every choice's plain / base / steered (/ contrastive) log-likelihood.
 
     Args:
-        out: the JSONL file (default: ``predictions.jsonl`` in the run's log directory). It is written
-            once, atomically, at the end: a crash leaves the previous file, never half of one.
+        out: the JSONL file (default: ``predictions.jsonl`` in the run). It is written once, whole, at
+            the end: a crash leaves the previous file, never half of one.
     """
 
     def __init__(self, out: str | None = None):
@@ -518,11 +517,21 @@ class ScoreWriter(BasePredictionWriter):
             row = self.rows.setdefault(q, {"question_index": q, "choices": []})
             row["choices"].append({k: columns[k][i] for k in columns if k not in ("question_index",)})
 
-    def on_predict_end(self, trainer, pl_module):
-        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
-        if trainer.world_size > 1:
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if stage == "predict" and trainer.world_size > 1:
             raise NotImplementedError("ScoreWriter writes from one process; run predict with devices=1")
-        path = Path(self.out) if self.out else Path(log_dir or ".") / "predictions.jsonl"
+        if self.out and Path(self.out).is_dir():  # fail now, not after scoring every question
+            raise IsADirectoryError(f"ScoreWriter(out={self.out!r}) is a directory; give a .jsonl file name")
+
+    def on_predict_end(self, trainer, pl_module):
         text = "".join(json.dumps({**row, "mu": pl_module.mu}) + "\n" for _, row in sorted(self.rows.items()))
-        artifacts.atomic_write_text(path, text)
+        writer = run_writer(trainer)
+        if self.out:  # the user's own file, outside the run
+            path = atomic_write_text(self.out, text)
+        elif writer is not None:
+            writer.write_text(PREDICTIONS_FILE, text)
+            path = writer.target / PREDICTIONS_FILE
+        else:
+            return
         say(f"wrote {len(self.rows)} questions' scores to {path.resolve()}")

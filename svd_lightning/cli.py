@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from svd_lightning.callbacks import ScoreWriter
 from svd_lightning.data import ChoiceDataModule
+from svd_lightning.log import InputError
+from svd_lightning.logger import RunLogger, SaveRunConfig, finish_run, hold
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import resolve_precision
 from svd_lightning.progress import LogProgressBar, say, stderr_is_terminal
@@ -38,11 +40,38 @@ class SteeringCLI(LightningCLI):
         if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)  # our table is printed
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # One command, one run: fit's run stays open for the test after it, and is moved into
+        # place only when the whole command has finished (svd_lightning.logger).
+        hold(self.trainer)
+        super()._run_subcommand(subcommand)
+        if self.trainer.interrupted:
+            raise SystemExit(1)
+        finish_run(self.trainer)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI fills the model's settings from ``--ckpt_path``'s hyperparameters, over what the
+        config or command line says; a setting given both ways with different values is an error."""
+        sub = self.config.get("subcommand")
+        before = self.config[sub].get("model") if sub else None
+        super()._parse_ckpt_path()
+        after = self.config[sub].get("model") if sub else None
+        if before is None or after is None or before == after:
+            return
+        given, defaults = _flat(before), _flat(self._parser(sub).get_defaults().get("model"))
+        now = _flat(after)
+        clashes = [k for k in given if given[k] != defaults.get(k) and now.get(k) != given[k]]
+        if clashes:
+            path = self.config[sub].get("ckpt_path")
+            detail = "; ".join(f"model.{k}: given {given[k]!r}, checkpoint {now.get(k)!r}" for k in clashes)
+            raise InputError(f"--ckpt_path {path} was written with other model settings ({detail}): leave them "
+                             "unset to resume with the checkpoint's, or start a new run without --ckpt_path")
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if config.get("logger") in (None, True):
-            # The run directory is <default_root_dir>/version_N, with CSV metrics in it.
-            config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
+            # The run directory is <default_root_dir>/version_N, with CSV metrics in it, written whole.
+            config["logger"] = RunLogger(save_dir=config.get("default_root_dir") or "runs", name="")
         # `precision` left unset (null) means "what this machine runs fast"; an explicit value wins.
         precision, why = resolve_precision(config.get("precision"), config.get("accelerator"))
         say(f"precision {precision} ({why})")
@@ -74,15 +103,45 @@ def main(args=None) -> None:
             raise SystemExit(f"svd-lightning eval needs lm-eval: pip install -e '.[lm-eval]' ({err})") from None
         evaluate(argv[1:], prog="svd-lightning eval")
         return
-    SteeringCLI(
-        SteeringLM,
-        LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": True, "epilog": "Generation from a run directory: svd-lightning generate --help; "
-                                                     "lm-eval tasks: svd-lightning eval --help"},
-        args=args,
-    )
+    previous = signal.signal(signal.SIGTERM, _terminated)  # Lightning keeps it in its own SIGTERM handler
+    try:
+        SteeringCLI(
+            SteeringLM,
+            LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"default_env": True, "epilog": "Generation from a run directory: svd-lightning generate "
+                                                         "--help; lm-eval tasks: svd-lightning eval --help"},
+            args=args,
+        )
+    except InputError as err:
+        say(f"error: {err}")
+        raise SystemExit(2) from None
+    except SystemExit as err:
+        if err.code not in (0, None, 2):  # 2: the parser's own usage errors, already explained
+            say(f"stopped (exit {err.code}): no run was written; the runs before it are unchanged")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame) -> None:
+    # SIGTERM (kill, Slurm, docker stop): stop now with the conventional non-zero code. Lightning's own
+    # handler only sets a flag checked between batches, and its SIGTERMException exits with 0.
+    raise SystemExit(128 + signum)
+
+
+def _flat(namespace) -> dict:
+    """A jsonargparse Namespace (or dict) as ``{dotted.key: value}``."""
+    d = namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("init_args", "dict_kwargs"):
+            out.update(_flat(v))
+        else:
+            out[k] = v
+    return out
 
 
 if __name__ == "__main__":

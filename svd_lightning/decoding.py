@@ -18,6 +18,8 @@ logits; they are sliced off before warm and base logits are compared.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from typing import Iterator, Literal
 
 import torch
@@ -31,7 +33,7 @@ from transformers.generation import (
 )
 
 from svd_lightning.batch import IGNORE_INDEX
-from svd_lightning.progress import say
+from svd_lightning.log import say
 from svd_lightning.steering import (
     Direction,
     ScoringPolicy,
@@ -51,6 +53,27 @@ def adapter_disabled(model) -> Iterator[None]:
         raise TypeError(f"{type(model).__name__} has no adapter to disable; wrap it with peft first")
     with model.disable_adapter():
         yield
+
+
+def leaves_no_hooks(fn):
+    """On an error, remove the forward hooks the call left on the model's modules.
+
+    peft registers per-row ``adapter_names`` hooks around a forward / ``generate`` and removes them
+    only when the call returns: an exception inside it (an empty prompt, a bad option) would leave
+    them behind and break every later call on the same model.
+    """
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        before = {id(m): set(m._forward_pre_hooks) for m in model.modules()}
+        try:
+            return fn(model, *args, **kwargs)
+        except BaseException:
+            for m in model.modules():
+                for key in set(m._forward_pre_hooks) - before.get(id(m), set()):
+                    m._forward_pre_hooks.pop(key, None)
+                    m._forward_pre_hooks_with_kwargs.pop(key, None)
+            raise
+    return wrapper
 
 
 ForwardMode = Literal["auto", "one_forward", "two_pass"]
@@ -108,6 +131,7 @@ def _twice(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@leaves_no_hooks
 def paired_logits(model, input_ids: torch.Tensor, forward_mode: ForwardMode = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Warm and base logits ``[B, T, V]`` at every position of right-padded (or unpadded) ``input_ids``."""
     if resolve_forward_mode(model, forward_mode) == "one_forward":
@@ -279,6 +303,7 @@ def _sharing(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
 
 
 @torch.no_grad()
+@leaves_no_hooks
 def paired_label_logits(
     model, batch: dict, share_prompts: bool = True, with_base: bool = True, forward_mode: ForwardMode = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -354,8 +379,10 @@ def score_choices(
         out["steered"] = _per_row(gather(steered), row, n)
     if contrastive is not None:
         out["contrastive"] = _per_row(gather(contrastive_log_probs(warm, base, contrastive)), row, n)
-    if any(torch.isnan(v).any() for v in out.values()):
-        raise FloatingPointError("NaN in multiple-choice scores")
+    bad = [k for k, v in out.items() if torch.isnan(v).any()]
+    if bad:
+        raise FloatingPointError(f"NaN in the {'/'.join(bad)} multiple-choice scores (mu={mu!r}, alpha={alpha!r}, "
+                                 f"contrastive γ={contrastive!r}): a strength this large overflows the steered logits")
     return out
 
 
@@ -509,6 +536,7 @@ def _first_half(out):
     return type(out)(**halved)
 
 
+@leaves_no_hooks
 def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mu: float, alpha: float = 0.1,
                      mask: bool = True, forward_mode: ForwardMode = "auto", *, direction: Direction = "kl_gradient",
                      **generate_kwargs):
@@ -548,3 +576,83 @@ def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         **kwargs,
     )
     return _first_half(out)
+
+
+# -- answering prompts ---------------------------------------------------------------------------------
+MODES = ("greedy", "sample", "beam")
+
+
+def decoding_kwargs(mode: str = "greedy", max_new_tokens: int = 64, num_beams: int = 4,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None) -> dict:
+    """``generate`` options for ``mode``, checked here (transformers accepts ``top_p=1.5`` silently);
+    sampling options are refused outside ``sample``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def count(name, value, least=1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer ≥ {least}, got {value!r}")
+
+    count("max_new_tokens", max_new_tokens)
+    count("num_beams", num_beams)
+    if top_k is not None:
+        count("top_k", top_k)
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and 0.0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    warpers = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p).items() if v is not None}
+    if warpers and mode != "sample":
+        raise ValueError(f"sampling options ({', '.join(warpers)}) only apply to mode 'sample', not {mode!r}")
+    beams = num_beams if mode == "beam" else 1
+    return dict(max_new_tokens=max_new_tokens, do_sample=mode == "sample", num_beams=beams, **warpers)
+
+
+def check_prompts(prompts, tokenizer) -> list[str]:
+    """``prompts`` as a list of strings that each give at least one token; errors name the prompt."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("no prompts to answer")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} must be a string, got {type(p).__name__}")
+        if not tokenizer(p, add_special_tokens=True)["input_ids"]:
+            raise ValueError(f"prompt {i} ({p!r}) gives no tokens: there is nothing to continue")
+    return list(prompts)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: float, mode: str = "greedy", *,
+                     batch_size: int = 8, seed: int = 0, mask: bool = True, progress: bool = True,
+                     forward_mode: ForwardMode = "auto", with_plain: bool = True, direction: Direction = "kl_gradient",
+                     **kw) -> list[dict]:
+    """Plain and steered continuations of ``prompts`` (left-padded batches); ``kw`` go to :func:`decoding_kwargs`.
+
+    ``with_plain=False`` skips the warm model's own answer (``plain`` is then None). Sampling
+    reseeds with ``seed + index of the batch's first prompt`` before each answer.
+    """
+    from svd_lightning.progress import progress_bar
+
+    gen = dict(decoding_kwargs(mode, **kw), pad_token_id=tokenizer.pad_token_id)
+    prompts = check_prompts(prompts, tokenizer)
+    rows, side = [], tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
+    try:
+        with progress_bar(f"{mode} decoding", len(prompts), "prompt", enabled=progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
+                torch.manual_seed(seed + start)
+                plain = model.generate(**enc, **gen) if with_plain else None
+                torch.manual_seed(seed + start)
+                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], mu, alpha, mask,
+                                           forward_mode=forward_mode, direction=direction, **gen)
+                n = enc["input_ids"].shape[1]
+                decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731
+                for p, a, b in zip(chunk, decode(plain) if with_plain else [None] * len(chunk), decode(steered)):
+                    rows.append({"prompt": p, "plain": a, "steered": b, "mu": float(mu), "mode": mode})
+                bar.update(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+    return rows

@@ -15,6 +15,7 @@ tokens); ``generate_until`` goes through the steering logits processor. ``model_
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -28,12 +29,32 @@ from svd_lightning.steering import steered_log_probs
 from svd_lightning.progress import say
 
 
+# HFLM's own options that still mean something when the model object is ours.
+HFLM_OPTIONS = set(inspect.signature(HFLM.__init__).parameters) - {
+    "self", "kwargs", "pretrained", "tokenizer", "backend", "revision", "subfolder", "peft", "delta", "autogptq",
+    "gptqmodel", "gguf_file", "parallelize", "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "tp_plan",
+    "trust_remote_code", "use_fast_tokenizer", "device", "batch_size", "max_length"}
+
+
+def _number(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args: {name} must be a number, got {value!r}") from None
+
+
 @register_model("svd")
 class SteeredHFLM(HFLM):
     """lm-eval's ``HFLM`` whose logits are SVDecode's steered log-probabilities."""
 
     def __init__(self, run_dir: str, mu: float | None = None, forward_mode: str = "auto", device: str | None = None,
                  batch_size: int | str = 1, max_length: int | None = None, **kwargs):
+        unknown = sorted(set(kwargs) - HFLM_OPTIONS)
+        if unknown:  # HFLM would ignore them: `muu=1` must not silently mean "the run's μ̄"
+            raise ValueError(f"model_args: unknown option(s) {unknown} for the svd backend; it takes run_dir, mu, "
+                             f"forward_mode, device, batch_size, max_length and HFLM's {sorted(HFLM_OPTIONS)}")
+        if mu is not None:
+            mu = _number(mu, "mu")
         overrides = {"forward_mode": forward_mode} | ({} if mu is None else {"mu": float(mu)})
         self.steered = SteeredModel.from_run_dir(run_dir, device=device, **overrides)
         super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
@@ -101,7 +122,7 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
              for task, metrics in results["results"].items()}
     print(json.dumps(table, indent=1))
     if args.out:
-        from svd_lightning.artifacts import atomic_write_text
+        from svd_lightning.run import atomic_write_text
 
         atomic_write_text(args.out, json.dumps({"results": table, "config": results.get("config", {})}, indent=1,
                                                default=str))

@@ -9,14 +9,15 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from svd_lightning import artifacts
 from svd_lightning.batch import validate_choice_batch
 from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
 from svd_lightning.metrics import MultipleChoiceScores
+from svd_lightning.logger import finish_run, run_writer, start_run
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
-from svd_lightning.run import ADAPTER_DIR, SteeringRun, acquire, release, write_run
-from svd_lightning.steering import Direction, ScoringPolicy, check_direction
 from svd_lightning.progress import say
+from svd_lightning.run import (SteeringRun, attach_adapter, check_settings, load_base, resolve_settings,
+                               tokenizer_hash)
+from svd_lightning.steering import Direction, ScoringPolicy, check_direction
 
 VARIANTS = ("plain", "base", "steered", "contrastive")  # contrastive: once a γ is set (ContrastiveBaseline)
 
@@ -79,18 +80,15 @@ class SteeringLM(L.LightningModule):
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
         check_direction(settings["direction"])
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.tokenizer = load_tokenizer(model)
-        base = load_causal_lm(model)
+        check_settings(strength, alpha, settings["floor"], where="SteeringLM")
         self.steering_run: SteeringRun | None = None  # set by the strength solver; written at the end of fit
         if run_dir is not None:
-            from peft import PeftModel
-
-            check_tokenizer(self.source_run, self.tokenizer, run_dir)
             say(f"reading run {Path(run_dir).resolve()}")
-            self.model = PeftModel.from_pretrained(base, Path(run_dir) / ADAPTER_DIR, is_trainable=True)
+            self.tokenizer, base = load_base(self.source_run, run_dir)
+            self.model = attach_adapter(base, self.source_run, run_dir, is_trainable=True)
         else:
+            self.tokenizer = load_tokenizer(model)
+            base = load_causal_lm(model)
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 self.model = apply_adapter(base, adapter, **(adapter_options or {}))
@@ -126,8 +124,7 @@ class SteeringLM(L.LightningModule):
         return None if math.isnan(value) else value
 
     def set_strength(self, mu: float) -> None:
-        if not math.isfinite(mu):
-            raise ValueError(f"steering strength must be finite, got {mu}")
+        check_settings(mu=mu, where="steering strength")
         self.steering_strength.fill_(float(mu))
 
     @property
@@ -228,64 +225,30 @@ class SteeringLM(L.LightningModule):
         family = getattr(self.trainer.datamodule, "metric", "choice")
         if family != self.metric_family:
             self.metrics = self.build_metrics(family)
-        # Two processes writing one run directory would mix their files: the second is refused.
-        if stage == "fit":
-            log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
-            if self.trainer.is_global_zero and log_dir:
-                acquire(log_dir)
-                say(f"writing run {Path(log_dir).resolve()}")
+        # Every stage writes a run of its own (svd_lightning.logger): a finished run is never written into.
+        writer = start_run(self.trainer)
+        if writer is not None:
+            say(f"writing run {writer.target.resolve()} (built in {writer.path.name}, moved into place when "
+                f"the {getattr(stage, 'value', stage)} is done)")
 
     def teardown(self, stage: str) -> None:
-        if stage == "fit":
-            log_dir = self.trainer.log_dir
-            if self.trainer.is_global_zero and log_dir:
-                release(log_dir)
+        writer = run_writer(self.trainer)
+        if writer is not None and not writer.hold:  # the CLI holds a fit's run open for its test
+            finish_run(self.trainer)
 
     def on_train_end(self):
-        log_dir = self.trainer.log_dir  # a collective (broadcast): every rank must call it
-        if not self.trainer.is_global_zero or not log_dir:
+        writer = run_writer(self.trainer)
+        if writer is None:
             return
         run = self.steering_run or (self.fixed_strength_run() if self.mu is not None else None)
-        if run is None:  # no μ̄: the adapter alone, which is not a run
-            artifacts.save_adapter(self.model, log_dir)
-            return
-        write_run(self.model, run, log_dir)
-        say(f"run written to {Path(log_dir).resolve()}")
+        if run is None:  # no μ̄: the adapter alone, which is not a run to steer with
+            writer.save_adapter(self.model)
+        else:
+            writer.write_run(self.model, run, self.tokenizer)
 
     def fixed_strength_run(self) -> SteeringRun:
         h = self.hparams
         return SteeringRun(model=h.model, adapter=h.adapter, mu=self.mu, alpha=h.alpha, scoring_policy=h.scoring_policy,
                            floor=h.floor, direction=h.direction, strength="fixed", adapter_options=h.adapter_options,
-                           tokenizer_sha256=artifacts.tokenizer_hash(self.tokenizer), hparams=dict(h))
+                           tokenizer_sha256=tokenizer_hash(self.tokenizer), hparams=dict(h))
 
-
-DEFAULTS = {"model": "tiny-random", "adapter": "lora", "alpha": 0.1, "scoring_policy": "mask_generation_only", "floor": -20.0,
-            "direction": "kl_gradient"}
-RESOLVABLE = ("alpha", "scoring_policy", "floor", "direction")  # re-solving μ̄ makes these free to change
-
-
-def resolve_settings(given: dict, run: SteeringRun | None, run_dir, reuse_strength: bool) -> dict:
-    """Unset (None) settings come from the run, else from :data:`DEFAULTS`; conflicts are errors."""
-    out = {}
-    for key, value in given.items():
-        if run is None:
-            out[key] = DEFAULTS[key] if value is None else value
-            continue
-        stored = getattr(run, key)
-        if value is None or value == stored:
-            out[key] = stored
-        elif key in RESOLVABLE and not reuse_strength:
-            say(f"{key}={value!r} instead of run {run_dir}'s {stored!r}: μ̄ is re-solved")
-            out[key] = value
-        else:
-            hint = " (or set reuse_strength: false to re-solve μ̄ for it)" if key in RESOLVABLE else ""
-            raise ValueError(f"{key}={value!r} conflicts with run {run_dir}, whose {key} is {stored!r}; leave it "
-                             f"unset to use the run's{hint}")
-    return out
-
-
-def check_tokenizer(run: SteeringRun, tokenizer, run_dir) -> None:
-    actual = artifacts.tokenizer_hash(tokenizer)
-    if run.tokenizer_sha256 is not None and run.tokenizer_sha256 != actual:
-        raise ValueError(f"the tokenizer of {run.model!r} (hash {actual}) is not the one run {run_dir} was trained "
-                         f"with (tokenizer_sha256 {run.tokenizer_sha256})")

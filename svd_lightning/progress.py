@@ -17,11 +17,22 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
+from svd_lightning.log import say  # noqa: F401 -- re-exported: callers import it from here
+
 T = TypeVar("T")
 
 
 def interval_seconds() -> float:
-    return float(os.environ.get("SVD_PROGRESS_SECONDS", "30"))
+    """``SVD_PROGRESS_SECONDS`` (default 30; 0: every update), else an error naming the variable."""
+    text = os.environ.get("SVD_PROGRESS_SECONDS", "30")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"SVD_PROGRESS_SECONDS must be a number of seconds ≥ 0, got {text!r} "
+                         "(unset it for the default of 30)")
+    return value
 
 
 def stderr_is_terminal() -> bool:
@@ -186,9 +197,3 @@ class LogProgressBar(ProgressBar):
 
     def on_predict_end(self, trainer, pl_module):
         self._eval_end()
-
-
-@rank_zero_only
-def say(message: str) -> None:
-    """One ``svd-lightning: …`` line on stderr (rank zero only): choices made and paths written or read."""
-    print(f"svd-lightning: {message}", file=sys.stderr, flush=True)

@@ -1,38 +1,272 @@
-"""The run format: what a finished run directory holds, defined, written and read here only.
+"""The run directory: what a run holds, and the one place that writes and reads it.
 
-A run directory is ``adapter/`` (peft ``save_pretrained``) plus ``steering.json`` (a
-:class:`SteeringRun`), next to Lightning's ``config.yaml`` / ``metrics.*``. ``steering.json`` is
-written *last*, after the adapter, and records the SHA-256 of the adapter's weights: a directory
-whose steering.json is missing, or whose adapter is not the one steering.json was written with
-(a run killed between the two writes, two runs writing one directory), is not a run, and loading
-it is an error that names the directory and what is wrong.
+A run directory holds ``adapter/`` (peft ``save_pretrained``) and ``steering.json`` (a
+:class:`SteeringRun`) when a μ̄ was solved, next to ``config.yaml``, ``metrics.csv``,
+``metrics.json``, the per-question scores, ``predictions.jsonl``, ``skipped_rows.jsonl`` and
+``logit_snapshots.pt`` of the command that made it.
+
+**A run is written whole or not at all.** :class:`RunWriter` builds it in a hidden sibling
+(``.version_3.partial-<pid>-<token>``) and renames that into place once the command has
+finished, so a kill at any moment (SIGKILL included) leaves the previous runs as they were and
+either the new complete run or none. Nothing writes into a finished run: a target that exists
+already gets the next free name, and says so. Two commands writing "the same" run both finish,
+under two names. The partial directory of a killed command stays where it is (its checkpoints
+can resume it) and is named when the next run starts.
+
+``steering.json`` records the SHA-256 of the adapter (its config and its weights) and of the
+tokenizer's vocabulary; loading checks both, and that the adapter is the kind the run names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import secrets
+import shutil
+import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svd_lightning import artifacts
+from svd_lightning.log import InputError, say
 
-FORMAT_VERSION = 1
-RUN_FILE = artifacts.STEERING_FILE
-ADAPTER_DIR = artifacts.ADAPTER_DIR
+FORMAT_VERSION = 2  # 2: the adapter hash covers adapter_config.json; settings and hashes required
+RUN_FILE = "steering.json"
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
 SCORING_POLICIES = ("mask_generation_only", "none", "floor", "mask")
 STRENGTHS = ("exact", "mean", "median", "trimmed", "pooled", "choice_nll", "fixed")
 CURVATURES = ("identity", "fisher")
 DIRECTIONS = ("kl_gradient", "logit_difference")  # = svd_lightning.steering.DIRECTIONS
+MAX_ABS_MU = 1e6  # |μ|·|δz| must stay far from fp32's 3.4e38, or steered logits turn inf and scores NaN
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning",
+               "PREFIX_TUNING": "prefix_tuning"}
+PARTIAL = ".partial-"  # staging directories: .<name>.partial-<pid>-<token>
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run directory that cannot be used; the message names the directory, file and field."""
+
+
+# -- fault injection ---------------------------------------------------------------------------------
+FAULT_ENV = "SVD_LIGHTNING_FAULT"
+
+
+class InjectedFault(BaseException):
+    """Raised at a named point when ``SVD_LIGHTNING_FAULT=<point>`` is set (tests of kills and crashes).
+
+    A BaseException, like the KeyboardInterrupt of a kill: no ``except Exception`` swallows it.
+    """
+
+
+def fault_point(name: str) -> None:
+    """A named moment of writing a run. ``SVD_LIGHTNING_FAULT=<name>`` raises :class:`InjectedFault`
+    there, ``<name>:kill`` sends this process SIGKILL (nothing runs after it), ``<name>:term`` SIGTERM."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, action = spec.rpartition(":") if spec.endswith((":kill", ":term", ":raise")) else (spec, "", "raise")
+    if point != name:
+        return
+    if action in ("kill", "term"):
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
+    raise InjectedFault(name)
+
+
+# -- files ----------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the umask's permissions (tools like safetensors write 0600)."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``path`` whole (a temporary sibling renamed over it), with the umask's permissions."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: others could not read a shared run
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def next_version(root: Path) -> Path:
+    """``root/version_<n>`` with n one past the largest in use (``version_0`` in an empty folder)."""
+    names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    numbers = [int(m.group(1)) for n in names if (m := re.fullmatch(r"version_(\d+)", n))]
+    return root / f"version_{max(numbers, default=-1) + 1}"
+
+
+def next_free(target: Path) -> Path:
+    """The first name after ``target`` that no directory uses: ``version_<max+1>``, else ``<name>-<k>``."""
+    parent, name = target.parent, target.name
+    match = re.fullmatch(r"version_(\d+)", name)
+    if match:
+        after = next_version(parent)
+        return after if int(after.name[8:]) > int(match.group(1)) else parent / f"version_{int(match.group(1)) + 1}"
+    k = 1
+    while (parent / f"{name}-{k}").exists():
+        k += 1
+    return parent / f"{name}-{k}"
+
+
+def is_taken(path: Path) -> bool:
+    """A path a new run may not use: a file, or a directory with anything in it."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+class RunWriter:
+    """One run being built: every file goes into a staging sibling of ``target``, which
+    :meth:`commit` renames into place whole (see the module docstring).
+
+    ``hold``: a caller that adds more to the run after the stage that would commit it (the CLI's
+    ``fit`` then ``test``) sets it and commits itself.
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(3)}"
+        self.hold = False
+        self.committed: Path | None = None
+
+    def directory(self) -> Path:
+        """The staging directory (created on first use); an error once the run is finished."""
+        if self.committed is not None:
+            raise RunError(f"{self.committed} is a finished run: nothing writes into it (start a new run)")
+        if not self.path.is_dir():
+            stale = sorted(p.name for p in self.target.parent.glob(f".*{PARTIAL}*")) if self.target.parent.is_dir() else []
+            self.path.mkdir(parents=True)
+            if stale:
+                say(f"{len(stale)} partial run(s) of interrupted commands in {self.target.parent.resolve()} "
+                    f"({', '.join(stale[:3])}{', …' if len(stale) > 3 else ''}): remove them once you no longer "
+                    "need their checkpoints")
+        return self.path
+
+    def write_text(self, name: str, text: str) -> Path:
+        fault_point(f"write:{name}")
+        return atomic_write_text(self.directory() / name, text)
+
+    def write_json(self, name: str, payload: Any) -> Path:
+        fault_point(f"write:{name}")
+        return write_json(self.directory() / name, payload)
+
+    def save_torch(self, name: str, obj: Any) -> Path:
+        import torch
+
+        fault_point(f"write:{name}")
+        path = self.directory() / name
+        tmp = path.with_name(f".{name}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def save_adapter(self, model) -> Path:
+        """peft ``save_pretrained`` into the run's ``adapter/`` (replacing one saved earlier in this run)."""
+        fault_point(f"write:{ADAPTER_DIR}")
+        final = self.directory() / ADAPTER_DIR
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{ADAPTER_DIR}."))
+        model.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def write_run(self, model, run: "SteeringRun", tokenizer=None) -> Path:
+        """The adapter, then ``steering.json`` bound to it and to the tokenizer by hash."""
+        if tokenizer is not None:
+            run.tokenizer_sha256 = tokenizer_hash(tokenizer)
+        if run.tokenizer_sha256 is None:
+            raise RunError(f"{self.target}: a run records its tokenizer's hash: pass `tokenizer` or set tokenizer_sha256")
+        adapter = self.save_adapter(model)
+        run.adapter_sha256 = adapter_hash(adapter)
+        run.versions = run.versions or library_versions()
+        run.format_version = FORMAT_VERSION
+        run.validate(f"{self.target}/{RUN_FILE}")
+        return self.write_json(RUN_FILE, run.to_dict())
+
+    def commit(self) -> Path:
+        """Rename the staging directory into place; a taken target (another run got there first) moves
+        this run to the next free name. Returns the run's directory."""
+        if self.committed is not None:
+            return self.committed
+        fault_point("commit")
+        staging = self.directory()
+        _follow_umask(staging)
+        _fsync_dir(staging)
+        target = self.target
+        while True:
+            if is_taken(target):
+                target = next_free(target)
+                continue
+            try:
+                os.rename(staging, target)  # atomic; refuses a non-empty directory
+                break
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+        if target != self.target:
+            say(f"{self.target} was taken by another run meanwhile: this run is {target}")
+        _fsync_dir(target.parent)
+        self.committed = target
+        fault_point("committed")
+        return target
+
+
+def write_run(model, run: "SteeringRun", run_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Save ``model``'s adapter and ``run`` as a new finished run at ``run_dir`` (the next free name if
+    it is taken). Returns the directory."""
+    writer = RunWriter(run_dir)
+    writer.write_run(model, run, tokenizer)
+    return writer.commit()
+
+
+# -- the run record ---------------------------------------------------------------------------------------
+SETTINGS = ("model", "adapter", "mu", "alpha", "scoring_policy", "direction", "floor", "strength", "curvature", "trim")
+HASHES = ("adapter_sha256", "tokenizer_sha256")
 
 
 @dataclass
@@ -51,7 +285,7 @@ class SteeringRun:
     trim: float = 0.1
     adapter_options: dict | None = None
     tokenizer_sha256: str | None = None
-    adapter_sha256: str | None = None  # of the adapter weights this μ̄ belongs to
+    adapter_sha256: str | None = None  # of the adapter (config + weights) this μ̄ belongs to
     aggregates: dict = field(default_factory=dict)  # every strength option's μ on the same calibration
     diagnostics: dict = field(default_factory=dict)
     calibration_seconds: float | None = None
@@ -74,8 +308,7 @@ class SteeringRun:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 bad(name, "must be a finite number")
-        if not 0.0 < self.alpha <= 1.0:
-            bad("alpha", "must be in (0, 1]")
+        check_settings(self.mu, self.alpha, self.floor, where=where)
         if self.scoring_policy not in SCORING_POLICIES:
             bad("scoring_policy", f"must be one of {SCORING_POLICIES}")
         if self.strength not in STRENGTHS:
@@ -84,8 +317,14 @@ class SteeringRun:
             bad("curvature", f"must be one of {CURVATURES}")
         if self.direction not in DIRECTIONS:
             bad("direction", f"must be one of {DIRECTIONS}")
+        if not 0.0 <= self.trim < 0.5:
+            bad("trim", "must be in [0, 0.5)")
         if not isinstance(self.format_version, int) or not 0 <= self.format_version <= FORMAT_VERSION:
             bad("format_version", f"must be an integer ≤ {FORMAT_VERSION} (a newer svd-lightning wrote this run?)")
+        for name in HASHES:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16,64}", value)):
+                bad(name, "must be a hex digest")
 
     # -- reading and writing --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -95,22 +334,28 @@ class SteeringRun:
     def from_dict(cls, payload: Any, where: str) -> "SteeringRun":
         if not isinstance(payload, dict):
             raise RunError(f"{where}: expected a JSON object, got {type(payload).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [n for n in ("model", "adapter", "mu", "alpha") if n not in payload]
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(payload) - set(names))
+        if unknown:
+            raise RunError(f"{where}: unknown field(s) {unknown} (a typo, or a newer svd-lightning wrote it?); "
+                           f"the fields are {names}")
+        version = payload.get("format_version", 0)  # steering.json of svd-lightning before the run format: 0
+        required = ["model", "adapter", "mu", "alpha"]
+        if isinstance(version, int) and version >= 1:
+            required.append("adapter_sha256")  # every format-1 writer recorded it
+        if isinstance(version, int) and version >= 2:
+            required = [*SETTINGS, *HASHES, "format_version"]
+        missing = [n for n in required if payload.get(n) is None]
         if missing:
-            raise RunError(f"{where}: missing field(s) {missing}")
-        known = {k: v for k, v in payload.items() if k in names}
-        known.setdefault("format_version", 0)  # steering.json of svd-lightning before the run format
+            raise RunError(f"{where}: missing field(s) {missing} (required in format {version}); the file was "
+                           "edited or damaged: re-run `fit`, or restore it")
         run = cls.__new__(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            setattr(run, f.name, known.get(f.name, default))
+            setattr(run, f.name, payload.get(f.name, default))
+        run.format_version = version
         run.validate(where)
         return run
-
-    def save(self, run_dir: str | os.PathLike) -> Path:
-        """Write ``steering.json`` (atomically); call it after the adapter is in place."""
-        return artifacts.write_json(Path(run_dir) / RUN_FILE, self.to_dict())
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, check_adapter: bool = True) -> "SteeringRun":
@@ -120,26 +365,39 @@ class SteeringRun:
             raise RunError(f"run directory {run_dir} does not exist")
         path = run_dir / RUN_FILE
         if not path.is_file():
-            raise RunError(f"{run_dir} is not a finished run: {RUN_FILE} is missing "
-                           "(the run was interrupted, or this is not an svd-lightning run directory)")
+            raise RunError(f"{run_dir} is not a finished run: {RUN_FILE} is missing (the command that wrote it "
+                           "solved no μ̄, or this is not an svd-lightning run directory)")
         try:
             payload = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
             raise RunError(f"{path}: not valid JSON ({err}); the file is damaged or truncated") from None
         run = cls.from_dict(payload, str(path))
+        for name in HASHES:
+            if getattr(run, name) is None:
+                say(f"{path}: no {name} (written by svd-lightning format {run.format_version}): "
+                    f"that check is skipped for this run")
         if check_adapter:
             run.check_adapter(run_dir)
         return run
 
     def check_adapter(self, run_dir: str | os.PathLike) -> Path:
-        """The adapter folder exists and is the one this run's μ̄ was solved for."""
+        """The adapter folder exists, is of the run's kind, and is the one this run's μ̄ was solved for."""
         adapter = Path(run_dir) / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
+        config = adapter / "adapter_config.json"
+        if not config.is_file():
             raise RunError(f"{run_dir}: {ADAPTER_DIR}/adapter_config.json is missing: no saved adapter in this run")
-        if self.adapter_sha256 is not None and adapter_hash(adapter) != self.adapter_sha256:
+        try:
+            peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise RunError(f"{config}: not a valid adapter config ({err})") from None
+        kind = _PEFT_TYPES.get(str(peft_type))
+        if kind != self.adapter:
+            raise RunError(f"{run_dir}/{RUN_FILE}: field 'adapter' is {self.adapter!r} but {ADAPTER_DIR}/ holds a "
+                           f"{peft_type} adapter ({kind or 'unknown to svd-lightning'}); the files were edited or mixed")
+        if self.adapter_sha256 is not None and adapter_hash(adapter, self.format_version) != self.adapter_sha256:
             raise RunError(f"{run_dir}: {ADAPTER_DIR}/ is not the adapter {RUN_FILE} was written for (adapter_sha256 "
-                           "differs): the directory mixes two runs, e.g. a run killed while saving or two runs "
-                           "writing one directory; re-run `fit`")
+                           "differs: its weights or adapter_config.json changed, or the directory mixes two runs); "
+                           "re-run `fit`")
         return adapter
 
 
@@ -147,17 +405,47 @@ def _no_constants(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def adapter_hash(adapter_dir: str | os.PathLike) -> str:
-    """SHA-256 of the saved adapter weights (the first weights file peft writes)."""
+def check_settings(mu: float | None = None, alpha: float | None = None, floor: float | None = None, *,
+                   where: str = "settings") -> None:
+    """The one check of the steering numbers, wherever they enter (a run file, the CLI, the API)."""
+    def number(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RunError(f"{where}: {name} must be a finite number, got {value!r}")
+
+    if mu is not None:
+        number("mu", mu)
+        if abs(mu) > MAX_ABS_MU:
+            raise RunError(f"{where}: mu={mu!r} is too large: |mu| ≤ {MAX_ABS_MU:g} keeps steered logits finite in fp32")
+    if alpha is not None:
+        number("alpha", alpha)
+        if not 0.0 < alpha <= 1.0:
+            raise RunError(f"{where}: alpha must be in (0, 1], got {alpha!r}")
+    if floor is not None:
+        number("floor", floor)
+        if floor > 0:
+            raise RunError(f"{where}: floor is a log-probability and must be ≤ 0, got {floor!r}")
+
+
+def adapter_hash(adapter_dir: str | os.PathLike, format_version: int = FORMAT_VERSION) -> str:
+    """SHA-256 of the saved adapter: ``adapter_config.json`` and the weights (format 1: the weights only)."""
+    adapter_dir = Path(adapter_dir)
+    digest = hashlib.sha256()
+    if format_version >= 2:
+        digest.update(b"adapter_config.json\0" + (adapter_dir / "adapter_config.json").read_bytes() + b"\0")
     for name in _ADAPTER_WEIGHTS:
-        path = Path(adapter_dir) / name
+        path = adapter_dir / name
         if path.is_file():
-            digest = hashlib.sha256()
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
             return digest.hexdigest()
     raise RunError(f"{adapter_dir}: no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A short fingerprint of the vocabulary, to catch a run reused with another tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -172,46 +460,69 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def write_run(model, run: SteeringRun, run_dir: str | os.PathLike) -> Path:
-    """Save the adapter, then ``steering.json`` bound to it by hash: the run is complete once this returns."""
-    adapter = artifacts.save_adapter(model, run_dir)
-    run.adapter_sha256 = adapter_hash(adapter)
-    run.versions = run.versions or library_versions()
-    return run.save(run_dir)
+# -- using a run ---------------------------------------------------------------------------------------------
+def check_tokenizer(run: SteeringRun, tokenizer, run_dir) -> None:
+    actual = tokenizer_hash(tokenizer)
+    if run.tokenizer_sha256 is not None and run.tokenizer_sha256 != actual:
+        raise RunError(f"the tokenizer of {run.model!r} (hash {actual}) is not the one run {run_dir} was trained "
+                       f"with (tokenizer_sha256 {run.tokenizer_sha256}): {RUN_FILE}'s field 'model' names another "
+                       "base model than the adapter was trained on")
 
 
-LOCK_FILE = ".writing"
+def load_base(run: SteeringRun, run_dir):
+    """``(tokenizer, base model)`` of ``run``'s field ``model``; errors name the run and the field."""
+    from svd_lightning.models import load_causal_lm, load_tokenizer
 
-
-def acquire(run_dir: str | os.PathLike) -> Path:
-    """Claim ``run_dir`` for this process: a second writer is refused, a dead writer's claim is taken over."""
-    lock = Path(run_dir) / LOCK_FILE
-    lock.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(lock.read_text() or "0")
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            alive = True
-        if alive:
-            raise RunError(f"{run_dir} is being written by another process (pid {pid}); use another "
-                           "directory or version, or wait for it to finish") from None
-        lock.unlink(missing_ok=True)
-        return acquire(run_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return lock
+        tokenizer = load_tokenizer(run.model)
+        check_tokenizer(run, tokenizer, run_dir)
+        return tokenizer, load_causal_lm(run.model)
+    except RunError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- whatever the loader raised, say which run and field
+        raise RunError(f"{run_dir}/{RUN_FILE}: field 'model' = {run.model!r} cannot be loaded "
+                       f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
 
 
-def release(run_dir: str | os.PathLike) -> None:
-    lock = Path(run_dir) / LOCK_FILE
+def attach_adapter(base, run: SteeringRun, run_dir, is_trainable: bool = False):
+    """``PeftModel.from_pretrained`` of the run's adapter; a mismatch with the base names the run."""
+    from peft import PeftModel
+
     try:
-        if int(lock.read_text() or "0") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
+        return PeftModel.from_pretrained(base, Path(run_dir) / ADAPTER_DIR, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()
+        raise RunError(f"{run_dir}: {ADAPTER_DIR}/ does not fit the base model {run.model!r} ({type(err).__name__}: "
+                       f"{first[0] if first else ''} …); was it trained on another model?") from err
+
+
+def load_run(run_dir: str | os.PathLike):
+    """``(peft model, tokenizer, SteeringRun)`` of a finished run directory, validated, in eval mode."""
+    run = SteeringRun.load(run_dir)
+    tokenizer, base = load_base(run, run_dir)
+    return attach_adapter(base, run, run_dir).eval(), tokenizer, run
+
+
+DEFAULTS = {"model": "tiny-random", "adapter": "lora", "alpha": 0.1, "scoring_policy": "mask_generation_only", "floor": -20.0,
+            "direction": "kl_gradient"}
+RESOLVABLE = ("alpha", "scoring_policy", "floor", "direction")  # re-solving μ̄ makes these free to change
+
+
+def resolve_settings(given: dict, run: SteeringRun | None, run_dir, reuse_strength: bool) -> dict:
+    """Unset (None) settings come from the run, else from :data:`DEFAULTS`; conflicts are errors."""
+    out = {}
+    for key, value in given.items():
+        if run is None:
+            out[key] = DEFAULTS[key] if value is None else value
+            continue
+        stored = getattr(run, key)
+        if value is None or value == stored:
+            out[key] = stored
+        elif key in RESOLVABLE and not reuse_strength:
+            say(f"{key}={value!r} instead of run {run_dir}'s {stored!r}: μ̄ is re-solved (written as a new run)")
+            out[key] = value
+        else:
+            hint = " (or set reuse_strength: false to re-solve μ̄ for it)" if key in RESOLVABLE else ""
+            raise ValueError(f"{key}={value!r} conflicts with run {run_dir}, whose {key} is {stored!r}; leave it "
+                             f"unset to use the run's{hint}")
+    return out

@@ -36,3 +36,31 @@ def left_padded(tokenizer, prompts):
 @pytest.fixture()
 def lora_model():
     return perturbed_lora()
+
+
+def save_tiny_run(model, run_dir, **fields):
+    """``model`` (a tiny-random LoRA) saved as a finished run at ``run_dir``; fields override the defaults."""
+    from svd_lightning.run import SteeringRun, write_run
+
+    run = SteeringRun(**{"model": "tiny-random", "adapter": "lora", "mu": -1.0, "alpha": 0.1, **fields})
+    return write_run(model, run, run_dir, tokenizer=tiny_model_and_tokenizer()[1])
+
+
+def as_older_format(run_dir, version: int, drop=()):
+    """Rewrite ``run_dir``'s steering.json as svd-lightning format ``version`` wrote it (its adapter hash
+    rule, without the fields in ``drop``): a run from before a format change."""
+    import json
+    from pathlib import Path
+
+    from svd_lightning.run import RUN_FILE, adapter_hash
+
+    path = Path(run_dir) / RUN_FILE
+    payload = json.loads(path.read_text())
+    payload["format_version"] = version
+    payload["adapter_sha256"] = adapter_hash(Path(run_dir) / "adapter", version)
+    for name in drop:
+        payload.pop(name, None)
+    if version == 0:
+        payload.pop("format_version")
+    path.write_text(json.dumps(payload))
+    return path

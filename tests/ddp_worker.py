@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from svd_lightning.callbacks import SteeredValidation, SteeringExtraction, StrengthSolver  # noqa: E402
 from svd_lightning.data import TruthfulQADataModule  # noqa: E402
+from svd_lightning.logger import RunLogger  # noqa: E402
 from svd_lightning.module import SteeringLM  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=1,
-        logger=L.pytorch.loggers.CSVLogger(args.root, name="ddp", version=0),
+        logger=RunLogger(args.root, name="ddp", version=0),
         callbacks=[extraction, solver, report, tables],
         enable_checkpointing=False,
         enable_progress_bar=False,

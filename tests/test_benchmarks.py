@@ -148,8 +148,8 @@ PIQA_ROW = {
 }
 
 
-def _piqa_file(path: Path, n: int) -> Path:
-    rows = [{k: v.format(i=i) if isinstance(v, str) else v for k, v in PIQA_ROW.items()} for i in range(n)]
+def _piqa_file(path: Path, n: int, first: int = 0) -> Path:
+    rows = [{k: v.format(i=i) if isinstance(v, str) else v for k, v in PIQA_ROW.items()} for i in range(first, first + n)]
     path.write_text(json.dumps(rows))
     return path
 
@@ -182,7 +182,7 @@ def test_grid_seed_with_a_train_file_draws_train_and_calib(tmp_path):
     """ARC/BoolQ: train and calib come from the train file (seeded); the test file is fixed."""
     grid = _load("grid")
     _piqa_file(tmp_path / "train.json", 30)
-    _piqa_file(tmp_path / "test.json", 8)
+    _piqa_file(tmp_path / "test.json", 8, first=100)  # other questions than train's
     factory = grid.commonsense("test.json", "train.json", root=str(tmp_path))
     a, b = _splits(factory, 0), _splits(factory, 1)
     for s in (a, b):

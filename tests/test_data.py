@@ -278,7 +278,7 @@ def test_commonsense_label(tmp_path, task):
 def test_commonsense_train_file_gives_train_and_calib(tmp_path, tok):
     test = write_json(tmp_path / "test.json", [ARC] * 3)
     train = write_json(tmp_path / "train.json", [BOOLQ] * 10)
-    dm = CommonsenseDataModule(str(test), train_path=str(train), calib_fraction=0.3)
+    dm = CommonsenseDataModule(str(test), train_path=str(train), calib_fraction=0.3, overlap="keep")  # repeated rows
     assert [dm.describe()[k] for k in ("train", "calib", "test")] == [7, 3, 3]
     assert indices(dm.test_set) == [0, 1, 2]
     batch = next(iter(ready(dm, tok).train_dataloader()))

@@ -17,6 +17,7 @@ from svd_lightning.batch import IGNORE_INDEX, Tokenized, collate_choices, collat
 from svd_lightning.callbacks import SteeringExtraction, StrengthSolver
 from svd_lightning.data import CommonsenseDataModule, DataError, GenericChoiceDataModule, TruthfulQADataModule
 from svd_lightning.data.base import SKIPPED_FILE
+from svd_lightning.logger import RunLogger
 from svd_lightning.decoding import score_choices
 from svd_lightning.module import SteeringLM
 from svd_lightning.tiny import tiny_tokenizer
@@ -142,7 +143,7 @@ def test_tiny_fit_on_each_new_format(tmp_path, fmt):
     dm = CommonsenseDataModule(str(write_json(tmp_path / "test.json", varied(row, 15))), batch_size=2,
                                train_batch_size=4, max_length=128)
     module = SteeringLM("tiny-random", adapter="lora", adapter_options={"r": 4}, learning_rate=0.01)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name=""),
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=RunLogger(tmp_path),
                         callbacks=[SteeringExtraction(), StrengthSolver()], enable_checkpointing=False,
                         enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(module, dm)
@@ -178,7 +179,7 @@ def test_skipped_rows_are_recorded_in_the_run_directory(tmp_path):
                                train_batch_size=4, max_length=128)
     assert dm.describe()["questions"] == 10 and dm.describe()["skipped"] == 2
     module = SteeringLM("tiny-random", adapter_options={"r": 4}, learning_rate=0.01)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name=""),
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=RunLogger(tmp_path),
                         callbacks=[SteeringExtraction(), StrengthSolver()], enable_checkpointing=False,
                         enable_progress_bar=False)
     trainer.fit(module, dm)

@@ -10,6 +10,7 @@ import torch
 from svd_lightning.callbacks import SteeredValidation, SteeringExtraction, StrengthSolver
 from svd_lightning.cli import main
 from svd_lightning.data import TruthfulQADataModule
+from svd_lightning.logger import RunLogger
 from svd_lightning.models import ADAPTER_METHODS
 from svd_lightning.module import SteeringLM
 from svd_lightning.steering import ExactStrengthCache, StrengthStats, steering_vector, strength_terms
@@ -38,7 +39,7 @@ def _datamodule(path, **kw):
 
 
 def _trainer(tmp_path, callbacks, **kw):
-    kw = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": L.pytorch.loggers.CSVLogger(tmp_path),
+    kw = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": RunLogger(tmp_path),
           "enable_checkpointing": False, "num_sanity_val_steps": 0, "enable_progress_bar": False, **kw}
     return L.Trainer(callbacks=callbacks, **kw)
 
@@ -188,7 +189,7 @@ def _seeded_fit(tmp_path, data, name):
     L.seed_everything(0)
     dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
-    logger = L.pytorch.loggers.CSVLogger(tmp_path, name=name, version=0)
+    logger = RunLogger(tmp_path, name=name, version=0)
     _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger).fit(module, dm)
     return module, Path(logger.log_dir)
 
@@ -226,7 +227,7 @@ def test_crash_during_calibration_keeps_previous_artifacts(tmp_path):
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
     dm = _CalibrationCrash(path=str(data), instruction=False, batch_size=2, train_batch_size=1, calib_batch_size=1,
                            max_length=128, limit_train=8, limit_calib=4, limit_test=3)
-    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run", version=0)  # same run directory
+    logger = RunLogger(tmp_path, name="run", version=0)  # the same version, pinned
     trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger)
     with pytest.raises(RuntimeError, match="killed during calibration"):
         trainer.fit(module, dm)
@@ -242,7 +243,7 @@ def _resumable_fit(tmp_path, data, name, ckpt_path=None):
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05,
                         adapter_options={"r": 4, "lora_dropout": 0.3})
     ckpt = L.pytorch.callbacks.ModelCheckpoint(tmp_path / name / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    logger = L.pytorch.loggers.CSVLogger(tmp_path, name=name, version=0)
+    logger = RunLogger(tmp_path, name=name, version=0)
     trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False), ckpt],
                        logger=logger, max_epochs=2, enable_checkpointing=True, limit_val_batches=0)
     trainer.fit(module, dm, ckpt_path=ckpt_path)

@@ -10,7 +10,7 @@ from svd_lightning.decoding import steered_generate
 from svd_lightning.generate import generate_answers, main, read_prompts
 from svd_lightning.steering import steer
 
-from conftest import left_padded as _left_padded, perturbed_lora
+from conftest import save_tiny_run, left_padded as _left_padded, perturbed_lora
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,10 +143,8 @@ def test_processor_tracks_every_row(tokenizer, kw, forward_mode):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory and the in-memory model it was saved from (LoRA A is randomly initialised)."""
-    from svd_lightning.run import SteeringRun, write_run
-
     run, model = tmp_path_factory.mktemp("run"), perturbed_lora()
-    write_run(model, SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1), run)
+    save_tiny_run(model, run)
     return run, model
 
 

@@ -57,6 +57,6 @@ def test_walkthrough_runs_on_the_tiny_model(tmp_path, monkeypatch):
     for variant in ("plain", "base", "steered"):
         value = re.search(rf"^val/mc2_{variant}\s+([-0-9.]+)$", text, re.M)
         assert value and 0.0 <= float(value.group(1)) <= 1.0, variant
-    assert list(tmp_path.glob("svdecode-*/steering.json")), "the run wrote its artifacts to the temp dir"
+    assert list(tmp_path.glob("svdecode-*/version_0/steering.json")), "the run was written to the temp dir"
     logged = re.search(r"^val/mu\s+([-0-9.]+)$", text, re.M)
     assert logged and abs(float(logged.group(1)) - float(mu.group(1))) < 1e-3, "validation used the solved μ̄"

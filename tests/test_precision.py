@@ -17,7 +17,9 @@ def test_choice_on_this_machine_follows_onednn():
     assert ("natively" in why) == native
     assert precision.resolve_precision(None, "cpu") == (chosen, why)
     assert precision.resolve_precision("auto", "cpu") == (chosen, why)
-    assert precision.resolve_precision("bf16-mixed", "cpu") == ("bf16-mixed", "set explicitly")
+    explicit, why = precision.resolve_precision("bf16-mixed", "cpu")
+    assert explicit == "bf16-mixed" and why.startswith("set explicitly")
+    assert ("WARNING: this CPU has no native bf16" in why) == (not precision.cpu_has_fast_bf16())
     assert "oneDNN bf16" in precision.describe_cpu()
 
 

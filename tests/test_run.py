@@ -12,7 +12,8 @@ from svd_lightning.generate import generate_answers, load_run, main as generate_
 from svd_lightning.module import SteeringLM
 from svd_lightning.run import RUN_FILE, RunError, SteeringRun, adapter_hash, write_run
 
-from conftest import perturbed_lora
+from conftest import as_older_format, perturbed_lora
+from svd_lightning.tiny import tiny_model_and_tokenizer
 from test_framework import _datamodule, _trainer, write_truthfulqa
 
 
@@ -21,26 +22,36 @@ def _run(tmp_path, name="run", mu=-1.0, seed=0, **fields):
     torch.manual_seed(seed)  # LoRA A's init
     model = perturbed_lora(seed)
     run = SteeringRun(model="tiny-random", adapter="lora", mu=mu, alpha=0.1, **fields)
-    write_run(model, run, tmp_path / name)
+    write_run(model, run, tmp_path / name, tokenizer=tiny_model_and_tokenizer()[1])
     return tmp_path / name, model
 
 
 def test_run_round_trips_and_binds_the_adapter(tmp_path):
     path, _ = _run(tmp_path)
     run = SteeringRun.load(path)
-    assert run.mu == -1.0 and run.format_version == 1 and run.adapter_sha256 == adapter_hash(path / "adapter")
+    assert run.mu == -1.0 and run.format_version == 2 and run.adapter_sha256 == adapter_hash(path / "adapter")
     assert "torch" in run.versions
 
 
 @pytest.mark.parametrize("damage,message", [
     (lambda p: (p / RUN_FILE).write_text('{"model": "tiny-random", "adapter": "lo'), "not valid JSON"),
-    (lambda p: _edit(p, mu=None), "field 'mu' must be a finite number"),
+    (lambda p: _edit(p, mu=None), r"missing field\(s\) \['mu'\]"),
+    (lambda p: _edit(p, mu="-1"), "field 'mu' must be a finite number"),
     (lambda p: (p / RUN_FILE).write_text((p / RUN_FILE).read_text().replace('"mu": -1.0', '"mu": NaN')), "not valid JSON"),
     (lambda p: _edit(p, scoring_policy="sometimes"), "field 'scoring_policy' must be one of"),
-    (lambda p: _edit(p, alpha=2.0), "field 'alpha' must be in"),
+    (lambda p: _edit(p, alpha=2.0), "alpha must be in \\(0, 1\\]"),
     (lambda p: (p / RUN_FILE).unlink(), "is not a finished run"),
     (lambda p: (p / "adapter" / "adapter_config.json").unlink(), "adapter_config.json is missing"),
-], ids=["truncated", "mu-null", "mu-nan", "policy", "alpha", "no-steering", "no-adapter"])
+    (lambda p: _edit_adapter_config(p, lora_alpha=800), "adapter_sha256 differs"),
+    (lambda p: _edit(p, adapter_sha256=None, tokenizer_sha256=None), r"missing field\(s\) \['adapter_sha256', 'tokenizer_sha256'\]"),
+    (lambda p: _drop(p, "scoring_policy"), r"missing field\(s\) \['scoring_policy'\]"),
+    (lambda p: _edit(p, mue=-2.0), r"unknown field\(s\) \['mue'\]"),
+    (lambda p: _edit(p, adapter="ia3"), "field 'adapter' is 'ia3' but adapter/ holds a LORA adapter"),
+    (lambda p: _edit(p, mu=1e300), "mu=1e\\+300 is too large"),
+    (lambda p: _edit(p, floor=5.0), "floor is a log-probability and must be ≤ 0"),
+    (lambda p: _edit(p, format_version=3), "field 'format_version' must be an integer ≤ 2"),
+], ids=["truncated", "mu-null", "mu-string", "mu-nan", "policy", "alpha", "no-steering", "no-adapter", "adapter-config-edited",
+        "hashes-removed", "setting-removed", "unknown-key", "adapter-kind", "mu-huge", "floor-positive", "newer-format"])
 def test_bad_run_errors_name_the_run(tmp_path, damage, message):
     path, _ = _run(tmp_path)
     damage(path)
@@ -57,6 +68,58 @@ def _edit(path, **changes):
     (path / RUN_FILE).write_text(json.dumps(payload))
 
 
+def _drop(path, name):
+    payload = json.loads((path / RUN_FILE).read_text())
+    del payload[name]
+    (path / RUN_FILE).write_text(json.dumps(payload))
+
+
+def _edit_adapter_config(path, **changes):
+    config = path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_runs_of_older_formats_load(tmp_path, version, capsys):
+    """Format 1 hashed the weights only; format 0 had no format field and no hashes."""
+    path, model = _run(tmp_path)
+    as_older_format(path, version, drop=["adapter_sha256", "tokenizer_sha256", "scoring_policy"] if version == 0 else [])
+    run = SteeringRun.load(path)
+    assert run.format_version == version and run.scoring_policy == "mask_generation_only"
+    if version == 0:
+        assert "no adapter_sha256 (written by svd-lightning format 0): that check is skipped" in capsys.readouterr().err
+    else:
+        _edit_adapter_config(path, lora_alpha=800)  # format 1 did not hash the config: not caught, but the
+        SteeringRun.load(path)                      # weights still are
+        (path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+        with pytest.raises(RunError, match="adapter_sha256 differs"):
+            SteeringRun.load(path)
+
+
+def test_a_run_whose_model_field_cannot_be_loaded_names_the_run(tmp_path):
+    path, _ = _run(tmp_path)
+    _edit(path, model="/etc")
+    with pytest.raises(RunError, match=f"{path}/steering.json: field 'model' = '/etc' cannot be loaded"):
+        load_run(path)
+
+
+def test_a_run_on_another_base_model_names_the_run(tmp_path):
+    """The same tokenizer (so its hash matches) but a wider model: the adapter's shapes do not fit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from svd_lightning.tiny import tiny_tokenizer
+
+    path, _ = _run(tmp_path)
+    tok = tiny_tokenizer()
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    other.save_pretrained(tmp_path / "wider")
+    tok.save_pretrained(tmp_path / "wider")
+    _edit(path, model=str(tmp_path / "wider"))
+    with pytest.raises(RunError, match=f"{path}: adapter/ does not fit the base model"):
+        load_run(path)
+
+
 def test_missing_run_directory(tmp_path):
     with pytest.raises(RunError, match=f"run directory {tmp_path / 'nope'} does not exist"):
         SteeringRun.load(tmp_path / "nope")
@@ -70,26 +133,6 @@ def test_a_directory_mixing_two_runs_is_refused(tmp_path):
     (path / "adapter" / "adapter_model.safetensors").write_bytes((other / "adapter" / "adapter_model.safetensors").read_bytes())
     with pytest.raises(RunError, match="mixes two runs"):
         SteeringRun.load(path)
-
-
-def test_fit_killed_before_the_end_leaves_no_run(tmp_path):
-    data = write_truthfulqa(tmp_path / "mc.json", n=10)
-
-    class Killed(Exception):
-        pass
-
-    class KillAtTrainEnd(SteeringLM):
-        def on_train_end(self):
-            raise Killed()
-
-    from svd_lightning.callbacks import StrengthSolver
-
-    module = KillAtTrainEnd("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
-    trainer = _trainer(tmp_path, [StrengthSolver("exact")])
-    with pytest.raises(Killed):
-        trainer.fit(module, _datamodule(data, limit_train=4, limit_calib=2, limit_test=2))
-    with pytest.raises(RunError, match="is not a finished run"):
-        SteeringRun.load(trainer.log_dir)
 
 
 def test_reuse_takes_settings_from_the_run_and_refuses_conflicts(tmp_path):
@@ -160,35 +203,13 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     assert isinstance(namespace["answers"][0], str)
 
 
-def test_a_second_writer_is_refused_and_a_dead_ones_claim_taken_over(tmp_path):
-    import subprocess
-    import sys
-
-    from svd_lightning.run import acquire, release
-
-    run_dir = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        run_dir.mkdir()
-        (run_dir / ".writing").write_text(str(child.pid))  # a live writer
-        with pytest.raises(RunError, match=f"being written by another process \\(pid {child.pid}\\)"):
-            acquire(run_dir)
-    finally:
-        child.kill()
-        child.wait()
-    lock = acquire(run_dir)  # that writer is gone: its claim is taken over
-    assert lock.read_text() == str(__import__("os").getpid())
-    release(run_dir)
-    assert not lock.exists()
-
-
 def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeypatch, capsys):
     from svd_lightning.cli import main
     from test_framework import cli_tiny_fit
 
     run, common = cli_tiny_fit(tmp_path, monkeypatch)
     data = tmp_path / "mc.json"
-    assert SteeringRun.load(run).format_version == 1 and not (run / ".writing").exists()
+    assert SteeringRun.load(run).format_version == 2
     err = capsys.readouterr().err
     assert f"writing run {run}" in err and f"run written to {run}" in err
     main(["predict", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
@@ -205,51 +226,155 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
     assert not (tmp_path / "adapter").exists()  # nothing lands in the working directory
 
 
-_FIT_SCRIPT = """
-import sys, lightning as L
-from svd_lightning.callbacks import StrengthSolver
-from svd_lightning.data import TruthfulQADataModule
-from svd_lightning.module import SteeringLM
-data, root, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-L.seed_everything(seed)
-dm = TruthfulQADataModule(path=data, instruction=False, batch_size=2, train_batch_size=2, max_length=128,
-                          limit_train=8, limit_calib=4, limit_test=2)
-module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4}, seed=seed)
-trainer = L.Trainer(accelerator="cpu", max_epochs=2, enable_checkpointing=False, enable_progress_bar=False,
-                    logger=L.pytorch.loggers.CSVLogger(root, name="", version=0), callbacks=[StrengthSolver("exact")])
-trainer.fit(module, dm)
-"""
+# -- the run owner: a run is written whole, never into a finished one ------------------------------------------
+from svd_lightning.logger import RunLogger  # noqa: E402
+from svd_lightning.run import FAULT_ENV, InjectedFault, RunWriter  # noqa: E402
 
 
-def test_killed_fit_leaves_the_previous_run_or_none_never_a_mix(tmp_path):
-    """Kill a tiny `fit` (writing into an existing complete run directory) at several moments."""
+def _snapshot(root):
+    """Every file under ``root`` with its bytes: what a later command must leave exactly as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _visible_runs(root):
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def _assert_complete(run_dir):
+    """A finished `fit` run: steering.json bound to its adapter, the config, and metrics up to the test."""
+    SteeringRun.load(run_dir)
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["stage"] for h in history] == ["val", "test"]
+    for name in ("config.yaml", "metrics.csv", "test_per_question.json"):
+        assert (run_dir / name).is_file(), name
+
+
+@pytest.fixture(scope="module")
+def finished_fit(tmp_path_factory):
+    """One `svd-lightning fit` of configs/tiny.yaml: (its run directory, the arguments that repeat it)."""
+    from svd_lightning.cli import main
+    from test_framework import ROOT
+
+    tmp = tmp_path_factory.mktemp("fit")
+    data = write_truthfulqa(tmp / "mc.json")
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),
+            "--trainer.enable_progress_bar", "false", "--data.init_args.limit_train", "8"]
+    main([*args, "--trainer.default_root_dir", str(tmp / "runs")])
+    _assert_complete(tmp / "runs" / "version_0")
+    return tmp / "runs" / "version_0", args
+
+
+# The moments of a `fit` (with its test) at which a file of the run is written, then the rename.
+FIT_FAULTS = ["write:config.yaml", "write:val_per_question.json", "write:adapter", "write:steering.json",
+              "write:test_per_question.json", "commit", "committed"]
+
+
+@pytest.mark.parametrize("point", FIT_FAULTS)
+def test_a_fit_stopped_at_any_moment_leaves_the_previous_run_and_no_partial_one(tmp_path, monkeypatch, finished_fit,
+                                                                                 point):
+    """A second `fit` pinned to the finished run's version, stopped at ``point``: version_0 is byte for byte
+    what it was, and the only other run, if any, is the new one, complete (it got there only by the rename)."""
+    import shutil
+
+    from svd_lightning.cli import main
+
+    previous, args = finished_fit
+    root = tmp_path / "runs"
+    shutil.copytree(previous, root / "version_0")
+    before = _snapshot(root / "version_0")
+    monkeypatch.setenv(FAULT_ENV, point)
+    with pytest.raises(InjectedFault):
+        main([*args, "--trainer.logger", "svd_lightning.logger.RunLogger", "--trainer.logger.save_dir", str(root),
+              "--trainer.logger.version", "0", "--seed_everything", "1"])
+    assert _snapshot(root / "version_0") == before
+    assert _visible_runs(root) == (["version_0", "version_1"] if point == "committed" else ["version_0"])
+    if point == "committed":
+        _assert_complete(root / "version_1")
+
+
+@pytest.mark.parametrize("point,action,code", [("write:steering.json", "kill", -9), ("commit", "kill", -9),
+                                               ("write:val_per_question.json", "term", 143)])
+def test_a_real_kill_or_sigterm_leaves_the_previous_run(tmp_path, finished_fit, point, action, code):
+    """The same with a real signal in a child process: SIGKILL runs no clean-up at all; SIGTERM (kill,
+    Slurm, docker stop) exits non-zero."""
     import os
-    import signal
+    import shutil
     import subprocess
     import sys
-    import time
 
-    data = write_truthfulqa(tmp_path / "mc.json", n=12)
-    script = tmp_path / "fit.py"
-    script.write_text(_FIT_SCRIPT)
-    run_dir = tmp_path / "runs" / "version_0"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fit = lambda seed: subprocess.Popen([sys.executable, str(script), str(data), str(tmp_path / "runs"), str(seed)],  # noqa: E731
-                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert fit(0).wait(timeout=300) == 0
-    old = SteeringRun.load(run_dir)
-    outcomes = set()
-    for delay in (1.0, 3.0, 5.0, 7.0, 9.0):
-        proc = fit(1)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        try:
-            run = SteeringRun.load(run_dir)  # validates that steering.json and adapter/ belong together
-            outcomes.add("old" if run.adapter_sha256 == old.adapter_sha256 else "new")
-        except RunError as err:
-            assert str(run_dir) in str(err)
-            outcomes.add("none")
-            assert fit(0).wait(timeout=300) == 0  # restore a complete run for the next kill
-            old = SteeringRun.load(run_dir)
-    assert "old" in outcomes  # an early kill leaves the previous run untouched
+    previous, args = finished_fit
+    root = tmp_path / "runs"
+    shutil.copytree(previous, root / "version_0")
+    before = _snapshot(root / "version_0")
+    env = {**os.environ, FAULT_ENV: f"{point}:{action}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "svd_lightning.cli", *args, "--trainer.default_root_dir", str(root)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert _snapshot(root / "version_0") == before
+    assert _visible_runs(root) == ["version_0"]
+    partial = [p for p in root.iterdir() if p.name.startswith(".version_1.partial-")]
+    assert len(partial) == 1  # what the killed command had written, out of the way of every reader
+    if action == "term":
+        assert "no run was written" in proc.stderr
+
+
+def test_validate_with_a_re_solved_strength_writes_a_new_run(tmp_path, monkeypatch, finished_fit, capsys):
+    import shutil
+
+    from svd_lightning.cli import main
+
+    previous, args = finished_fit
+    root = tmp_path / "runs"
+    run = root / "version_0"
+    shutil.copytree(previous, run)
+    before = _snapshot(run)
+    main(["validate", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), "--model.reuse_strength",
+          "false", "--model.alpha", "0.3", "--trainer.default_root_dir", str(root), "--data.init_args.path",
+          args[args.index("--data.init_args.path") + 1]])
+    assert _snapshot(run) == before
+    new = SteeringRun.load(root / "version_1")
+    assert new.alpha == 0.3 and SteeringRun.load(run).alpha == 0.1
+    assert f"the re-solved μ̄ is part of the new run {root / 'version_1'}" in capsys.readouterr().err
+
+
+def test_a_pinned_version_that_holds_a_run_gets_the_next_free_one(tmp_path, capsys):
+    (tmp_path / "version_0").mkdir()
+    (tmp_path / "version_0" / RUN_FILE).write_text("{}")
+    logger = RunLogger(tmp_path, version=0)
+    assert logger.run.target == tmp_path / "version_1"
+    assert "already holds a run, which is never written into: this run is" in capsys.readouterr().err
+    assert RunLogger(tmp_path, version="mine").run.target == tmp_path / "mine"
+
+
+def test_two_writers_of_one_run_both_finish_under_two_names(tmp_path, capsys):
+    """Two commands that resolved the same version: the second to finish moves to the next free name."""
+    first, second = RunWriter(tmp_path / "version_0"), RunWriter(tmp_path / "version_0")
+    first.write_text("config.yaml", "first\n")
+    second.write_text("config.yaml", "second\n")
+    assert first.commit() == tmp_path / "version_0"
+    assert second.commit() == tmp_path / "version_1"
+    assert (tmp_path / "version_0/config.yaml").read_text() == "first\n"
+    assert (tmp_path / "version_1/config.yaml").read_text() == "second\n"
+    assert "was taken by another run meanwhile: this run is" in capsys.readouterr().err
+    with pytest.raises(RunError, match="is a finished run: nothing writes into it"):
+        first.write_json("metrics.json", {})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_run_files_follow_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        writer = RunWriter(tmp_path / "version_0")
+        writer.write_run(perturbed_lora(), SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1),
+                         tiny_model_and_tokenizer()[1])
+        writer.save_torch("logit_snapshots.pt", {"a": 1})
+        run = writer.commit()
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(run): stat.S_IMODE(p.stat().st_mode) for p in [run, *run.rglob("*")]}
+    for path, mode in modes.items():
+        expected = (0o777 if (run / path).is_dir() else 0o666) & ~umask
+        assert mode == expected, (path, oct(mode))

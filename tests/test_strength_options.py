@@ -15,7 +15,7 @@ from svd_lightning.module import SteeringLM
 from svd_lightning.run import DIRECTIONS, RUN_FILE, RunError, SteeringRun, write_run
 from svd_lightning.steering import DIRECTIONS as STEERING_DIRECTIONS, GAMMA_GRID, NO_MASK_ALPHA, contrastive_logits, steer
 
-from conftest import left_padded, perturbed_lora
+from conftest import as_older_format, save_tiny_run, left_padded, perturbed_lora
 from test_framework import _datamodule, _trainer, write_truthfulqa
 
 EXAMPLES = [
@@ -95,14 +95,10 @@ def test_unknown_direction_is_refused_everywhere(model64, tokenizer):
 def test_run_format_round_trips_direction_and_old_runs_load_as_kl_gradient(tmp_path):
     assert DIRECTIONS == STEERING_DIRECTIONS
     model = perturbed_lora()
-    write_run(model, SteeringRun(model="tiny-random", adapter="lora", mu=0.5, alpha=0.1, direction="logit_difference"),
-              tmp_path / "new")
+    save_tiny_run(model, tmp_path / "new", mu=0.5, direction="logit_difference")
     assert SteeringRun.load(tmp_path / "new").direction == "logit_difference"
-    write_run(model, SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1), tmp_path / "old")
-    path = tmp_path / "old" / RUN_FILE
-    payload = json.loads(path.read_text())
-    del payload["direction"]  # a steering.json written before the setting existed
-    path.write_text(json.dumps(payload))
+    save_tiny_run(model, tmp_path / "old")
+    as_older_format(tmp_path / "old", 1, drop=["direction"])  # written before the setting existed
     assert SteeringRun.load(tmp_path / "old").direction == "kl_gradient"
     sm = SteeredModel.from_run_dir(tmp_path / "new")
     assert sm.direction == "logit_difference"

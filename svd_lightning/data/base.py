@@ -20,8 +20,9 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
 
-from svd_lightning import artifacts
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices, collate_lm
+from svd_lightning.log import InputError
+from svd_lightning.logger import start_run
 from svd_lightning.metrics import MetricFamily
 from svd_lightning.progress import say
 
@@ -30,9 +31,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = "../shared/data"
 SKIPPED_FILE = "skipped_rows.jsonl"  # in the run directory, when bad_rows: skip dropped any
 BadRows = Literal["error", "skip"]
+Overlap = Literal["drop", "error", "keep"]
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file, the row (0-based) and the field."""
 
     def __init__(self, path: str | Path, message: str, row: int | None = None, field: str | None = None):
@@ -46,6 +48,10 @@ class DataError(ValueError):
 
     def record(self) -> dict:
         return {"path": self.path, "row": self.row, "field": self.field, "reason": self.reason}
+
+    def with_hint(self) -> "DataError":
+        """The same error, telling how to drop such rows instead."""
+        return DataError(self.path, f"{self.reason} (set bad_rows: skip to drop such rows)", self.row, self.field)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -254,7 +260,12 @@ class ChoiceDataModule(L.LightningDataModule):
         bad_rows: ``error`` (default): a row that does not parse stops the run, naming file, row and
             field. ``skip``: such rows are dropped and counted; the first few are printed and all of
             them are written to ``skipped_rows.jsonl`` in the run directory. Errors of the file
-            itself (not JSON, not UTF-8, no rows) stop the run either way.
+            itself (not JSON, not UTF-8, no rows) stop the run either way. A choice too long for
+            ``max_length`` is a bad row too, found once the tokenizer is known (in ``setup``).
+        overlap: a calib or test question that is also in an earlier split (the same prompt and
+            choices; test after train or calib) would be scored on what was trained or selected on.
+            ``drop`` (default) removes it from the later split and says how many; ``error`` refuses
+            the data; ``keep`` keeps it (and says so).
     """
 
     metric: ClassVar[MetricFamily] = "choice"
@@ -272,10 +283,13 @@ class ChoiceDataModule(L.LightningDataModule):
         limit_test: int | None = None,
         num_workers: int = 0,
         bad_rows: BadRows = "error",
+        overlap: Overlap = "drop",
     ):
         super().__init__()
         if bad_rows not in ("error", "skip"):
             raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+        if overlap not in ("drop", "error", "keep"):
+            raise ValueError(f"overlap must be 'drop', 'error' or 'keep', got {overlap!r}")
         split = tuple(float(f) for f in split)
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
             raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
@@ -289,7 +303,8 @@ class ChoiceDataModule(L.LightningDataModule):
         self.calib_batch_size = calib_batch_size
         self.split, self.seed, self.num_workers = split, seed, num_workers
         self.limits = (limit_train, limit_calib, limit_test)
-        self.bad_rows = bad_rows
+        self.bad_rows, self.overlap = bad_rows, overlap
+        self._lengths_checked = False
         self.skipped: list[DataError] = []  # rows dropped by bad_rows: skip, in file order
         self.tokenizer = None  # set by the user for standalone use; a trainer's module takes precedence
         self.tokenized: Tokenized | None = None
@@ -311,10 +326,12 @@ class ChoiceDataModule(L.LightningDataModule):
         kept, skipped = [], []
         for i, row in enumerate(rows):
             try:
-                kept.append(parse(path, i, check_row(path, i, row)))
+                ex = parse(path, i, check_row(path, i, row))
+                ex.source = str(path)
+                kept.append(ex)
             except DataError as err:
                 if self.bad_rows == "error":
-                    raise DataError(path, f"{err.reason} (set bad_rows: skip to drop such rows)", err.row, err.field) from None
+                    raise err.with_hint() from None
                 skipped.append(err)
         self.skipped = [e for e in self.skipped if e.path != str(path)] + skipped  # a re-read replaces
         if skipped:
@@ -337,8 +354,6 @@ class ChoiceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._ensure_splits()
-        self.check_splits(stage)
-        self._record_skipped()
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         tokenizer = getattr(module, "tokenizer", None)
         if tokenizer is None:
@@ -349,6 +364,32 @@ class ChoiceDataModule(L.LightningDataModule):
                 "`tokenizer` attribute (set in its __init__), or set `datamodule.tokenizer = tokenizer` before setup()"
             )
         self.tokenized = Tokenized(tokenizer, self.max_length)
+        self._check_lengths()
+        self.check_splits(stage)
+        self._record_skipped()
+
+    def _check_lengths(self) -> None:
+        """Every choice must fit ``max_length`` (the prompt is cut from the left; a choice cannot be):
+        a bad row under ``bad_rows``, named by file, row and choice, before any training."""
+        if self._lengths_checked:
+            return
+        self._lengths_checked = True
+        tok, budget = self.tokenized.tokenizer, self.max_length
+        for split in (self.train_set, self.calib_set, self.test_set):
+            for ex in list(split):
+                lengths = [len(ids) for ids in tok(list(ex.choices), add_special_tokens=False)["input_ids"]]
+                too_long = [j for j, n in enumerate(lengths) if n >= budget]
+                if not too_long:
+                    continue
+                j = too_long[0]
+                err = DataError(ex.source or type(self).__name__, f"choice {j} ({ex.choices[j][:40]!r}…) is "
+                                f"{lengths[j]} tokens, which does not fit max_length={budget} (raise max_length)",
+                                ex.index, "choices")
+                if self.bad_rows == "error":
+                    raise err.with_hint()
+                split.remove(ex)
+                self.skipped.append(err)
+                say(f"skipped (bad_rows: skip): {err}")
 
     def check_splits(self, stage: str | None) -> None:
         """An empty split the stage needs is an error now, not a silent no-op after training."""
@@ -367,11 +408,10 @@ class ChoiceDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not self.skipped:
             return
-        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
-        if trainer.is_global_zero and log_dir:
-            lines = "".join(json.dumps(e.record()) + "\n" for e in self.skipped)
-            artifacts.atomic_write_text(Path(log_dir) / SKIPPED_FILE, lines)
-            say(f"{len(self.skipped)} skipped rows listed in {Path(log_dir).resolve() / SKIPPED_FILE}")
+        writer = start_run(trainer)  # DataModule.setup runs before the module's: this stage's run
+        if writer is not None:
+            writer.write_text(SKIPPED_FILE, "".join(json.dumps(e.record()) + "\n" for e in self.skipped))
+            say(f"{len(self.skipped)} skipped rows listed in {writer.target.resolve() / SKIPPED_FILE}")
 
     def _ensure_splits(self) -> None:
         if self.train_set is not None:
@@ -382,7 +422,31 @@ class ChoiceDataModule(L.LightningDataModule):
         self.num_examples = len(examples)
         parts = self.split_examples(examples)
         limited = [part if k is None else part[:k] for part, k in zip(parts, self.limits)]
-        self.train_set, self.calib_set, self.test_set = limited
+        self.train_set, self.calib_set, self.test_set = self._without_overlap(*limited)
+
+    def _without_overlap(self, train: list, calib: list, test: list) -> tuple[list, list, list]:
+        """Apply ``overlap`` to calib questions also in train and test questions also in train or calib."""
+        key = lambda ex: (ex.prompt, tuple(ex.contexts), tuple(ex.choices))  # noqa: E731
+        seen = {key(ex): ("train", ex) for ex in train}
+        kept = []
+        for name, split in (("calib", calib), ("test", test)):
+            repeats = [(ex, seen[key(ex)]) for ex in split if key(ex) in seen]
+            if repeats and self.overlap != "keep":
+                ex, (earlier, first) = repeats[0]
+                where = f"{ex.source or 'the data'}, row {ex.index} (= row {first.index} in {earlier})"
+                if self.overlap == "error":
+                    raise DataError(ex.source or type(self).__name__, f"{len(repeats)} {name} question(s) also in an "
+                                    f"earlier split, e.g. row {ex.index} = row {first.index} in {earlier} (set "
+                                    "overlap: drop to remove them from the later split, or keep)", ex.index)
+                say(f"overlap: drop -- {len(repeats)} {name} question(s) also in an earlier split were removed "
+                    f"from {name}, e.g. {where}")
+                dropped = {id(ex) for ex, _ in repeats}
+                split = [ex for ex in split if id(ex) not in dropped]
+            elif repeats:
+                say(f"overlap: keep -- {len(repeats)} {name} question(s) are also in an earlier split")
+            kept.append(split)
+            seen.update({key(ex): (name, ex) for ex in split if key(ex) not in seen})
+        return train, kept[0], kept[1]
 
     def _loader(self, examples: list, collate, batch_size: int, shuffle: bool = False) -> DataLoader:
         if self.tokenized is None:

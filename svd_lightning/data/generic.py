@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import string
 from pathlib import Path
 
 from svd_lightning.batch import ChoiceExample
@@ -43,6 +45,9 @@ class GenericChoiceDataModule(ChoiceDataModule):
         for field in (self.choices_field, self.label_field):
             if row.get(field) in (None, "", []):
                 raise DataError(path, f"missing or empty (the row has {sorted(row)})", i, field)
+        for name in _template_fields(self.template):
+            if name in row:  # a field the row lacks: the KeyError below names it
+                _check_text(row[name], path, i, name)
         try:
             prompt = self.template.format(**row)
         except KeyError as e:
@@ -53,8 +58,10 @@ class GenericChoiceDataModule(ChoiceDataModule):
         choices = row[self.choices_field]
         if isinstance(choices, str):
             choices = choices.split(";")
-        if not isinstance(choices, (list, tuple)) or not all(isinstance(c, (str, int, float)) for c in choices):
+        if not isinstance(choices, (list, tuple)):
             raise DataError(path, f"expected a list of strings, got {choices!r}", i, self.choices_field)
+        for k, c in enumerate(choices):
+            _check_text(c, path, i, self.choices_field, f"choice {k} ")
         choices = [str(c).strip() for c in choices]
         is_true = self._truth(row[self.label_field], choices, path, i)
         ex = ChoiceExample(prompt, [self.continuation_prefix + c for c in choices], is_true, index=i)
@@ -79,3 +86,20 @@ class GenericChoiceDataModule(ChoiceDataModule):
             raise DataError(path, f"label {bad} is outside the {len(choices)} choices (labels are 0-based "
                                   "indices; digits are always read as an index)", i, field)
         return [k in indices for k in range(len(choices))]
+
+
+def _template_fields(template: str) -> list[str]:
+    """The row fields ``template`` reads (``{question}``, ``{meta[topic]}`` -> ``question``, ``meta``)."""
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    return list(dict.fromkeys(n.split(".")[0].split("[")[0] for n in names))
+
+
+def _check_text(value, path: Path, i: int, field: str, what: str = "") -> None:
+    """Text, or a finite number written as text; a missing value (null, NaN) is an error, not "None"."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(path, f"{what}is a missing value ({value!r}), not text", i, field)
+    if isinstance(value, float) and math.isfinite(value):
+        return
+    raise DataError(path, f"{what}must be text, got {type(value).__name__} {value!r:.60}", i, field)
