@@ -1,9 +1,10 @@
-"""Print the error each bad input gets (the record behind issue 6's closing note).
+"""Print the error (or result) each bad input gets: the messages a user sees.
 
     .venv/bin/python scripts/bad_inputs.py
 
-Every case here is also a test (tests/test_data.py, test_models.py, test_framework.py,
-test_generate.py); this script only shows the messages a user sees.
+Every case here is also a test (tests/test_data.py, test_run.py, test_api.py, test_generate.py,
+test_framework.py, test_lm_eval.py, test_progress.py, test_precision.py); this script only shows
+the messages.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from svd_lightning import models  # noqa: E402
 from svd_lightning.batch import Tokenized  # noqa: E402
 from svd_lightning.callbacks import StrengthSolver  # noqa: E402
 from svd_lightning.data import GenericChoiceDataModule, TruthfulQADataModule  # noqa: E402
+from svd_lightning.data.base import seeded_split  # noqa: E402
 from svd_lightning.generate import read_prompts  # noqa: E402
 from svd_lightning.module import SteeringLM  # noqa: E402
 from svd_lightning.tiny import tiny_model_and_tokenizer  # noqa: E402
@@ -65,6 +67,19 @@ def main() -> None:
     show("prompt longer than max_length (truncated from the left, answer kept)",
          lambda: Tokenized(tok, 8).pair("word " * 40, " answer"))
     show("answer longer than max_length", lambda: Tokenized(tok, 4).pair("Q?", " a b c d e f g"))
+    rows = td.qa_rows(10)
+    rows[4] = dict(rows[4], choices=["yes", "no " * 40])
+    long = td.write_json(tmp / "long.json", rows)
+    show("a choice longer than max_length, in a DataModule",
+         lambda: td.ready(GenericChoiceDataModule(str(long), max_length=16), tok))
+    train, calib, test = seeded_split(list(range(10)), (0.6, 0.2, 0.2), 0)
+    rows = td.qa_rows(10)
+    rows[test[0]] = dict(rows[train[0]])
+    repeated = td.write_json(tmp / "repeated.json", rows)
+    show("a test question that is also a train question (overlap: error)",
+         lambda: GenericChoiceDataModule(str(repeated), overlap="error").describe())
+    show("the same with the default overlap: drop",
+         lambda: print(f"  test split: {GenericChoiceDataModule(str(repeated)).describe()['test']} of {len(test)}"))
     show("unknown PEFT method", lambda: models.adapter_config("dora"))
     show("target modules absent from the model",
          lambda: models.apply_adapter(tiny_model_and_tokenizer(0)[0], "lora", target_modules=["query"]))
@@ -93,13 +108,12 @@ def main() -> None:
 
 def run_inputs(tmp: Path) -> None:
     """Bad run directories (tests/test_run.py)."""
-    from conftest import perturbed_lora
+    from conftest import perturbed_lora, save_tiny_run
 
-    from svd_lightning.run import RUN_FILE, SteeringRun, write_run
+    from svd_lightning.run import RUN_FILE, SteeringRun
 
     def fresh(name: str) -> Path:
-        write_run(perturbed_lora(), SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1), tmp / name)
-        return tmp / name
+        return save_tiny_run(perturbed_lora(), tmp / name)
 
     show("missing run directory", lambda: SteeringRun.load(tmp / "no-run"))
     run = fresh("truncated")
@@ -117,6 +131,67 @@ def run_inputs(tmp: Path) -> None:
     run = fresh("reuse")
     show("reuse with another adapter", lambda: SteeringLM(run_dir=str(run), adapter="ia3"))
     show("reuse with another alpha", lambda: SteeringLM(run_dir=str(run), alpha=1.0))
+    run_format_inputs(tmp, fresh)
+    setting_inputs(tmp, fresh)
+
+
+def _edit(run: Path, **changes) -> Path:
+    from svd_lightning.run import RUN_FILE
+
+    payload = json.loads((run / RUN_FILE).read_text())
+    payload.update(changes)
+    for key in [k for k, v in changes.items() if v is _DROP]:
+        del payload[key]
+    (run / RUN_FILE).write_text(json.dumps(payload))
+    return run
+
+
+_DROP = object()
+
+
+def run_format_inputs(tmp: Path, fresh) -> None:
+    """steering.json and adapter/ edited by hand (format 2)."""
+    from svd_lightning.run import SteeringRun, load_run
+
+    config = lambda r: r / "adapter" / "adapter_config.json"  # noqa: E731
+    run = fresh("lora-alpha")
+    config(run).write_text(json.dumps({**json.loads(config(run).read_text()), "lora_alpha": 800}))
+    show("adapter_config.json edited (lora_alpha 8 -> 800)", lambda: SteeringRun.load(run))
+    show("both hashes removed from steering.json",
+         lambda: SteeringRun.load(_edit(fresh("no-hashes"), adapter_sha256=_DROP, tokenizer_sha256=_DROP)))
+    show("an unknown key (mue) in steering.json", lambda: SteeringRun.load(_edit(fresh("mue"), mue=-2.0)))
+    show("adapter: ia3 in steering.json over LoRA weights", lambda: SteeringRun.load(_edit(fresh("ia3"), adapter="ia3")))
+    show("mu = 1e300 in steering.json", lambda: SteeringRun.load(_edit(fresh("huge"), mu=1e300)))
+    show("model: /etc in steering.json", lambda: load_run(_edit(fresh("etc"), model="/etc")))
+
+
+def setting_inputs(tmp: Path, fresh) -> None:
+    """Settings, decoding options, the API, lm-eval model_args, environment variables."""
+    import os
+
+    from svd_lightning import SteeredModel
+    from svd_lightning.decoding import decoding_kwargs
+    from svd_lightning.precision import resolve_precision
+    from svd_lightning.progress import interval_seconds
+
+    show("--model.floor 5", lambda: SteeringLM("tiny-random", floor=5.0))
+    show("generate --top-p 1.5", lambda: decoding_kwargs("sample", top_p=1.5))
+    show('generate(mode="beam", num_beams=0)', lambda: decoding_kwargs("beam", num_beams=0))
+    print(f"- **--trainer.precision bf16-mixed on this CPU** → `{resolve_precision('bf16-mixed', 'cpu')[1]}`")
+    sm = SteeredModel.from_run_dir(fresh("api"))
+    show('SteeredModel.score(p, " Yes.")', lambda: sm.score("Q: Sky?\nA:", " Yes."))
+    show('SteeredModel.score([p, p], [" a", " b"])', lambda: sm.score(["Q: a?", "Q: b?"], [" a", " b"]))
+    show('SteeredModel.generate([""])', lambda: sm.generate([""]))
+    show("SteeredModel.generate(..., with_plain=True) after that",
+         lambda: print(f"  (works: {sm.generate(['Q: Why?'], with_plain=True, max_new_tokens=3)[0]['steered']!r})"))
+    os.environ["SVD_PROGRESS_SECONDS"] = "abc"
+    show("SVD_PROGRESS_SECONDS=abc", interval_seconds)
+    del os.environ["SVD_PROGRESS_SECONDS"]
+    try:
+        from svd_lightning.lm_eval import SteeredHFLM
+    except ModuleNotFoundError:
+        return
+    show("lm-eval model_args muu=1", lambda: SteeredHFLM.create_from_arg_string(f"run_dir={fresh('lm')},muu=1"))
 
 
 if __name__ == "__main__":

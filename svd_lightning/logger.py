@@ -8,7 +8,10 @@ into place whole when the stage finishes.
 
 Everything Lightning writes into its log directory (``metrics.csv``, ``hparams.yaml``, the CLI's
 ``config.yaml``, checkpoints) and everything svd-lightning writes (:func:`run_writer`) lands in
-the staging directory, so a run killed at any moment leaves nothing at ``runs/version_N``.
+the staging directory, so a run killed at any moment leaves nothing at ``runs/version_N``. Each
+stage of a trainer (``fit``, ``validate``, ``test``, ``predict``) is a run of its own, committed
+when it ends; :func:`hold` keeps one run open across stages (the CLI's ``fit`` and the ``test``
+after it are one run).
 A pinned ``version`` that already holds a run is never written into: the run takes the next free
 version and says so. With another logger (or none) the run is built the same way under
 ``<default_root_dir>/runs``.
@@ -48,7 +51,7 @@ class RunLogger(CSVLogger):
     def run(self) -> RunWriter:
         """The run being built (its target resolved on first use)."""
         if self._run is None:
-            parent = Path(self.root_dir) / (self.name or "")
+            parent = Path(self.root_dir)  # save_dir/name
             if self.pinned is None:
                 target = next_version(parent)
             else:

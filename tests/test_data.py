@@ -18,6 +18,7 @@ from svd_lightning.data import (
     GenericChoiceDataModule,
     TruthfulQADataModule,
 )
+from svd_lightning.data.base import seeded_split
 from svd_lightning.data.truthfulqa import INSTRUCTION, QA_PRIMER
 from svd_lightning.tiny import tiny_tokenizer
 
@@ -357,6 +358,11 @@ BAD = {
     "generic_label_range": (*qa_with(dict(QA, label=2)), "outside"),
     "generic_label_text": (*qa_with(dict(QA, label="maybe")), "neither a choice"),
     "generic_not_object": (*qa_with(["a", "b"]), "JSON object"),
+    "generic_null_question": (*qa_with(dict(QA, question=None)), "field 'question': is a missing value (None)"),
+    "generic_nan_question": (*qa_with(dict(QA, question=float("nan"))), "field 'question': is a missing value (nan)"),
+    "generic_nan_choice": (*qa_with(dict(QA, choices=["a", float("nan")])), "field 'choices': choice 1 is a missing value"),
+    "generic_list_question": (*qa_with(dict(QA, question=["q"])), "field 'question': must be text, got list"),
+    "tqa_null_question": (*tqa_with(question=None), "field 'question'"),
     "cs_answer_not_label": (*cs_with(dict(BOOLQ, answer="maybe")), "field 'answer'"),
     "cs_empty_instruction": (*cs_with(dict(BOOLQ, instruction="")), "field 'instruction'"),
     "cs_no_format_line": (*cs_with(dict(BOOLQ, instruction="Is it?")), "Answer format"),
@@ -434,3 +440,46 @@ def test_real_files_parse(tok):
     validate_choice_batch(next(iter(dm.test_dataloader())))
     for scoring in ("label", "option_text"):
         assert CommonsenseDataModule(str(arc), scoring=scoring).describe()["questions"] == 1172
+
+
+# --- questions in two splits, choices too long ----------------------------------------------------
+
+
+@pytest.mark.parametrize("overlap", ["drop", "error", "keep"])
+def test_a_question_repeated_across_splits_follows_overlap(tmp_path, overlap, capsys):
+    train, calib, test = seeded_split(list(range(10)), (0.5, 0.2, 0.3), 0)
+    rows = qa_rows(10)
+    first, again = train[0], (calib + test)[0]
+    rows[again] = dict(rows[first])  # the same question and choices in train and in a later split
+    path = write_json(tmp_path / "qa.json", rows)
+    dm = lambda: GenericChoiceDataModule(str(path), split=(0.5, 0.2, 0.3), overlap=overlap)  # noqa: E731
+    later = "calib" if again in calib else "test"
+    if overlap == "error":
+        with pytest.raises(DataError, match=rf"1 {later} question\(s\) also in an earlier split.*set overlap: drop"):
+            dm().describe()
+        return
+    sizes = dm().describe()
+    expected = {"calib": len(calib), "test": len(test)}
+    if overlap == "drop":
+        expected[later] -= 1
+    assert (sizes["calib"], sizes["test"]) == (expected["calib"], expected["test"])
+    assert f"overlap: {overlap} -- 1 {later} question(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad_rows", ["error", "skip"])
+def test_a_choice_longer_than_max_length_is_a_bad_row(tmp_path, tok, bad_rows):
+    rows = qa_rows(10)
+    rows[4] = dict(rows[4], choices=["yes", "no " * 40])
+    path = write_json(tmp_path / "qa.json", rows)
+    dm = GenericChoiceDataModule(str(path), max_length=16, split=(0.4, 0.3, 0.3), bad_rows=bad_rows)
+    if bad_rows == "error":
+        with pytest.raises(DataError, match=rf"{path}, row 4, field 'choices': choice 1 .* does not fit "
+                                            r"max_length=16 .*set bad_rows: skip"):
+            ready(dm, tok)
+        return
+    ready(dm, tok)
+    kept = indices(dm.train_set + dm.calib_set + dm.test_set)
+    assert 4 not in kept and len(kept) == 9
+    assert [(e.row, e.field) for e in dm.skipped] == [(4, "choices")]
+    for loader in (dm.train_dataloader(), dm.calib_dataloader(), dm.test_dataloader()):
+        list(loader)  # every batch tokenizes: no choice is cut

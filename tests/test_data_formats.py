@@ -151,7 +151,8 @@ def test_tiny_fit_on_each_new_format(tmp_path, fmt):
     assert module.metric_family == "choice" and torch.isfinite(torch.tensor(module.mu))
     for v in ("plain", "base", "steered"):
         assert 0.0 <= metrics[f"test/acc_{v}"] <= 1.0 and 0.0 <= metrics[f"test/acc_norm_{v}"] <= 1.0
-    assert (Path(trainer.log_dir) / "steering.json").exists()
+    assert (tmp_path / "version_0" / "steering.json").exists()  # fit's run
+    assert Path(trainer.log_dir) == tmp_path / "version_1"  # test's: a finished run is never written into
 
 
 # --- bad rows -------------------------------------------------------------------------------------

@@ -313,3 +313,33 @@ def test_print_config_round_trips(tmp_path, capsys, config):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--model.floor", "5", "floor is a log-probability and must be ≤ 0, got 5.0"),
+    ("--model.alpha", "0", "alpha must be in (0, 1], got 0.0"),
+    ("--model.strength", "1e300", "mu=1e+300 is too large"),
+])
+def test_cli_bad_settings_get_one_line_and_exit_2(tmp_path, monkeypatch, capsys, flag, value, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), flag, value])
+    assert err.value.code == 2
+    assert f"svd-lightning: error: SteeringLM: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ckpt_path_settings_that_contradict_the_command_line_are_an_error(tmp_path, monkeypatch, capsys):
+    """LightningCLI takes the model's settings from --ckpt_path over an explicit --model.adapter_options."""
+    monkeypatch.chdir(tmp_path)
+    # configs/tiny.yaml's model settings, as a checkpoint of it would hold them
+    hparams = dict(SteeringLM("tiny-random", adapter="lora", adapter_options={"r": 4, "lora_alpha": 8},
+                              learning_rate=0.01, alpha=0.1).hparams)
+    torch.save({"hyper_parameters": hparams}, tmp_path / "last.ckpt")
+    with pytest.raises(SystemExit) as err:
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--ckpt_path", str(tmp_path / "last.ckpt"),
+              "--model.adapter_options", "{r: 8, lora_alpha: 16}"])
+    assert err.value.code == 2
+    err = capsys.readouterr().err
+    assert ("other model settings (model.adapter_options: given {'r': 8, 'lora_alpha': 16}, checkpoint "
+            "{'r': 4, 'lora_alpha': 8})") in err

@@ -224,3 +224,36 @@ def test_svd_lightning_generate_subcommand(tmp_path, run_dir, capsys):
     with pytest.raises(SystemExit):
         cli_main(["generate", "--help"])
     assert "svd-lightning generate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode,option,value,message", [
+    ("sample", "top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
+    ("sample", "top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+    ("sample", "top_k", 0, "top_k must be an integer ≥ 1, got 0"),
+    ("sample", "temperature", 0.0, "temperature must be a positive number, got 0.0"),
+    ("beam", "num_beams", 0, "num_beams must be an integer ≥ 1, got 0"),
+    ("greedy", "max_new_tokens", 0, "max_new_tokens must be an integer ≥ 1, got 0"),
+])
+def test_bad_decoding_options_are_refused(mode, option, value, message):
+    from svd_lightning.decoding import decoding_kwargs
+
+    with pytest.raises(ValueError, match=message):
+        decoding_kwargs(mode, **{option: value})
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mode", "sample", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["--out-dir"], "is a directory"),
+    (["--mu", "1e300"], "is too large"),
+])
+def test_cli_refuses_bad_options_before_loading_the_model(tmp_path, run_dir, capsys, monkeypatch, flags, message):
+    import svd_lightning.generate as generate
+
+    monkeypatch.setattr(generate, "load_run", lambda *a: pytest.fail("the model was loaded before the check"))
+    src = _prompts_file(tmp_path / "p.jsonl", [{"prompt": "fine"}])
+    out = tmp_path if flags == ["--out-dir"] else tmp_path / "o.jsonl"
+    flags = [] if flags == ["--out-dir"] else flags
+    with pytest.raises(SystemExit) as err:
+        main(["--run-dir", str(run_dir[0]), "--prompts", str(src), "--out", str(out), *flags])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err

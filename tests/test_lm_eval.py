@@ -70,3 +70,13 @@ def test_registered_name_and_cli(run_dir, monkeypatch, tmp_path, capsys):
     assert f"reading run {run_dir}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="mu must be a finite number"):
         _evaluate(run_dir, ["svd_tiny_mc"], mu=float("nan"))
+
+
+def test_an_unknown_model_arg_is_an_error_not_ignored(run_dir):
+    """HFLM would silently drop `muu=1`, and the run's μ̄ would be used instead of the one asked for."""
+    from svd_lightning.lm_eval import SteeredHFLM
+
+    with pytest.raises(ValueError, match=r"model_args: unknown option\(s\) \['muu'\] for the svd backend"):
+        SteeredHFLM.create_from_arg_string(f"run_dir={run_dir},muu=1")
+    with pytest.raises(ValueError, match="model_args: mu must be a number, got 'x'"):
+        SteeredHFLM(str(run_dir), mu="x")

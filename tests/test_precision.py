@@ -74,3 +74,12 @@ def test_trainer_runs_with_the_chosen_precision():
     chosen, _ = precision.fast_precision("cpu")
     trainer = L.Trainer(accelerator="cpu", precision=chosen, logger=False, enable_progress_bar=False)
     assert trainer.precision == chosen
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    chosen, why = precision.resolve_precision("bf16-mixed", "cpu")
+    assert chosen == "bf16-mixed" and "WARNING: this CPU has no native bf16" in why and "leave trainer.precision unset" in why
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.resolve_precision("bf16-mixed", "cpu") == ("bf16-mixed", "set explicitly")
+    assert precision.resolve_precision("32-true", "cpu") == ("32-true", "set explicitly")

@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from svd_lightning.progress import PlainProgress, progress_line, track
 
 from test_framework import ROOT, write_truthfulqa
@@ -45,3 +47,12 @@ def test_fit_prints_progress_lines_when_piped(tmp_path, monkeypatch, capsys):
     for stage in ("Warm start, epoch 0", "Calibration", "Validation", "Test"):
         assert f"{stage}" in err and "ETA" in err, stage
     assert "\r" not in err  # no tqdm redraws in a log file
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "inf"])
+def test_a_bad_progress_interval_names_the_variable(monkeypatch, value):
+    from svd_lightning.progress import interval_seconds
+
+    monkeypatch.setenv("SVD_PROGRESS_SECONDS", value)
+    with pytest.raises(ValueError, match=f"SVD_PROGRESS_SECONDS must be a number of seconds ≥ 0, got '{value}'"):
+        interval_seconds()
