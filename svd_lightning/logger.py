@@ -69,6 +69,13 @@ class RunLogger(CSVLogger):
         run = self.run
         return (run.committed or run.path).name
 
+    @property
+    def experiment(self):
+        # Lightning creates the experiment at every stage's setup, before any hook: a stage after a
+        # committed run starts the next run here, so its metrics.csv never lands in the finished one.
+        self.new_run()
+        return super().experiment
+
     def new_run(self) -> None:
         """Start another run after a committed one (the next stage of the same trainer)."""
         if self._run is not None and self._run.committed is not None:

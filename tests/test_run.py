@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -378,3 +379,23 @@ def test_run_files_follow_the_umask(tmp_path, umask):
     for path, mode in modes.items():
         expected = (0o777 if (run / path).is_dir() else 0o666) & ~umask
         assert mode == expected, (path, oct(mode))
+
+
+def test_a_test_after_fit_with_the_same_trainer_is_a_new_run(tmp_path):
+    """Lightning touches the logger at every stage's setup: the test stage must not write into fit's run."""
+    from test_framework import _datamodule, _trainer
+
+    from svd_lightning.callbacks import SteeredValidation, StrengthSolver
+
+    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_train=4, limit_calib=2, limit_test=2)
+    module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
+    trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)])
+    trainer.fit(module, dm)
+    fit_run = Path(trainer.log_dir)
+    assert fit_run == tmp_path / "version_0"
+    before = _snapshot(fit_run)
+    trainer.test(module, dm, verbose=False)
+    assert _snapshot(fit_run) == before
+    assert Path(trainer.log_dir) == tmp_path / "version_1"
+    assert json.loads((tmp_path / "version_1" / "metrics.json").read_text())["history"][-1]["stage"] == "test"
+    assert (tmp_path / "version_1" / "metrics.csv").is_file()
