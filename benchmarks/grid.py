@@ -45,7 +45,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from svd_lightning import artifacts
+from svd_lightning import run as run_files
 from svd_lightning.batch import collate_choices
 from svd_lightning.calibration import calibrate_alphas
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
@@ -400,7 +400,7 @@ class EpochProbe(L.Callback):
         }
         if is_truthfulqa(task):  # MC1 per question too (0/1), the other headline number
             payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
-        artifacts.write_json(path, payload)
+        run_files.write_json(path, payload)
         head = PRIMARY[task]
         if mus is None:
             print(f"[{self.cell['name']} epoch {epoch}] {head}: plain {payload['test']['plain'][head]:.4f} "

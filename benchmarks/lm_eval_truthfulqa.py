@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from svd_lightning import SteeredModel
-from svd_lightning.artifacts import write_json
+from svd_lightning.run import write_json
 from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.metrics import truthfulqa_scores
 

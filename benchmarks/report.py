@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from svd_lightning.artifacts import atomic_write_text
+from svd_lightning.run import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 BOOTSTRAP = 2000
