@@ -31,6 +31,7 @@ import torch
 
 from svd_lightning.batch import collate_lm
 from svd_lightning.calibration import calibrate
+from svd_lightning.config import SteeringConfig
 from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits, score_choices, steered_generate
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
@@ -133,7 +134,7 @@ def run(args) -> dict:
                 warm, _, y, _ = paired_label_logits(model, b, with_base=False)
                 log_probs(warm).gather(-1, y[:, None])
             else:
-                score_choices(model, b, mu=-1.0, forward_mode=variant)
+                score_choices(model, b, SteeringConfig(mu=-1.0, forward_mode=variant))
 
     def generate(variant, bs):
         prompts = zero_shot[:bs]
@@ -144,7 +145,8 @@ def run(args) -> dict:
             if variant == "plain":
                 model.generate(**enc, **kw)
             else:
-                steered_generate(model, enc["input_ids"], enc["attention_mask"], mu=-1.0, forward_mode=variant, **kw)
+                steered_generate(model, enc["input_ids"], enc["attention_mask"], SteeringConfig(mu=-1.0, forward_mode=variant),
+                                 **kw)
 
     def train_epoch():
         model.train()
@@ -156,7 +158,7 @@ def run(args) -> dict:
         model.eval()
 
     def calibration(variant, bs):
-        calibrate(model, calib_batches[bs], 0.1, forward_mode=variant, progress=False)
+        calibrate(model, calib_batches[bs], SteeringConfig(forward_mode=variant), progress=False)
 
     jobs = {("score", v): (lambda v=v: score(v)) for v in ("plain", *PATHS)}
     for bs in args.gen_batch_sizes:

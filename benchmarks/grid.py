@@ -48,6 +48,7 @@ import torch
 from svd_lightning import run as run_files
 from svd_lightning.batch import collate_choices
 from svd_lightning.calibration import calibrate_alphas
+from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, choice_accuracy_per_question, truthfulqa_per_question
@@ -285,7 +286,7 @@ def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
         mus[a]["exact"] = result.cache.solve()
     with autocast():
         ld = calibrate_alphas(model, loader, {k: a or NO_MASK_ALPHA for k, a in LD_MASKS.items()},
-                              direction="logit_difference", desc="Calibration (logit difference)")
+                              SteeringConfig(direction="logit_difference"), desc="Calibration (logit difference)")
     for key, result in ld.items():
         mus[key] = {"exact": result.cache.solve()}
     return mus, {"tokens": results["0.1"].stats.count}

@@ -21,7 +21,9 @@ import yaml
 from torchmetrics.functional.text import rouge_score
 
 from svd_lightning.data import TruthfulQADataModule
-from svd_lightning.generate import generate_answers, load_run, write_jsonl
+from svd_lightning.decoding import generate_answers
+from svd_lightning.generate import write_jsonl
+from svd_lightning.run import load_run
 
 ROOT = Path(__file__).resolve().parent
 KEYS = ("rouge1", "rougeL")
@@ -76,9 +78,8 @@ def main(argv=None) -> None:
     from svd_lightning.precision import BF16, fast_precision
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_precision("cpu")[0] == BF16):
-        rows = generate_answers(model, tokenizer, [q.prompt for q in questions], steering.mu, steering.alpha,
-                                "greedy", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                mask=steering.scoring_policy != "none")
+        rows = generate_answers(model, tokenizer, [q.prompt for q in questions], steering.steering, "greedy",
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     out_rows, scores = [], {"plain": [], "steered": []}
     for q, r in zip(questions, rows):
         true_refs = [c.strip() for c, t, s in zip(q.choices, q.is_true, q.choice_sets) if s == 1 and t]
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
         out_rows.append(row)
     write_jsonl(args.out + ".jsonl", out_rows)
     rng = np.random.default_rng(0)
-    summary = {"run_dir": str(run), "questions": len(questions), "mu": steering.mu, "alpha": steering.alpha,
+    summary = {"run_dir": str(run), "questions": len(questions), "mu": steering.steering.mu, "alpha": steering.steering.alpha,
                "max_new_tokens": args.max_new_tokens, "changed_answers": sum(r["plain"] != r["steered"] for r in out_rows)}
     print(f"{'proxy':<12}{'plain':>9}{'steered':>9}{'diff [95% CI]':>26}")
     for k in [f"{k}_{s}" for k in KEYS for s in ("acc", "diff")]:

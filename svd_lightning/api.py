@@ -17,52 +17,44 @@ from typing import Sequence
 import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
-from svd_lightning.decoding import FORWARD_MODES, MODES, ForwardMode, generate_answers, score_choices
-from svd_lightning.run import SCORING_POLICIES, check_settings, load_run
-from svd_lightning.steering import Direction, ScoringPolicy, check_direction
+from svd_lightning.config import ConfigError, Method, SteeringConfig
+from svd_lightning.decoding import MODES, generate_answers, score_choices
+from svd_lightning.run import load_run
 
 
 @dataclass
 class SteeredModel:
-    """A peft model, its tokenizer and the steering settings of a run (μ̄, α, scoring policy, direction).
+    """A peft model, its tokenizer and the :class:`~svd_lightning.config.SteeringConfig` of a run.
 
-    ``mu`` must be finite; ``alpha`` in (0, 1]. Build one with :meth:`from_run_dir`, or directly
-    from a peft model you hold (e.g. ``SteeredModel(module.model, module.tokenizer, mu=module.mu)``).
+    Build one with :meth:`from_run_dir`, or from a peft model you hold
+    (``SteeredModel(module.model, module.tokenizer, module.steering_config)``). ``config.mu`` must be
+    set (a run always has it); ``config.gamma`` (the contrastive baseline's γ, when the run fit one)
+    adds a ``contrastive`` score and ``generate(..., method="contrastive")``.
     """
 
     model: torch.nn.Module
     tokenizer: object
-    mu: float
-    alpha: float = 0.1
-    scoring_policy: ScoringPolicy = "mask_generation_only"
-    floor: float = -20.0
-    direction: Direction = "kl_gradient"  # the steering vector μ̄ scales (see steering.steering_direction)
-    forward_mode: ForwardMode = "auto"
+    config: SteeringConfig
     max_length: int = 512
     run_dir: str | None = None
 
     def __post_init__(self) -> None:
-        check_settings(self.mu, self.alpha, self.floor, where=f"SteeredModel (run {self.run_dir})" if self.run_dir
-                       else "SteeredModel")
-        if self.scoring_policy not in SCORING_POLICIES:
-            raise ValueError(f"scoring_policy must be one of {SCORING_POLICIES}, got {self.scoring_policy!r}")
-        if self.forward_mode not in FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
-        check_direction(self.direction)
+        if not isinstance(self.config, SteeringConfig):
+            raise TypeError(f"config must be a SteeringConfig, got {type(self.config).__name__}")
+        if self.config.mu is None:
+            raise ConfigError(f"SteeredModel{f' (run {self.run_dir})' if self.run_dir else ''}: config.mu is None; "
+                              "a steered model needs a strength")
         self.model.eval()
 
     @classmethod
     def from_run_dir(cls, path: str | os.PathLike, *, device: str | torch.device | None = None, **overrides) -> "SteeredModel":
-        """Load ``path``'s base model + adapter + steering settings; ``overrides`` replace fields (e.g. ``mu=0.0``)."""
+        """Load ``path``'s base model + adapter + settings; ``overrides`` replace settings (e.g. ``mu=0.0``,
+        ``forward_mode="two_pass"``), checked by :meth:`SteeringConfig.replace`."""
         model, tokenizer, run = load_run(path)
+        config = run.steering.replace(**overrides)
         if device is not None:
             model = model.to(device)
-        settings = {"mu": run.mu, "alpha": run.alpha, "scoring_policy": run.scoring_policy, "floor": run.floor,
-                    "direction": run.direction, "run_dir": str(path)}
-        unknown = set(overrides) - set(cls.__dataclass_fields__) - {"model", "tokenizer"}
-        if unknown:
-            raise TypeError(f"unknown settings {sorted(unknown)}; choose from {sorted(cls.__dataclass_fields__)}")
-        return cls(model, tokenizer, **{**settings, **overrides})
+        return cls(model, tokenizer, config, run_dir=str(path))
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +62,8 @@ class SteeredModel:
 
     @torch.no_grad()
     def score(self, prompt: str | Sequence[str], choices: Sequence[str] | Sequence[Sequence[str]], batch_size: int = 8):
-        """Summed log-likelihood of each choice after its prompt: ``{"plain", "base", "steered"}``.
+        """Summed log-likelihood of each choice after its prompt: ``{"plain", "base", "steered"}`` (and
+        ``"contrastive"`` when the config has a γ).
 
         One question: ``score(prompt, [c1, c2, ...])`` returns a dict of lists. Many: ``score([p1, p2],
         [[c11, c12], [c21, ...]])`` returns a list of such dicts, scored ``batch_size`` questions at a time.
@@ -96,16 +89,17 @@ class SteeredModel:
         for start in range(0, len(examples), batch_size):
             batch = collate_choices(examples[start : start + batch_size], tok)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            scores = score_choices(self.model, batch, self.mu, self.alpha, self.scoring_policy, self.floor,
-                                   forward_mode=self.forward_mode, direction=self.direction)
+            scores = score_choices(self.model, batch, self.config)
+            keys = [k for k in ("plain", "base", "steered", "contrastive") if k in scores]
             for q in batch["question_index"].unique(sorted=True).tolist():
                 rows = batch["question_index"] == q
-                results.append({k: scores[k][rows].tolist() for k in ("plain", "base", "steered")})
+                results.append({k: scores[k][rows].tolist() for k in keys})
         return results[0] if single else results
 
-    def generate(self, prompts: str | Sequence[str], mode: str = "greedy", *, with_plain: bool = False,
-                 batch_size: int = 8, seed: int = 0, **generation_kwargs):
-        """Steered continuations of ``prompts`` (``mode``: greedy, sample or beam).
+    def generate(self, prompts: str | Sequence[str], mode: str = "greedy", *, method: Method = "svdecode",
+                 with_plain: bool = False, batch_size: int = 8, seed: int = 0, **generation_kwargs):
+        """Steered continuations of ``prompts`` (``mode``: greedy, sample or beam; ``method``: svdecode,
+        or contrastive with the run's γ).
 
         ``with_plain=True`` returns dicts ``{prompt, plain, steered, mu, mode}`` with the warm model's
         answer under the same decoding settings. Keyword options: ``max_new_tokens``, ``num_beams``,
@@ -116,11 +110,9 @@ class SteeredModel:
         single = isinstance(prompts, str)
         if not single:
             prompts = _sequence(prompts, "prompts", "a string or a list of strings")
-        rows = generate_answers(self.model, self.tokenizer, [prompts] if single else list(prompts), self.mu, self.alpha,
-                                mode, batch_size=batch_size, seed=seed, mask=self.scoring_policy != "none",
-                                progress=False, forward_mode=self.forward_mode, with_plain=with_plain,
-                                direction=self.direction,
-                                **generation_kwargs)
+        rows = generate_answers(self.model, self.tokenizer, [prompts] if single else list(prompts),
+                                self.config.method(method), mode, batch_size=batch_size, seed=seed, progress=False,
+                                with_plain=with_plain, **generation_kwargs)
         out = rows if with_plain else [r["steered"] for r in rows]
         return out[0] if single else out
 

@@ -19,21 +19,18 @@ from typing import Callable, Iterable
 
 import torch
 
-from svd_lightning.decoding import ForwardMode, paired_label_logits
+from svd_lightning.config import ForwardMode, SteeringConfig
+from svd_lightning.decoding import paired_label_logits
 from svd_lightning.progress import track
 from svd_lightning.steering import (
     ChoiceStrengthCache,
-    Direction,
     ExactStrengthCache,
-    ScoringPolicy,
     StrengthStats,
-    check_direction,
     choice_set_nll,
     confidence_mask,
     kl_from_log_probs,
     policy_log_probs,
     steering_direction,
-    strength_alpha,
     strength_terms,
 )
 
@@ -79,16 +76,16 @@ def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, 
         model.train(was_training)
 
 
-def calibrate(model, batches: Iterable[dict], alpha: float, **kwargs) -> CalibrationResult:
+def calibrate(model, batches: Iterable[dict], config: SteeringConfig = SteeringConfig(), **kwargs) -> CalibrationResult:
     """Steering statistics over ``batches`` (prompt + reference answer, see :mod:`svd_lightning.batch`).
 
-    ``alpha`` is the mask threshold the strength is solved with
-    (:func:`svd_lightning.steering.strength_alpha`). Under DDP, give each rank its own batches and
-    the strategy's ``reduce`` (sum) and ``gather`` (ragged all-gather): the result is then the same
-    on every rank as one process over all batches. The model is put in eval mode and restored.
-    Keyword options: see :func:`calibrate_alphas`.
+    The mask threshold is ``config.statistics_alpha`` (α, or no mask under policy ``none``), the
+    vector ``config.direction``. Under DDP, give each rank its own batches and the strategy's
+    ``reduce`` (sum) and ``gather`` (ragged all-gather): the result is then the same on every rank
+    as one process over all batches. The model is put in eval mode and restored. Keyword options:
+    see :func:`calibrate_alphas`.
     """
-    return calibrate_alphas(model, batches, {"alpha": alpha}, **kwargs)["alpha"]
+    return calibrate_alphas(model, batches, {"alpha": config.statistics_alpha}, config, **kwargs)["alpha"]
 
 
 @torch.no_grad()
@@ -96,9 +93,8 @@ def calibrate_alphas(
     model,
     batches: Iterable[dict],
     alphas: dict[str, float],
+    config: SteeringConfig = SteeringConfig(),
     *,
-    direction: Direction = "kl_gradient",
-    forward_mode: ForwardMode = "auto",
     reduce: Reduce | None = None,
     gather: Gather | None = None,
     device: torch.device | str | None = None,
@@ -109,20 +105,20 @@ def calibrate_alphas(
 ) -> dict[str, CalibrationResult]:
     """:func:`calibrate` for several mask thresholds from one pass over the model: ``{name: result}``.
 
-    ``direction``: the steering vector the statistics are of (see
+    ``config.direction``: the steering vector the statistics are of (see
     :func:`svd_lightning.steering.steering_direction`); the ``kl_mean`` diagnostic is the same for both.
     """
-    check_direction(direction)
     reduce, gather = reduce or _identity, gather or _identity
     device = device if device is not None else next(model.parameters()).device
     stats = {name: StrengthStats() for name in alphas}
     caches = {name: ExactStrengthCache() for name in alphas}
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in alphas}  # KL, kept tokens, ‖δz‖, positions
     start = time.perf_counter()
-    passes = _label_logits(model, batches, forward_mode=forward_mode, device=device, total=total, progress=progress, desc=desc)
+    passes = _label_logits(model, batches, forward_mode=config.forward_mode, device=device, total=total,
+                           progress=progress, desc=desc)
     for _, warm, base, labels, _ in passes:
         # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
-        delta, lp_warm, lp_base = steering_direction(warm, base, direction)
+        delta, lp_warm, lp_base = steering_direction(warm, base, config.direction)
         kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
         norm = delta.norm(dim=-1).sum().double().cpu()
         for name, alpha in alphas.items():
@@ -162,12 +158,8 @@ class ChoiceCalibration:
 def calibrate_choices(
     model,
     batches: Iterable[dict],
-    alpha: float,
+    config: SteeringConfig = SteeringConfig(),
     *,
-    policy: ScoringPolicy = "mask_generation_only",
-    floor: float = -20.0,
-    direction: Direction = "kl_gradient",
-    forward_mode: ForwardMode = "auto",
     reduce: Reduce | None = None,
     device: torch.device | str | None = None,
     total: int | None = None,
@@ -178,22 +170,21 @@ def calibrate_choices(
     """The multiple-choice loss of the calibration set as a function of μ (see :class:`ChoiceStrengthCache`).
 
     ``batches`` are choice batches (every row of a question in one batch, see
-    :mod:`svd_lightning.batch`); ``alpha``, ``policy``, ``floor`` and ``direction`` are the scoring
-    settings: the cache scores each choice as :func:`svd_lightning.decoding.score_choices` would at
-    any μ. ``cache.solve(reduce=...)`` gives the ``choice_nll`` strength. Under DDP give each rank
+    :mod:`svd_lightning.batch`); ``config`` holds the scoring settings (α, policy, floor,
+    direction): the cache scores each choice as :func:`svd_lightning.decoding.score_choices` would
+    at any μ. ``cache.solve(reduce=...)`` gives the ``choice_nll`` strength. Under DDP give each rank
     its own batches; ``reduce`` (sum) only merges the diagnostics here. The model is put in eval
     mode and restored.
     """
-    check_direction(direction)
     reduce = reduce or _identity
     device = device if device is not None else next(model.parameters()).device
-    cache = ChoiceStrengthCache(policy, floor)
-    keep_alpha = strength_alpha(alpha, policy)
+    cache = ChoiceStrengthCache(config.scoring_policy, config.floor)
     start = time.perf_counter()
-    passes = _label_logits(model, batches, forward_mode=forward_mode, device=device, total=total, progress=progress, desc=desc)
+    passes = _label_logits(model, batches, forward_mode=config.forward_mode, device=device, total=total,
+                           progress=progress, desc=desc)
     for batch, warm, base, labels, row in passes:
-        delta, lp_warm, _ = steering_direction(warm, base, direction)
-        keep = confidence_mask(lp_warm, keep_alpha)
+        delta, lp_warm, _ = steering_direction(warm, base, config.direction)
+        keep = confidence_mask(lp_warm, config.statistics_alpha)
         cache.update(warm, delta, keep, labels, row, *(batch[k] for k in ("question_index", "choice_set", "is_true")))
     counts = torch.tensor([len(cache.groups), cache.usable_groups(), cache.rows, cache.tokens.count],
                           dtype=torch.float64)
@@ -229,12 +220,8 @@ def calibrate_choice_grid(
     model,
     batches: Iterable[dict],
     mus: Iterable[float],
-    alpha: float,
+    config: SteeringConfig = SteeringConfig(),
     *,
-    policy: ScoringPolicy = "mask_generation_only",
-    floor: float = -20.0,
-    direction: Direction = "kl_gradient",
-    forward_mode: ForwardMode = "auto",
     reduce: Reduce | None = None,
     device: torch.device | str | None = None,
     total: int | None = None,
@@ -247,10 +234,11 @@ def calibrate_choice_grid(
     Where :func:`calibrate_choices` caches tokens to solve for any μ, this scores every grid point
     from each batch's logits and keeps only the sums: memory does not grow with the vocabulary kept,
     so it also serves policy ``none`` with the logit difference (the contrastive baseline). Batches
-    hold whole questions (see :mod:`svd_lightning.batch`). Under DDP give each rank its own batches
+    hold whole questions (see :mod:`svd_lightning.batch`); ``config`` holds the scoring settings
+    (its ``mu`` is ignored: the grid gives the strengths; ``config.contrastive()`` with any γ is the
+    contrastive baseline's). Under DDP give each rank its own batches
     and ``reduce`` (sum): the losses are then those of all ranks' questions.
     """
-    check_direction(direction)
     mus = [float(m) for m in mus]
     if len(mus) < 2 or not all(math.isfinite(m) for m in mus):
         raise ValueError(f"the strength grid needs at least 2 finite points, got {mus}")
@@ -258,12 +246,13 @@ def calibrate_choice_grid(
     device = device if device is not None else next(model.parameters()).device
     losses = torch.zeros(len(mus), dtype=torch.float64)
     counts = torch.zeros(2, dtype=torch.float64)  # choice sets, choice rows
-    keep_alpha = strength_alpha(alpha, policy)
+    policy, floor = config.scoring_policy, config.floor
     start = time.perf_counter()
-    passes = _label_logits(model, batches, forward_mode=forward_mode, device=device, total=total, progress=progress, desc=desc)
+    passes = _label_logits(model, batches, forward_mode=config.forward_mode, device=device, total=total,
+                           progress=progress, desc=desc)
     for batch, warm, base, labels, row in passes:
-        delta, lp_warm, _ = steering_direction(warm, base, direction)
-        keep = confidence_mask(lp_warm, keep_alpha)
+        delta, lp_warm, _ = steering_direction(warm, base, config.direction)
+        keep = confidence_mask(lp_warm, config.statistics_alpha)
         pairs = torch.stack([batch["question_index"], batch["choice_set"]]).cpu()
         sets, group = torch.unique(pairs, dim=1, return_inverse=True)
         true, n = batch["is_true"].bool().cpu(), batch["input_ids"].shape[0]

@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import time
-import typing
 from pathlib import Path
 from typing import Literal
 
@@ -45,11 +44,10 @@ from svd_lightning.metrics import HEADLINE_METRICS, paired_bootstrap
 from svd_lightning.logger import run_writer
 from svd_lightning.progress import say
 from svd_lightning.run import METRICS_FILE, SteeringRun, atomic_write_text, tokenizer_hash
-from svd_lightning.steering import GAMMA_GRID, NO_MASK_ALPHA, Curvature, strength_alpha
+from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, Curvature, SteeringConfig
+from svd_lightning.steering import GAMMA_GRID
 
-Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]
-STRENGTH_OPTIONS = typing.get_args(Strength)
-CURVATURE_OPTIONS = ("identity", "fisher")
+Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]  # = config.SOLVED_STRENGTHS
 
 
 def _datamodule_loader(trainer: L.Trainer, method: str, who: str, what: str):
@@ -120,12 +118,9 @@ class SteeringExtraction(L.Callback):
         if not self.is_stale(trainer):
             return self.result
         mine, count = _my_batches(trainer, calibration_loader(trainer), self.limit_batches)
-        h = pl_module.hparams
         try:
             self.result = calibrate(
-                pl_module.model, mine, strength_alpha(h.alpha, h.scoring_policy),
-                direction=h.get("direction", "kl_gradient"),
-                forward_mode=h.get("forward_mode", "auto"),
+                pl_module.model, mine, pl_module.steering_config,
                 reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
                 gather=lambda t: _gather_ragged(trainer, t),
                 device=pl_module.device, total=count,
@@ -184,10 +179,10 @@ class StrengthSolver(L.Callback):
         trim: float = 0.1,
         limit_batches: int | None = None,
     ):
-        if strength not in STRENGTH_OPTIONS:
-            raise ValueError(f"strength must be one of {STRENGTH_OPTIONS}, got {strength!r}")
-        if curvature not in CURVATURE_OPTIONS:
-            raise ValueError(f"curvature must be one of {CURVATURE_OPTIONS}, got {curvature!r}")
+        if strength not in SOLVED_STRENGTHS:
+            raise ValueError(f"strength must be one of {SOLVED_STRENGTHS}, got {strength!r}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         self.strength, self.curvature, self.trim = strength, curvature, trim
         self.limit_batches = limit_batches
         self.solution: dict | None = None
@@ -202,11 +197,9 @@ class StrengthSolver(L.Callback):
     def _choice_calibration(self, trainer, pl_module) -> ChoiceCalibration:
         """One pass over this rank's calibration choice batches (strength ``choice_nll`` only)."""
         mine, count = _my_batches(trainer, choice_calibration_loader(trainer), self.limit_batches)
-        h = pl_module.hparams
         try:
             return calibrate_choices(
-                pl_module.model, mine, h.alpha, policy=h.scoring_policy, floor=h.floor,
-                direction=h.get("direction", "kl_gradient"), forward_mode=h.get("forward_mode", "auto"),
+                pl_module.model, mine, pl_module.steering_config,
                 reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device,
                 total=count, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
                 step=trainer.global_step,
@@ -243,13 +236,8 @@ class StrengthSolver(L.Callback):
             raise FloatingPointError(f"the {key} strength is not finite ({mu}); see steer/* logs")
         pl_module.set_strength(mu)
         self.solution = {
-            "mu": mu,
-            "strength": self.strength,
-            "curvature": self.curvature,
-            "trim": self.trim,
-            "alpha": pl_module.hparams.alpha,
-            "scoring_policy": pl_module.hparams.scoring_policy,
-            "direction": pl_module.hparams.get("direction", "kl_gradient"),
+            "steering": pl_module.steering_config.replace(strength=self.strength, curvature=self.curvature,
+                                                          trim=self.trim).to_dict(),
             "aggregates": summary,
             "diagnostics": diagnostics,
             "calibration_seconds": seconds + time.perf_counter() - start,
@@ -267,8 +255,7 @@ class StrengthSolver(L.Callback):
         h = pl_module.hparams
         sol = self.solution
         pl_module.steering_run = SteeringRun(
-            model=h.model, adapter=h.adapter, mu=sol["mu"], alpha=h.alpha, scoring_policy=h.scoring_policy,
-            floor=h.floor, direction=h.get("direction", "kl_gradient"), strength=self.strength, curvature=self.curvature, trim=self.trim,
+            model=h.model, adapter=h.adapter, steering=SteeringConfig.from_dict(sol["steering"]),
             adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(pl_module.tokenizer),
             aggregates=sol["aggregates"], diagnostics=sol["diagnostics"],
             calibration_seconds=sol["calibration_seconds"], global_step=sol["global_step"], hparams=dict(h),
@@ -335,8 +322,7 @@ class ContrastiveBaseline(L.Callback):
         mine, count = _my_batches(trainer, choice_calibration_loader(trainer), self.limit_batches)
         try:
             result = calibrate_choice_grid(
-                pl_module.model, mine, self.gammas, NO_MASK_ALPHA, policy="none", direction="logit_difference",
-                forward_mode=pl_module.hparams.get("forward_mode", "auto"),
+                pl_module.model, mine, self.gammas, pl_module.steering_config.replace(gamma=0.0).contrastive(),
                 reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device, total=count,
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
                 step=trainer.global_step, desc="Contrastive calibration",
@@ -345,6 +331,9 @@ class ContrastiveBaseline(L.Callback):
             raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
         gamma = result.best()
         pl_module.set_contrastive_gamma(gamma)
+        writer = run_writer(trainer)
+        if writer is not None and writer.run is not None:  # the run of these weights, still being built
+            writer.update_steering(gamma=gamma)
         self.solution = {"gamma": gamma, "losses": dict(zip(map(str, result.mus), result.losses.tolist())),
                          "diagnostics": result.diagnostics, "seconds": result.seconds, "global_step": trainer.global_step}
         pl_module.log("steer/contrastive_gamma", gamma, rank_zero_only=True)

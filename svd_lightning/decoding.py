@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -33,15 +33,15 @@ from transformers.generation import (
 )
 
 from svd_lightning.batch import IGNORE_INDEX
+from svd_lightning.config import FORWARD_MODES, ConfigError, ForwardMode, SteeringConfig
 from svd_lightning.log import say
 from svd_lightning.steering import (
-    Direction,
-    ScoringPolicy,
-    check_direction,
-    contrastive_log_probs,
+    confidence_mask,
+    direction_from_log_probs,
     log_probs,
+    log_ratio,
     masked_delta,
-    steered_log_probs,
+    policy_log_probs,
     steering_vector,
 )
 
@@ -76,8 +76,6 @@ def leaves_no_hooks(fn):
     return wrapper
 
 
-ForwardMode = Literal["auto", "one_forward", "two_pass"]
-FORWARD_MODES = ("auto", "one_forward", "two_pass")
 BASE_ROWS = "__base__"  # peft's name for "no adapter" in a mixed batch
 _announced: set[tuple[str, str]] = set()
 
@@ -343,46 +341,36 @@ def _per_row(values: torch.Tensor, row: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_choices(
-    model,
-    batch: dict,
-    mu: float | None = None,
-    alpha: float = 0.1,
-    policy: ScoringPolicy = "mask_generation_only",
-    floor: float = -20.0,
-    share_prompts: bool = True,
-    forward_mode: ForwardMode = "auto",
-    *,
-    direction: Direction = "kl_gradient",
-    contrastive: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """Summed log-probability of each row's continuation under plain (warm), base and steered models.
+def score_choices(model, batch: dict, config: SteeringConfig = SteeringConfig(), share_prompts: bool = True
+                  ) -> dict[str, torch.Tensor]:
+    """Summed log-probability of each row's continuation under the plain (warm), base and steered models.
 
-    Returns fp32 tensors ``[N]``: ``plain``, ``base``, ``steered`` (absent when ``mu`` is None) and
-    ``num_tokens`` (divide for per-token length normalisation). Masked label tokens follow
-    ``policy`` (see :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN.
-    ``direction``: the steering vector (see :func:`svd_lightning.steering.steering_direction`).
-    ``contrastive``: a γ also scores the contrastive baseline ``z_φ + γ(z_φ − z_θ)`` from the same
-    logits (``contrastive``; see :func:`svd_lightning.steering.contrastive_log_probs`).
+    Returns fp32 tensors ``[N]``: ``plain``, ``base``, ``steered`` (when ``config.mu`` is set),
+    ``contrastive`` (when ``config.gamma`` is set: the baseline ``z_φ + γ(z_φ − z_θ)``, see
+    :meth:`SteeringConfig.contrastive`) and ``num_tokens`` (divide for per-token length
+    normalisation). Masked label tokens follow ``config.scoring_policy`` (see
+    :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN. Both steered variants
+    are built from the one pair of log-softmaxes the plain and base scores use.
     """
-    check_direction(direction)
-    warm, base, y, row = paired_label_logits(model, batch, share_prompts, forward_mode=forward_mode)
+    warm, base, y, row = paired_label_logits(model, batch, share_prompts, forward_mode=config.forward_mode)
     n = batch["input_ids"].shape[0]
-    gather = lambda lp: lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()  # noqa: E731
-    out = {
-        "plain": _per_row(gather(log_probs(warm)), row, n),
-        "base": _per_row(gather(log_probs(base)), row, n),
-        "num_tokens": _per_row(torch.ones_like(y, dtype=torch.float32), row, n),
-    }
-    if mu is not None:
-        steered = steered_log_probs(warm, base, mu, alpha, policy, floor, direction=direction)
-        out["steered"] = _per_row(gather(steered), row, n)
-    if contrastive is not None:
-        out["contrastive"] = _per_row(gather(contrastive_log_probs(warm, base, contrastive)), row, n)
+    gather = lambda lp: _per_row(lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float(), row, n)  # noqa: E731
+    lp_warm, lp_base = log_probs(warm), log_probs(base)
+    out = {"plain": gather(lp_warm), "base": gather(lp_base),
+           "num_tokens": _per_row(torch.ones_like(y, dtype=torch.float32), row, n)}
+    if config.mu is not None or config.gamma is not None:
+        r = log_ratio(lp_warm, lp_base)
+    if config.mu is not None:
+        delta = direction_from_log_probs(lp_warm, r, config.direction)
+        keep = confidence_mask(lp_warm, config.alpha)
+        out["steered"] = gather(policy_log_probs(warm, delta, keep, config.mu, config.scoring_policy, config.floor))
+    if config.gamma is not None:  # policy none: no mask to build
+        out["contrastive"] = gather(policy_log_probs(warm, r, None, config.gamma, "none"))
     bad = [k for k, v in out.items() if torch.isnan(v).any()]
     if bad:
-        raise FloatingPointError(f"NaN in the {'/'.join(bad)} multiple-choice scores (mu={mu!r}, alpha={alpha!r}, "
-                                 f"contrastive γ={contrastive!r}): a strength this large overflows the steered logits")
+        raise FloatingPointError(f"NaN in the {'/'.join(bad)} multiple-choice scores (mu={config.mu!r}, "
+                                 f"alpha={config.alpha!r}, gamma={config.gamma!r}): a strength this large overflows "
+                                 "the steered logits")
     return out
 
 
@@ -390,14 +378,22 @@ def score_choices(
 # Generation.
 
 
-def steered_next_log_probs(warm: torch.Tensor, base: torch.Tensor, mu: float, alpha: float, mask: bool = True, *,
-                           direction: Direction = "kl_gradient") -> torch.Tensor:
-    """SVDecode's next-token log-probs from warm and base logits (−∞ on masked tokens, ``mask=False``: none)."""
-    delta, keep = steering_vector(warm.float(), base.float(), alpha, direction=direction)
-    if not mask:
+def steered_next_log_probs(warm: torch.Tensor, base: torch.Tensor, config: SteeringConfig) -> torch.Tensor:
+    """SVDecode's next-token log-probs from warm and base logits: −∞ on masked tokens, none masked
+    where :attr:`SteeringConfig.mask_in_generation` is False."""
+    delta, keep = steering_vector(warm.float(), base.float(), config.alpha, direction=config.direction)
+    if not config.mask_in_generation:
         keep = torch.ones_like(keep)
-    steered = (warm.float() + mu * masked_delta(delta, keep)).masked_fill(~keep, float("-inf"))
+    steered = (warm.float() + config.mu * masked_delta(delta, keep)).masked_fill(~keep, float("-inf"))
     return torch.log_softmax(steered, dim=-1)
+
+
+def _generation_config(config: SteeringConfig) -> SteeringConfig:
+    if not isinstance(config, SteeringConfig):
+        raise TypeError(f"expected a SteeringConfig, got {type(config).__name__}")
+    if config.mu is None:
+        raise ConfigError("steered generation needs a strength: SteeringConfig.mu is None")
+    return config
 
 
 class SteeringLogitsProcessor(LogitsProcessor):
@@ -410,10 +406,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
     search all accept. ``mu=0`` keeps the warm model's ranking among kept tokens (min-p style).
     """
 
-    def __init__(self, model, mu: float, alpha: float = 0.1, attention_mask: torch.Tensor | None = None, mask: bool = True,
-                 direction: Direction = "kl_gradient"):
-        self.model, self.mu, self.alpha, self.mask = model, float(mu), alpha, mask
-        self.direction = check_direction(direction)
+    def __init__(self, model, config: SteeringConfig, attention_mask: torch.Tensor | None = None):
+        self.model, self.config = model, _generation_config(config)
         self.prompt_mask = attention_mask
         self.cache = None
         self.seen: torch.Tensor | None = None  # the ids whose base pass is in the cache
@@ -455,8 +449,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.attn = self.attn[parent]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return steered_next_log_probs(scores, self.base_next_logits(input_ids), self.mu, self.alpha, self.mask,
-                                      direction=self.direction)
+        return steered_next_log_probs(scores, self.base_next_logits(input_ids), self.config)
 
 
 class PairedSteeringLogitsProcessor(LogitsProcessor):
@@ -466,14 +459,12 @@ class PairedSteeringLogitsProcessor(LogitsProcessor):
     the base rows always see the warm rows' prefix. Later user processors see only the warm half.
     """
 
-    def __init__(self, mu: float, alpha: float = 0.1, mask: bool = True, then: list | None = None,
-                 direction: Direction = "kl_gradient"):
-        self.mu, self.alpha, self.mask, self.then = float(mu), alpha, mask, list(then or [])
-        self.direction = check_direction(direction)
+    def __init__(self, config: SteeringConfig, then: list | None = None):
+        self.config, self.then = _generation_config(config), list(then or [])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         warm, base = scores.chunk(2)
-        out = steered_next_log_probs(warm, base, self.mu, self.alpha, self.mask, direction=self.direction)
+        out = steered_next_log_probs(warm, base, self.config)
         warm_ids = input_ids[: warm.shape[0]]
         for processor in self.then:
             out = processor(warm_ids, out)
@@ -537,31 +528,29 @@ def _first_half(out):
 
 
 @leaves_no_hooks
-def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mu: float, alpha: float = 0.1,
-                     mask: bool = True, forward_mode: ForwardMode = "auto", *, direction: Direction = "kl_gradient",
+def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SteeringConfig,
                      **generate_kwargs):
-    """``model.generate`` with SVDecode; all of transformers' decoding options apply on top.
-
-    ``direction``: the steering vector (see :func:`svd_lightning.steering.steering_direction`).
+    """``model.generate`` with SVDecode under ``config`` (μ̄, α, direction, forward mode; the mask
+    unless the policy is ``none``); all of transformers' decoding options apply on top.
 
     Sampling options (temperature, top-k, top-p, …) act on the steered distribution. The one-forward
     path covers greedy, beam search and sampling (also with ``num_return_sequences``); beam
     *sampling* and generate-only warpers (top-h, ε/η cutoffs) use the two-pass path. Processors that
     ``generate`` adds itself (e.g. a repetition penalty) see the base rows too on the one-forward path.
     """
+    config = _generation_config(config)
     extra = list(generate_kwargs.pop("logits_processor", None) or [])
-    config = model.generation_config.__class__.from_dict({**model.generation_config.to_dict(), **generate_kwargs})
-    sample, beams = bool(config.do_sample), int(config.num_beams or 1)
-    warpers, unsupported = _sampling_warpers(config) if sample else ([], None)
+    options = model.generation_config.__class__.from_dict({**model.generation_config.to_dict(), **generate_kwargs})
+    sample, beams = bool(options.do_sample), int(options.num_beams or 1)
+    warpers, unsupported = _sampling_warpers(options) if sample else ([], None)
     if sample and beams > 1:
         unsupported = "beam sampling draws per beam inside generate"
-    if resolve_forward_mode(model, forward_mode, unsupported) == "two_pass":
-        processor = SteeringLogitsProcessor(model, mu, alpha, attention_mask=attention_mask, mask=mask,
-                                            direction=direction)
+    if resolve_forward_mode(model, config.forward_mode, unsupported) == "two_pass":
+        processor = SteeringLogitsProcessor(model, config, attention_mask=attention_mask)
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               logits_processor=LogitsProcessorList([processor, *extra]), **generate_kwargs)
     kwargs = dict(generate_kwargs, num_beams=beams)  # peft repeats adapter_names per beam only when told
-    processors: list = [PairedSteeringLogitsProcessor(mu, alpha, mask, then=extra, direction=direction)]
+    processors: list = [PairedSteeringLogitsProcessor(config, then=extra)]
     if sample:
         # generate would repeat rows for num_return_sequences but not peft's adapter_names: repeat first.
         copies = int(kwargs.pop("num_return_sequences", None) or 1)
@@ -623,11 +612,11 @@ def check_prompts(prompts, tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: float, mode: str = "greedy", *,
-                     batch_size: int = 8, seed: int = 0, mask: bool = True, progress: bool = True,
-                     forward_mode: ForwardMode = "auto", with_plain: bool = True, direction: Direction = "kl_gradient",
+def generate_answers(model, tokenizer, prompts: list[str], config: SteeringConfig, mode: str = "greedy", *,
+                     batch_size: int = 8, seed: int = 0, progress: bool = True, with_plain: bool = True,
                      **kw) -> list[dict]:
-    """Plain and steered continuations of ``prompts`` (left-padded batches); ``kw`` go to :func:`decoding_kwargs`.
+    """Plain and steered (``config``) continuations of ``prompts`` (left-padded batches); ``kw`` go to
+    :func:`decoding_kwargs`.
 
     ``with_plain=False`` skips the warm model's own answer (``plain`` is then None). Sampling
     reseeds with ``seed + index of the batch's first prompt`` before each answer.
@@ -635,6 +624,7 @@ def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: flo
     from svd_lightning.progress import progress_bar
 
     gen = dict(decoding_kwargs(mode, **kw), pad_token_id=tokenizer.pad_token_id)
+    config = _generation_config(config)
     prompts = check_prompts(prompts, tokenizer)
     rows, side = [], tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
@@ -646,12 +636,11 @@ def generate_answers(model, tokenizer, prompts: list[str], mu: float, alpha: flo
                 torch.manual_seed(seed + start)
                 plain = model.generate(**enc, **gen) if with_plain else None
                 torch.manual_seed(seed + start)
-                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], mu, alpha, mask,
-                                           forward_mode=forward_mode, direction=direction, **gen)
+                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], config, **gen)
                 n = enc["input_ids"].shape[1]
                 decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731
                 for p, a, b in zip(chunk, decode(plain) if with_plain else [None] * len(chunk), decode(steered)):
-                    rows.append({"prompt": p, "plain": a, "steered": b, "mu": float(mu), "mode": mode})
+                    rows.append({"prompt": p, "plain": a, "steered": b, "mu": float(config.mu), "mode": mode})
                 bar.update(len(chunk))
     finally:
         tokenizer.padding_side = side

@@ -19,9 +19,10 @@ import math
 import os
 from pathlib import Path
 
-from svd_lightning.decoding import FORWARD_MODES, MODES, decoding_kwargs, generate_answers
+from svd_lightning.config import FORWARD_MODES, METHODS
+from svd_lightning.decoding import MODES, decoding_kwargs, generate_answers
 from svd_lightning.log import say
-from svd_lightning.run import SteeringRun, atomic_write_text, check_settings, load_run
+from svd_lightning.run import SteeringRun, atomic_write_text, load_run
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The ``prompt`` of every non-blank JSONL line; errors name the file and line."""
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     parser.add_argument("--top-k", type=int, help="--mode sample only; ≥ 1")
     parser.add_argument("--top-p", type=float, help="--mode sample only; in (0, 1]")
     parser.add_argument("--mu", type=_finite, help="steering strength (default: μ̄ from steering.json)")
+    parser.add_argument("--method", choices=METHODS, default="svdecode",
+                        help="svdecode, or contrastive: z_φ + γ(z_φ − z_θ) with the run's γ (the `steered` answer)")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto",
@@ -97,19 +100,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
         prompts = read_prompts(args.prompts)
         decoding_kwargs(args.mode, **options)
         check_output(args.out)
-        SteeringRun.load(args.run_dir)
-        if args.mu is not None:
-            check_settings(mu=args.mu, where="--mu")
+        overrides = {"forward_mode": args.forward_mode} | ({} if args.mu is None else {"mu": args.mu})
+        config = SteeringRun.load(args.run_dir).steering.replace(**overrides).method(args.method)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     say(f"reading run {Path(args.run_dir).resolve()}")
-    model, tokenizer, run = load_run(args.run_dir)
-    mu = run.mu if args.mu is None else args.mu
-    rows = generate_answers(model, tokenizer, prompts, mu, run.alpha, args.mode, batch_size=args.batch_size,
-                            seed=args.seed, mask=run.scoring_policy != "none",
-                            forward_mode=args.forward_mode, direction=run.direction, **options)
+    model, tokenizer, _ = load_run(args.run_dir)
+    rows = generate_answers(model, tokenizer, prompts, config, args.mode, batch_size=args.batch_size,
+                            seed=args.seed, **options)
     write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, mu={mu:+.4g}, alpha={run.alpha})")
+    print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, method={args.method}, mu={config.mu:+.4g}, "
+          f"alpha={config.alpha})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 Log-likelihood requests are scored under the steered distribution of the run's scoring policy
 (:func:`svd_lightning.steering.steered_log_probs`, from the warm and pre-trained logits of the same
 tokens); ``generate_until`` goes through the steering logits processor. ``model_args``: ``run_dir``
-(required), ``mu`` (override μ̄; ``mu=0`` gives the warm model under the default policy), ``forward_mode``,
+(required), ``mu`` (override μ̄; ``mu=0`` gives the warm model under the default policy), ``method``
+(``svdecode``, or ``contrastive``: the run's γ), ``forward_mode``,
 ``batch_size``, ``device``, ``max_length``. Needs the ``lm-eval`` extra: ``pip install -e ".[lm-eval]"``.
 """
 
@@ -24,7 +25,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from svd_lightning.api import SteeredModel
-from svd_lightning.decoding import FORWARD_MODES, paired_logits, steered_generate
+from svd_lightning.config import FORWARD_MODES, METHODS
+from svd_lightning.decoding import paired_logits, steered_generate
 from svd_lightning.steering import steered_log_probs
 from svd_lightning.progress import say
 
@@ -47,31 +49,31 @@ def _number(value, name: str) -> float:
 class SteeredHFLM(HFLM):
     """lm-eval's ``HFLM`` whose logits are SVDecode's steered log-probabilities."""
 
-    def __init__(self, run_dir: str, mu: float | None = None, forward_mode: str = "auto", device: str | None = None,
-                 batch_size: int | str = 1, max_length: int | None = None, **kwargs):
+    def __init__(self, run_dir: str, mu: float | None = None, forward_mode: str = "auto", method: str = "svdecode",
+                 device: str | None = None, batch_size: int | str = 1, max_length: int | None = None, **kwargs):
         unknown = sorted(set(kwargs) - HFLM_OPTIONS)
         if unknown:  # HFLM would ignore them: `muu=1` must not silently mean "the run's μ̄"
             raise ValueError(f"model_args: unknown option(s) {unknown} for the svd backend; it takes run_dir, mu, "
-                             f"forward_mode, device, batch_size, max_length and HFLM's {sorted(HFLM_OPTIONS)}")
+                             f"forward_mode, method, device, batch_size, max_length and HFLM's {sorted(HFLM_OPTIONS)}")
         if mu is not None:
             mu = _number(mu, "mu")
         overrides = {"forward_mode": forward_mode} | ({} if mu is None else {"mu": float(mu)})
         self.steered = SteeredModel.from_run_dir(run_dir, device=device, **overrides)
+        self.steering_config = self.steered.config.method(method)  # what every request is scored and generated with
         super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
                          max_length=max_length, **kwargs)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Steered log-probs ``[B, T, V]`` for right-padded ``inps`` (padding never precedes a real token)."""
-        sm = self.steered
+        c = self.steering_config
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
-            warm, base = paired_logits(sm.model, inps, sm.forward_mode)
-        return steered_log_probs(warm, base, sm.mu, sm.alpha, sm.scoring_policy, sm.floor, direction=sm.direction)
+            warm, base = paired_logits(self.steered.model, inps, c.forward_mode)
+        return steered_log_probs(warm, base, c.mu, c.alpha, c.scoring_policy, c.floor, direction=c.direction)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         from lm_eval.models.utils_hf import stop_sequences_criteria
 
-        sm = self.steered
         mask = generation_kwargs.pop("attention_mask", None)
         if mask is None:  # left padded: real tokens start at the first non-pad one
             mask = ((context != self.tokenizer.pad_token_id).long().cumsum(-1) > 0).long()
@@ -81,25 +83,23 @@ class SteeredHFLM(HFLM):
         stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
-            return steered_generate(sm.model, context, mask, sm.mu, sm.alpha, sm.scoring_policy != "none",
-                                    forward_mode=sm.forward_mode, direction=sm.direction, max_length=max_length,
+            return steered_generate(self.steered.model, context, mask, self.steering_config, max_length=max_length,
                                     stopping_criteria=stopping,
                                     pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
 
     def get_model_info(self) -> dict:
-        sm = self.steered
-        return {"svd_run_dir": sm.run_dir, "svd_mu": sm.mu, "svd_alpha": sm.alpha,
-                "svd_scoring_policy": sm.scoring_policy, "svd_floor": sm.floor, "svd_direction": sm.direction,
-                "model_num_parameters": sum(p.numel() for p in sm.model.parameters())}
+        return {"svd_run_dir": self.steered.run_dir, **{f"svd_{k}": v for k, v in self.steering_config.to_dict().items()},
+                "model_num_parameters": sum(p.numel() for p in self.steered.model.parameters())}
 
 
 def evaluate(run_dir: str, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-             batch_size: int = 8, mu: float | None = None, forward_mode: str = "auto", **kwargs) -> dict:
+             batch_size: int = 8, mu: float | None = None, forward_mode: str = "auto", method: str = "svdecode",
+             **kwargs) -> dict:
     """``lm_eval.simple_evaluate`` with the ``svd`` backend on ``run_dir``."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    model = SteeredHFLM(run_dir, mu=mu, forward_mode=forward_mode, batch_size=batch_size)
+    model = SteeredHFLM(run_dir, mu=mu, forward_mode=forward_mode, method=method, batch_size=batch_size)
     manager = TaskManager(include_path=include_path) if include_path else None
     return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit, **kwargs)
 
@@ -113,11 +113,13 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mu", type=float, help="override μ̄ (finite)")
     parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto")
+    parser.add_argument("--method", choices=METHODS, default="svdecode",
+                        help="svdecode, or contrastive: z_φ + γ(z_φ − z_θ) with the run's γ")
     parser.add_argument("--out", help="write the results JSON here")
     args = parser.parse_args(argv)
     say(f"reading run {Path(args.run_dir).resolve()}")
     results = evaluate(args.run_dir, args.tasks.split(","), args.include_path, args.limit, args.batch_size,
-                       args.mu, args.forward_mode)
+                       args.mu, args.forward_mode, args.method)
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
              for task, metrics in results["results"].items()}
     print(json.dumps(table, indent=1))

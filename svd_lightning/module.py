@@ -10,14 +10,13 @@ import lightning as L
 import torch
 
 from svd_lightning.batch import validate_choice_batch
-from svd_lightning.decoding import FORWARD_MODES, ForwardMode, score_choices
+from svd_lightning.config import Direction, ForwardMode, ScoringPolicy, SteeringConfig
+from svd_lightning.decoding import score_choices
 from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.logger import finish_run, run_writer, start_run
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.progress import say
-from svd_lightning.run import (SteeringRun, attach_adapter, check_settings, load_base, resolve_settings,
-                               tokenizer_hash)
-from svd_lightning.steering import Direction, ScoringPolicy, check_direction
+from svd_lightning.run import SteeringRun, attach_adapter, load_base, resolve_settings, tokenizer_hash
 
 VARIANTS = ("plain", "base", "steered", "contrastive")  # contrastive: once a γ is set (ContrastiveBaseline)
 
@@ -77,10 +76,9 @@ class SteeringLM(L.LightningModule):
         model, adapter, alpha = settings["model"], settings["adapter"], settings["alpha"]
         if adapter not in ADAPTER_METHODS:
             raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTER_METHODS}")
-        if forward_mode not in FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
-        check_direction(settings["direction"])
-        check_settings(strength, alpha, settings["floor"], where="SteeringLM")
+        # Every setting is checked here once, by the one config they all end up in.
+        SteeringConfig.from_dict({k: settings[k] for k in ("alpha", "scoring_policy", "floor", "direction")}
+                                 | {"mu": strength, "forward_mode": forward_mode}, where="SteeringLM")
         self.steering_run: SteeringRun | None = None  # set by the strength solver; written at the end of fit
         if run_dir is not None:
             say(f"reading run {Path(run_dir).resolve()}")
@@ -102,7 +100,7 @@ class SteeringLM(L.LightningModule):
         if strength is not None:
             self.set_strength(strength)
         elif run_dir is not None and reuse_strength:
-            self.set_strength(self.source_run.mu)
+            self.set_strength(self.source_run.steering.mu)
         self.metrics = self.build_metrics("choice")  # setup() switches to the DataModule's family
         self.last_metrics: dict[str, float] = {}
         self.last_per_question: dict[str, dict[str, list]] = {}
@@ -124,7 +122,7 @@ class SteeringLM(L.LightningModule):
         return None if math.isnan(value) else value
 
     def set_strength(self, mu: float) -> None:
-        check_settings(mu=mu, where="steering strength")
+        SteeringConfig.from_dict({"mu": mu}, where="steering strength")
         self.steering_strength.fill_(float(mu))
 
     @property
@@ -133,9 +131,15 @@ class SteeringLM(L.LightningModule):
         return None if math.isnan(value) else value
 
     def set_contrastive_gamma(self, gamma: float) -> None:
-        if not math.isfinite(gamma):
-            raise ValueError(f"contrastive γ must be finite, got {gamma}")
+        SteeringConfig.from_dict({"gamma": gamma}, where="contrastive γ")
         self.contrastive_gamma.fill_(float(gamma))
+
+    @property
+    def steering_config(self) -> SteeringConfig:
+        """The settings the module scores with, with its current μ̄ and γ (either may be None)."""
+        h = self.hparams
+        return SteeringConfig(mu=self.mu, alpha=h.alpha, scoring_policy=h.scoring_policy, floor=h.floor,
+                              direction=h.direction, forward_mode=h.forward_mode, gamma=self.gamma)
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -152,9 +156,7 @@ class SteeringLM(L.LightningModule):
     # -- scoring -------------------------------------------------------------------------------
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         validate_choice_batch(batch)
-        h = self.hparams
-        return score_choices(self.model, batch, self.mu, h.alpha, h.scoring_policy, h.floor, forward_mode=h.forward_mode,
-                             direction=h.direction, contrastive=self.gamma)
+        return score_choices(self.model, batch, self.steering_config)
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         try:
@@ -243,12 +245,13 @@ class SteeringLM(L.LightningModule):
         run = self.steering_run or (self.fixed_strength_run() if self.mu is not None else None)
         if run is None:  # no μ̄: the adapter alone, which is not a run to steer with
             writer.save_adapter(self.model)
-        else:
+        else:  # with the contrastive γ when it was fit on these weights already (else it is added later)
+            run.steering = run.steering.replace(gamma=self.gamma)
             writer.write_run(self.model, run, self.tokenizer)
 
     def fixed_strength_run(self) -> SteeringRun:
         h = self.hparams
-        return SteeringRun(model=h.model, adapter=h.adapter, mu=self.mu, alpha=h.alpha, scoring_policy=h.scoring_policy,
-                           floor=h.floor, direction=h.direction, strength="fixed", adapter_options=h.adapter_options,
-                           tokenizer_sha256=tokenizer_hash(self.tokenizer), hparams=dict(h))
+        return SteeringRun(model=h.model, adapter=h.adapter, steering=self.steering_config.replace(strength="fixed"),
+                           adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(self.tokenizer),
+                           hparams=dict(h))
 

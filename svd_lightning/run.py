@@ -34,17 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from svd_lightning.config import ConfigError, SteeringConfig
 from svd_lightning.log import InputError, say
 
-FORMAT_VERSION = 2  # 2: the adapter hash covers adapter_config.json; settings and hashes required
+# 2: the settings nested as a SteeringConfig (with the contrastive γ); the adapter hash covers
+# adapter_config.json; settings and hashes required. 1: flat settings, weights-only hash. 0: no format field.
+FORMAT_VERSION = 2
 RUN_FILE = "steering.json"
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
-SCORING_POLICIES = ("mask_generation_only", "none", "floor", "mask")
-STRENGTHS = ("exact", "mean", "median", "trimmed", "pooled", "choice_nll", "fixed")
-CURVATURES = ("identity", "fisher")
-DIRECTIONS = ("kl_gradient", "logit_difference")  # = svd_lightning.steering.DIRECTIONS
-MAX_ABS_MU = 1e6  # |μ|·|δz| must stay far from fp32's 3.4e38, or steered logits turn inf and scores NaN
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning",
                "PREFIX_TUNING": "prefix_tuning"}
@@ -173,6 +171,7 @@ class RunWriter:
         self.path = self.target.parent / f".{self.target.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(3)}"
         self.hold = False
         self.committed: Path | None = None
+        self.run: SteeringRun | None = None  # the record written by write_run, if any
 
     def directory(self) -> Path:
         """The staging directory (created on first use); an error once the run is finished."""
@@ -226,7 +225,15 @@ class RunWriter:
         run.versions = run.versions or library_versions()
         run.format_version = FORMAT_VERSION
         run.validate(f"{self.target}/{RUN_FILE}")
+        self.run = run
         return self.write_json(RUN_FILE, run.to_dict())
+
+    def update_steering(self, **changes) -> Path:
+        """Rewrite ``steering.json`` with settings found later for the same weights (the contrastive γ)."""
+        if self.run is None:
+            raise RunError(f"{self.target}: no run record written yet to update")
+        self.run.steering = self.run.steering.replace(**changes)
+        return self.write_json(RUN_FILE, self.run.to_dict())
 
     def commit(self) -> Path:
         """Rename the staging directory into place; a taken target (another run got there first) moves
@@ -265,8 +272,10 @@ def write_run(model, run: "SteeringRun", run_dir: str | os.PathLike, tokenizer=N
 
 
 # -- the run record ---------------------------------------------------------------------------------------
-SETTINGS = ("model", "adapter", "mu", "alpha", "scoring_policy", "direction", "floor", "strength", "curvature", "trim")
 HASHES = ("adapter_sha256", "tokenizer_sha256")
+# The settings a run records (formats 0-1 kept them flat; format 2 requires them all). forward_mode is how
+# a machine computes them, not part of the run, and γ is absent where no contrastive baseline was fit.
+_SETTINGS = ("mu", "alpha", "scoring_policy", "floor", "direction", "strength", "curvature", "trim")
 
 
 @dataclass
@@ -275,14 +284,7 @@ class SteeringRun:
 
     model: str  # base model source: hub id, folder, .gguf, smollm2-135m, tiny-random
     adapter: str  # peft method
-    mu: float  # the steering strength μ̄
-    alpha: float  # confidence-mask threshold
-    scoring_policy: str = "mask_generation_only"
-    direction: str = "kl_gradient"  # the steering vector μ̄ scales; runs written before it existed: kl_gradient
-    floor: float = -20.0
-    strength: str = "exact"  # how μ̄ was solved (``fixed``: set by hand)
-    curvature: str = "identity"
-    trim: float = 0.1
+    steering: SteeringConfig  # μ̄ (solved: never None in a run), α, policy, floor, direction, γ, ...
     adapter_options: dict | None = None
     tokenizer_sha256: str | None = None
     adapter_sha256: str | None = None  # of the adapter (config + weights) this μ̄ belongs to
@@ -304,21 +306,10 @@ class SteeringRun:
         for name in ("model", "adapter"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 bad(name, "must be a non-empty string")
-        for name in ("mu", "alpha", "floor", "trim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                bad(name, "must be a finite number")
-        check_settings(self.mu, self.alpha, self.floor, where=where)
-        if self.scoring_policy not in SCORING_POLICIES:
-            bad("scoring_policy", f"must be one of {SCORING_POLICIES}")
-        if self.strength not in STRENGTHS:
-            bad("strength", f"must be one of {STRENGTHS}")
-        if self.curvature not in CURVATURES:
-            bad("curvature", f"must be one of {CURVATURES}")
-        if self.direction not in DIRECTIONS:
-            bad("direction", f"must be one of {DIRECTIONS}")
-        if not 0.0 <= self.trim < 0.5:
-            bad("trim", "must be in [0, 0.5)")
+        if not isinstance(self.steering, SteeringConfig):
+            bad("steering", "must be a SteeringConfig")
+        if self.steering.mu is None:
+            raise RunError(f"{where}: field 'steering' has no mu: a run records the solved strength")
         if not isinstance(self.format_version, int) or not 0 <= self.format_version <= FORMAT_VERSION:
             bad("format_version", f"must be an integer ≤ {FORMAT_VERSION} (a newer svd-lightning wrote this run?)")
         for name in HASHES:
@@ -328,32 +319,46 @@ class SteeringRun:
 
     # -- reading and writing --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["steering"] = self.steering.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, payload: Any, where: str) -> "SteeringRun":
         if not isinstance(payload, dict):
             raise RunError(f"{where}: expected a JSON object, got {type(payload).__name__}")
+        version = payload.get("format_version", 0)  # steering.json of svd-lightning before the run format: 0
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= FORMAT_VERSION:
+            raise RunError(f"{where}: field 'format_version' must be an integer ≤ {FORMAT_VERSION} (a newer "
+                           f"svd-lightning wrote this run?), got {version!r}")
+        payload = dict(payload)
+        if version < 2:  # flat settings: the same names, nested as they are now
+            payload["steering"] = {k: payload.pop(k) for k in _SETTINGS if k in payload}
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(payload) - set(names))
         if unknown:
             raise RunError(f"{where}: unknown field(s) {unknown} (a typo, or a newer svd-lightning wrote it?); "
                            f"the fields are {names}")
-        version = payload.get("format_version", 0)  # steering.json of svd-lightning before the run format: 0
-        required = ["model", "adapter", "mu", "alpha"]
-        if isinstance(version, int) and version >= 1:
-            required.append("adapter_sha256")  # every format-1 writer recorded it
-        if isinstance(version, int) and version >= 2:
-            required = [*SETTINGS, *HASHES, "format_version"]
+        required = ["model", "adapter"] + (["adapter_sha256"] if version >= 1 else [])  # format 1 always had it
+        if version >= 2:
+            required = ["model", "adapter", "steering", *HASHES, "format_version"]
         missing = [n for n in required if payload.get(n) is None]
+        steering = payload.get("steering") or {}
+        needed = _SETTINGS if version >= 2 else ("mu", "alpha")
+        missing += [f"steering.{n}" if version >= 2 else n for n in needed
+                    if not isinstance(steering, dict) or steering.get(n) is None]
         if missing:
             raise RunError(f"{where}: missing field(s) {missing} (required in format {version}); the file was "
                            "edited or damaged: re-run `fit`, or restore it")
+        try:
+            config = SteeringConfig.from_dict(steering, f"{where}: field 'steering'" if version >= 2 else where)
+        except ConfigError as err:
+            raise RunError(str(err)) from None
         run = cls.__new__(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             setattr(run, f.name, payload.get(f.name, default))
-        run.format_version = version
+        run.steering, run.format_version = config, version
         run.validate(where)
         return run
 
@@ -403,27 +408,6 @@ class SteeringRun:
 
 def _no_constants(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
-
-
-def check_settings(mu: float | None = None, alpha: float | None = None, floor: float | None = None, *,
-                   where: str = "settings") -> None:
-    """The one check of the steering numbers, wherever they enter (a run file, the CLI, the API)."""
-    def number(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RunError(f"{where}: {name} must be a finite number, got {value!r}")
-
-    if mu is not None:
-        number("mu", mu)
-        if abs(mu) > MAX_ABS_MU:
-            raise RunError(f"{where}: mu={mu!r} is too large: |mu| ≤ {MAX_ABS_MU:g} keeps steered logits finite in fp32")
-    if alpha is not None:
-        number("alpha", alpha)
-        if not 0.0 < alpha <= 1.0:
-            raise RunError(f"{where}: alpha must be in (0, 1], got {alpha!r}")
-    if floor is not None:
-        number("floor", floor)
-        if floor > 0:
-            raise RunError(f"{where}: floor is a log-probability and must be ≤ 0, got {floor!r}")
 
 
 def adapter_hash(adapter_dir: str | os.PathLike, format_version: int = FORMAT_VERSION) -> str:
@@ -503,9 +487,9 @@ def load_run(run_dir: str | os.PathLike):
     return attach_adapter(base, run, run_dir).eval(), tokenizer, run
 
 
-DEFAULTS = {"model": "tiny-random", "adapter": "lora", "alpha": 0.1, "scoring_policy": "mask_generation_only", "floor": -20.0,
-            "direction": "kl_gradient"}
 RESOLVABLE = ("alpha", "scoring_policy", "floor", "direction")  # re-solving μ̄ makes these free to change
+DEFAULTS = {"model": "tiny-random", "adapter": "lora",
+            **{k: SteeringConfig.__dataclass_fields__[k].default for k in RESOLVABLE}}
 
 
 def resolve_settings(given: dict, run: SteeringRun | None, run_dir, reuse_strength: bool) -> dict:
@@ -515,7 +499,7 @@ def resolve_settings(given: dict, run: SteeringRun | None, run_dir, reuse_streng
         if run is None:
             out[key] = DEFAULTS[key] if value is None else value
             continue
-        stored = getattr(run, key)
+        stored = getattr(run, key) if key in ("model", "adapter") else getattr(run.steering, key)
         if value is None or value == stored:
             out[key] = stored
         elif key in RESOLVABLE and not reuse_strength:

@@ -27,29 +27,22 @@ from typing import Callable, Literal
 
 import torch
 
-Curvature = Literal["identity", "fisher"]
+from svd_lightning.config import DIRECTIONS, NO_MASK_ALPHA, Curvature, Direction, ScoringPolicy  # noqa: F401
+
 Aggregate = Literal["mean", "median", "trimmed", "pooled", "exact"]
-ScoringPolicy = Literal["mask_generation_only", "none", "floor", "mask"]
-Direction = Literal["kl_gradient", "logit_difference"]
-DIRECTIONS = ("kl_gradient", "logit_difference")
 
 IGNORE_INDEX = -100
 EPS = 1e-12
 # log-probs are floored here before taking differences: a token with p_θ = 0 (−inf logit) then
 # contributes a large but finite r. e^-1000 is exactly 0 in fp64, so no representable p changes.
 LOGPROB_FLOOR = -1000.0
-# Policy `none` (no confidence mask) keeps tokens with p_φ ≥ 1e-8·max p_φ in the compact strength
-# caches: every token below moves its logit by |μ·δz| ≤ |μ|·1e-8·|KL − r| -- nothing measurable --
-# while keeping the exact solve's cache to the tokens that carry probability. That bound is for the
-# KL gradient (δz ∝ p_φ); the logit difference is not small there, so under direction
-# logit_difference + policy none the strength solves treat those tokens as unsteered: an
-# approximation of the unmasked objective (a μ large enough to lift them into the top is rare).
-NO_MASK_ALPHA = 1e-8
-
-
-def strength_alpha(alpha: float, policy: str) -> float:
-    """The mask threshold the strength is solved with: ``alpha``, or (policy ``none``) no mask."""
-    return NO_MASK_ALPHA if policy == "none" else alpha
+# NO_MASK_ALPHA (svd_lightning.config): policy `none` (no confidence mask) keeps tokens with
+# p_φ ≥ 1e-8·max p_φ in the compact strength caches: every token below moves its logit by
+# |μ·δz| ≤ |μ|·1e-8·|KL − r| -- nothing measurable -- while keeping the exact solve's cache to the
+# tokens that carry probability. That bound is for the KL gradient (δz ∝ p_φ); the logit difference
+# is not small there, so under direction logit_difference + policy none the strength solves treat
+# those tokens as unsteered: an approximation of the unmasked objective (a μ large enough to lift
+# them into the top is rare).
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -102,15 +95,21 @@ def steering_direction(
         raise ValueError(f"warm {tuple(warm_logits.shape)} and base {tuple(base_logits.shape)} logits differ in shape")
     lp_warm = log_probs(warm_logits)
     lp_base = log_probs(base_logits).to(lp_warm.dtype)
-    r = _log_ratio(lp_warm, lp_base)
+    return direction_from_log_probs(lp_warm, log_ratio(lp_warm, lp_base), direction), lp_warm, lp_base
+
+
+def direction_from_log_probs(lp_warm: torch.Tensor, r: torch.Tensor, direction: Direction = "kl_gradient") -> torch.Tensor:
+    """:func:`steering_direction` from the warm log-probs and ``r = log p_φ − log p_θ`` already computed."""
+    check_direction(direction)
     if direction == "logit_difference":
-        return r, lp_warm, lp_base
+        return r
     p = lp_warm.exp()
     kl = (p * r).sum(dim=-1, keepdim=True)
-    return p * (kl - r), lp_warm, lp_base
+    return p * (kl - r)
 
 
-def _log_ratio(lp_warm: torch.Tensor, lp_base: torch.Tensor) -> torch.Tensor:
+def log_ratio(lp_warm: torch.Tensor, lp_base: torch.Tensor) -> torch.Tensor:
+    """``r = log p_φ − log p_θ``, each floored at :data:`LOGPROB_FLOOR` so it stays finite."""
     return lp_warm.clamp_min(LOGPROB_FLOOR) - lp_base.clamp_min(LOGPROB_FLOOR)
 
 
@@ -134,7 +133,7 @@ def kl_divergence(warm_logits: torch.Tensor, base_logits: torch.Tensor) -> torch
 
 def kl_from_log_probs(lp_warm: torch.Tensor, lp_base: torch.Tensor) -> torch.Tensor:
     """KL(p_φ ‖ p_θ) from log-probs already computed (e.g. by :func:`steering_direction`)."""
-    return (lp_warm.exp() * _log_ratio(lp_warm, lp_base.to(lp_warm.dtype))).sum(-1)
+    return (lp_warm.exp() * log_ratio(lp_warm, lp_base.to(lp_warm.dtype))).sum(-1)
 
 
 def masked_delta(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -257,7 +256,8 @@ def policy_log_probs(
     policy: ScoringPolicy = "mask_generation_only",
     floor: float = -20.0,
 ) -> torch.Tensor:
-    """:func:`steered_log_probs` from a steering vector and mask already computed (several μ, one pass)."""
+    """:func:`steered_log_probs` from a steering vector and mask already computed (several μ, one pass);
+    policy ``none`` uses no mask (``keep`` may be None)."""
     if policy == "none":
         return torch.log_softmax(warm_logits.to(delta.dtype) + mu * delta, dim=-1)
     shifted = warm_logits.to(delta.dtype) + mu * masked_delta(delta, keep)

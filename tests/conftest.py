@@ -40,9 +40,10 @@ def lora_model():
 
 def save_tiny_run(model, run_dir, **fields):
     """``model`` (a tiny-random LoRA) saved as a finished run at ``run_dir``; fields override the defaults."""
+    from svd_lightning.config import SteeringConfig
     from svd_lightning.run import SteeringRun, write_run
 
-    run = SteeringRun(**{"model": "tiny-random", "adapter": "lora", "mu": -1.0, "alpha": 0.1, **fields})
+    run = SteeringRun(model="tiny-random", adapter="lora", steering=SteeringConfig(**{"mu": -1.0, **fields}))
     return write_run(model, run, run_dir, tokenizer=tiny_model_and_tokenizer()[1])
 
 
@@ -58,6 +59,9 @@ def as_older_format(run_dir, version: int, drop=()):
     payload = json.loads(path.read_text())
     payload["format_version"] = version
     payload["adapter_sha256"] = adapter_hash(Path(run_dir) / "adapter", version)
+    if version < 2:  # flat settings, without the ones format 2 added
+        steering = payload.pop("steering")
+        payload.update({k: v for k, v in steering.items() if k not in ("forward_mode", "gamma")})
     for name in drop:
         payload.pop(name, None)
     if version == 0:

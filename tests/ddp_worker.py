@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         sol = solver.solution
         payload = {
             "world_size": trainer.world_size,
-            "mu": sol["mu"],
+            "mu": sol["steering"]["mu"],
             "module_mu": module.mu,
             "aggregates": sol["aggregates"],
             "diagnostics": sol["diagnostics"],

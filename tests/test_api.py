@@ -1,9 +1,13 @@
 """SteeredModel, the five-line API: inputs are checked where they enter, a failed call breaks nothing."""
 
+import json
+
 import pytest
+import torch
 
 from svd_lightning import SteeredModel
-from svd_lightning.run import RunError
+from svd_lightning.config import ConfigError, SteeringConfig
+from svd_lightning.steering import contrastive_log_probs, contrastive_logits
 
 from conftest import perturbed_lora, save_tiny_run
 
@@ -59,5 +63,69 @@ def test_a_failed_forward_inside_peft_leaves_no_hooks(steered, monkeypatch):
     ("scoring_policy", "sometimes", "scoring_policy must be one of"),
 ])
 def test_bad_settings_are_refused(steered, field, value, message):
-    with pytest.raises((RunError, ValueError), match=message):
-        SteeredModel(steered.model, steered.tokenizer, **{"mu": -1.0, field: value})
+    with pytest.raises(ConfigError, match=message):
+        SteeredModel(steered.model, steered.tokenizer, SteeringConfig(**{"mu": -1.0, field: value}))
+    with pytest.raises(ConfigError, match=message):
+        steered.config.replace(**{field: value})
+    with pytest.raises(ConfigError, match="config.mu is None"):
+        SteeredModel(steered.model, steered.tokenizer, SteeringConfig())
+
+
+# -- the contrastive baseline is part of the run -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def with_gamma(tmp_path_factory):
+    return save_tiny_run(perturbed_lora(), tmp_path_factory.mktemp("gamma") / "run", gamma=1.5)
+
+
+@torch.no_grad()
+def _slow_contrastive_greedy(model, ids, steps, gamma):
+    """Greedy on z_φ + γ(z_φ − z_θ), both full forwards recomputed every step (no mask: the baseline has none)."""
+    for _ in range(steps):
+        warm = model(input_ids=ids).logits[:, -1]
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits[:, -1]
+        ids = torch.cat([ids, contrastive_logits(warm, base, gamma).argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def test_a_runs_gamma_scores_and_generates_the_contrastive_baseline(with_gamma):
+    sm = SteeredModel.from_run_dir(with_gamma)
+    assert sm.config.gamma == 1.5
+    scores = sm.score("Q: Is the sky blue?\nA:", [" Yes", " No, it is green"])
+    assert set(scores) == {"plain", "base", "steered", "contrastive"}
+    prompt = "Q: What is the capital of France? A:"
+    ids = sm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    expected = sm.tokenizer.decode(_slow_contrastive_greedy(sm.model, ids, 5, 1.5)[0, ids.shape[1]:],
+                                   skip_special_tokens=True)
+    for mode in ("one_forward", "two_pass"):
+        got = SteeredModel(sm.model, sm.tokenizer, sm.config.replace(forward_mode=mode))
+        assert got.generate(prompt, method="contrastive", max_new_tokens=5) == expected, mode
+    assert scores["contrastive"] != scores["steered"], "SVDecode and the baseline should score differently here"
+
+
+def test_no_gamma_no_contrastive_method(steered):
+    with pytest.raises(ConfigError, match="no contrastive γ"):
+        steered.generate("Q: Why?", method="contrastive")
+    with pytest.raises(ConfigError, match="method must be one of"):
+        steered.generate("Q: Why?", method="dola")
+
+
+def test_generate_cli_and_lm_eval_use_the_runs_gamma(with_gamma, tmp_path):
+    from svd_lightning.generate import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Q: What is the capital of France? A:"}\n')
+    main(["--run-dir", str(with_gamma), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+          "--method", "contrastive", "--max-new-tokens", "5"])
+    row = json.loads((tmp_path / "o.jsonl").read_text())
+    sm = SteeredModel.from_run_dir(with_gamma)
+    assert row["steered"] == sm.generate(row["prompt"], method="contrastive", max_new_tokens=5)
+    assert row["mu"] == 1.5  # the strength the answer was steered with: γ
+    lm_eval = pytest.importorskip("svd_lightning.lm_eval", reason="the lm-eval extra")
+    backend = lm_eval.SteeredHFLM(str(with_gamma), method="contrastive")
+    inps = sm.tokenizer(["Q: Is the sky blue?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        warm = sm.model(input_ids=inps).logits
+        with sm.model.disable_adapter():
+            base = sm.model(input_ids=inps).logits
+    torch.testing.assert_close(backend._model_call(inps), contrastive_log_probs(warm, base, 1.5), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 
+from svd_lightning.config import SteeringConfig
 from svd_lightning.batch import IGNORE_INDEX, Tokenized, collate_choices, collate_lm
 from svd_lightning.callbacks import SteeringExtraction, StrengthSolver
 from svd_lightning.data import CommonsenseDataModule, DataError, GenericChoiceDataModule, TruthfulQADataModule
@@ -117,8 +118,8 @@ def test_partial_evaluation_scores_are_the_direct_log_likelihoods(tmp_path, lora
     examples = CommonsenseDataModule(str(write_json(tmp_path / "test.json", rows))).load_examples()
     tok = Tokenized(tiny_tokenizer(), 256)
     batch = collate_choices(examples, tok)
-    shared = score_choices(lora_model, batch, mu=0.5)
-    full = score_choices(lora_model, batch, mu=0.5, share_prompts=False)
+    shared = score_choices(lora_model, batch, SteeringConfig(mu=0.5))
+    full = score_choices(lora_model, batch, SteeringConfig(mu=0.5), share_prompts=False)
     for key in ("plain", "base", "steered"):
         torch.testing.assert_close(shared[key], full[key], atol=1e-4, rtol=0)
     with torch.no_grad():  # plain score = Σ log p(continuation | context j), one sequence at a time

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from svd_lightning.config import SteeringConfig
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.decoding import SteeringLogitsProcessor, score_choices, steered_generate
 from svd_lightning.steering import steer, steered_log_probs
@@ -39,7 +40,7 @@ def _slow_steered_greedy(model, ids, mask, mu, alpha, steps, eos):
 def test_steered_greedy_matches_slow_reference(tokenizer, mu):
     model = perturbed_lora(dtype=torch.float64)  # fp64: cached vs recomputed forwards agree to ~1e-15
     ids, mask = _left_padded(tokenizer, PROMPTS)
-    fast = steered_generate(model, ids, mask, mu=mu, alpha=0.1, max_new_tokens=12, do_sample=False,
+    fast = steered_generate(model, ids, mask, SteeringConfig(mu=mu, alpha=0.1), max_new_tokens=12, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     slow = _slow_steered_greedy(model, ids, mask, mu, 0.1, 12, tokenizer.eos_token_id)
     assert torch.equal(fast[:, : slow.shape[1]], slow)
@@ -53,9 +54,9 @@ def test_steered_sampling_respects_mask_and_is_seeded(tokenizer, lora_model):
     ids, mask = _left_padded(tokenizer, PROMPTS)
     kw = dict(max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    a = steered_generate(lora_model, ids, mask, mu=-2.0, **kw)
+    a = steered_generate(lora_model, ids, mask, SteeringConfig(mu=-2.0), **kw)
     torch.manual_seed(0)
-    b = steered_generate(lora_model, ids, mask, mu=-2.0, **kw)
+    b = steered_generate(lora_model, ids, mask, SteeringConfig(mu=-2.0), **kw)
     assert torch.equal(a, b)
     # Each sampled token was kept by the confidence mask of its step (replay with the slow path).
     for t in range(ids.shape[1], a.shape[1]):
@@ -71,7 +72,7 @@ def test_processor_mu0_keeps_warm_argmax(tokenizer, lora_model):
     ids, mask = _left_padded(tokenizer, PROMPTS)
     with torch.no_grad():
         warm = _full_logits(lora_model, ids, mask, False)
-    proc = SteeringLogitsProcessor(lora_model, 0.0, attention_mask=mask)
+    proc = SteeringLogitsProcessor(lora_model, SteeringConfig(mu=0.0), attention_mask=mask)
     out = proc(ids, warm.clone())
     assert torch.equal(out.argmax(-1), warm.argmax(-1))
     assert torch.isfinite(out.logsumexp(-1)).all()
@@ -80,7 +81,7 @@ def test_processor_mu0_keeps_warm_argmax(tokenizer, lora_model):
 @pytest.mark.parametrize("policy", ["mask_generation_only", "floor", "mask"])
 def test_score_choices_matches_per_row_reference(tokenizer, lora_model, policy):
     batch = _choice_batch(tokenizer)
-    got = score_choices(lora_model, batch, mu=-1.5, alpha=0.1, policy=policy)
+    got = score_choices(lora_model, batch, SteeringConfig(mu=-1.5, alpha=0.1, scoring_policy=policy))
     for i in range(batch["input_ids"].shape[0]):
         n = int(batch["attention_mask"][i].sum())
         ids = batch["input_ids"][i : i + 1, :n]
@@ -108,14 +109,14 @@ def test_score_choices_matches_per_row_reference(tokenizer, lora_model, policy):
 def test_score_choices_mu0_tiny_alpha_equals_plain(tokenizer, lora_model):
     batch = _choice_batch(tokenizer)
     for policy in ("mask_generation_only", "floor", "mask"):
-        got = score_choices(lora_model, batch, mu=0.0, alpha=1e-30, policy=policy)
+        got = score_choices(lora_model, batch, SteeringConfig(mu=0.0, alpha=1e-30, scoring_policy=policy))
         torch.testing.assert_close(got["steered"], got["plain"], rtol=0, atol=1e-5)
 
 
 def test_adapter_off_means_base(tokenizer):
     model = perturbed_lora()
     batch = _choice_batch(tokenizer)
-    got = score_choices(model, batch, mu=None)
+    got = score_choices(model, batch, SteeringConfig(mu=None))
     assert "steered" not in got
     merged_off = model.get_base_model()
     # Base scores must not depend on the adapter's weights at all.
@@ -123,7 +124,7 @@ def test_adapter_off_means_base(tokenizer):
         for p in model.parameters():
             if p.requires_grad:
                 p.mul_(3.0)
-    again = score_choices(model, batch, mu=None)
+    again = score_choices(model, batch, SteeringConfig(mu=None))
     torch.testing.assert_close(again["base"], got["base"])
     assert not torch.allclose(again["plain"], got["plain"])
     assert merged_off is model.get_base_model()

@@ -59,12 +59,13 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     run, common = cli_tiny_fit(tmp_path, monkeypatch)
     for name in ("config.yaml", "steering.json", "metrics.json", "metrics.csv", "adapter/adapter_config.json"):
         assert (run / name).exists(), name
-    steering = json.loads((run / "steering.json").read_text())
+    steering = json.loads((run / "steering.json").read_text())["steering"]
     assert torch.isfinite(torch.tensor(steering["mu"]))
     assert steering["strength"] == "exact" and steering["alpha"] == 0.1
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [h["stage"] for h in history] == ["val", "test"]  # validation on calib, then test after fit
     fit_metrics = {stage: h for h in history for stage in [h["stage"]]}
+    assert steering["gamma"] == fit_metrics["test"]["test/gamma"]  # the contrastive γ is part of the run
     for stage in ("val", "test"):
         for v in ("plain", "base", "steered"):
             for m in ("mc1", "mc2", "mc2_paper", "mc3_paper", "mc_avg_paper"):
@@ -114,8 +115,8 @@ def test_solver_mu_equals_direct_computation(tmp_path, adapter):
     _trainer(tmp_path, [SteeringExtraction(), solver]).fit(module, dm)
     stats, cache = _direct_statistics(module, dm.calib_dataloader(), 0.1)
     sol = solver.solution
-    assert sol["mu"] == pytest.approx(cache.solve(), rel=1e-5, abs=1e-7)
-    assert module.mu == pytest.approx(sol["mu"], rel=1e-12)
+    assert sol["steering"]["mu"] == pytest.approx(cache.solve(), rel=1e-5, abs=1e-7)
+    assert module.mu == pytest.approx(sol["steering"]["mu"], rel=1e-12)
     for key, value in stats.summary().items():
         assert sol["aggregates"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
@@ -318,7 +319,7 @@ def test_print_config_round_trips(tmp_path, capsys, config):
 @pytest.mark.parametrize("flag,value,message", [
     ("--model.floor", "5", "floor is a log-probability and must be ≤ 0, got 5.0"),
     ("--model.alpha", "0", "alpha must be in (0, 1], got 0.0"),
-    ("--model.strength", "1e300", "mu=1e+300 is too large"),
+    ("--model.strength", "1e300", "mu is too large"),
 ])
 def test_cli_bad_settings_get_one_line_and_exit_2(tmp_path, monkeypatch, capsys, flag, value, message):
     monkeypatch.chdir(tmp_path)

@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
+from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import steered_generate
-from svd_lightning.generate import generate_answers, main, read_prompts
+from svd_lightning.decoding import generate_answers
+from svd_lightning.generate import main, read_prompts
 from svd_lightning.steering import steer
 
 from conftest import save_tiny_run, left_padded as _left_padded, perturbed_lora
@@ -65,7 +67,7 @@ def test_steered_beam_search_matches_slow_reference(tokenizer, mu, early_stoppin
     model = perturbed_lora(dtype=torch.float64)
     ids, mask = _left_padded(tokenizer, PROMPTS)
     K, steps = 4, 10
-    out = steered_generate(model, ids, mask, mu=mu, num_beams=K, num_return_sequences=K, do_sample=False,
+    out = steered_generate(model, ids, mask, SteeringConfig(mu=mu), num_beams=K, num_return_sequences=K, do_sample=False,
                            max_new_tokens=steps, early_stopping=early_stopping, length_penalty=1.0,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=len(tokenizer) + 7,  # never generated
                            return_dict_in_generate=True, output_scores=True)
@@ -115,11 +117,12 @@ def test_processor_tracks_every_row(tokenizer, kw, forward_mode):
     model = perturbed_lora(dtype=torch.float64)
     ids, mask = _left_padded(tokenizer, PROMPTS)
     # An EOS the steered model actually emits, so beams finish at different lengths.
-    eos = int(steered_generate(model, ids, mask, mu=-2.0, max_new_tokens=3, do_sample=False,
+    eos = int(steered_generate(model, ids, mask, SteeringConfig(mu=-2.0), max_new_tokens=3, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)[0, -1])
     check = _CheckEveryRow(model, mask, -2.0)
-    run = lambda: steered_generate(model, ids, mask, mu=-2.0, max_new_tokens=8, logits_processor=[check],  # noqa: E731
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, forward_mode=forward_mode, **kw)
+    run = lambda: steered_generate(model, ids, mask, SteeringConfig(mu=-2.0, forward_mode=forward_mode),  # noqa: E731
+                                   max_new_tokens=8, logits_processor=[check], pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=eos, **kw)
     torch.manual_seed(0)
     out = run()
     assert check.calls > 1
@@ -159,7 +162,7 @@ def _reference(model, tokenizer, prompts, batch_size, **kw):
         ids, mask = _left_padded(tokenizer, prompts[s : s + batch_size])
         common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
         for answers, out in ((plain, model.generate(input_ids=ids, attention_mask=mask, **common)),
-                             (steered, steered_generate(model, ids, mask, mu=-1.0, alpha=0.1, **common))):
+                             (steered, steered_generate(model, ids, mask, SteeringConfig(mu=-1.0, alpha=0.1), **common))):
             answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return plain, steered
 
@@ -185,13 +188,13 @@ def test_cli_greedy_end_to_end(tmp_path, run_dir, tokenizer):
 def test_generate_answers_modes(tokenizer):
     model, side = perturbed_lora(), tokenizer.padding_side
     kw = dict(max_new_tokens=5, batch_size=2, progress=False)
-    beam = generate_answers(model, tokenizer, PROMPTS, 2.0, 0.1, "beam", num_beams=2, **kw)
+    beam = generate_answers(model, tokenizer, PROMPTS, SteeringConfig(mu=2.0), "beam", num_beams=2, **kw)
     assert [r["mode"] for r in beam] == ["beam"] * 3 and all(r["mu"] == 2.0 for r in beam)
-    sample = lambda: generate_answers(model, tokenizer, PROMPTS, 2.0, 0.1, "sample", top_k=20, seed=1, **kw)  # noqa: E731
+    sample = lambda: generate_answers(model, tokenizer, PROMPTS, SteeringConfig(mu=2.0), "sample", top_k=20, seed=1, **kw)  # noqa: E731
     assert sample() == sample()
     assert tokenizer.padding_side == side  # left padding only while generating
     with pytest.raises(ValueError, match="only apply to mode 'sample'"):
-        generate_answers(model, tokenizer, PROMPTS, 2.0, 0.1, "greedy", temperature=0.5, **kw)
+        generate_answers(model, tokenizer, PROMPTS, SteeringConfig(mu=2.0), "greedy", temperature=0.5, **kw)
 
 
 @pytest.mark.parametrize("line,message", [

@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from svd_lightning.config import SteeringConfig
 from svd_lightning import SteeredModel
 from svd_lightning.decoding import score_choices
-from svd_lightning.generate import generate_answers, load_run, main as generate_main
+from svd_lightning.decoding import generate_answers
+from svd_lightning.generate import main as generate_main
+from svd_lightning.run import load_run
 from svd_lightning.module import SteeringLM
 from svd_lightning.run import RUN_FILE, RunError, SteeringRun, adapter_hash, write_run
 
@@ -22,7 +25,7 @@ def _run(tmp_path, name="run", mu=-1.0, seed=0, **fields):
     """A complete tiny run directory written the way `fit` writes it (adapter first, then steering.json)."""
     torch.manual_seed(seed)  # LoRA A's init
     model = perturbed_lora(seed)
-    run = SteeringRun(model="tiny-random", adapter="lora", mu=mu, alpha=0.1, **fields)
+    run = SteeringRun(model="tiny-random", adapter="lora", steering=SteeringConfig(mu=mu, alpha=0.1, **fields))
     write_run(model, run, tmp_path / name, tokenizer=tiny_model_and_tokenizer()[1])
     return tmp_path / name, model
 
@@ -30,29 +33,30 @@ def _run(tmp_path, name="run", mu=-1.0, seed=0, **fields):
 def test_run_round_trips_and_binds_the_adapter(tmp_path):
     path, _ = _run(tmp_path)
     run = SteeringRun.load(path)
-    assert run.mu == -1.0 and run.format_version == 2 and run.adapter_sha256 == adapter_hash(path / "adapter")
+    assert run.steering.mu == -1.0 and run.format_version == 2 and run.adapter_sha256 == adapter_hash(path / "adapter")
     assert "torch" in run.versions
 
 
 @pytest.mark.parametrize("damage,message", [
     (lambda p: (p / RUN_FILE).write_text('{"model": "tiny-random", "adapter": "lo'), "not valid JSON"),
-    (lambda p: _edit(p, mu=None), r"missing field\(s\) \['mu'\]"),
-    (lambda p: _edit(p, mu="-1"), "field 'mu' must be a finite number"),
+    (lambda p: _edit_steering(p, mu=None), r"missing field\(s\) \['steering.mu'\]"),
+    (lambda p: _edit_steering(p, mu="-1"), "field 'steering': mu must be a finite number"),
     (lambda p: (p / RUN_FILE).write_text((p / RUN_FILE).read_text().replace('"mu": -1.0', '"mu": NaN')), "not valid JSON"),
-    (lambda p: _edit(p, scoring_policy="sometimes"), "field 'scoring_policy' must be one of"),
-    (lambda p: _edit(p, alpha=2.0), "alpha must be in \\(0, 1\\]"),
+    (lambda p: _edit_steering(p, scoring_policy="sometimes"), "field 'steering': scoring_policy must be one of"),
+    (lambda p: _edit_steering(p, alpha=2.0), "alpha must be in \\(0, 1\\]"),
     (lambda p: (p / RUN_FILE).unlink(), "is not a finished run"),
     (lambda p: (p / "adapter" / "adapter_config.json").unlink(), "adapter_config.json is missing"),
     (lambda p: _edit_adapter_config(p, lora_alpha=800), "adapter_sha256 differs"),
     (lambda p: _edit(p, adapter_sha256=None, tokenizer_sha256=None), r"missing field\(s\) \['adapter_sha256', 'tokenizer_sha256'\]"),
-    (lambda p: _drop(p, "scoring_policy"), r"missing field\(s\) \['scoring_policy'\]"),
+    (lambda p: _edit_steering(p, scoring_policy=_DROP), r"missing field\(s\) \['steering.scoring_policy'\]"),
+    (lambda p: _edit_steering(p, muu=-2.0), r"field 'steering': unknown setting\(s\) \['muu'\]"),
     (lambda p: _edit(p, mue=-2.0), r"unknown field\(s\) \['mue'\]"),
     (lambda p: _edit(p, adapter="ia3"), "field 'adapter' is 'ia3' but adapter/ holds a LORA adapter"),
-    (lambda p: _edit(p, mu=1e300), "mu=1e\\+300 is too large"),
-    (lambda p: _edit(p, floor=5.0), "floor is a log-probability and must be ≤ 0"),
+    (lambda p: _edit_steering(p, mu=1e300), "mu is too large"),
+    (lambda p: _edit_steering(p, floor=5.0), "floor is a log-probability and must be ≤ 0"),
     (lambda p: _edit(p, format_version=3), "field 'format_version' must be an integer ≤ 2"),
 ], ids=["truncated", "mu-null", "mu-string", "mu-nan", "policy", "alpha", "no-steering", "no-adapter", "adapter-config-edited",
-        "hashes-removed", "setting-removed", "unknown-key", "adapter-kind", "mu-huge", "floor-positive", "newer-format"])
+        "hashes-removed", "setting-removed", "unknown-setting", "unknown-key", "adapter-kind", "mu-huge", "floor-positive", "newer-format"])
 def test_bad_run_errors_name_the_run(tmp_path, damage, message):
     path, _ = _run(tmp_path)
     damage(path)
@@ -69,9 +73,14 @@ def _edit(path, **changes):
     (path / RUN_FILE).write_text(json.dumps(payload))
 
 
-def _drop(path, name):
+_DROP = object()
+
+
+def _edit_steering(path, **changes):
+    """Change (or, with _DROP, remove) settings inside steering.json's `steering` object."""
     payload = json.loads((path / RUN_FILE).read_text())
-    del payload[name]
+    payload["steering"].update(changes)
+    payload["steering"] = {k: v for k, v in payload["steering"].items() if v is not _DROP}
     (path / RUN_FILE).write_text(json.dumps(payload))
 
 
@@ -86,7 +95,7 @@ def test_runs_of_older_formats_load(tmp_path, version, capsys):
     path, model = _run(tmp_path)
     as_older_format(path, version, drop=["adapter_sha256", "tokenizer_sha256", "scoring_policy"] if version == 0 else [])
     run = SteeringRun.load(path)
-    assert run.format_version == version and run.scoring_policy == "mask_generation_only"
+    assert run.format_version == version and run.steering.scoring_policy == "mask_generation_only"
     if version == 0:
         assert "no adapter_sha256 (written by svd-lightning format 0): that check is skipped" in capsys.readouterr().err
     else:
@@ -172,7 +181,7 @@ def test_steered_model_scores_and_generates_like_the_package(tmp_path, tokenizer
 
     batch = collate_choices([ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green"], [True, False], 0)],
                             Tokenized(tokenizer, 512))
-    ref = score_choices(model.eval(), batch, mu=-1.0, alpha=0.1)
+    ref = score_choices(model.eval(), batch, SteeringConfig(mu=-1.0, alpha=0.1))
     for k in ("plain", "base", "steered"):
         torch.testing.assert_close(torch.tensor(got[k]), ref[k], rtol=1e-5, atol=1e-5)
     many = sm.score(["Q: Is the sky blue?\nA:", "Q: Yes?\nA:"], [[" Yes", " No, it is green"], [" Yes", " No", " Maybe"]])
@@ -181,7 +190,7 @@ def test_steered_model_scores_and_generates_like_the_package(tmp_path, tokenizer
         assert many[0][k] == pytest.approx(got[k], rel=1e-5, abs=1e-5)
     prompts = ["Q: What is the capital of France? A:", "Yes"]
     answers = sm.generate(prompts, max_new_tokens=6)
-    ref_rows = generate_answers(model, tokenizer, prompts, -1.0, 0.1, max_new_tokens=6, progress=False)
+    ref_rows = generate_answers(model, tokenizer, prompts, SteeringConfig(mu=-1.0), max_new_tokens=6, progress=False)
     assert answers == [r["steered"] for r in ref_rows]
     both = sm.generate(prompts, with_plain=True, max_new_tokens=6)
     assert [r["plain"] for r in both] == [r["plain"] for r in ref_rows]
@@ -222,7 +231,7 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
     from svd_lightning.data import TruthfulQADataModule
 
     expected = TruthfulQADataModule(path=str(data), instruction=False, limit_test=8).describe()["test"]
-    assert len(rows) == expected and rows[0]["mu"] == SteeringRun.load(run).mu
+    assert len(rows) == expected and rows[0]["mu"] == SteeringRun.load(run).steering.mu
     assert {"plain", "base", "steered", "is_true", "choice_set", "choice_index"} <= set(rows[0]["choices"][0])
     assert not (tmp_path / "adapter").exists()  # nothing lands in the working directory
 
@@ -334,7 +343,7 @@ def test_validate_with_a_re_solved_strength_writes_a_new_run(tmp_path, monkeypat
           args[args.index("--data.init_args.path") + 1]])
     assert _snapshot(run) == before
     new = SteeringRun.load(root / "version_1")
-    assert new.alpha == 0.3 and SteeringRun.load(run).alpha == 0.1
+    assert new.steering.alpha == 0.3 and SteeringRun.load(run).steering.alpha == 0.1
     assert f"the re-solved μ̄ is part of the new run {root / 'version_1'}" in capsys.readouterr().err
 
 
@@ -369,7 +378,7 @@ def test_run_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         writer = RunWriter(tmp_path / "version_0")
-        writer.write_run(perturbed_lora(), SteeringRun(model="tiny-random", adapter="lora", mu=-1.0, alpha=0.1),
+        writer.write_run(perturbed_lora(), SteeringRun(model="tiny-random", adapter="lora", steering=SteeringConfig(mu=-1.0)),
                          tiny_model_and_tokenizer()[1])
         writer.save_torch("logit_snapshots.pt", {"a": 1})
         run = writer.commit()
@@ -399,3 +408,20 @@ def test_a_test_after_fit_with_the_same_trainer_is_a_new_run(tmp_path):
     assert Path(trainer.log_dir) == tmp_path / "version_1"
     assert json.loads((tmp_path / "version_1" / "metrics.json").read_text())["history"][-1]["stage"] == "test"
     assert (tmp_path / "version_1" / "metrics.csv").is_file()
+
+
+def test_a_gamma_fit_after_the_run_was_written_is_added_to_it(tmp_path, monkeypatch):
+    """No validation during fit: the contrastive γ is fit when the test starts, after steering.json was
+    written; it joins the same (still open) run before the rename."""
+    from svd_lightning.cli import main
+    from test_framework import ROOT
+
+    data = write_truthfulqa(tmp_path / "mc.json")
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false"])
+    run = SteeringRun.load(tmp_path / "runs" / "version_0")
+    history = json.loads((tmp_path / "runs" / "version_0" / "metrics.json").read_text())["history"]
+    assert [h["stage"] for h in history] == ["test"]
+    assert run.steering.gamma is not None and run.steering.gamma == history[-1]["test/gamma"]

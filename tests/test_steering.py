@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from svd_lightning.config import SteeringConfig
 from svd_lightning.steering import (
     ChoiceStrengthCache,
     ExactStrengthCache,
@@ -15,7 +16,6 @@ from svd_lightning.steering import (
     steered_log_probs,
     steering_direction,
     steering_vector,
-    strength_alpha,
     strength_grid,
     strength_terms,
     token_strengths,
@@ -353,7 +353,8 @@ def _choice_example(seed=0, questions=6, alpha=0.1, direction="kl_gradient", pol
     lean = torch.where(meta["is_true"][row].bool(), 0.5, -0.5).unsqueeze(-1).double()
     target = zw + lean * (zw - zb)
     labels = torch.multinomial(torch.softmax(target, -1), 1, generator=g).squeeze(-1)
-    delta, keep = steering_vector(zw, zb, strength_alpha(alpha, policy), direction=direction)
+    delta, keep = steering_vector(zw, zb, SteeringConfig(alpha=alpha, scoring_policy=policy).statistics_alpha,
+                                  direction=direction)
     return zw, zb, delta, keep, labels, row, meta
 
 

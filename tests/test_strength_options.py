@@ -12,8 +12,9 @@ from svd_lightning.calibration import calibrate_choice_grid, calibrate_choices
 from svd_lightning.callbacks import ContrastiveBaseline, SteeredValidation, StrengthSolver
 from svd_lightning.decoding import score_choices, steered_generate
 from svd_lightning.module import SteeringLM
-from svd_lightning.run import DIRECTIONS, RUN_FILE, RunError, SteeringRun, write_run
-from svd_lightning.steering import DIRECTIONS as STEERING_DIRECTIONS, GAMMA_GRID, NO_MASK_ALPHA, contrastive_logits, steer
+from svd_lightning.config import NO_MASK_ALPHA, SteeringConfig
+from svd_lightning.run import SteeringRun
+from svd_lightning.steering import GAMMA_GRID, contrastive_logits, steer, steering_direction
 
 from conftest import as_older_format, save_tiny_run, left_padded, perturbed_lora
 from test_framework import _datamodule, _trainer, write_truthfulqa
@@ -44,7 +45,7 @@ def _scored_loss(model, batches, mu, **settings):
     """The choice loss from score_choices itself: Σ over (question, choice set) of −log Σ_true softmax(S)."""
     total = 0.0
     for batch in batches:
-        s = score_choices(model, batch, mu, forward_mode="two_pass", **settings)["steered"].double()
+        s = score_choices(model, batch, SteeringConfig(mu=mu, forward_mode="two_pass", **settings))["steered"].double()
         for q, cset in {(int(a), int(b)) for a, b in zip(batch["question_index"], batch["choice_set"])}:
             sel = (batch["question_index"] == q) & (batch["choice_set"] == cset)
             t = batch["is_true"][sel].bool()
@@ -56,8 +57,8 @@ def _scored_loss(model, batches, mu, **settings):
 @pytest.mark.parametrize("policy", ["mask_generation_only", "floor"])
 def test_choice_calibration_reproduces_steered_scoring(tokenizer, model64, policy, direction):
     batches = _batches(tokenizer)
-    settings = dict(alpha=0.1, policy=policy, floor=-12.0, direction=direction)
-    got = calibrate_choices(model64, batches, 0.1, policy=policy, floor=-12.0, direction=direction, progress=False)
+    settings = dict(alpha=0.1, scoring_policy=policy, floor=-12.0, direction=direction)
+    got = calibrate_choices(model64, batches, SteeringConfig(**settings), progress=False)
     assert got.diagnostics == {"choice_sets": 6.0, "usable_choice_sets": 6.0, "choice_rows": 14.0,
                                "choice_tokens": float(sum(int((b["labels"] != -100).sum()) for b in batches))}
     mus = [-8.0, -1.0, 0.0, 0.5, 3.0]
@@ -69,8 +70,7 @@ def test_choice_calibration_reproduces_steered_scoring(tokenizer, model64, polic
     brute = min(_scored_loss(model64, batches, m, **settings) for m in grid)
     assert _scored_loss(model64, batches, mu, **settings) <= brute + 1e-4
     # Questions split over two "ranks" give the same loss.
-    halves = [calibrate_choices(model64, [b], 0.1, policy=policy, floor=-12.0, direction=direction, progress=False)
-              for b in batches]
+    halves = [calibrate_choices(model64, [b], SteeringConfig(**settings), progress=False) for b in batches]
     torch.testing.assert_close(halves[0].cache.losses(mus) + halves[1].cache.losses(mus), got.cache.losses(mus))
 
 
@@ -85,23 +85,20 @@ def test_unknown_direction_is_refused_everywhere(model64, tokenizer):
     with pytest.raises(ValueError, match="direction must be one of"):
         SteeringLM("tiny-random", direction="contrastive")
     with pytest.raises(ValueError, match="direction must be one of"):
-        SteeredModel(model64, tokenizer, mu=1.0, direction="contrastive")
+        SteeringConfig(mu=1.0, direction="contrastive")
     with pytest.raises(ValueError, match="direction must be one of"):
-        score_choices(model64, _batches(tokenizer)[0], 1.0, direction="contrastive")
-    with pytest.raises(RunError, match="field 'direction' must be one of"):
-        SteeringRun(model="tiny-random", adapter="lora", mu=1.0, alpha=0.1, direction="contrastive")
+        steering_direction(torch.zeros(1, 3), torch.zeros(1, 3), "contrastive")
 
 
 def test_run_format_round_trips_direction_and_old_runs_load_as_kl_gradient(tmp_path):
-    assert DIRECTIONS == STEERING_DIRECTIONS
     model = perturbed_lora()
     save_tiny_run(model, tmp_path / "new", mu=0.5, direction="logit_difference")
-    assert SteeringRun.load(tmp_path / "new").direction == "logit_difference"
+    assert SteeringRun.load(tmp_path / "new").steering.direction == "logit_difference"
     save_tiny_run(model, tmp_path / "old")
     as_older_format(tmp_path / "old", 1, drop=["direction"])  # written before the setting existed
-    assert SteeringRun.load(tmp_path / "old").direction == "kl_gradient"
+    assert SteeringRun.load(tmp_path / "old").steering.direction == "kl_gradient"
     sm = SteeredModel.from_run_dir(tmp_path / "new")
-    assert sm.direction == "logit_difference"
+    assert sm.config.direction == "logit_difference"
 
 
 @torch.no_grad()
@@ -117,9 +114,10 @@ def test_logit_difference_generation_matches_a_slow_reference(tokenizer, model64
         slow, smask = torch.cat([slow, nxt[:, None]], 1), torch.cat([smask, torch.ones_like(smask[:, :1])], 1)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     for mode in ("one_forward", "two_pass"):
-        fast = steered_generate(model64, ids, mask, mu=0.8, alpha=0.1, forward_mode=mode, direction="logit_difference", **kw)
+        config = SteeringConfig(mu=0.8, alpha=0.1, forward_mode=mode, direction="logit_difference")
+        fast = steered_generate(model64, ids, mask, config, **kw)
         assert torch.equal(fast, slow), mode
-    kl = steered_generate(model64, ids, mask, mu=0.8, alpha=0.1, **kw)
+    kl = steered_generate(model64, ids, mask, SteeringConfig(mu=0.8, alpha=0.1), **kw)
     assert not torch.equal(kl, slow), "the two directions should steer differently on this model"
 
 
@@ -130,15 +128,13 @@ def test_fit_with_choice_nll_and_logit_difference_writes_both_into_the_run(tmp_p
     trainer = _trainer(tmp_path, [solver], max_steps=2)
     trainer.fit(module, dm)
     run = SteeringRun.load(trainer.log_dir)
-    assert run.direction == "logit_difference" and run.strength == "choice_nll"
-    assert run.mu == solver.solution["mu"] == run.aggregates["choice_nll"] == module.mu
+    assert run.steering.direction == "logit_difference" and run.steering.strength == "choice_nll"
+    assert run.steering.mu == solver.solution["steering"]["mu"] == run.aggregates["choice_nll"] == module.mu
     assert {"exact", "mean_identity", "choice_nll"} <= set(run.aggregates)
     assert run.diagnostics["usable_choice_sets"] == 2 * dm.describe()["calib"]  # mc1 + mc2 of every question
     # The same μ from the pure functions on the trained model.
-    h = module.hparams
-    direct = calibrate_choices(module.model, dm.calib_choice_dataloader(), h.alpha, policy=h.scoring_policy,
-                               floor=h.floor, direction="logit_difference", progress=False)
-    assert direct.cache.solve() == pytest.approx(run.mu, rel=1e-6, abs=1e-8)
+    direct = calibrate_choices(module.model, dm.calib_choice_dataloader(), module.steering_config, progress=False)
+    assert direct.cache.solve() == pytest.approx(run.steering.mu, rel=1e-6, abs=1e-8)
     assert SteeringLM(run_dir=trainer.log_dir).hparams.direction == "logit_difference"
 
 
@@ -157,28 +153,27 @@ def test_cli_accepts_choice_nll_and_direction(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("settings", [
-    dict(alpha=NO_MASK_ALPHA, policy="none", direction="logit_difference"),  # the contrastive baseline
-    dict(alpha=0.1, policy="mask_generation_only", direction="kl_gradient"),
-    dict(alpha=0.1, policy="floor", floor=-12.0, direction="logit_difference"),
+    dict(alpha=NO_MASK_ALPHA, scoring_policy="none", direction="logit_difference"),  # the contrastive baseline
+    dict(alpha=0.1, scoring_policy="mask_generation_only", direction="kl_gradient"),
+    dict(alpha=0.1, scoring_policy="floor", floor=-12.0, direction="logit_difference"),
 ])
 def test_choice_grid_calibration_is_the_scored_choice_loss_at_every_grid_point(tokenizer, model64, settings):
     batches = _batches(tokenizer)
     mus = [-3.0, -0.5, 0.0, 0.75, 2.0, 5.0]
-    alpha, rest = settings["alpha"], {k: v for k, v in settings.items() if k != "alpha"}
-    got = calibrate_choice_grid(model64, batches, mus, alpha, progress=False, **rest)
-    ref = torch.tensor([_scored_loss(model64, batches, m, alpha=alpha, **rest) for m in mus], dtype=torch.float64)
+    got = calibrate_choice_grid(model64, batches, mus, SteeringConfig(**settings), progress=False)
+    ref = torch.tensor([_scored_loss(model64, batches, m, **settings) for m in mus], dtype=torch.float64)
     torch.testing.assert_close(got.losses, ref, rtol=1e-5, atol=1e-5)
     assert got.best() == mus[int(ref.argmin())]
     assert got.diagnostics == {"choice_sets": 6.0, "choice_rows": 14.0}
     # Two "ranks", each with its own questions, sum to the same losses.
-    parts = [calibrate_choice_grid(model64, [b], mus, alpha, progress=False, **rest).losses for b in batches]
+    parts = [calibrate_choice_grid(model64, [b], mus, SteeringConfig(**settings), progress=False).losses for b in batches]
     torch.testing.assert_close(parts[0] + parts[1], got.losses)
 
 
 def test_contrastive_scores_are_the_contrastive_logits_in_float64(tokenizer, model64):
     batch = _batches(tokenizer, size=4)[0]
     gamma = 1.5
-    out = score_choices(model64, batch, None, forward_mode="two_pass", contrastive=gamma)
+    out = score_choices(model64, batch, SteeringConfig(forward_mode="two_pass", gamma=gamma))
     assert "steered" not in out
     with torch.no_grad():
         warm = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
@@ -188,7 +183,7 @@ def test_contrastive_scores_are_the_contrastive_logits_in_float64(tokenizer, mod
     labels = batch["labels"][:, 1:]
     tok = lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1).masked_fill(labels == -100, 0.0)
     torch.testing.assert_close(out["contrastive"].double(), tok.sum(-1), rtol=0, atol=1e-4)
-    plain = score_choices(model64, batch, None, forward_mode="two_pass", contrastive=0.0)
+    plain = score_choices(model64, batch, SteeringConfig(forward_mode="two_pass", gamma=0.0))
     torch.testing.assert_close(plain["contrastive"], plain["plain"])  # γ = 0: the warm start
 
 
@@ -200,8 +195,8 @@ def test_fit_scores_the_contrastive_baseline_next_to_svdecode(tmp_path, capsys):
     trainer.fit(module, dm)
     trainer.test(module, dm, verbose=False)
     # γ is the grid point with the smallest calib choice loss, from the pure function on the trained model.
-    direct = calibrate_choice_grid(module.model, dm.calib_choice_dataloader(), GAMMA_GRID, NO_MASK_ALPHA,
-                                   policy="none", direction="logit_difference", progress=False)
+    direct = calibrate_choice_grid(module.model, dm.calib_choice_dataloader(), GAMMA_GRID,
+                                   SteeringConfig(gamma=0.0).contrastive(), progress=False)
     assert module.gamma == baseline.solution["gamma"] == direct.best()
     assert baseline.solution["global_step"] == 2
     got = module.last_metrics

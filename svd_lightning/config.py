@@ -1,0 +1,181 @@
+"""``SteeringConfig``: every decode-time setting of SVDecode in one validated object.
+
+In the style of peft's ``LoraConfig``: a dataclass whose options are defined and checked here
+once (``__post_init__``), with per-field help, saved as JSON (nested in ``steering.json``, see
+:mod:`svd_lightning.run`). One object travels through scoring, generation, calibration,
+:class:`svd_lightning.SteeredModel` and the lm-eval backend; the code that applies it lives in
+:mod:`svd_lightning.decoding` and :mod:`svd_lightning.calibration`. Free of torch, so a run can be
+read without it.
+
+    config = SteeringConfig(mu=-31.1, alpha=0.1)
+    config.replace(mu=0.0)            # a new, validated config
+    config.contrastive()              # the contrastive baseline z_φ + γ(z_φ − z_θ) as a config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from svd_lightning.log import InputError
+
+ScoringPolicy = Literal["mask_generation_only", "none", "floor", "mask"]
+Direction = Literal["kl_gradient", "logit_difference"]
+ForwardMode = Literal["auto", "one_forward", "two_pass"]
+Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll", "fixed"]
+Curvature = Literal["identity", "fisher"]
+Method = Literal["svdecode", "contrastive"]
+
+SCORING_POLICIES: tuple[str, ...] = get_args(ScoringPolicy)
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+FORWARD_MODES: tuple[str, ...] = get_args(ForwardMode)
+STRENGTHS: tuple[str, ...] = get_args(Strength)
+SOLVED_STRENGTHS = STRENGTHS[:-1]  # ``fixed``: set by hand, nothing to solve
+CURVATURES: tuple[str, ...] = get_args(Curvature)
+METHODS: tuple[str, ...] = get_args(Method)
+MAX_ABS_STRENGTH = 1e6  # |μ|·|δz| must stay far from fp32's 3.4e38, or steered logits turn inf and scores NaN
+# Policy `none` (no confidence mask) keeps tokens with p_φ ≥ 1e-8·max p_φ in the compact strength
+# caches (see svd_lightning.steering): for the KL gradient nothing below moves measurably.
+NO_MASK_ALPHA = 1e-8
+
+
+class ConfigError(InputError):
+    """A setting outside its range; the message names where it came from, the field and the options."""
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """The decode-time settings of SVDecode (and of the contrastive baseline scored beside it)."""
+
+    mu: float | None = _help("the steering strength μ̄ (None: not solved yet); usually negative for δz",
+                             default=None)
+    alpha: float = _help("confidence mask: keep tokens with p_φ ≥ α·max p_φ, in (0, 1]", default=0.1)
+    scoring_policy: ScoringPolicy = _help(
+        "what a masked label token contributes to teacher-forced scores: mask_generation_only (the mask "
+        "only when generating), none (no mask anywhere), floor (log-prob `floor`), mask (−∞, the paper)",
+        default="mask_generation_only")
+    floor: float = _help("log-probability of a masked label token under scoring_policy=floor, ≤ 0", default=-20.0)
+    direction: Direction = _help("the vector μ̄ scales: kl_gradient (SVDecode's δz) or logit_difference "
+                                 "(z_φ − z_θ, contrastive / proxy-tuning)", default="kl_gradient")
+    forward_mode: ForwardMode = _help("auto (one forward for both distributions where the adapter allows, "
+                                      "i.e. LoRA), one_forward or two_pass", default="auto")
+    gamma: float | None = _help("γ of the contrastive baseline z_φ + γ(z_φ − z_θ) fit on the same calibration "
+                                "data (None: not fit)", default=None)
+    strength: Strength = _help("how μ̄ was (or is to be) solved: exact, mean, median, trimmed, pooled, "
+                               "choice_nll, or fixed (set by hand)", default="exact")
+    curvature: Curvature = _help("curvature of the per-token Newton step for mean / median / trimmed / "
+                                 "pooled: identity (the paper) or fisher", default="identity")
+    trim: float = _help("fraction cut at each tail by strength=trimmed, in [0, 0.5)", default=0.1)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, where: str = "SteeringConfig") -> None:
+        """Every range and option, once; errors name ``where`` and the field."""
+        def bad(name: str, why: str):
+            raise ConfigError(f"{where}: {name} {why}, got {getattr(self, name)!r}")
+
+        for name in ("mu", "gamma"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if _not_number(value):
+                bad(name, "must be a finite number")
+            if abs(value) > MAX_ABS_STRENGTH:
+                bad(name, f"is too large: |{name}| ≤ {MAX_ABS_STRENGTH:g} keeps steered logits finite in fp32")
+        for name in ("alpha", "floor", "trim"):
+            if _not_number(getattr(self, name)):
+                bad(name, "must be a finite number")
+        if not 0.0 < self.alpha <= 1.0:
+            bad("alpha", "must be in (0, 1]")
+        if self.floor > 0:
+            bad("floor", "is a log-probability and must be ≤ 0")
+        if not 0.0 <= self.trim < 0.5:
+            bad("trim", "must be in [0, 0.5)")
+        for name, options in (("scoring_policy", SCORING_POLICIES), ("direction", DIRECTIONS),
+                              ("forward_mode", FORWARD_MODES), ("strength", STRENGTHS), ("curvature", CURVATURES)):
+            if getattr(self, name) not in options:
+                bad(name, f"must be one of {options}")
+
+    # -- derived settings: each rule in one place ------------------------------------------------------
+    @property
+    def mask_in_generation(self) -> bool:
+        """Generation applies the confidence mask unless the policy is ``none`` (no mask anywhere)."""
+        return self.scoring_policy != "none"
+
+    @property
+    def statistics_alpha(self) -> float:
+        """The mask threshold the strength is solved with: ``alpha``, or (policy ``none``) no mask."""
+        return NO_MASK_ALPHA if self.scoring_policy == "none" else self.alpha
+
+    def contrastive(self) -> "SteeringConfig":
+        """The contrastive baseline ``z_φ + γ(z_φ − z_θ)`` as steering: the logit difference at μ = γ, no mask."""
+        if self.gamma is None:
+            raise ConfigError("SteeringConfig: no contrastive γ (gamma is None): fit it with "
+                              "svd_lightning.callbacks.ContrastiveBaseline")
+        return self.replace(mu=self.gamma, direction="logit_difference", scoring_policy="none")
+
+    def method(self, name: Method = "svdecode") -> "SteeringConfig":
+        """The config that decodes with ``name``: ``svdecode`` (this one) or ``contrastive``."""
+        if name not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {name!r}")
+        return self if name == "svdecode" else self.contrastive()
+
+    # -- values --------------------------------------------------------------------------------------
+    def replace(self, **changes) -> "SteeringConfig":
+        """A copy with ``changes`` (checked); an unknown name is an error naming the fields."""
+        unknown = sorted(set(changes) - set(self.fields()))
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown}; SteeringConfig has {list(self.fields())}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def fields(cls) -> dict[str, str]:
+        """``{name: help}`` of every setting."""
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: Any, where: str = "SteeringConfig", required: tuple[str, ...] = ()) -> "SteeringConfig":
+        """The config in ``payload``; unknown or missing (``required``) fields are errors naming ``where``."""
+        if not isinstance(payload, dict):
+            raise ConfigError(f"{where}: expected an object of settings, got {type(payload).__name__}")
+        unknown = sorted(set(payload) - set(cls.fields()))
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {unknown}; the settings are {list(cls.fields())}")
+        missing = [name for name in required if name not in payload]
+        if missing:
+            raise ConfigError(f"{where}: missing setting(s) {missing}")
+        config = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(config, f.name, payload.get(f.name, f.default))
+        config.check(where)
+        return config
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from svd_lightning.run import write_json
+
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SteeringConfig":
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read a SteeringConfig ({err})") from None
+        return cls.from_dict(payload, str(path))
+
+
+def _not_number(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
