@@ -1,9 +1,19 @@
-"""Tiny random models and a local tokenizer: no downloads anywhere in the suite."""
+"""Shared test helpers: tiny random models and a local tokenizer (no downloads anywhere in the suite),
+synthetic data, trainers and run directories of the tiny model."""
 
+import json
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from svd_lightning.batch import ChoiceExample
+from svd_lightning.config import SteeringConfig
+from svd_lightning.data import TruthfulQADataModule
+from svd_lightning.logger import RunLogger
+from svd_lightning.run import RUN_FILE, SteeringRun, adapter_hash, write_run
 from svd_lightning.tiny import tiny_model_and_tokenizer
 
 
@@ -40,9 +50,6 @@ def lora_model():
 
 def save_tiny_run(model, run_dir, **fields):
     """``model`` (a tiny-random LoRA) saved as a finished run at ``run_dir``; fields override the defaults."""
-    from svd_lightning.config import SteeringConfig
-    from svd_lightning.run import SteeringRun, write_run
-
     run = SteeringRun(model="tiny-random", adapter="lora", steering=SteeringConfig(**{"mu": -1.0, **fields}))
     return write_run(model, run, run_dir, tokenizer=tiny_model_and_tokenizer()[1])
 
@@ -50,11 +57,6 @@ def save_tiny_run(model, run_dir, **fields):
 def as_older_format(run_dir, version: int, drop=()):
     """Rewrite ``run_dir``'s steering.json as svd-lightning format ``version`` wrote it (its adapter hash
     rule, without the fields in ``drop``): a run from before a format change."""
-    import json
-    from pathlib import Path
-
-    from svd_lightning.run import RUN_FILE, adapter_hash
-
     path = Path(run_dir) / RUN_FILE
     payload = json.loads(path.read_text())
     payload["format_version"] = version
@@ -68,3 +70,67 @@ def as_older_format(run_dir, version: int, drop=()):
         payload.pop("format_version")
     path.write_text(json.dumps(payload))
     return path
+
+
+# -- data, trainers and runs of the tiny model, shared by the test modules --------------------------------
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+ANSWERS = ["Paris.", "I have no comment.", "Nothing happens.", "The dead outnumber the living.", "Yes", "No", "You will die."]
+
+
+def write_truthfulqa(path: Path, n: int = 24) -> Path:
+    """A synthetic mc_task.json: n questions, mc1 with 3-4 choices, mc2 with 2 true + 2-3 false."""
+    rows = []
+    for i in range(n):
+        a = [ANSWERS[(i + k) % len(ANSWERS)] + (" " + str(i) if k == 0 else "") for k in range(5)]
+        rows.append({
+            "question": f"What happens in case {i}?",
+            "mc1_targets": {a[0]: 1, a[1]: 0, a[2]: 0, **({a[3]: 0} if i % 2 else {})},
+            "mc2_targets": {a[0]: 1, a[4]: 1, a[1]: 0, a[2]: 0, **({a[3]: 0} if i % 3 else {})},
+        })
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def tiny_datamodule(path, **kw):
+    """A TruthfulQADataModule over a synthetic file, small enough for the tiny model."""
+    kw = {"instruction": False, "batch_size": 2, "train_batch_size": 4, "max_length": 128, **kw}
+    return TruthfulQADataModule(path=str(path), **kw)
+
+
+def tiny_trainer(tmp_path, callbacks, **kw):
+    """A CPU Trainer whose runs go to ``tmp_path`` (a RunLogger), no checkpoints, no progress bar."""
+    kw = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": RunLogger(tmp_path),
+          "enable_checkpointing": False, "num_sanity_val_steps": 0, "enable_progress_bar": False, **kw}
+    return L.Trainer(callbacks=callbacks, **kw)
+
+
+def cli_tiny_fit(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """`svd-lightning fit` of configs/tiny.yaml on synthetic data, from tmp_path; returns the run and the
+    arguments that point later commands at the same data and root."""
+    data = write_truthfulqa(tmp_path / "mc.json")
+    monkeypatch.chdir(tmp_path)
+    common = ["--data.init_args.path", str(data), "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny"),
+              "--trainer.enable_progress_bar", "false"]
+    from svd_lightning.cli import main  # imports the CLI only where a test runs it
+
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
+    return tmp_path / "runs/tiny/version_0", common
+
+
+def tiny_run(tmp_path, name="run", mu=-1.0, seed=0, **settings):
+    """A complete tiny run directory written the way `fit` writes it: (its path, the model saved in it)."""
+    torch.manual_seed(seed)  # LoRA A's init
+    model = perturbed_lora(seed)
+    return save_tiny_run(model, Path(tmp_path) / name, mu=mu, **settings), model
+
+
+# Short prompts and choice questions for the one-forward and device checks.
+PROMPTS = ["Q: What is the capital of France? A:", "Q: What happens if you eat a pomegranate?\nA:", "Yes"]
+EXAMPLES = [
+    ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0,
+                  answer=" Paris"),
+    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green on most days"], [True, False], 1, answer=" Yes"),
+    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes it is"], [True], 2, answer=" Yes it is"),
+    ChoiceExample("Q: What happens if you eat a pomegranate?\nA:", [" Nothing in particular happens.", " You will die."],
+                  [True, False], 3, answer=" Nothing in particular happens."),
+]

@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_framework import write_truthfulqa
+from conftest import write_truthfulqa
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"
@@ -73,6 +73,7 @@ def _run(tmp_path: Path, data: Path, devices: int) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_match_single_process(tmp_path):
     data = write_truthfulqa(tmp_path / "mc.json", n=35)  # seeded split 21/7/7 -> limits 4/5/7
     one = _run(tmp_path, data, devices=1)

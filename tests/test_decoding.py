@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from svd_lightning.config import SteeringConfig
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
+from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import SteeringLogitsProcessor, score_choices, steered_generate
 from svd_lightning.steering import steer, steered_log_probs
 

@@ -7,13 +7,12 @@ import lightning as L
 import pytest
 import torch
 
-from svd_lightning.config import SteeringConfig
 from svd_lightning.batch import Tokenized, collate_choices, collate_lm
 from svd_lightning.calibration import calibrate
+from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import score_choices, steered_generate
 
-from conftest import left_padded, perturbed_lora
-from test_one_forward import EXAMPLES, PROMPTS
+from conftest import EXAMPLES, PROMPTS, left_padded, perturbed_lora
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -48,7 +47,7 @@ def test_trainer_accelerator_runs_the_tiny_fit(tmp_path, device):
     from svd_lightning.data import TruthfulQADataModule
     from svd_lightning.module import SteeringLM
 
-    from test_framework import write_truthfulqa
+    from conftest import write_truthfulqa
 
     data = write_truthfulqa(tmp_path / "mc.json", n=10)
     dm = TruthfulQADataModule(path=str(data), instruction=False, batch_size=2, train_batch_size=2, max_length=128,

@@ -15,45 +15,7 @@ from svd_lightning.models import ADAPTER_METHODS
 from svd_lightning.module import SteeringLM
 from svd_lightning.steering import ExactStrengthCache, StrengthStats, steering_vector, strength_terms
 
-ROOT = Path(__file__).resolve().parents[1]
-ANSWERS = ["Paris.", "I have no comment.", "Nothing happens.", "The dead outnumber the living.", "Yes", "No", "You will die."]
-
-
-def write_truthfulqa(path: Path, n: int = 24) -> Path:
-    """A synthetic mc_task.json: n questions, mc1 with 3-4 choices, mc2 with 2 true + 2-3 false."""
-    rows = []
-    for i in range(n):
-        a = [ANSWERS[(i + k) % len(ANSWERS)] + (" " + str(i) if k == 0 else "") for k in range(5)]
-        rows.append({
-            "question": f"What happens in case {i}?",
-            "mc1_targets": {a[0]: 1, a[1]: 0, a[2]: 0, **({a[3]: 0} if i % 2 else {})},
-            "mc2_targets": {a[0]: 1, a[4]: 1, a[1]: 0, a[2]: 0, **({a[3]: 0} if i % 3 else {})},
-        })
-    path.write_text(json.dumps(rows))
-    return path
-
-
-def _datamodule(path, **kw):
-    kw = {"instruction": False, "batch_size": 2, "train_batch_size": 4, "max_length": 128, **kw}
-    return TruthfulQADataModule(path=str(path), **kw)
-
-
-def _trainer(tmp_path, callbacks, **kw):
-    kw = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": RunLogger(tmp_path),
-          "enable_checkpointing": False, "num_sanity_val_steps": 0, "enable_progress_bar": False, **kw}
-    return L.Trainer(callbacks=callbacks, **kw)
-
-
-def cli_tiny_fit(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
-    """`svd-lightning fit` of configs/tiny.yaml on synthetic data, from tmp_path; returns the run and the
-    arguments that point later commands at the same data and root."""
-    data = write_truthfulqa(tmp_path / "mc.json")
-    monkeypatch.chdir(tmp_path)
-    common = ["--data.init_args.path", str(data), "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny"),
-              "--trainer.enable_progress_bar", "false"]
-    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
-    return tmp_path / "runs/tiny/version_0", common
-
+from conftest import ROOT, cli_tiny_fit, tiny_datamodule, tiny_trainer, write_truthfulqa
 
 def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     run, common = cli_tiny_fit(tmp_path, monkeypatch)
@@ -109,10 +71,10 @@ def _direct_statistics(module, loader, alpha):
 
 @pytest.mark.parametrize("adapter", ["lora", "prompt_tuning"])
 def test_solver_mu_equals_direct_computation(tmp_path, adapter):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
     module = SteeringLM("tiny-random", adapter=adapter, learning_rate=0.05, adapter_options={"r": 4} if adapter == "lora" else None)
     solver = StrengthSolver("exact")
-    _trainer(tmp_path, [SteeringExtraction(), solver]).fit(module, dm)
+    tiny_trainer(tmp_path, [SteeringExtraction(), solver]).fit(module, dm)
     stats, cache = _direct_statistics(module, dm.calib_dataloader(), 0.1)
     sol = solver.solution
     assert sol["steering"]["mu"] == pytest.approx(cache.solve(), rel=1e-5, abs=1e-7)
@@ -123,10 +85,10 @@ def test_solver_mu_equals_direct_computation(tmp_path, adapter):
 
 @pytest.mark.parametrize("adapter", ADAPTER_METHODS)
 def test_each_adapter_warm_start_step_and_steered_validation(tmp_path, adapter):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_train=4, limit_calib=2, limit_test=2)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_train=4, limit_calib=2, limit_test=2)
     module = SteeringLM("tiny-random", adapter=adapter, learning_rate=0.05)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-    trainer = _trainer(tmp_path, [StrengthSolver("pooled", "fisher"), SteeredValidation(print_table=False)], max_steps=1)
+    trainer = tiny_trainer(tmp_path, [StrengthSolver("pooled", "fisher"), SteeredValidation(print_table=False)], max_steps=1)
     trainer.fit(module, dm)
     changed = any(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if p.requires_grad)
     assert changed, "one warm-start step should update the adapter"
@@ -137,26 +99,26 @@ def test_each_adapter_warm_start_step_and_steered_validation(tmp_path, adapter):
 
 
 def test_validate_solves_when_no_strength_is_known(tmp_path):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
     module = SteeringLM("tiny-random", adapter="prompt_tuning")  # random virtual tokens: warm ≠ base
     assert module.mu is None
-    _trainer(tmp_path, [StrengthSolver("median", "identity")]).validate(module, dm)
+    tiny_trainer(tmp_path, [StrengthSolver("median", "identity")]).validate(module, dm)
     assert module.mu is not None and "val/mc1_steered" in module.last_metrics
 
 
 def test_identity_adapter_gives_a_clear_error_not_nan(tmp_path):
     """A fresh LoRA (B = 0) leaves the model unchanged: δz = 0 on every calibration token."""
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
     module = SteeringLM("tiny-random", adapter="lora")
     with pytest.raises(ValueError, match="no calibration token has a usable steering vector"):
-        _trainer(tmp_path, [StrengthSolver("pooled")]).validate(module, dm)
+        tiny_trainer(tmp_path, [StrengthSolver("pooled")]).validate(module, dm)
 
 
 def test_fixed_strength_skips_solver_in_validate(tmp_path):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
     module = SteeringLM("tiny-random", strength=-1.25)
     solver = StrengthSolver()
-    _trainer(tmp_path, [solver]).validate(module, dm)
+    tiny_trainer(tmp_path, [solver]).validate(module, dm)
     assert solver.solution is None and module.last_metrics["val/mu"] == -1.25
 
 
@@ -176,9 +138,9 @@ def test_every_config_parses_and_print_config_round_trips(config, tmp_path, caps
 
 
 def test_predict_returns_per_row_scores(tmp_path):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_test=2)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_test=2)
     module = SteeringLM("tiny-random", strength=-1.0)
-    out = _trainer(tmp_path, []).predict(module, dm)
+    out = tiny_trainer(tmp_path, []).predict(module, dm)
     rows = sum(len(b["plain"]) for b in out)
     assert rows == sum(len(b["question_index"]) for b in out) > 0
     for b in out:
@@ -188,10 +150,10 @@ def test_predict_returns_per_row_scores(tmp_path):
 
 def _seeded_fit(tmp_path, data, name):
     L.seed_everything(0)
-    dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
+    dm = tiny_datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
     logger = RunLogger(tmp_path, name=name, version=0)
-    _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger).fit(module, dm)
+    tiny_trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger).fit(module, dm)
     return module, Path(logger.log_dir)
 
 
@@ -229,7 +191,7 @@ def test_crash_during_calibration_keeps_previous_artifacts(tmp_path):
     dm = _CalibrationCrash(path=str(data), instruction=False, batch_size=2, train_batch_size=1, calib_batch_size=1,
                            max_length=128, limit_train=8, limit_calib=4, limit_test=3)
     logger = RunLogger(tmp_path, name="run", version=0)  # the same version, pinned
-    trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger)
+    trainer = tiny_trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)], logger=logger)
     with pytest.raises(RuntimeError, match="killed during calibration"):
         trainer.fit(module, dm)
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".json"}
@@ -240,12 +202,12 @@ def test_crash_during_calibration_keeps_previous_artifacts(tmp_path):
 def _resumable_fit(tmp_path, data, name, ckpt_path=None):
     """Two warm-start epochs of 4 steps (batch 2, dropout on), checkpointing every 3 steps."""
     L.seed_everything(0)
-    dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3, train_batch_size=2)
+    dm = tiny_datamodule(data, limit_train=8, limit_calib=4, limit_test=3, train_batch_size=2)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05,
                         adapter_options={"r": 4, "lora_dropout": 0.3})
     ckpt = L.pytorch.callbacks.ModelCheckpoint(tmp_path / name / "ckpt", every_n_train_steps=3, save_top_k=-1)
     logger = RunLogger(tmp_path, name=name, version=0)
-    trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False), ckpt],
+    trainer = tiny_trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False), ckpt],
                        logger=logger, max_epochs=2, enable_checkpointing=True, limit_val_batches=0)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return module, sorted((tmp_path / name / "ckpt").glob("*.ckpt"))
@@ -263,11 +225,11 @@ def test_resume_mid_warm_start_gives_the_same_mu(tmp_path, step):
 
 
 def test_empty_calibration_set_fails_before_training(tmp_path):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=0)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=0)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05)
     before = [p.detach().clone() for p in module.model.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match=r"the calib split is empty \(train 6, calib 0, test 2 of 10 questions"):
-        _trainer(tmp_path, [SteeringExtraction(), StrengthSolver()]).fit(module, dm)
+        tiny_trainer(tmp_path, [SteeringExtraction(), StrengthSolver()]).fit(module, dm)
     after = [p for p in module.model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(before, after)) and module.global_step == 0
 
@@ -279,17 +241,17 @@ def test_alpha_outside_unit_interval_is_refused(alpha):
 
 
 def test_non_finite_logits_name_the_step(tmp_path):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
     module = SteeringLM("tiny-random", strength=-1.0)
     with torch.no_grad():
         module.model.get_base_model().lm_head.weight[3].fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"non-finite warm logits .* val batch 0, after warm-start step 0"):
-        _trainer(tmp_path, [StrengthSolver()]).validate(module, dm)
+        tiny_trainer(tmp_path, [StrengthSolver()]).validate(module, dm)
     module = SteeringLM("tiny-random")
     with torch.no_grad():
         module.model.get_base_model().lm_head.weight[3].fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"calibration batch 0, after warm-start step 0"):
-        _trainer(tmp_path, [StrengthSolver()]).validate(module, dm)
+        tiny_trainer(tmp_path, [StrengthSolver()]).validate(module, dm)
 
 
 def test_run_dir_can_be_recalibrated_with_another_strength_option(tmp_path):
@@ -298,8 +260,8 @@ def test_run_dir_can_be_recalibrated_with_another_strength_option(tmp_path):
     saved = json.loads((run / "steering.json").read_text())
     module = SteeringLM("tiny-random", adapter="lora", adapter_options={"r": 4}, run_dir=str(run), reuse_strength=False)
     assert module.mu is None
-    dm = _datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
-    _trainer(tmp_path, [StrengthSolver("trimmed", "fisher")]).validate(module, dm)
+    dm = tiny_datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
+    tiny_trainer(tmp_path, [StrengthSolver("trimmed", "fisher")]).validate(module, dm)
     assert module.mu == pytest.approx(saved["aggregates"]["trimmed_fisher"], rel=1e-9)
 
 

@@ -9,8 +9,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra (installed by
 from svd_lightning import SteeredModel  # noqa: E402
 from svd_lightning.cli import main as cli_main  # noqa: E402
 
-from test_framework import ROOT  # noqa: E402
-from test_run import _run  # noqa: E402
+from conftest import ROOT, tiny_run  # noqa: E402
 
 TASKS = ROOT / "tests" / "lm_eval_tasks"
 DOCS = json.loads((TASKS / "tiny_mc.json").read_text())
@@ -33,9 +32,10 @@ def _accuracy(predictions):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("lm_eval"), mu=10.0)[0]
+    return tiny_run(tmp_path_factory.mktemp("lm_eval"), mu=10.0)[0]
 
 
+@pytest.mark.slow
 def test_multiple_choice_matches_our_scorer(run_dir, monkeypatch):
     monkeypatch.chdir(ROOT)  # the task YAML's data path is relative to the repository
     sm = SteeredModel.from_run_dir(run_dir)
@@ -47,6 +47,7 @@ def test_multiple_choice_matches_our_scorer(run_dir, monkeypatch):
     assert at_zero == pytest.approx(plain) and with_mu == pytest.approx(steered)
 
 
+@pytest.mark.slow
 def test_generate_until_returns_the_steered_answers(run_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = _evaluate(run_dir, ["svd_tiny_gen"], log_samples=True)
@@ -58,6 +59,7 @@ def test_generate_until_returns_the_steered_answers(run_dir, monkeypatch):
     assert info["svd_mu"] == 10.0 and info["svd_alpha"] == 0.1 and info["svd_scoring_policy"] == "mask_generation_only"
 
 
+@pytest.mark.slow
 def test_registered_name_and_cli(run_dir, monkeypatch, tmp_path, capsys):
     import svd_lightning.lm_eval  # noqa: F401 (registers "svd")
     from lm_eval.api.registry import get_model

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -32,6 +33,7 @@ def test_notebook_is_saved_without_outputs():
             assert not cell.outputs and cell.execution_count is None, cell.source[:60]
 
 
+@pytest.mark.slow
 def test_walkthrough_runs_on_the_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's run directory (tempfile.mkdtemp) lands here
     nb = nbformat.read(WALKTHROUGH, as_version=4)

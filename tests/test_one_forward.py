@@ -4,23 +4,13 @@ import pytest
 import torch
 from peft import IA3Config, PromptTuningConfig, get_peft_model
 
-from svd_lightning.config import SteeringConfig
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices, collate_lm
 from svd_lightning.calibration import calibrate
+from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import paired_label_logits, resolve_forward_mode, score_choices, steered_generate
 from svd_lightning.tiny import tiny_model_and_tokenizer
 
-from conftest import left_padded, perturbed_lora
-
-PROMPTS = ["Q: What is the capital of France? A:", "Q: What happens if you eat a pomegranate?\nA:", "Yes"]
-EXAMPLES = [
-    ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0,
-                  answer=" Paris"),
-    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green on most days"], [True, False], 1, answer=" Yes"),
-    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes it is"], [True], 2, answer=" Yes it is"),
-    ChoiceExample("Q: What happens if you eat a pomegranate?\nA:", [" Nothing in particular happens.", " You will die."],
-                  [True, False], 3, answer=" Nothing in particular happens."),
-]
+from conftest import EXAMPLES, PROMPTS, left_padded, perturbed_lora
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from svd_lightning import precision
 from svd_lightning.cli import SteeringCLI, main
 
-from test_framework import ROOT, write_truthfulqa
+from conftest import ROOT, write_truthfulqa
 
 
 def test_choice_on_this_machine_follows_onednn():

@@ -6,7 +6,7 @@ import pytest
 
 from svd_lightning.progress import PlainProgress, progress_line, track
 
-from test_framework import ROOT, write_truthfulqa
+from conftest import ROOT, write_truthfulqa
 
 
 def test_progress_line_has_count_rate_and_eta():

@@ -7,31 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from svd_lightning.config import SteeringConfig
 from svd_lightning import SteeredModel
+from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import score_choices
 from svd_lightning.decoding import generate_answers
 from svd_lightning.generate import main as generate_main
-from svd_lightning.run import load_run
 from svd_lightning.module import SteeringLM
+from svd_lightning.run import load_run
 from svd_lightning.run import RUN_FILE, RunError, SteeringRun, adapter_hash, write_run
 
-from conftest import as_older_format, perturbed_lora
+from conftest import (ROOT, as_older_format, cli_tiny_fit, perturbed_lora, tiny_datamodule, tiny_run, tiny_trainer,
+                      write_truthfulqa)
 from svd_lightning.tiny import tiny_model_and_tokenizer
-from test_framework import _datamodule, _trainer, write_truthfulqa
-
-
-def _run(tmp_path, name="run", mu=-1.0, seed=0, **fields):
-    """A complete tiny run directory written the way `fit` writes it (adapter first, then steering.json)."""
-    torch.manual_seed(seed)  # LoRA A's init
-    model = perturbed_lora(seed)
-    run = SteeringRun(model="tiny-random", adapter="lora", steering=SteeringConfig(mu=mu, alpha=0.1, **fields))
-    write_run(model, run, tmp_path / name, tokenizer=tiny_model_and_tokenizer()[1])
-    return tmp_path / name, model
 
 
 def test_run_round_trips_and_binds_the_adapter(tmp_path):
-    path, _ = _run(tmp_path)
+    path, _ = tiny_run(tmp_path)
     run = SteeringRun.load(path)
     assert run.steering.mu == -1.0 and run.format_version == 2 and run.adapter_sha256 == adapter_hash(path / "adapter")
     assert "torch" in run.versions
@@ -58,7 +49,7 @@ def test_run_round_trips_and_binds_the_adapter(tmp_path):
 ], ids=["truncated", "mu-null", "mu-string", "mu-nan", "policy", "alpha", "no-steering", "no-adapter", "adapter-config-edited",
         "hashes-removed", "setting-removed", "unknown-setting", "unknown-key", "adapter-kind", "mu-huge", "floor-positive", "newer-format"])
 def test_bad_run_errors_name_the_run(tmp_path, damage, message):
-    path, _ = _run(tmp_path)
+    path, _ = tiny_run(tmp_path)
     damage(path)
     with pytest.raises(RunError, match=message) as err:
         SteeringRun.load(path)
@@ -92,7 +83,7 @@ def _edit_adapter_config(path, **changes):
 @pytest.mark.parametrize("version", [0, 1])
 def test_runs_of_older_formats_load(tmp_path, version, capsys):
     """Format 1 hashed the weights only; format 0 had no format field and no hashes."""
-    path, model = _run(tmp_path)
+    path, model = tiny_run(tmp_path)
     as_older_format(path, version, drop=["adapter_sha256", "tokenizer_sha256", "scoring_policy"] if version == 0 else [])
     run = SteeringRun.load(path)
     assert run.format_version == version and run.steering.scoring_policy == "mask_generation_only"
@@ -107,7 +98,7 @@ def test_runs_of_older_formats_load(tmp_path, version, capsys):
 
 
 def test_a_run_whose_model_field_cannot_be_loaded_names_the_run(tmp_path):
-    path, _ = _run(tmp_path)
+    path, _ = tiny_run(tmp_path)
     _edit(path, model="/etc")
     with pytest.raises(RunError, match=f"{path}/steering.json: field 'model' = '/etc' cannot be loaded"):
         load_run(path)
@@ -119,7 +110,7 @@ def test_a_run_on_another_base_model_names_the_run(tmp_path):
 
     from svd_lightning.tiny import tiny_tokenizer
 
-    path, _ = _run(tmp_path)
+    path, _ = tiny_run(tmp_path)
     tok = tiny_tokenizer()
     other = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4))
@@ -138,15 +129,15 @@ def test_missing_run_directory(tmp_path):
 def test_a_directory_mixing_two_runs_is_refused(tmp_path):
     """A kill between saving the new adapter and writing its steering.json, or two writers: the
     adapter is not the one steering.json was written for."""
-    path, _ = _run(tmp_path)
-    other, _ = _run(tmp_path, "other", seed=1)
+    path, _ = tiny_run(tmp_path)
+    other, _ = tiny_run(tmp_path, "other", seed=1)
     (path / "adapter" / "adapter_model.safetensors").write_bytes((other / "adapter" / "adapter_model.safetensors").read_bytes())
     with pytest.raises(RunError, match="mixes two runs"):
         SteeringRun.load(path)
 
 
 def test_reuse_takes_settings_from_the_run_and_refuses_conflicts(tmp_path):
-    path, _ = _run(tmp_path)
+    path, _ = tiny_run(tmp_path)
     module = SteeringLM(run_dir=str(path))
     assert (module.hparams.model, module.hparams.adapter, module.hparams.alpha) == ("tiny-random", "lora", 0.1)
     assert module.mu == -1.0
@@ -163,7 +154,7 @@ def test_reuse_takes_settings_from_the_run_and_refuses_conflicts(tmp_path):
 
 @pytest.mark.parametrize("mu", ["nan", "inf", "-inf"])
 def test_generate_refuses_non_finite_mu(tmp_path, mu, capsys):
-    path, _ = _run(tmp_path)
+    path, _ = tiny_run(tmp_path)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Q: Yes?\\nA:"}\n')
     with pytest.raises(SystemExit):
@@ -172,7 +163,7 @@ def test_generate_refuses_non_finite_mu(tmp_path, mu, capsys):
 
 
 def test_steered_model_scores_and_generates_like_the_package(tmp_path, tokenizer):
-    path, model = _run(tmp_path)
+    path, model = tiny_run(tmp_path)
     sm = SteeredModel.from_run_dir(path)
     with pytest.raises(ValueError, match="mu must be a finite number"):
         SteeredModel.from_run_dir(path, mu=math.nan)
@@ -196,26 +187,25 @@ def test_steered_model_scores_and_generates_like_the_package(tmp_path, tokenizer
     assert [r["plain"] for r in both] == [r["plain"] for r in ref_rows]
 
 
-def test_readme_python_snippet_runs(tmp_path, monkeypatch):
-    """The README's "Use it from Python" block, on a tiny run directory."""
-    from test_framework import ROOT
-
+@pytest.mark.parametrize("section", ["## Five lines of Python", "## Use it from Python"])
+def test_readme_python_snippets_run(tmp_path, monkeypatch, capsys, section):
+    """The README's Python blocks, on a tiny run directory where they expect the demo's."""
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("## Use it from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    path, _ = _run(tmp_path)
+    block = readme.split(section, 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    path, _ = tiny_run(tmp_path, gamma=0.5)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "truthfulqa-lora").mkdir(parents=True)
     (tmp_path / "runs" / "truthfulqa-lora" / "version_0").symlink_to(path)
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
-    scores = namespace["scores"]
-    assert set(scores) == {"plain", "base", "steered"} and len(scores["steered"]) == 2
-    assert isinstance(namespace["answers"][0], str)
+    assert "'steered':" in capsys.readouterr().out
+    if "scores" in namespace:
+        assert set(namespace["scores"]) == {"plain", "base", "steered", "contrastive"}
+        assert len(namespace["scores"]["steered"]) == 2 and isinstance(namespace["answers"][0], str)
 
 
 def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeypatch, capsys):
     from svd_lightning.cli import main
-    from test_framework import cli_tiny_fit
 
     run, common = cli_tiny_fit(tmp_path, monkeypatch)
     data = tmp_path / "mc.json"
@@ -263,8 +253,6 @@ def _assert_complete(run_dir):
 def finished_fit(tmp_path_factory):
     """One `svd-lightning fit` of configs/tiny.yaml: (its run directory, the arguments that repeat it)."""
     from svd_lightning.cli import main
-    from test_framework import ROOT
-
     tmp = tmp_path_factory.mktemp("fit")
     data = write_truthfulqa(tmp / "mc.json")
     args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),
@@ -302,6 +290,7 @@ def test_a_fit_stopped_at_any_moment_leaves_the_previous_run_and_no_partial_one(
         _assert_complete(root / "version_1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point,action,code", [("write:steering.json", "kill", -9), ("commit", "kill", -9),
                                                ("write:val_per_question.json", "term", 143)])
 def test_a_real_kill_or_sigterm_leaves_the_previous_run(tmp_path, finished_fit, point, action, code):
@@ -392,13 +381,11 @@ def test_run_files_follow_the_umask(tmp_path, umask):
 
 def test_a_test_after_fit_with_the_same_trainer_is_a_new_run(tmp_path):
     """Lightning touches the logger at every stage's setup: the test stage must not write into fit's run."""
-    from test_framework import _datamodule, _trainer
-
     from svd_lightning.callbacks import SteeredValidation, StrengthSolver
 
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_train=4, limit_calib=2, limit_test=2)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_train=4, limit_calib=2, limit_test=2)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
-    trainer = _trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)])
+    trainer = tiny_trainer(tmp_path, [StrengthSolver("exact"), SteeredValidation(print_table=False)])
     trainer.fit(module, dm)
     fit_run = Path(trainer.log_dir)
     assert fit_run == tmp_path / "version_0"
@@ -414,8 +401,6 @@ def test_a_gamma_fit_after_the_run_was_written_is_added_to_it(tmp_path, monkeypa
     """No validation during fit: the contrastive γ is fit when the test starts, after steering.json was
     written; it joins the same (still open) run before the rename."""
     from svd_lightning.cli import main
-    from test_framework import ROOT
-
     data = write_truthfulqa(tmp_path / "mc.json")
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),

@@ -10,14 +10,14 @@ from svd_lightning import SteeredModel
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.calibration import calibrate_choice_grid, calibrate_choices
 from svd_lightning.callbacks import ContrastiveBaseline, SteeredValidation, StrengthSolver
+from svd_lightning.config import NO_MASK_ALPHA, SteeringConfig
 from svd_lightning.decoding import score_choices, steered_generate
 from svd_lightning.module import SteeringLM
-from svd_lightning.config import NO_MASK_ALPHA, SteeringConfig
 from svd_lightning.run import SteeringRun
 from svd_lightning.steering import GAMMA_GRID, contrastive_logits, steer, steering_direction
 
-from conftest import as_older_format, save_tiny_run, left_padded, perturbed_lora
-from test_framework import _datamodule, _trainer, write_truthfulqa
+from conftest import (ROOT, as_older_format, left_padded, perturbed_lora, save_tiny_run, tiny_datamodule, tiny_trainer,
+                      write_truthfulqa)
 
 EXAMPLES = [
     ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0),
@@ -122,10 +122,10 @@ def test_logit_difference_generation_matches_a_slow_reference(tokenizer, model64
 
 
 def test_fit_with_choice_nll_and_logit_difference_writes_both_into_the_run(tmp_path):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
     module = SteeringLM("tiny-random", learning_rate=0.05, adapter_options={"r": 4}, direction="logit_difference")
     solver = StrengthSolver("choice_nll")
-    trainer = _trainer(tmp_path, [solver], max_steps=2)
+    trainer = tiny_trainer(tmp_path, [solver], max_steps=2)
     trainer.fit(module, dm)
     run = SteeringRun.load(trainer.log_dir)
     assert run.steering.direction == "logit_difference" and run.steering.strength == "choice_nll"
@@ -139,8 +139,6 @@ def test_fit_with_choice_nll_and_logit_difference_writes_both_into_the_run(tmp_p
 
 
 def test_cli_accepts_choice_nll_and_direction(tmp_path, capsys):
-    from test_framework import ROOT
-
     from svd_lightning.cli import main
 
     config = tmp_path / "tiny.yaml"
@@ -188,10 +186,10 @@ def test_contrastive_scores_are_the_contrastive_logits_in_float64(tokenizer, mod
 
 
 def test_fit_scores_the_contrastive_baseline_next_to_svdecode(tmp_path, capsys):
-    dm = _datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
+    dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json"), limit_train=8, limit_calib=6, limit_test=4)
     module = SteeringLM("tiny-random", learning_rate=0.05, adapter_options={"r": 4})
     baseline = ContrastiveBaseline()
-    trainer = _trainer(tmp_path, [StrengthSolver("exact"), baseline, SteeredValidation()], max_steps=2)
+    trainer = tiny_trainer(tmp_path, [StrengthSolver("exact"), baseline, SteeredValidation()], max_steps=2)
     trainer.fit(module, dm)
     trainer.test(module, dm, verbose=False)
     # γ is the grid point with the smallest calib choice loss, from the pure function on the trained model.
