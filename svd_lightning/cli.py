@@ -10,7 +10,13 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from svd_lightning.callbacks import ScoreWriter
+from svd_lightning.callbacks import (
+    ContrastiveBaseline,
+    ScoreWriter,
+    SteeredValidation,
+    SteeringExtraction,
+    StrengthSolver,
+)
 from svd_lightning.data import ChoiceDataModule
 from svd_lightning.log import InputError
 from svd_lightning.logger import RunLogger, SaveRunConfig, finish_run, hold
@@ -19,10 +25,23 @@ from svd_lightning.precision import resolve_precision
 from svd_lightning.progress import LogProgressBar, say, stderr_is_terminal
 
 
+# The steering callbacks every command gets (LightningCLI's always-on callbacks): a config sets their
+# options under these keys (`steering.strength: trimmed`) instead of repeating the callback list.
+DEFAULT_CALLBACKS = {"extraction": SteeringExtraction, "steering": StrengthSolver,
+                     "contrastive": ContrastiveBaseline, "report": SteeredValidation}
+
+
 class SteeringCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Sanity validation would score before μ̄ exists; skip it unless asked for.
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
+        for key, callback in DEFAULT_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
+        parser.add_argument(
+            "--contrastive_baseline", type=bool, default=True,
+            help="also fit and score the contrastive baseline z_φ + γ(z_φ − z_θ) (one more pass over the calib "
+                 "choices; its options under `contrastive`)",
+        )
         parser.add_argument(
             "--test_after_fit", type=bool, default=True,
             help="fit only: score the test split with the finished run (validation scores the calib split)",
@@ -75,8 +94,16 @@ class SteeringCLI(LightningCLI):
         # `precision` left unset (null) means "what this machine runs fast"; an explicit value wins.
         precision, why = resolve_precision(config.get("precision"), config.get("accelerator"))
         say(f"precision {precision} ({why})")
-        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        callbacks = list(config.get("callbacks") or []) + extra
+        own = list(config.get("callbacks") or [])
+        extra = []
+        for cb in (self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys):
+            if isinstance(cb, ContrastiveBaseline) and not self._get(self.config, "contrastive_baseline"):
+                continue
+            if any(isinstance(c, type(cb)) for c in own):  # the config's own list wins, class by class
+                say(f"trainer.callbacks has its own {type(cb).__name__}: the default one is not added")
+                continue
+            extra.append(cb)
+        callbacks = own + extra
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not stderr_is_terminal() and not any(isinstance(c, ProgressBar) for c in callbacks):
             extra.append(LogProgressBar())

@@ -306,3 +306,19 @@ def test_ckpt_path_settings_that_contradict_the_command_line_are_an_error(tmp_pa
     err = capsys.readouterr().err
     assert ("other model settings (model.adapter_options: given {'r': 8, 'lora_alpha': 16}, checkpoint "
             "{'r': 4, 'lora_alpha': 8})") in err
+
+
+def test_cli_adds_the_steering_callbacks_and_a_configs_own_list_replaces_them_by_class(tmp_path, monkeypatch, capsys):
+    """tiny.yaml lists no callbacks: the CLI adds them, with `steering.*` options. A config's own
+    StrengthSolver replaces the default one; `--contrastive_baseline false` drops the baseline."""
+    data = write_truthfulqa(tmp_path / "mc.json")
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),
+              "--trainer.enable_progress_bar", "false"]
+    main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "own"), "--contrastive_baseline", "false",
+          "--trainer.callbacks+=svd_lightning.callbacks.StrengthSolver", "--trainer.callbacks.strength", "median"])
+    run = json.loads((tmp_path / "own/version_0/steering.json").read_text())["steering"]
+    assert run["strength"] == "median" and run["gamma"] is None
+    assert "trainer.callbacks has its own StrengthSolver: the default one is not added" in capsys.readouterr().err
+    per_question = json.loads((tmp_path / "own/version_0/test_per_question.json").read_text())
+    assert set(per_question) == {"plain", "base", "steered"}  # no contrastive column
