@@ -76,6 +76,16 @@ def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, 
         model.train(was_training)
 
 
+def _steered_pass(model, batches: Iterable[dict], config: SteeringConfig, device, total: int | None, progress: bool,
+                  desc: str):
+    """Per choice batch ``(batch, warm, delta, keep, labels, row)``: the steering direction of
+    ``config`` and its statistics mask at every labelled position (see :func:`_label_logits`)."""
+    for batch, warm, base, labels, row in _label_logits(model, batches, forward_mode=config.forward_mode,
+                                                        device=device, total=total, progress=progress, desc=desc):
+        delta, lp_warm, _ = steering_direction(warm, base, config.direction)
+        yield batch, warm, delta, confidence_mask(lp_warm, config.statistics_alpha), labels, row
+
+
 def calibrate(model, batches: Iterable[dict], config: SteeringConfig = SteeringConfig(), **kwargs) -> CalibrationResult:
     """Steering statistics over ``batches`` (prompt + reference answer, see :mod:`svd_lightning.batch`).
 
@@ -180,11 +190,7 @@ def calibrate_choices(
     device = device if device is not None else next(model.parameters()).device
     cache = ChoiceStrengthCache(config.scoring_policy, config.floor)
     start = time.perf_counter()
-    passes = _label_logits(model, batches, forward_mode=config.forward_mode, device=device, total=total,
-                           progress=progress, desc=desc)
-    for batch, warm, base, labels, row in passes:
-        delta, lp_warm, _ = steering_direction(warm, base, config.direction)
-        keep = confidence_mask(lp_warm, config.statistics_alpha)
+    for batch, warm, delta, keep, labels, row in _steered_pass(model, batches, config, device, total, progress, desc):
         cache.update(warm, delta, keep, labels, row, *(batch[k] for k in ("question_index", "choice_set", "is_true")))
     counts = torch.tensor([len(cache.groups), cache.usable_groups(), cache.rows, cache.tokens.count],
                           dtype=torch.float64)
@@ -248,11 +254,7 @@ def calibrate_choice_grid(
     counts = torch.zeros(2, dtype=torch.float64)  # choice sets, choice rows
     policy, floor = config.scoring_policy, config.floor
     start = time.perf_counter()
-    passes = _label_logits(model, batches, forward_mode=config.forward_mode, device=device, total=total,
-                           progress=progress, desc=desc)
-    for batch, warm, base, labels, row in passes:
-        delta, lp_warm, _ = steering_direction(warm, base, config.direction)
-        keep = confidence_mask(lp_warm, config.statistics_alpha)
+    for batch, warm, delta, keep, labels, row in _steered_pass(model, batches, config, device, total, progress, desc):
         pairs = torch.stack([batch["question_index"], batch["choice_set"]]).cpu()
         sets, group = torch.unique(pairs, dim=1, return_inverse=True)
         true, n = batch["is_true"].bool().cpu(), batch["input_ids"].shape[0]

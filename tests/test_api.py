@@ -129,3 +129,19 @@ def test_generate_cli_and_lm_eval_use_the_runs_gamma(with_gamma, tmp_path):
         with sm.model.disable_adapter():
             base = sm.model(input_ids=inps).logits
     torch.testing.assert_close(backend._model_call(inps), contrastive_log_probs(warm, base, 1.5), rtol=1e-5, atol=1e-5)
+
+
+def test_the_public_api_is_exported_and_the_run_api_does_not_import_lightning():
+    """`from svd_lightning import SteeredModel` in plain PyTorch code loads no Lightning; every name in
+    `__all__` resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from svd_lightning import SteeredModel, SteeringConfig, score_choices, steered_generate; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')], "
+            "'Lightning was imported'; import svd_lightning; "
+            "missing = [n for n in svd_lightning.__all__ if getattr(svd_lightning, n, None) is None]; "
+            "assert not missing, missing; print(len(svd_lightning.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) >= 30
