@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
@@ -13,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from svd_lightning.callbacks import (
     ContrastiveBaseline,
     ScoreWriter,
+    StageTimes,
     SteeredValidation,
     SteeringExtraction,
     StrengthSolver,
@@ -66,6 +68,9 @@ class SteeringCLI(LightningCLI):
         super()._run_subcommand(subcommand)
         if self.trainer.interrupted:
             raise SystemExit(1)
+        times = next((c for c in self.trainer.callbacks if isinstance(c, StageTimes)), None)
+        if times is not None and self.trainer.is_global_zero:
+            print(f"stage times of this {subcommand} (also in the run's timings.json):\n{times.table()}")
         finish_run(self.trainer)
 
     def _parse_ckpt_path(self) -> None:
@@ -103,13 +108,15 @@ class SteeringCLI(LightningCLI):
                 say(f"trainer.callbacks has its own {type(cb).__name__}: the default one is not added")
                 continue
             extra.append(cb)
+        if not any(isinstance(c, StageTimes) for c in own):  # first, so it sees each loop before the solvers
+            own.insert(0, StageTimes(origin=_STARTED))
         callbacks = own + extra
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not stderr_is_terminal() and not any(isinstance(c, ProgressBar) for c in callbacks):
             extra.append(LogProgressBar())
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             extra.append(ScoreWriter())  # predict writes its scores into the run directory
-        return self._instantiate_trainer({**config, "precision": precision}, extra)
+        return self._instantiate_trainer({**config, "precision": precision, "callbacks": own}, extra)
 
 
 def main(args=None) -> None:
@@ -130,6 +137,8 @@ def main(args=None) -> None:
             raise SystemExit(f"svd-lightning eval needs lm-eval: pip install -e '.[lm-eval]' ({err})") from None
         evaluate(argv[1:], prog="svd-lightning eval")
         return
+    global _STARTED
+    _STARTED = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _terminated)  # Lightning keeps it in its own SIGTERM handler
     try:
         SteeringCLI(
@@ -151,6 +160,9 @@ def main(args=None) -> None:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_STARTED: float | None = None  # when main() began: StageTimes counts the set-up from there
 
 
 def _terminated(signum, frame) -> None:

@@ -34,6 +34,14 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
                 assert f"{stage}/{m}_{v}" in fit_metrics[stage]
     out = capsys.readouterr().out
     assert "+SVDecode" in out and "95% paired bootstrap over" in out
+    # Every second of the command in a stage (configs/tiny.yaml validates during fit, so μ̄ and γ are
+    # solved before validation scoring), in the run and printed.
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings["seconds"]) == {"set-up", "warm start", "calibration", "contrastive γ", "validation scoring",
+                                       "run writing", "test scoring"}
+    assert min(timings["seconds"].values()) >= 0 and timings["other"] >= 0
+    assert sum(timings["seconds"].values()) + timings["other"] == pytest.approx(timings["total"], abs=1e-6)
+    assert "stage times of this fit (also in the run's timings.json):" in out and "contrastive γ" in out
     per_question = json.loads((run / "test_per_question.json").read_text())
     for m in ("mc1", "mc2"):  # the printed gain is the mean of the per-question differences, inside its CI
         gain = fit_metrics["test"]["paired_bootstrap"][f"{m}_steered_minus_plain"]
