@@ -111,12 +111,12 @@ class SteeringExtraction(L.Callback):
         self.limit_batches = limit_batches
         self.result: CalibrationResult | None = None
 
-    def is_stale(self, trainer: L.Trainer) -> bool:
-        return self.result is None or self.result.step != trainer.global_step
-
     def extract(self, trainer: L.Trainer, pl_module) -> CalibrationResult:
-        if not self.is_stale(trainer):
-            return self.result
+        """The calibration of the current weights: the module's ``steering_state`` has it once per step."""
+        known = pl_module.steering_state.calibration_at(trainer.global_step)
+        if known is not None:
+            self.result = known
+            return known
         mine, count = _my_batches(trainer, calibration_loader(trainer), self.limit_batches)
         try:
             self.result = calibrate(
@@ -129,6 +129,7 @@ class SteeringExtraction(L.Callback):
             )
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
+        pl_module.steering_state.calibration = self.result
         for k, v in self.result.diagnostics.items():
             pl_module.log(f"steer/{k}", v, rank_zero_only=True)
         return self.result
@@ -186,7 +187,7 @@ class StrengthSolver(L.Callback):
         self.strength, self.curvature, self.trim = strength, curvature, trim
         self.limit_batches = limit_batches
         self.solution: dict | None = None
-        self._own_extraction: SteeringExtraction | None = None
+        self._extraction = SteeringExtraction(limit_batches)  # reuses the state's pass when one ran already
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" or pl_module.mu is None:
@@ -207,16 +208,8 @@ class StrengthSolver(L.Callback):
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
 
-    def _extraction(self, trainer) -> SteeringExtraction:
-        for cb in trainer.callbacks:
-            if isinstance(cb, SteeringExtraction):
-                return cb
-        if self._own_extraction is None:
-            self._own_extraction = SteeringExtraction(self.limit_batches)
-        return self._own_extraction
-
     def solve(self, trainer: L.Trainer, pl_module) -> float:
-        result = self._extraction(trainer).extract(trainer, pl_module)
+        result = self._extraction.extract(trainer, pl_module)
         start = time.perf_counter()
         summary = result.stats.summary(self.trim)
 
@@ -254,7 +247,7 @@ class StrengthSolver(L.Callback):
         re-solved in validate/test is written now, with a copy of the adapter, as a run of its own."""
         h = pl_module.hparams
         sol = self.solution
-        pl_module.steering_run = SteeringRun(
+        pl_module.steering_state.run = SteeringRun(
             model=h.model, adapter=h.adapter, steering=SteeringConfig.from_dict(sol["steering"]),
             adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(pl_module.tokenizer),
             aggregates=sol["aggregates"], diagnostics=sol["diagnostics"],
@@ -264,7 +257,7 @@ class StrengthSolver(L.Callback):
             return
         writer = run_writer(trainer)
         if writer is not None:  # this command's own new run, never the run μ̄ was re-solved from
-            writer.write_run(pl_module.model, pl_module.steering_run, pl_module.tokenizer)
+            writer.write_run(pl_module.model, pl_module.steering_state.run, pl_module.tokenizer)
             say(f"the re-solved μ̄ is part of the new run {writer.target.resolve()}")
 
     def _needs_solve(self, trainer, pl_module) -> bool:
@@ -336,6 +329,7 @@ class ContrastiveBaseline(L.Callback):
             writer.update_steering(gamma=gamma)
         self.solution = {"gamma": gamma, "losses": dict(zip(map(str, result.mus), result.losses.tolist())),
                          "diagnostics": result.diagnostics, "seconds": result.seconds, "global_step": trainer.global_step}
+        pl_module.steering_state.contrastive = self.solution
         pl_module.log("steer/contrastive_gamma", gamma, rank_zero_only=True)
         edge = " -- at the grid's edge: the loss may keep falling beyond it (pass wider `gammas`)" if result.at_edge() else ""
         rank_zero_info(f"contrastive baseline γ = {gamma:+g} (calib multiple-choice loss, best of "
@@ -375,7 +369,7 @@ class StageTimes(L.Callback):
         self.origin = time.perf_counter() if origin is None else origin
         self.stages: dict[str, float] = {}
         self._marks: dict[str, float] = {}
-        self._gammas: dict[int, int] = {}
+        self._gamma: dict | None = None  # the γ solution before the current mark
         self._started = False
 
     def _add(self, name: str, seconds: float) -> None:
@@ -400,32 +394,28 @@ class StageTimes(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):  # solvers run here when no validation did
         self._mark("epoch end")
-        self._gammas = self._gamma_solutions(trainer)
+        self._gamma = pl_module.steering_state.contrastive
 
     def on_train_end(self, trainer, pl_module):
-        self._calibration(trainer, self._since("epoch end"))
+        self._calibration(pl_module, self._since("epoch end"))
         self._mark("run")
 
-    def _loop_start(self, trainer, stage):
+    def _loop_start(self, trainer, pl_module, stage):
         if not trainer.sanity_checking:
             self._mark(stage)
-            self._gammas = self._gamma_solutions(trainer)
+            self._gamma = pl_module.steering_state.contrastive
 
-    @staticmethod
-    def _gamma_solutions(trainer) -> dict[int, int]:
-        return {id(cb): id(cb.solution) for cb in trainer.callbacks if isinstance(cb, ContrastiveBaseline)}
-
-    def _calibration(self, trainer, seconds: float) -> None:
-        """``seconds`` of solves, split into the contrastive γ pass (if one ran) and the rest."""
-        gamma = sum(cb.solution["seconds"] for cb in trainer.callbacks if isinstance(cb, ContrastiveBaseline)
-                    and cb.solution is not None and self._gammas.get(id(cb)) != id(cb.solution))
+    def _calibration(self, pl_module, seconds: float) -> None:
+        """``seconds`` of solves, split into the contrastive γ pass (if one ran since the mark) and the rest."""
+        solution = pl_module.steering_state.contrastive
+        gamma = solution["seconds"] if solution is not None and solution is not self._gamma else 0.0
         if gamma:
             self._add("contrastive γ", gamma)
         self._add("calibration", seconds - gamma)
 
-    def _first_batch(self, trainer, stage, batch_idx, dataloader_idx):
+    def _first_batch(self, trainer, pl_module, stage, batch_idx, dataloader_idx):
         if not trainer.sanity_checking and batch_idx == 0 and dataloader_idx == 0 and stage in self._marks:
-            self._calibration(trainer, self._since(stage))
+            self._calibration(pl_module, self._since(stage))
             self._mark(f"{stage} scoring")
 
     def _loop_end(self, trainer, stage):
@@ -434,28 +424,28 @@ class StageTimes(L.Callback):
         self._marks.pop(stage, None)
 
     def on_validation_start(self, trainer, pl_module):
-        self._loop_start(trainer, "validation")
+        self._loop_start(trainer, pl_module, "validation")
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._first_batch(trainer, "validation", batch_idx, dataloader_idx)
+        self._first_batch(trainer, pl_module, "validation", batch_idx, dataloader_idx)
 
     def on_validation_end(self, trainer, pl_module):
         self._loop_end(trainer, "validation")
 
     def on_test_start(self, trainer, pl_module):
-        self._loop_start(trainer, "test")
+        self._loop_start(trainer, pl_module, "test")
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._first_batch(trainer, "test", batch_idx, dataloader_idx)
+        self._first_batch(trainer, pl_module, "test", batch_idx, dataloader_idx)
 
     def on_test_end(self, trainer, pl_module):
         self._loop_end(trainer, "test")
 
     def on_predict_start(self, trainer, pl_module):
-        self._loop_start(trainer, "predict")
+        self._loop_start(trainer, pl_module, "predict")
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._first_batch(trainer, "predict", batch_idx, dataloader_idx)
+        self._first_batch(trainer, pl_module, "predict", batch_idx, dataloader_idx)
 
     def on_predict_end(self, trainer, pl_module):
         self._loop_end(trainer, "predict")
@@ -488,14 +478,15 @@ class SteeredValidation(L.Callback):
         self.history: list[dict] = []
 
     def _report(self, trainer, pl_module, stage: str) -> None:
-        metrics = dict(pl_module.last_metrics)
+        state = pl_module.steering_state
+        metrics = dict(state.metrics)
         if trainer.sanity_checking or not metrics:
             return
         self.history.append({"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
         writer = run_writer(trainer)
         if writer is None:  # not global rank zero
             return
-        paired = paired_gains(pl_module.last_per_question, pl_module.metric_family)
+        paired = paired_gains(state.per_question, pl_module.metric_family)
         if paired:
             self.history[-1]["paired_bootstrap"] = paired
         if self.print_table:
@@ -505,8 +496,8 @@ class SteeredValidation(L.Callback):
             for line in format_paired(paired):
                 print(line)
         writer.write_json(METRICS_FILE, {"history": self.history})
-        if pl_module.last_per_question:
-            writer.write_json(f"{stage}_per_question.json", pl_module.last_per_question)
+        if state.per_question:
+            writer.write_json(f"{stage}_per_question.json", state.per_question)
 
     def on_validation_end(self, trainer, pl_module):
         self._report(trainer, pl_module, "val")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,25 @@ from svd_lightning.progress import say
 from svd_lightning.run import SteeringRun, attach_adapter, load_base, resolve_settings, tokenizer_hash
 
 VARIANTS = ("plain", "base", "steered", "contrastive")  # contrastive: once a γ is set (ContrastiveBaseline)
+
+
+@dataclass
+class SteeringState:
+    """What the steering callbacks and the module hand each other: one typed object, ``module.steering_state``.
+
+    Each callback reads what it needs here instead of looking for another callback or setting
+    attributes on the module for it; μ̄ and γ themselves are the module's buffers (checkpointed).
+    """
+
+    calibration: Any = None  # CalibrationResult of the current weights (SteeringExtraction; .step says which)
+    run: SteeringRun | None = None  # the record of the solved μ̄, written with the adapter at the end of fit
+    contrastive: dict | None = None  # ContrastiveBaseline's last γ solution (γ, losses, seconds, step)
+    metrics: dict[str, float] = field(default_factory=dict)  # the last validation / test epoch's metrics
+    per_question: dict[str, dict[str, list]] = field(default_factory=dict)  # ... and every question's scores
+
+    def calibration_at(self, step: int):
+        """The calibration of the weights after warm-start step ``step``, or None."""
+        return self.calibration if self.calibration is not None and self.calibration.step == step else None
 
 
 class SteeringLM(L.LightningModule):
@@ -79,7 +99,7 @@ class SteeringLM(L.LightningModule):
         # Every setting is checked here once, by the one config they all end up in.
         SteeringConfig.from_dict({k: settings[k] for k in ("alpha", "scoring_policy", "floor", "direction")}
                                  | {"mu": strength, "forward_mode": forward_mode}, where="SteeringLM")
-        self.steering_run: SteeringRun | None = None  # set by the strength solver; written at the end of fit
+        self.steering_state = SteeringState()
         if run_dir is not None:
             say(f"reading run {Path(run_dir).resolve()}")
             self.tokenizer, base = load_base(self.source_run, run_dir)
@@ -102,8 +122,6 @@ class SteeringLM(L.LightningModule):
         elif run_dir is not None and reuse_strength:
             self.set_strength(self.source_run.steering.mu)
         self.metrics = self.build_metrics("choice")  # setup() switches to the DataModule's family
-        self.last_metrics: dict[str, float] = {}
-        self.last_per_question: dict[str, dict[str, list]] = {}
 
     @staticmethod
     def build_metrics(family: str) -> torch.nn.ModuleDict:
@@ -178,14 +196,14 @@ class SteeringLM(L.LightningModule):
                 results[f"{stage}/{name}_{v}"] = float(value)
             per_question[v] = {k: t.tolist() for k, t in metric.per_question().items()}
             metric.reset()
-        self.last_per_question = per_question  # SteeredValidation: paired CIs and the per-question file
+        self.steering_state.per_question = per_question  # SteeredValidation: paired CIs and the per-question file
         if self.mu is not None:
             results[f"{stage}/mu"] = self.mu
         if "contrastive" in per_question:
             results[f"{stage}/gamma"] = self.gamma
         # Values are already synced across ranks by torchmetrics.
         self.log_dict(results, rank_zero_only=False, sync_dist=False)
-        self.last_metrics = results
+        self.steering_state.metrics = results
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch, batch_idx)
@@ -242,7 +260,7 @@ class SteeringLM(L.LightningModule):
         writer = run_writer(self.trainer)
         if writer is None:
             return
-        run = self.steering_run or (self.fixed_strength_run() if self.mu is not None else None)
+        run = self.steering_state.run or (self.fixed_strength_run() if self.mu is not None else None)
         if run is None:  # no μ̄: the adapter alone, which is not a run to steer with
             writer.save_adapter(self.model)
         else:  # with the contrastive γ when it was fit on these weights already (else it is added later)

@@ -103,7 +103,7 @@ def main(argv=None) -> None:
             "diagnostics": sol["diagnostics"],
             "stats_count": extraction.result.stats.count,
             "cache_count_per_rank": per_rank,
-            "metrics": dict(module.last_metrics),
+            "metrics": dict(module.steering_state.metrics),
             "history": report.history,
             "score_tables": tables.tables,
             "val_rows_per_rank": tables.local_rows,  # before dedup: DistributedSampler pads

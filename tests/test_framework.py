@@ -101,7 +101,7 @@ def test_each_adapter_warm_start_step_and_steered_validation(tmp_path, adapter):
     changed = any(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if p.requires_grad)
     assert changed, "one warm-start step should update the adapter"
     assert module.mu is not None
-    got = module.last_metrics
+    got = module.steering_state.metrics
     for v in ("plain", "base", "steered"):
         assert 0.0 <= got[f"val/mc2_{v}"] <= 1.0
 
@@ -111,7 +111,7 @@ def test_validate_solves_when_no_strength_is_known(tmp_path):
     module = SteeringLM("tiny-random", adapter="prompt_tuning")  # random virtual tokens: warm ≠ base
     assert module.mu is None
     tiny_trainer(tmp_path, [StrengthSolver("median", "identity")]).validate(module, dm)
-    assert module.mu is not None and "val/mc1_steered" in module.last_metrics
+    assert module.mu is not None and "val/mc1_steered" in module.steering_state.metrics
 
 
 def test_identity_adapter_gives_a_clear_error_not_nan(tmp_path):
@@ -127,7 +127,7 @@ def test_fixed_strength_skips_solver_in_validate(tmp_path):
     module = SteeringLM("tiny-random", strength=-1.25)
     solver = StrengthSolver()
     tiny_trainer(tmp_path, [solver]).validate(module, dm)
-    assert solver.solution is None and module.last_metrics["val/mu"] == -1.25
+    assert solver.solution is None and module.steering_state.metrics["val/mu"] == -1.25
 
 
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "_base")
@@ -170,7 +170,7 @@ def test_same_seed_same_mu_and_metrics(tmp_path):
     a, _ = _seeded_fit(tmp_path, data, "a")
     b, _ = _seeded_fit(tmp_path, data, "b")
     assert a.mu == b.mu
-    assert a.last_metrics == b.last_metrics
+    assert a.steering_state.metrics == b.steering_state.metrics
 
 
 class _CalibrationCrash(TruthfulQADataModule):

@@ -197,7 +197,7 @@ def test_fit_scores_the_contrastive_baseline_next_to_svdecode(tmp_path, capsys):
                                    SteeringConfig(gamma=0.0).contrastive(), progress=False)
     assert module.gamma == baseline.solution["gamma"] == direct.best()
     assert baseline.solution["global_step"] == 2
-    got = module.last_metrics
+    got = module.steering_state.metrics
     assert got["test/gamma"] == module.gamma and 0.0 <= got["test/mc2_contrastive"] <= 1.0
     printed = capsys.readouterr().out
     assert "+contrastive" in printed and f"contrastive γ = {module.gamma:+g}" in printed
