@@ -107,10 +107,8 @@ class SteeredModel:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        single = isinstance(prompts, str)
-        if not single:
-            prompts = _sequence(prompts, "prompts", "a string or a list of strings")
-        rows = generate_answers(self.model, self.tokenizer, [prompts] if single else list(prompts),
+        single = isinstance(prompts, str)  # decoding.check_prompts checks the rest
+        rows = generate_answers(self.model, self.tokenizer, [prompts] if single else prompts,
                                 self.config.method(method), mode, batch_size=batch_size, seed=seed, progress=False,
                                 with_plain=with_plain, **generation_kwargs)
         out = rows if with_plain else [r["steered"] for r in rows]

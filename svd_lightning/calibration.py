@@ -241,7 +241,7 @@ def calibrate_choice_grid(
     from each batch's logits and keeps only the sums: memory does not grow with the vocabulary kept,
     so it also serves policy ``none`` with the logit difference (the contrastive baseline). Batches
     hold whole questions (see :mod:`svd_lightning.batch`); ``config`` holds the scoring settings
-    (its ``mu`` is ignored: the grid gives the strengths; ``config.contrastive()`` with any γ is the
+    (its ``mu`` is ignored: the grid gives the strengths; ``config.contrastive(gamma=...)`` with any γ is the
     contrastive baseline's). Under DDP give each rank its own batches
     and ``reduce`` (sum): the losses are then those of all ranks' questions.
     """

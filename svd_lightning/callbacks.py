@@ -315,7 +315,7 @@ class ContrastiveBaseline(L.Callback):
         mine, count = _my_batches(trainer, choice_calibration_loader(trainer), self.limit_batches)
         try:
             result = calibrate_choice_grid(
-                pl_module.model, mine, self.gammas, pl_module.steering_config.replace(gamma=0.0).contrastive(),
+                pl_module.model, mine, self.gammas, pl_module.steering_config.contrastive(gamma=0.0),
                 reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device, total=count,
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
                 step=trainer.global_step, desc="Contrastive calibration",

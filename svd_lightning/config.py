@@ -117,8 +117,11 @@ class SteeringConfig:
         """The mask threshold the strength is solved with: ``alpha``, or (policy ``none``) no mask."""
         return NO_MASK_ALPHA if self.scoring_policy == "none" else self.alpha
 
-    def contrastive(self) -> "SteeringConfig":
-        """The contrastive baseline ``z_φ + γ(z_φ − z_θ)`` as steering: the logit difference at μ = γ, no mask."""
+    def contrastive(self, gamma: float | None = None) -> "SteeringConfig":
+        """The contrastive baseline ``z_φ + γ(z_φ − z_θ)`` as steering: the logit difference at μ = γ, no mask
+        (``gamma``: another γ than this config's, e.g. a point of the grid γ is chosen on)."""
+        if gamma is not None:
+            return self.replace(gamma=gamma).contrastive()
         if self.gamma is None:
             raise ConfigError("SteeringConfig: no contrastive γ (gamma is None): fit it with "
                               "svd_lightning.callbacks.ContrastiveBaseline")

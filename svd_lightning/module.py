@@ -100,6 +100,7 @@ class SteeringLM(L.LightningModule):
         SteeringConfig.from_dict({k: settings[k] for k in ("alpha", "scoring_policy", "floor", "direction")}
                                  | {"mu": strength, "forward_mode": forward_mode}, where="SteeringLM")
         self.steering_state = SteeringState()
+        self._announced = None  # the run whose path was last printed
         if run_dir is not None:
             say(f"reading run {Path(run_dir).resolve()}")
             self.tokenizer, base = load_base(self.source_run, run_dir)
@@ -247,9 +248,11 @@ class SteeringLM(L.LightningModule):
             self.metrics = self.build_metrics(family)
         # Every stage writes a run of its own (svd_lightning.logger): a finished run is never written into.
         writer = start_run(self.trainer)
-        if writer is not None:
+        if writer is not None and writer is not self._announced:
+            self._announced = writer
+            until = "the command" if writer.hold else f"the {getattr(stage, 'value', stage)}"
             say(f"writing run {writer.target.resolve()} (built in {writer.path.name}, moved into place when "
-                f"the {getattr(stage, 'value', stage)} is done)")
+                f"{until} is done)")
 
     def teardown(self, stage: str) -> None:
         writer = run_writer(self.trainer)

@@ -194,7 +194,7 @@ def test_fit_scores_the_contrastive_baseline_next_to_svdecode(tmp_path, capsys):
     trainer.test(module, dm, verbose=False)
     # γ is the grid point with the smallest calib choice loss, from the pure function on the trained model.
     direct = calibrate_choice_grid(module.model, dm.calib_choice_dataloader(), GAMMA_GRID,
-                                   SteeringConfig(gamma=0.0).contrastive(), progress=False)
+                                   SteeringConfig().contrastive(gamma=0.0), progress=False)
     assert module.gamma == baseline.solution["gamma"] == direct.best()
     assert baseline.solution["global_step"] == 2
     got = module.steering_state.metrics
