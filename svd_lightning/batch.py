@@ -24,6 +24,10 @@ choice_index        [N]       position of the choice inside its choice set
 choice_set          [N]       which list the choice belongs to (TruthfulQA: 0 = mc1, 1 = mc2)
 is_true             [N]       the choice is a correct answer
 num_chars           [N]       characters of the continuation text (for length-normalised accuracy)
+is_reference        [N]       optional: the row is the question's reference (context + answer, as
+                              ``LMBatch`` teacher-forces it); at most one per question. The
+                              calibration pass takes μ̄'s token statistics from these rows, so one
+                              pass over the choices serves every solver (:mod:`svd_lightning.calibration`)
 ==================  ========  =====================================================================
 
 ``LMBatch`` -- teacher-forced training / calibration rows: ``input_ids``, ``attention_mask``,
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence, TypedDict
+from typing import NotRequired, Sequence, TypedDict
 
 import torch
 
@@ -94,9 +98,10 @@ class ChoiceBatch(LMBatch):
     choice_set: torch.Tensor
     is_true: torch.Tensor
     num_chars: torch.Tensor
+    is_reference: NotRequired[torch.Tensor]
 
 
-CHOICE_KEYS = tuple(ChoiceBatch.__annotations__)
+CHOICE_KEYS = tuple(k for k in ChoiceBatch.__annotations__ if k != "is_reference")  # the required keys
 
 
 class Tokenized:
@@ -169,17 +174,21 @@ def collate_choices(examples: Sequence[ChoiceExample], tok: Tokenized) -> Choice
     """One row per (question, choice); see the module docstring for the keys."""
     pairs, meta = [], []
     for ex in examples:
+        reference, found = ex.reference(), False
         for j, (choice, true, cset) in enumerate(zip(ex.choices, ex.is_true, ex.choice_sets)):
             pairs.append(tok.pair(ex.context(j), choice))
-            meta.append((ex.index, j, cset, bool(true), len(choice.lstrip())))  # lm-eval: no delimiter
+            is_reference = not found and (ex.context(j), choice) == reference
+            found |= is_reference
+            meta.append((ex.index, j, cset, bool(true), len(choice.lstrip()), is_reference))  # lm-eval: no delimiter
     batch = _rows_to_batch(pairs, tok.pad_id)
-    q, j, s, t, n = zip(*meta)
+    q, j, s, t, n, r = zip(*meta)
     batch.update(
         question_index=torch.tensor(q, dtype=torch.long),
         choice_index=torch.tensor(j, dtype=torch.long),
         choice_set=torch.tensor(s, dtype=torch.long),
         is_true=torch.tensor(t, dtype=torch.bool),
         num_chars=torch.tensor(n, dtype=torch.long),
+        is_reference=torch.tensor(r, dtype=torch.bool),
     )
     return batch  # type: ignore[return-value]
 
@@ -193,7 +202,7 @@ def validate_choice_batch(batch: dict) -> None:
     for k in ("attention_mask", "labels"):
         if tuple(batch[k].shape) != (n, t):
             raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {(n, t)}")
-    for k in CHOICE_KEYS[3:]:
+    for k in (*CHOICE_KEYS[3:], *(["is_reference"] if "is_reference" in batch else [])):
         if tuple(batch[k].shape) != (n,):
             raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {(n,)}")
     if bool(((batch["labels"] != IGNORE_INDEX).sum(1) == 0).any()):

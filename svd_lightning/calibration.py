@@ -1,11 +1,18 @@
-"""The calibration pass, with no Trainer: steering statistics of every calibration label token.
+"""The calibration pass, with no Trainer: one pass over the calibration questions feeds every solver.
 
-:func:`calibrate` runs the warm and pre-trained models over teacher-forced prompt + answer batches
-and returns what every token-level strength option needs (:class:`CalibrationResult`);
-:func:`calibrate_choices` runs them over the calibration *choice* batches for the strength fit to
-the multiple-choice loss (``choice_nll``); :func:`calibrate_choice_grid` evaluates that loss exactly
-on a fixed grid of strengths (the contrastive baseline's γ, whose unmasked direction no compact
-cache holds). The Lightning callbacks
+:func:`calibrate_pass` runs the warm and pre-trained models once over the calibration batches
+and accumulates what the solvers of that warm-start state declared in :class:`CalibrationNeeds`:
+
+* the token statistics of μ̄ (:class:`CalibrationResult`: every token-level strength option and
+  the exact solve), from each question's reference row (prompt + reference answer);
+* the ``choice_nll`` cache (:class:`ChoiceCalibration`), from every choice row;
+* the exact multiple-choice loss on a strength grid (:class:`ChoiceGridCalibration`: the
+  contrastive baseline's γ), from every choice row.
+
+Choice batches (:func:`svd_lightning.batch.collate_choices`) carry all three: their
+``is_reference`` rows are the reference rows. Teacher-forced batches (:func:`collate_lm`) carry the
+token statistics only. :func:`calibrate`, :func:`calibrate_alphas`, :func:`calibrate_choices` and
+:func:`calibrate_choice_grid` are the single-purpose forms. The Lightning callbacks
 (:mod:`svd_lightning.callbacks`) are thin wrappers that pass in their rank's batches and the
 collectives of their strategy; ``benchmarks/`` call it directly.
 """
@@ -28,14 +35,66 @@ from svd_lightning.steering import (
     StrengthStats,
     choice_set_nll,
     confidence_mask,
+    direction_from_log_probs,
     kl_from_log_probs,
+    log_probs,
+    log_ratio,
     policy_log_probs,
-    steering_direction,
     strength_terms,
 )
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # all-reduce (sum) across ranks
 Gather = Callable[[torch.Tensor], torch.Tensor]  # all-gather [k, n_rank] -> [k, Σ n]
+
+
+@dataclass
+class CalibrationNeeds:
+    """What the solvers of one warm-start state ask of its calibration pass; each declares its part.
+
+    Args:
+        tokens: the token statistics of μ̄ at the config's mask threshold (key ``"alpha"``).
+        alphas: token statistics at further named thresholds (benchmarks compare masks).
+        choice_cache: the ``choice_nll`` cache, under the config's scoring settings.
+        grids: the exact choice loss on a grid of strengths, per decoding method
+            (``{"contrastive": γ grid}``: the contrastive baseline's; ``"svdecode"``: μ of the config).
+        limit_batches: the first k calibration batches only (one value for all solvers: one pass).
+    """
+
+    tokens: bool = False
+    alphas: dict[str, float] = field(default_factory=dict)
+    choice_cache: bool = False
+    grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    limit_batches: int | None = None
+
+    @property
+    def choices(self) -> bool:
+        """Some solver needs the choice rows (a choice batch pass), not only the reference rows."""
+        return self.choice_cache or bool(self.grids)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.tokens or self.alphas or self.choices)
+
+    def add(self, other: "CalibrationNeeds", who: str = "a solver") -> "CalibrationNeeds":
+        """Merge ``other`` in; two solvers that want different batches or grids of one name are an error."""
+        if other.limit_batches is not None:
+            if self.limit_batches is not None and self.limit_batches != other.limit_batches:
+                raise ValueError(f"{who} asks for limit_batches={other.limit_batches}, another solver for "
+                                 f"{self.limit_batches}: one calibration pass serves them all, give them one value")
+            self.limit_batches = other.limit_batches
+        for name, mus in other.grids.items():
+            if name in self.grids and tuple(self.grids[name]) != tuple(mus):
+                raise ValueError(f"{who} asks for another {name} grid than a solver before it")
+            self.grids[name] = tuple(float(m) for m in mus)
+        self.tokens |= other.tokens
+        self.alphas.update(other.alphas)
+        self.choice_cache |= other.choice_cache
+        return self
+
+    def covers(self, other: "CalibrationNeeds") -> bool:
+        """Everything ``other`` asks for is part of these needs."""
+        return ((self.tokens or not other.tokens) and (self.choice_cache or not other.choice_cache)
+                and other.alphas.items() <= self.alphas.items() and other.grids.items() <= self.grids.items())
 
 
 @dataclass
@@ -48,6 +107,59 @@ class CalibrationResult:
     step: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ChoiceCalibration:
+    """One pass over calibration *choice* batches: the cache the ``choice_nll`` strength is solved on."""
+
+    cache: ChoiceStrengthCache  # this rank's questions only (the solve all-reduces the loss)
+    diagnostics: dict[str, float]
+    step: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ChoiceGridCalibration:
+    """The calibration set's multiple-choice loss at every strength of a fixed grid (all ranks summed)."""
+
+    mus: list[float]
+    losses: torch.Tensor  # [K] float64
+    diagnostics: dict[str, float]
+    step: int = 0
+    seconds: float = 0.0
+
+    def best(self) -> float:
+        """The grid point with the smallest loss; ties prefer the smaller |μ|."""
+        finite = [i for i, v in enumerate(self.losses.tolist()) if math.isfinite(v)]
+        if not finite:
+            raise FloatingPointError("the choice loss is not finite at any point of the grid")
+        return self.mus[min(finite, key=lambda i: (float(self.losses[i]), abs(self.mus[i])))]
+
+    def at_edge(self) -> bool:
+        """The best point is the grid's largest or smallest: the loss may keep falling beyond it."""
+        return self.best() in (min(self.mus), max(self.mus)) and self.best() != 0.0
+
+
+@dataclass
+class CalibrationPass:
+    """Everything one pass over the calibration questions gave: one entry per declared need."""
+
+    needs: CalibrationNeeds
+    tokens: dict[str, CalibrationResult] | None  # by threshold name ("alpha": the config's)
+    choices: ChoiceCalibration | None
+    grids: dict[str, ChoiceGridCalibration]
+    missing_references: int  # questions (all ranks) whose choice rows hold no reference row
+    batches: int  # calibration batches (all ranks)
+    passes: int = 1  # 2 when the token statistics had to take a pass of their own
+    step: int = 0
+    seconds: float = 0.0
+    choice_counts: dict[str, float] = field(default_factory=dict)  # choice sets and rows, when choices were read
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """What the pass was: passes, batches and (when choices were read) choice sets and rows."""
+        return {"calibration_passes": self.passes, "calibration_batches": self.batches, **self.choice_counts}
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -76,14 +188,172 @@ def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, 
         model.train(was_training)
 
 
-def _steered_pass(model, batches: Iterable[dict], config: SteeringConfig, device, total: int | None, progress: bool,
-                  desc: str):
-    """Per choice batch ``(batch, warm, delta, keep, labels, row)``: the steering direction of
-    ``config`` and its statistics mask at every labelled position (see :func:`_label_logits`)."""
+def reference_rows(batch: dict) -> tuple[torch.Tensor, int]:
+    """``(rows [N] bool, questions without one)``: the rows the token statistics are taken from.
+
+    A teacher-forced batch is all reference rows; a choice batch marks them in ``is_reference``
+    (at most one per question); a choice batch without that key has none.
+    """
+    n = batch["input_ids"].shape[0]
+    if "question_index" not in batch:
+        return torch.ones(n, dtype=torch.bool, device=batch["input_ids"].device), 0
+    questions = batch["question_index"]
+    if "is_reference" not in batch:
+        return torch.zeros(n, dtype=torch.bool, device=questions.device), int(torch.unique(questions).numel())
+    ref = batch["is_reference"].bool()
+    per_question = torch.unique(questions[ref], return_counts=True)
+    if per_question[0].numel() and int(per_question[1].max()) > 1:
+        q = int(per_question[0][per_question[1].argmax()])
+        raise ValueError(f"question {q} has {int(per_question[1].max())} reference rows (is_reference); "
+                         "a question has at most one")
+    return ref, int(torch.unique(questions).numel()) - int(per_question[0].numel())
+
+
+class _TokenStatistics:
+    """The token statistics of μ̄ at several mask thresholds (see :class:`CalibrationResult`)."""
+
+    def __init__(self, alphas: dict[str, float]):
+        self.alphas = alphas
+        self.stats = {name: StrengthStats() for name in alphas}
+        self.caches = {name: ExactStrengthCache() for name in alphas}
+        self.sums = {name: torch.zeros(4, dtype=torch.float64) for name in alphas}  # KL, kept, ‖δz‖, positions
+
+    def update(self, warm, delta, lp_warm, lp_base, labels) -> None:
+        kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
+        norm = delta.norm(dim=-1).sum().double().cpu()
+        for name, alpha in self.alphas.items():
+            keep = confidence_mask(lp_warm, alpha)
+            self.stats[name].update(strength_terms(warm, delta, keep, labels))
+            self.caches[name].update(warm, delta, keep, labels)
+            self.sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1], norm,
+                                            torch.tensor(float(labels.numel()), dtype=torch.float64)])
+
+    def finish(self, reduce: Reduce, gather: Gather, device, step: int, seconds: float) -> dict[str, CalibrationResult]:
+        results = {}
+        for name in self.alphas:
+            total = reduce(self.sums[name].to(device)).cpu()
+            merged = StrengthStats.from_tensor(gather(self.stats[name].to_tensor().to(device)).cpu())
+            positions = max(float(total[3]), 1.0)
+            diagnostics = {
+                "kl_mean": float(total[0]) / positions,
+                "kept_fraction": float(total[1]) / positions,
+                "delta_norm_mean": float(total[2]) / positions,
+                "tokens": float(total[3]),
+                "usable_tokens": float(merged.count),
+            }
+            results[name] = CalibrationResult(merged, self.caches[name], diagnostics, step, seconds)
+        return results
+
+
+class _GridLosses:
+    """The summed choice-set NLL at every point of a strength grid, scored exactly from each batch."""
+
+    def __init__(self, mus: Iterable[float], config: SteeringConfig):
+        self.mus = [float(m) for m in mus]
+        if len(self.mus) < 2 or not all(math.isfinite(m) for m in self.mus):
+            raise ValueError(f"the strength grid needs at least 2 finite points, got {self.mus}")
+        self.config = config
+        self.losses = torch.zeros(len(self.mus), dtype=torch.float64)
+
+    def update(self, batch, warm, delta, keep, labels, row) -> None:
+        pairs = torch.stack([batch["question_index"], batch["choice_set"]]).cpu()
+        sets, group = torch.unique(pairs, dim=1, return_inverse=True)
+        true, n = batch["is_true"].bool().cpu(), batch["input_ids"].shape[0]
+        for k, mu in enumerate(self.mus):
+            token = policy_log_probs(warm, delta, keep, mu, self.config.scoring_policy, self.config.floor)
+            token = token.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            scores = torch.zeros(n, dtype=torch.float64).index_add(0, row.cpu(), token.double().cpu())
+            nll = choice_set_nll(scores, group, true, sets.shape[1])
+            self.losses[k] += nll[torch.isfinite(nll)].sum()
+
+
+def _grid_config(config: SteeringConfig, method: str) -> SteeringConfig:
+    """The scoring settings a grid of ``method`` is scored with (its μ or γ comes from the grid)."""
+    return config if method == "svdecode" else config.contrastive(gamma=0.0)
+
+
+@torch.no_grad()
+def calibrate_pass(
+    model,
+    batches: Iterable[dict],
+    config: SteeringConfig = SteeringConfig(),
+    needs: CalibrationNeeds = CalibrationNeeds(tokens=True),
+    *,
+    reduce: Reduce | None = None,
+    gather: Gather | None = None,
+    device: torch.device | str | None = None,
+    total: int | None = None,
+    progress: bool = True,
+    step: int = 0,
+    desc: str = "Calibration",
+    grid_configs: dict[str, SteeringConfig] | None = None,
+) -> CalibrationPass:
+    """One pass over ``batches`` with the model; everything ``needs`` asks for (see the module doc).
+
+    ``config`` holds the settings (α, policy, floor, direction, forward mode). Under DDP give each
+    rank its own batches (whole questions), the strategy's ``reduce`` (sum) and ``gather`` (ragged
+    all-gather): the statistics, losses and counts are then those of all ranks' questions; the
+    caches hold this rank's (their solves all-reduce). The model is put in eval mode and restored.
+    ``grid_configs``: another scoring config per grid name than :func:`_grid_config`'s.
+    """
+    reduce, gather = reduce or _identity, gather or _identity
+    device = device if device is not None else next(model.parameters()).device
+    alphas = {**({"alpha": config.statistics_alpha} if needs.tokens else {}), **needs.alphas}
+    tokens = _TokenStatistics(alphas) if alphas else None
+    choices = ChoiceStrengthCache(config.scoring_policy, config.floor) if needs.choice_cache else None
+    grid_configs = {name: (grid_configs or {}).get(name) or _grid_config(config, name) for name in needs.grids}
+    grids = {name: _GridLosses(mus, grid_configs[name]) for name, mus in needs.grids.items()}
+    counts = torch.zeros(4, dtype=torch.float64)  # batches, questions without a reference row, choice sets, rows
+    start = time.perf_counter()
     for batch, warm, base, labels, row in _label_logits(model, batches, forward_mode=config.forward_mode,
                                                         device=device, total=total, progress=progress, desc=desc):
-        delta, lp_warm, _ = steering_direction(warm, base, config.direction)
-        yield batch, warm, delta, confidence_mask(lp_warm, config.statistics_alpha), labels, row
+        # One pair of log-softmaxes per batch serves every solver and every direction.
+        lp_warm = log_probs(warm)
+        lp_base = log_probs(base).to(lp_warm.dtype)
+        r = log_ratio(lp_warm, lp_base)
+        directions: dict[str, torch.Tensor] = {}
+
+        def direction(name: str) -> torch.Tensor:
+            if name not in directions:
+                directions[name] = direction_from_log_probs(lp_warm, r, name)
+            return directions[name]
+
+        counts[0] += 1
+        if tokens is not None:
+            ref_rows, missing = reference_rows(batch)
+            counts[1] += missing
+            ref = ref_rows[row]
+            every = bool(ref.all())
+            pick = (lambda t: t) if every else (lambda t: t[ref])  # noqa: E731 (no copy when all rows are used)
+            if bool(ref.any()):
+                tokens.update(pick(warm), pick(direction(config.direction)), pick(lp_warm), pick(lp_base), pick(labels))
+        if choices is not None or grids:
+            if "question_index" not in batch:
+                raise ValueError(f"{desc}: a solver needs choice batches (question_index, choice_set, is_true), "
+                                 "got a teacher-forced batch; see svd_lightning.batch")
+            counts[2] += torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1).shape[1]
+            counts[3] += batch["input_ids"].shape[0]
+        if choices is not None:
+            keep = confidence_mask(lp_warm, config.statistics_alpha)
+            choices.update(warm, direction(config.direction), keep, labels, row,
+                           *(batch[k] for k in ("question_index", "choice_set", "is_true")))
+        for grid in grids.values():
+            keep = confidence_mask(lp_warm, grid.config.statistics_alpha)
+            grid.update(batch, warm, direction(grid.config.direction), keep, labels, row)
+    seconds = time.perf_counter() - start
+    counts = reduce(counts.to(device)).cpu()
+    choice_counts = {"choice_sets": float(counts[2]), "choice_rows": float(counts[3])}
+    choice_result = None
+    if choices is not None:
+        own = torch.tensor([choices.usable_groups(), choices.tokens.count], dtype=torch.float64)
+        usable, choice_tokens = reduce(own.to(device)).cpu().tolist()
+        choice_result = ChoiceCalibration(choices, {**choice_counts, "usable_choice_sets": usable,
+                                                    "choice_tokens": choice_tokens}, step, seconds)
+    grid_results = {name: ChoiceGridCalibration(g.mus, reduce(g.losses.to(device)).cpu(), dict(choice_counts),
+                                                step, seconds) for name, g in grids.items()}
+    token_results = None if tokens is None else tokens.finish(reduce, gather, device, step, seconds)
+    return CalibrationPass(needs, token_results, choice_result, grid_results, int(counts[1]), int(counts[0]),
+                           step=step, seconds=seconds, choice_counts=choice_counts if needs.choices else {})
 
 
 def calibrate(model, batches: Iterable[dict], config: SteeringConfig = SteeringConfig(), **kwargs) -> CalibrationResult:
@@ -93,178 +363,45 @@ def calibrate(model, batches: Iterable[dict], config: SteeringConfig = SteeringC
     vector ``config.direction``. Under DDP, give each rank its own batches and the strategy's
     ``reduce`` (sum) and ``gather`` (ragged all-gather): the result is then the same on every rank
     as one process over all batches. The model is put in eval mode and restored. Keyword options:
-    see :func:`calibrate_alphas`.
+    see :func:`calibrate_pass`; choice batches work too (their reference rows are used).
     """
-    return calibrate_alphas(model, batches, {"alpha": config.statistics_alpha}, config, **kwargs)["alpha"]
+    return calibrate_pass(model, batches, config, CalibrationNeeds(tokens=True), **kwargs).tokens["alpha"]
 
 
-@torch.no_grad()
-def calibrate_alphas(
-    model,
-    batches: Iterable[dict],
-    alphas: dict[str, float],
-    config: SteeringConfig = SteeringConfig(),
-    *,
-    reduce: Reduce | None = None,
-    gather: Gather | None = None,
-    device: torch.device | str | None = None,
-    total: int | None = None,
-    progress: bool = True,
-    step: int = 0,
-    desc: str = "Calibration",
-) -> dict[str, CalibrationResult]:
+def calibrate_alphas(model, batches: Iterable[dict], alphas: dict[str, float],
+                     config: SteeringConfig = SteeringConfig(), **kwargs) -> dict[str, CalibrationResult]:
     """:func:`calibrate` for several mask thresholds from one pass over the model: ``{name: result}``.
 
     ``config.direction``: the steering vector the statistics are of (see
     :func:`svd_lightning.steering.steering_direction`); the ``kl_mean`` diagnostic is the same for both.
     """
-    reduce, gather = reduce or _identity, gather or _identity
-    device = device if device is not None else next(model.parameters()).device
-    stats = {name: StrengthStats() for name in alphas}
-    caches = {name: ExactStrengthCache() for name in alphas}
-    sums = {name: torch.zeros(4, dtype=torch.float64) for name in alphas}  # KL, kept tokens, ‖δz‖, positions
-    start = time.perf_counter()
-    passes = _label_logits(model, batches, forward_mode=config.forward_mode, device=device, total=total,
-                           progress=progress, desc=desc)
-    for _, warm, base, labels, _ in passes:
-        # One pass over the vocabulary gives δz and the log-probs the KL diagnostic reuses.
-        delta, lp_warm, lp_base = steering_direction(warm, base, config.direction)
-        kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
-        norm = delta.norm(dim=-1).sum().double().cpu()
-        for name, alpha in alphas.items():
-            keep = confidence_mask(lp_warm, alpha)
-            stats[name].update(strength_terms(warm, delta, keep, labels))
-            caches[name].update(warm, delta, keep, labels)
-            sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1], norm,
-                                       torch.tensor(float(labels.numel()), dtype=torch.float64)])
-    seconds = time.perf_counter() - start
-    results = {}
-    for name in alphas:
-        total_sums = reduce(sums[name].to(device)).cpu()
-        merged = StrengthStats.from_tensor(gather(stats[name].to_tensor().to(device)).cpu())
-        positions = max(float(total_sums[3]), 1.0)
-        diagnostics = {
-            "kl_mean": float(total_sums[0]) / positions,
-            "kept_fraction": float(total_sums[1]) / positions,
-            "delta_norm_mean": float(total_sums[2]) / positions,
-            "tokens": float(total_sums[3]),
-            "usable_tokens": float(merged.count),
-        }
-        results[name] = CalibrationResult(merged, caches[name], diagnostics, step, seconds)
-    return results
+    return calibrate_pass(model, batches, config, CalibrationNeeds(alphas=dict(alphas)), **kwargs).tokens
 
 
-@dataclass
-class ChoiceCalibration:
-    """One pass over calibration *choice* batches: the cache the ``choice_nll`` strength is solved on."""
-
-    cache: ChoiceStrengthCache  # this rank's questions only (the solve all-reduces the loss)
-    diagnostics: dict[str, float]
-    step: int = 0
-    seconds: float = 0.0
-
-
-@torch.no_grad()
-def calibrate_choices(
-    model,
-    batches: Iterable[dict],
-    config: SteeringConfig = SteeringConfig(),
-    *,
-    reduce: Reduce | None = None,
-    device: torch.device | str | None = None,
-    total: int | None = None,
-    progress: bool = True,
-    step: int = 0,
-    desc: str = "Choice calibration",
-) -> ChoiceCalibration:
+def calibrate_choices(model, batches: Iterable[dict], config: SteeringConfig = SteeringConfig(), *,
+                      desc: str = "Choice calibration", **kwargs) -> ChoiceCalibration:
     """The multiple-choice loss of the calibration set as a function of μ (see :class:`ChoiceStrengthCache`).
 
     ``batches`` are choice batches (every row of a question in one batch, see
     :mod:`svd_lightning.batch`); ``config`` holds the scoring settings (α, policy, floor,
     direction): the cache scores each choice as :func:`svd_lightning.decoding.score_choices` would
     at any μ. ``cache.solve(reduce=...)`` gives the ``choice_nll`` strength. Under DDP give each rank
-    its own batches; ``reduce`` (sum) only merges the diagnostics here. The model is put in eval
-    mode and restored.
+    its own batches; ``reduce`` (sum) only merges the diagnostics here.
     """
-    reduce = reduce or _identity
-    device = device if device is not None else next(model.parameters()).device
-    cache = ChoiceStrengthCache(config.scoring_policy, config.floor)
-    start = time.perf_counter()
-    for batch, warm, delta, keep, labels, row in _steered_pass(model, batches, config, device, total, progress, desc):
-        cache.update(warm, delta, keep, labels, row, *(batch[k] for k in ("question_index", "choice_set", "is_true")))
-    counts = torch.tensor([len(cache.groups), cache.usable_groups(), cache.rows, cache.tokens.count],
-                          dtype=torch.float64)
-    counts = reduce(counts.to(device)).cpu()
-    diagnostics = dict(zip(("choice_sets", "usable_choice_sets", "choice_rows", "choice_tokens"), counts.tolist()))
-    return ChoiceCalibration(cache, diagnostics, step, time.perf_counter() - start)
+    return calibrate_pass(model, batches, config, CalibrationNeeds(choice_cache=True), desc=desc, **kwargs).choices
 
 
-@dataclass
-class ChoiceGridCalibration:
-    """The calibration set's multiple-choice loss at every strength of a fixed grid (all ranks summed)."""
-
-    mus: list[float]
-    losses: torch.Tensor  # [K] float64
-    diagnostics: dict[str, float]
-    step: int = 0
-    seconds: float = 0.0
-
-    def best(self) -> float:
-        """The grid point with the smallest loss; ties prefer the smaller |μ|."""
-        finite = [i for i, v in enumerate(self.losses.tolist()) if math.isfinite(v)]
-        if not finite:
-            raise FloatingPointError("the choice loss is not finite at any point of the grid")
-        return self.mus[min(finite, key=lambda i: (float(self.losses[i]), abs(self.mus[i])))]
-
-    def at_edge(self) -> bool:
-        """The best point is the grid's largest or smallest: the loss may keep falling beyond it."""
-        return self.best() in (min(self.mus), max(self.mus)) and self.best() != 0.0
-
-
-@torch.no_grad()
-def calibrate_choice_grid(
-    model,
-    batches: Iterable[dict],
-    mus: Iterable[float],
-    config: SteeringConfig = SteeringConfig(),
-    *,
-    reduce: Reduce | None = None,
-    device: torch.device | str | None = None,
-    total: int | None = None,
-    progress: bool = True,
-    step: int = 0,
-    desc: str = "Choice calibration (grid)",
-) -> ChoiceGridCalibration:
+def calibrate_choice_grid(model, batches: Iterable[dict], mus: Iterable[float],
+                          config: SteeringConfig = SteeringConfig(), *, desc: str = "Choice calibration (grid)",
+                          **kwargs) -> ChoiceGridCalibration:
     """The multiple-choice loss of :class:`ChoiceStrengthCache` at each μ of ``mus``, exactly, in one pass.
 
     Where :func:`calibrate_choices` caches tokens to solve for any μ, this scores every grid point
     from each batch's logits and keeps only the sums: memory does not grow with the vocabulary kept,
     so it also serves policy ``none`` with the logit difference (the contrastive baseline). Batches
     hold whole questions (see :mod:`svd_lightning.batch`); ``config`` holds the scoring settings
-    (its ``mu`` is ignored: the grid gives the strengths; ``config.contrastive(gamma=...)`` with any γ is the
-    contrastive baseline's). Under DDP give each rank its own batches
-    and ``reduce`` (sum): the losses are then those of all ranks' questions.
+    (its ``mu`` is ignored: the grid gives the strengths; ``config.contrastive(gamma=...)`` with any γ
+    is the contrastive baseline's). Under DDP give each rank its own batches and ``reduce`` (sum).
     """
-    mus = [float(m) for m in mus]
-    if len(mus) < 2 or not all(math.isfinite(m) for m in mus):
-        raise ValueError(f"the strength grid needs at least 2 finite points, got {mus}")
-    reduce = reduce or _identity
-    device = device if device is not None else next(model.parameters()).device
-    losses = torch.zeros(len(mus), dtype=torch.float64)
-    counts = torch.zeros(2, dtype=torch.float64)  # choice sets, choice rows
-    policy, floor = config.scoring_policy, config.floor
-    start = time.perf_counter()
-    for batch, warm, delta, keep, labels, row in _steered_pass(model, batches, config, device, total, progress, desc):
-        pairs = torch.stack([batch["question_index"], batch["choice_set"]]).cpu()
-        sets, group = torch.unique(pairs, dim=1, return_inverse=True)
-        true, n = batch["is_true"].bool().cpu(), batch["input_ids"].shape[0]
-        for k, mu in enumerate(mus):
-            token = policy_log_probs(warm, delta, keep, mu, policy, floor).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            scores = torch.zeros(n, dtype=torch.float64).index_add(0, row.cpu(), token.double().cpu())
-            nll = choice_set_nll(scores, group, true, sets.shape[1])
-            losses[k] += nll[torch.isfinite(nll)].sum()
-        counts += torch.tensor([sets.shape[1], n], dtype=torch.float64)
-    losses = reduce(losses.to(device)).cpu()
-    counts = reduce(counts.to(device)).cpu()
-    diagnostics = dict(zip(("choice_sets", "choice_rows"), counts.tolist()))
-    return ChoiceGridCalibration(mus, losses, diagnostics, step, time.perf_counter() - start)
+    needs = CalibrationNeeds(grids={"grid": tuple(float(m) for m in mus)})
+    return calibrate_pass(model, batches, config, needs, desc=desc, grid_configs={"grid": config}, **kwargs).grids["grid"]

@@ -4,14 +4,17 @@
   every label token, their statistics (mean KL, kept fraction, ‖δz‖) and the sufficient
   statistics of the strength (all ranks merged).
 * :class:`StrengthSolver` -- μ̄ from those statistics (mean / median / trimmed / pooled / exact,
-  identity or Fisher curvature) or fit to the calibration multiple-choice loss (choice_nll, one more
-  pass over the calibration choices), set on the module, logged, and written to ``steering.json``.
+  identity or Fisher curvature) or fit to the calibration multiple-choice loss (choice_nll), set on
+  the module, logged, and written to ``steering.json``.
 * :class:`ContrastiveBaseline` -- γ of the contrastive baseline ``z_φ + γ(z_φ − z_θ)``, fit to the
   calibration multiple-choice loss, so the module scores it next to SVDecode.
 * :class:`SteeredValidation` -- prints the plain / base / steered (/ contrastive) table with paired
   bootstrap CIs and writes ``metrics.json`` and the per-question scores.
 * :class:`LogitSnapshot` -- saves top-k pre-trained and warm-started logits of a probe batch.
 * :class:`ScoreWriter` -- ``predict`` writes every question's plain / base / steered scores (JSONL).
+
+Every solver declares what it needs in ``setup``; :func:`calibration_pass` then runs *one* pass over
+the calibration questions per warm-start state for all of them (``steer/calibration_passes``).
 
 Lightning validates *before* ``on_train_epoch_end``, so extraction and solving also run at
 ``on_validation_start`` whenever the weights changed since the last solve: the steered
@@ -20,6 +23,7 @@ validation of epoch k always uses the μ̄ of epoch k. No nested Trainer is star
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -32,13 +36,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from svd_lightning.calibration import (
-    CalibrationResult,
-    ChoiceCalibration,
-    calibrate,
-    calibrate_choice_grid,
-    calibrate_choices,
-)
+from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, paired_bootstrap
 from svd_lightning.logger import run_writer
@@ -97,8 +95,56 @@ def _gather_ragged(trainer: L.Trainer, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[r, :, : sizes[r]] for r in range(len(sizes))], dim=-1)
 
 
+def calibration_pass(trainer: L.Trainer, pl_module, needs: CalibrationNeeds, who: str) -> CalibrationPass:
+    """The one calibration pass of the current weights, with all that the solvers declared and ``needs``.
+
+    Solvers declare their needs in ``setup`` (``steering_state.needs``), so the first of them to ask
+    after new weights runs one pass that serves them all, and the others read it from the module's
+    ``steering_state``. Over the choice batches when a solver needs the choices (μ̄'s token
+    statistics then come from their reference rows), else over the teacher-forced batches. Each rank
+    takes its own share of the batches; the strategy's collectives merge them.
+    """
+    state = pl_module.steering_state
+    state.needs.add(needs, who)
+    known = state.calibration_at(trainer.global_step, needs)
+    if known is not None:
+        return known
+    wanted = dataclasses.replace(state.needs, alphas=dict(state.needs.alphas), grids=dict(state.needs.grids))
+    options = dict(
+        reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), gather=lambda t: _gather_ragged(trainer, t),
+        device=pl_module.device, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+        step=trainer.global_step,
+    )
+    model, config = pl_module.model, pl_module.steering_config
+    loader = choice_calibration_loader(trainer) if wanted.choices else calibration_loader(trainer)
+    try:
+        mine, count = _my_batches(trainer, loader, wanted.limit_batches)
+        result = calibrate_pass(model, mine, config, wanted, total=count, **options)
+        if result.tokens is not None and result.missing_references:
+            say(f"{result.missing_references} calibration question(s) have no reference row among their choices "
+                "(is_reference, see svd_lightning.batch): μ̄'s token statistics take a pass of their own over "
+                "calib_dataloader()")
+            mine, count = _my_batches(trainer, calibration_loader(trainer), wanted.limit_batches)
+            references = CalibrationNeeds(tokens=wanted.tokens, alphas=dict(wanted.alphas))
+            tokens = calibrate_pass(model, mine, config, references, total=count,
+                                    desc="Calibration (reference answers)", **options)
+            result = dataclasses.replace(result, tokens=tokens.tokens, passes=2, seconds=result.seconds + tokens.seconds)
+    except FloatingPointError as err:
+        raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
+    state.calibration = result
+    state.calibration_passes += result.passes
+    diagnostics = {**(result.tokens["alpha"].diagnostics if result.tokens and "alpha" in result.tokens else {}),
+                   **result.diagnostics}
+    for k, v in diagnostics.items():
+        pl_module.log(f"steer/{k}", float(v), rank_zero_only=True)
+    return result
+
+
 class SteeringExtraction(L.Callback):
     """Steering vectors on the calibration set, after every warm-start epoch.
+
+    It runs the calibration pass of the new weights (:func:`calibration_pass`: one pass for every
+    solver) and logs its diagnostics: mean KL, kept fraction, ‖δz‖, tokens, passes.
 
     Args:
         limit_batches: use only the first k calibration batches (None: all).
@@ -111,32 +157,19 @@ class SteeringExtraction(L.Callback):
         self.limit_batches = limit_batches
         self.result: CalibrationResult | None = None
 
+    @property
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(tokens=True, limit_batches=self.limit_batches)
+
     def extract(self, trainer: L.Trainer, pl_module) -> CalibrationResult:
-        """The calibration of the current weights: the module's ``steering_state`` has it once per step."""
-        known = pl_module.steering_state.calibration_at(trainer.global_step)
-        if known is not None:
-            self.result = known
-            return known
-        mine, count = _my_batches(trainer, calibration_loader(trainer), self.limit_batches)
-        try:
-            self.result = calibrate(
-                pl_module.model, mine, pl_module.steering_config,
-                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
-                gather=lambda t: _gather_ragged(trainer, t),
-                device=pl_module.device, total=count,
-                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-                step=trainer.global_step,
-            )
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
-        pl_module.steering_state.calibration = self.result
-        for k, v in self.result.diagnostics.items():
-            pl_module.log(f"steer/{k}", v, rank_zero_only=True)
+        """μ̄'s token statistics of the current weights, from the pass they share with every solver."""
+        self.result = calibration_pass(trainer, pl_module, self.needs, type(self).__name__).tokens["alpha"]
         return self.result
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
             check_calibration_set(trainer)
+            pl_module.steering_state.needs.add(self.needs, type(self).__name__)
 
     def _maybe_extract(self, trainer, pl_module):
         if not trainer.sanity_checking:
@@ -162,12 +195,11 @@ class StrengthSolver(L.Callback):
             Newton steps); ``median`` / ``trimmed`` / ``pooled`` are robust alternatives;
             ``choice_nll`` minimises the calibration questions' multiple-choice loss under the
             scoring policy (NLL of the true choice, or of the true set for MC2-style sets; not
-            convex: grid bracket + golden section), from one extra pass over the DataModule's
-            ``calib_choice_dataloader()``.
+            convex: grid bracket + golden section), on the DataModule's ``calib_choice_dataloader()``
+            (the same one calibration pass then serves every option).
         curvature: ``identity`` (the paper) or ``fisher`` for mean / median / trimmed / pooled.
         trim: the fraction cut at each tail by ``trimmed``.
-        limit_batches: passed to the extraction pass when this solver runs it itself, and to the
-            choice pass of ``choice_nll``.
+        limit_batches: the first k calibration batches (one value for every solver: one pass).
 
     Whichever ``strength`` is chosen, ``aggregates`` in ``steering.json`` records every token-level
     option (and ``choice_nll`` when it was solved) on the same calibration set.
@@ -187,29 +219,21 @@ class StrengthSolver(L.Callback):
         self.strength, self.curvature, self.trim = strength, curvature, trim
         self.limit_batches = limit_batches
         self.solution: dict | None = None
-        self._extraction = SteeringExtraction(limit_batches)  # reuses the state's pass when one ran already
+
+    @property
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(tokens=True, choice_cache=self.strength == "choice_nll", limit_batches=self.limit_batches)
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" or pl_module.mu is None:
             check_calibration_set(trainer)
             if self.strength == "choice_nll" and len(choice_calibration_loader(trainer)) == 0:
                 raise ValueError("strength 'choice_nll': calib_choice_dataloader() yields no batches")
-
-    def _choice_calibration(self, trainer, pl_module) -> ChoiceCalibration:
-        """One pass over this rank's calibration choice batches (strength ``choice_nll`` only)."""
-        mine, count = _my_batches(trainer, choice_calibration_loader(trainer), self.limit_batches)
-        try:
-            return calibrate_choices(
-                pl_module.model, mine, pl_module.steering_config,
-                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device,
-                total=count, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-                step=trainer.global_step,
-            )
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
+            pl_module.steering_state.needs.add(self.needs, type(self).__name__)
 
     def solve(self, trainer: L.Trainer, pl_module) -> float:
-        result = self._extraction.extract(trainer, pl_module)
+        calibration = calibration_pass(trainer, pl_module, self.needs, type(self).__name__)
+        result = calibration.tokens["alpha"]
         start = time.perf_counter()
         summary = result.stats.summary(self.trim)
 
@@ -217,12 +241,10 @@ class StrengthSolver(L.Callback):
             return trainer.strategy.reduce(v.to(pl_module.device), reduce_op="sum").cpu()
 
         summary["exact"] = result.cache.solve(reduce=allreduce)
-        diagnostics, seconds = dict(result.diagnostics), result.seconds
+        diagnostics = {**result.diagnostics, **calibration.diagnostics}
         if self.strength == "choice_nll":
-            choices = self._choice_calibration(trainer, pl_module)
-            summary["choice_nll"] = choices.cache.solve(reduce=allreduce)
-            diagnostics.update(choices.diagnostics)
-            seconds += choices.seconds
+            summary["choice_nll"] = calibration.choices.cache.solve(reduce=allreduce)
+            diagnostics.update(calibration.choices.diagnostics)
         key = self.strength if self.strength in ("exact", "choice_nll") else f"{self.strength}_{self.curvature}"
         mu = summary[key]
         if not math.isfinite(mu):
@@ -233,7 +255,7 @@ class StrengthSolver(L.Callback):
                                                           trim=self.trim).to_dict(),
             "aggregates": summary,
             "diagnostics": diagnostics,
-            "calibration_seconds": seconds + time.perf_counter() - start,
+            "calibration_seconds": calibration.seconds + time.perf_counter() - start,
             "global_step": trainer.global_step,
         }
         pl_module.log("steer/mu", mu, rank_zero_only=True)
@@ -288,8 +310,9 @@ class ContrastiveBaseline(L.Callback):
     """Score the contrastive baseline ``z_φ + γ(z_φ − z_θ)`` next to SVDecode, with γ fit on calibration data.
 
     γ minimises the calibration questions' multiple-choice loss (the ``choice_nll`` objective, with
-    the contrastive scores) over ``gammas``, exactly at each point, from one pass over the
-    DataModule's ``calib_choice_dataloader()`` before the module scores with new weights. The
+    the contrastive scores) over ``gammas``, exactly at each point, on the DataModule's
+    ``calib_choice_dataloader()`` (the calibration pass μ̄ is solved on) before the module scores
+    with new weights. The
     baseline is the logit-difference direction with no mask
     (:func:`svd_lightning.steering.contrastive_log_probs`): same two distributions, same decode cost.
     The module then scores a ``contrastive`` variant: in the tables, metrics, per-question files
@@ -297,7 +320,7 @@ class ContrastiveBaseline(L.Callback):
 
     Args:
         gammas: the grid γ is chosen on (default :data:`svd_lightning.steering.GAMMA_GRID`, 0 = warm start).
-        limit_batches: use only the first k calibration choice batches.
+        limit_batches: use only the first k calibration batches (one value for every solver: one pass).
     """
 
     def __init__(self, gammas: list[float] | None = None, limit_batches: int | None = None):
@@ -307,21 +330,18 @@ class ContrastiveBaseline(L.Callback):
         self.limit_batches = limit_batches
         self.solution: dict | None = None
 
+    @property
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(grids={"contrastive": tuple(self.gammas)}, limit_batches=self.limit_batches)
+
     def setup(self, trainer, pl_module, stage):
-        if stage != "predict" and len(choice_calibration_loader(trainer)) == 0:
-            raise ValueError("ContrastiveBaseline: calib_choice_dataloader() yields no batches")
+        if stage != "predict":
+            if len(choice_calibration_loader(trainer)) == 0:
+                raise ValueError("ContrastiveBaseline: calib_choice_dataloader() yields no batches")
+            pl_module.steering_state.needs.add(self.needs, type(self).__name__)
 
     def solve(self, trainer, pl_module) -> float:
-        mine, count = _my_batches(trainer, choice_calibration_loader(trainer), self.limit_batches)
-        try:
-            result = calibrate_choice_grid(
-                pl_module.model, mine, self.gammas, pl_module.steering_config.contrastive(gamma=0.0),
-                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device, total=count,
-                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-                step=trainer.global_step, desc="Contrastive calibration",
-            )
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{err}, after warm-start step {trainer.global_step}") from err
+        result = calibration_pass(trainer, pl_module, self.needs, type(self).__name__).grids["contrastive"]
         gamma = result.best()
         pl_module.set_contrastive_gamma(gamma)
         writer = run_writer(trainer)
@@ -360,7 +380,7 @@ class StageTimes(L.Callback):
 
     Put it first among the callbacks (the CLI does): its ``on_validation_start`` / ``on_test_start``
     then run before the strength solvers, so the time from there to the first scored batch is the
-    calibration (μ̄ and the contrastive γ), and the rest of the loop is scoring. ``origin``: when the
+    calibration (the one pass, μ̄ and the contrastive γ), and the rest of the loop is scoring. ``origin``: when the
     command started (default: when this callback was built), so that set-up (model and data
     loading) is counted too; ``other`` is what no stage accounts for.
     """
@@ -369,7 +389,6 @@ class StageTimes(L.Callback):
         self.origin = time.perf_counter() if origin is None else origin
         self.stages: dict[str, float] = {}
         self._marks: dict[str, float] = {}
-        self._gamma: dict | None = None  # the γ solution before the current mark
         self._started = False
 
     def _add(self, name: str, seconds: float) -> None:
@@ -394,28 +413,18 @@ class StageTimes(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):  # solvers run here when no validation did
         self._mark("epoch end")
-        self._gamma = pl_module.steering_state.contrastive
 
     def on_train_end(self, trainer, pl_module):
-        self._calibration(pl_module, self._since("epoch end"))
+        self._add("calibration", self._since("epoch end"))
         self._mark("run")
 
     def _loop_start(self, trainer, pl_module, stage):
         if not trainer.sanity_checking:
             self._mark(stage)
-            self._gamma = pl_module.steering_state.contrastive
-
-    def _calibration(self, pl_module, seconds: float) -> None:
-        """``seconds`` of solves, split into the contrastive γ pass (if one ran since the mark) and the rest."""
-        solution = pl_module.steering_state.contrastive
-        gamma = solution["seconds"] if solution is not None and solution is not self._gamma else 0.0
-        if gamma:
-            self._add("contrastive γ", gamma)
-        self._add("calibration", seconds - gamma)
 
     def _first_batch(self, trainer, pl_module, stage, batch_idx, dataloader_idx):
         if not trainer.sanity_checking and batch_idx == 0 and dataloader_idx == 0 and stage in self._marks:
-            self._calibration(pl_module, self._since(stage))
+            self._add("calibration", self._since(stage))  # the one pass and every solve before scoring
             self._mark(f"{stage} scoring")
 
     def _loop_end(self, trainer, stage):

@@ -41,7 +41,7 @@ class SteeringCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
         parser.add_argument(
             "--contrastive_baseline", type=bool, default=True,
-            help="also fit and score the contrastive baseline z_φ + γ(z_φ − z_θ) (one more pass over the calib "
+            help="also fit and score the contrastive baseline z_φ + γ(z_φ − z_θ) (the calibration pass then runs over the calib "
                  "choices; its options under `contrastive`)",
         )
         parser.add_argument(

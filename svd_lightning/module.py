@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from svd_lightning.batch import validate_choice_batch
+from svd_lightning.calibration import CalibrationNeeds, CalibrationPass
 from svd_lightning.config import Direction, ForwardMode, ScoringPolicy, SteeringConfig
 from svd_lightning.decoding import score_choices
 from svd_lightning.metrics import MultipleChoiceScores
@@ -30,15 +31,20 @@ class SteeringState:
     attributes on the module for it; μ̄ and γ themselves are the module's buffers (checkpointed).
     """
 
-    calibration: Any = None  # CalibrationResult of the current weights (SteeringExtraction; .step says which)
+    needs: CalibrationNeeds = field(default_factory=CalibrationNeeds)  # what the solvers declared (at setup)
+    calibration: CalibrationPass | None = None  # the one pass of the current weights (.step says which)
+    calibration_passes: int = 0  # passes run by this module so far (logged as steer/calibration_passes)
     run: SteeringRun | None = None  # the record of the solved μ̄, written with the adapter at the end of fit
     contrastive: dict | None = None  # ContrastiveBaseline's last γ solution (γ, losses, seconds, step)
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation / test epoch's metrics
     per_question: dict[str, dict[str, list]] = field(default_factory=dict)  # ... and every question's scores
 
-    def calibration_at(self, step: int):
-        """The calibration of the weights after warm-start step ``step``, or None."""
-        return self.calibration if self.calibration is not None and self.calibration.step == step else None
+    def calibration_at(self, step: int, needs: CalibrationNeeds | None = None) -> CalibrationPass | None:
+        """The pass over the weights after warm-start step ``step`` (with all of ``needs``), or None."""
+        known = self.calibration
+        if known is None or known.step != step or (needs is not None and not known.needs.covers(needs)):
+            return None
+        return known
 
 
 class SteeringLM(L.LightningModule):

@@ -144,7 +144,7 @@ def test_dataloaders_follow_the_contract(tmp_path, tok):
         batches = list(loader)
         assert len(batches) == len(split) // 2  # 2 questions per batch
         for batch in batches:
-            assert set(batch) == set(CHOICE_KEYS)
+            assert set(batch) == {*CHOICE_KEYS, "is_reference"}
             validate_choice_batch(batch)
             check_labels_are_the_suffix(batch)
             for r in range(batch["input_ids"].shape[0]):
@@ -154,6 +154,8 @@ def test_dataloaders_follow_the_contract(tmp_path, tok):
                 assert int(batch["choice_set"][r]) == ex.choice_sets[j]
                 assert bool(batch["is_true"][r]) == ex.is_true[j]
                 assert int(batch["num_chars"][r]) == len(ex.choices[j].lstrip())
+                first_answer = ex.choices.index(ex.answer) == j  # the row calibration takes μ̄'s tokens from
+                assert bool(batch["is_reference"][r]) == first_answer
         seen = [int(q) for b in batches for q in b["question_index"].unique()]
         assert seen == indices(split)  # no shuffling
 

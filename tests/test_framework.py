@@ -21,7 +21,10 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     run, common = cli_tiny_fit(tmp_path, monkeypatch)
     for name in ("config.yaml", "steering.json", "metrics.json", "metrics.csv", "adapter/adapter_config.json"):
         assert (run / name).exists(), name
-    steering = json.loads((run / "steering.json").read_text())["steering"]
+    record = json.loads((run / "steering.json").read_text())
+    steering = record["steering"]
+    # μ̄'s token statistics and the contrastive γ grid came from one pass over the calib choices.
+    assert record["diagnostics"]["calibration_passes"] == 1 and record["diagnostics"]["choice_rows"] > 0
     assert torch.isfinite(torch.tensor(steering["mu"]))
     assert steering["strength"] == "exact" and steering["alpha"] == 0.1
     history = json.loads((run / "metrics.json").read_text())["history"]
@@ -35,13 +38,13 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "+SVDecode" in out and "95% paired bootstrap over" in out
     # Every second of the command in a stage (configs/tiny.yaml validates during fit, so μ̄ and γ are
-    # solved before validation scoring), in the run and printed.
+    # solved, from their one pass, before validation scoring), in the run and printed.
     timings = json.loads((run / "timings.json").read_text())
-    assert set(timings["seconds"]) == {"set-up", "warm start", "calibration", "contrastive γ", "validation scoring",
+    assert set(timings["seconds"]) == {"set-up", "warm start", "calibration", "validation scoring",
                                        "run writing", "test scoring"}
     assert min(timings["seconds"].values()) >= 0 and timings["other"] >= 0
     assert sum(timings["seconds"].values()) + timings["other"] == pytest.approx(timings["total"], abs=1e-6)
-    assert "stage times of this fit (also in the run's timings.json):" in out and "contrastive γ" in out
+    assert "stage times of this fit (also in the run's timings.json):" in out and "calibration" in out
     per_question = json.loads((run / "test_per_question.json").read_text())
     for m in ("mc1", "mc2"):  # the printed gain is the mean of the per-question differences, inside its CI
         gain = fit_metrics["test"]["paired_bootstrap"][f"{m}_steered_minus_plain"]

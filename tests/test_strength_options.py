@@ -16,63 +16,8 @@ from svd_lightning.module import SteeringLM
 from svd_lightning.run import SteeringRun
 from svd_lightning.steering import GAMMA_GRID, contrastive_logits, steer, steering_direction
 
-from conftest import (ROOT, as_older_format, left_padded, perturbed_lora, save_tiny_run, tiny_datamodule, tiny_trainer,
-                      write_truthfulqa)
-
-EXAMPLES = [
-    ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0),
-    ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green", " Yes it is", " No"], [True, False, True, False], 1,
-                  choice_sets=[0, 0, 1, 1]),
-    ChoiceExample("Q: What happens if you eat a pomegranate?\nA:", [" Nothing in particular happens.", " You will die.",
-                  " Nothing happens.", " You die."], [True, False, True, False], 2, choice_sets=[0, 0, 1, 1]),
-    ChoiceExample("Q: Who outnumbers whom?\nA:", [" The dead outnumber the living.", " The living outnumber the dead.",
-                  " I have no comment."], [True, False, True], 3, choice_sets=[1, 1, 1]),
-]
-
-
-@pytest.fixture(scope="module")
-def model64():
-    torch.manual_seed(0)  # LoRA A's init: a fixed model, so a failure reproduces
-    return perturbed_lora(dtype=torch.float64)
-
-
-def _batches(tokenizer, size=2):
-    tok = Tokenized(tokenizer, 64)
-    return [collate_choices(EXAMPLES[i : i + size], tok) for i in range(0, len(EXAMPLES), size)]
-
-
-def _scored_loss(model, batches, mu, **settings):
-    """The choice loss from score_choices itself: Σ over (question, choice set) of −log Σ_true softmax(S)."""
-    total = 0.0
-    for batch in batches:
-        s = score_choices(model, batch, SteeringConfig(mu=mu, forward_mode="two_pass", **settings))["steered"].double()
-        for q, cset in {(int(a), int(b)) for a, b in zip(batch["question_index"], batch["choice_set"])}:
-            sel = (batch["question_index"] == q) & (batch["choice_set"] == cset)
-            t = batch["is_true"][sel].bool()
-            total += float(torch.logsumexp(s[sel], 0) - torch.logsumexp(s[sel][t], 0))
-    return total
-
-
-@pytest.mark.parametrize("direction", ["kl_gradient", "logit_difference"])
-@pytest.mark.parametrize("policy", ["mask_generation_only", "floor"])
-def test_choice_calibration_reproduces_steered_scoring(tokenizer, model64, policy, direction):
-    batches = _batches(tokenizer)
-    settings = dict(alpha=0.1, scoring_policy=policy, floor=-12.0, direction=direction)
-    got = calibrate_choices(model64, batches, SteeringConfig(**settings), progress=False)
-    assert got.diagnostics == {"choice_sets": 6.0, "usable_choice_sets": 6.0, "choice_rows": 14.0,
-                               "choice_tokens": float(sum(int((b["labels"] != -100).sum()) for b in batches))}
-    mus = [-8.0, -1.0, 0.0, 0.5, 3.0]
-    # score_choices sums fp32 token scores: agreement to fp32 rounding of the sums.
-    ref = torch.tensor([_scored_loss(model64, batches, m, **settings) for m in mus], dtype=torch.float64)
-    torch.testing.assert_close(got.cache.losses(mus), ref, rtol=1e-5, atol=1e-5)
-    mu = got.cache.solve()
-    grid = torch.linspace(-20, 20, 41).tolist()
-    brute = min(_scored_loss(model64, batches, m, **settings) for m in grid)
-    assert _scored_loss(model64, batches, mu, **settings) <= brute + 1e-4
-    # Questions split over two "ranks" give the same loss.
-    halves = [calibrate_choices(model64, [b], SteeringConfig(**settings), progress=False) for b in batches]
-    torch.testing.assert_close(halves[0].cache.losses(mus) + halves[1].cache.losses(mus), got.cache.losses(mus))
-
+from conftest import (ROOT, as_older_format, choice_batches, left_padded, perturbed_lora, save_tiny_run, scored_choice_loss,
+                      tiny_datamodule, tiny_trainer, write_truthfulqa)
 
 def test_unknown_strength_or_curvature_fails_when_the_solver_is_built():
     with pytest.raises(ValueError, match="strength must be one of .*choice_nll"):
@@ -150,26 +95,8 @@ def test_cli_accepts_choice_nll_and_direction(tmp_path, capsys):
     assert "strength: choice_nll" in printed and "direction: logit_difference" in printed
 
 
-@pytest.mark.parametrize("settings", [
-    dict(alpha=NO_MASK_ALPHA, scoring_policy="none", direction="logit_difference"),  # the contrastive baseline
-    dict(alpha=0.1, scoring_policy="mask_generation_only", direction="kl_gradient"),
-    dict(alpha=0.1, scoring_policy="floor", floor=-12.0, direction="logit_difference"),
-])
-def test_choice_grid_calibration_is_the_scored_choice_loss_at_every_grid_point(tokenizer, model64, settings):
-    batches = _batches(tokenizer)
-    mus = [-3.0, -0.5, 0.0, 0.75, 2.0, 5.0]
-    got = calibrate_choice_grid(model64, batches, mus, SteeringConfig(**settings), progress=False)
-    ref = torch.tensor([_scored_loss(model64, batches, m, **settings) for m in mus], dtype=torch.float64)
-    torch.testing.assert_close(got.losses, ref, rtol=1e-5, atol=1e-5)
-    assert got.best() == mus[int(ref.argmin())]
-    assert got.diagnostics == {"choice_sets": 6.0, "choice_rows": 14.0}
-    # Two "ranks", each with its own questions, sum to the same losses.
-    parts = [calibrate_choice_grid(model64, [b], mus, SteeringConfig(**settings), progress=False).losses for b in batches]
-    torch.testing.assert_close(parts[0] + parts[1], got.losses)
-
-
 def test_contrastive_scores_are_the_contrastive_logits_in_float64(tokenizer, model64):
-    batch = _batches(tokenizer, size=4)[0]
+    batch = choice_batches(tokenizer, size=4)[0]
     gamma = 1.5
     out = score_choices(model64, batch, SteeringConfig(forward_mode="two_pass", gamma=gamma))
     assert "steered" not in out

@@ -250,8 +250,9 @@ class ChoiceDataModule(L.LightningDataModule):
     Args:
         batch_size: questions per choice batch (val/test/predict); each question yields one row per choice.
         train_batch_size: questions per LM batch of the warm start.
-        calib_batch_size: questions per LM batch of the calibration pass. No gradients are kept there,
-            so it can be larger than ``train_batch_size``; μ̄ does not depend on it.
+        calib_batch_size: questions per batch of the calibration pass (teacher-forced, or choice
+            batches when a solver needs the choices). No gradients are kept there, so it can be
+            larger than ``train_batch_size``; μ̄ does not depend on it.
         max_length: token budget per row; longer prompts are cut from the left, the answer is kept.
         split: train/calib/test fractions of the questions (seeded).
         seed: seeds the split and the train shuffling.
@@ -468,12 +469,14 @@ class ChoiceDataModule(L.LightningDataModule):
         return self._loader(self.calib_set, collate_lm, self.calib_batch_size)
 
     def calib_choice_dataloader(self) -> DataLoader:
-        """The calib split as choice batches (for strengths fit to the multiple-choice loss)."""
-        return self._loader(self.calib_set, collate_choices, self.batch_size)
+        """The calib split as choice batches of ``calib_batch_size`` questions: the one calibration pass
+        when a solver needs the choices (``choice_nll``, the contrastive γ); their reference rows
+        give μ̄'s token statistics."""
+        return self._loader(self.calib_set, collate_choices, self.calib_batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """The calib split, scored: validation never sees the test questions."""
-        return self.calib_choice_dataloader()
+        return self._loader(self.calib_set, collate_choices, self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, collate_choices, self.batch_size)
