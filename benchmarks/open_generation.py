@@ -24,6 +24,7 @@ from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.decoding import generate_answers
 from svd_lightning.generate import write_jsonl
 from svd_lightning.run import load_run
+from svd_lightning.statistics import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parent
 KEYS = ("rouge1", "rougeL")
@@ -50,12 +51,6 @@ def truth_proxy(answer: str, true_refs: list[str], false_refs: list[str]) -> dic
 
 def first_line(text: str) -> str:
     return text.strip().split("\n")[0].split("Q:")[0].strip()
-
-
-def bootstrap(diff: np.ndarray, rng, n: int = 2000) -> tuple[float, float]:
-    idx = rng.integers(0, len(diff), size=(n, len(diff)))
-    boot = diff[idx].mean(1)
-    return float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def main(argv=None) -> None:
@@ -93,14 +88,13 @@ def main(argv=None) -> None:
             row[f"{v}_proxy"] = proxy
         out_rows.append(row)
     write_jsonl(args.out + ".jsonl", out_rows)
-    rng = np.random.default_rng(0)
     summary = {"run_dir": str(run), "questions": len(questions), "mu": steering.steering.mu, "alpha": steering.steering.alpha,
                "max_new_tokens": args.max_new_tokens, "changed_answers": sum(r["plain"] != r["steered"] for r in out_rows)}
     print(f"{'proxy':<12}{'plain':>9}{'steered':>9}{'diff [95% CI]':>26}")
     for k in [f"{k}_{s}" for k in KEYS for s in ("acc", "diff")]:
         p = np.array([s[k] for s in scores["plain"]])
         st = np.array([s[k] for s in scores["steered"]])
-        lo, hi = bootstrap(st - p, rng)
+        _, lo, hi = paired_bootstrap(st - p)  # the interval fit prints for the same comparison
         summary[k] = {"plain": float(p.mean()), "steered": float(st.mean()), "diff": float((st - p).mean()), "ci": [lo, hi]}
         print(f"{k:<12}{p.mean():>9.3f}{st.mean():>9.3f}{(st - p).mean():>+10.3f} [{lo:+.3f}, {hi:+.3f}]")
     tmp = Path(args.out + ".json.tmp")

@@ -3,14 +3,15 @@
     python benchmarks/report.py            # reads results/grid/*.json, writes results/grid_summary.{json,md} + PNGs
 
 Every choice is made on calibration data (strength option, policy, α, fixed μ, contrastive γ); the
-test split only reports. Three things keep the numbers honest:
+test split only reports. The statistics are the package's (:mod:`svd_lightning.statistics`, the same
+intervals ``fit`` prints). Three things keep the numbers honest:
 
 * **Seeds are replicates.** Each gain is the mean over seeds of the per-seed paired difference to the
   warm start, shown with the per-seed values beside it. Its 95% CI is a hierarchical bootstrap:
-  resample seeds, then the test questions within each drawn seed (:func:`hierarchical_ci`).
+  resample seeds, then the test questions within each drawn seed (``hierarchical_ci``).
 * **Selection is resampled.** For a calib-selected method the bootstrap redoes the selection on
-  resampled calib questions in every replicate (:func:`selection_ci`).
-* **The selection effect is measured.** Leave-one-seed-out (:func:`loso_picks`): the variant with the
+  resampled calib questions in every replicate (``selection_ci``).
+* **The selection effect is measured.** Leave-one-seed-out (``loso_picks``): the variant with the
   best calib score pooled over the other seeds is scored on seed k's test split, for every k. Its gain
   is an out-of-sample estimate; in-sample (select on the same seed's calib) minus LOSO is the optimism.
 
@@ -31,9 +32,10 @@ from typing import Sequence
 import numpy as np
 
 from svd_lightning.run import atomic_write_text
+from svd_lightning.statistics import hierarchical_ci, in_sample_picks, loso_picks, pick, picked_gains, selection_ci
 
 ROOT = Path(__file__).resolve().parent
-BOOTSTRAP = 2000
+BOOTSTRAP = 2000  # replicates per interval of the report (svd_lightning.statistics)
 FORMAT = 2  # the cell format of benchmarks/grid.py this report reads in full
 DEFAULT = "svd_a0.3_mask_generation_only_trimmed_fisher"  # the configs' default, chosen on calib
 EXACT = "svd_a0.1_mask_generation_only_exact"
@@ -130,107 +132,6 @@ def select(d: dict, prefix: str, metric: str) -> str:
     return max(names, key=lambda v: d["calib"][v][metric])
 
 
-# --- statistics (pure functions on per-seed arrays) -------------------------------------------------
-
-
-def paired_ci(a: list[np.ndarray], b: list[np.ndarray], rng: np.random.Generator) -> tuple[float, float, float]:
-    """Seed-averaged mean of a − b over questions, with a 95% paired bootstrap interval over questions only
-    (the same resampled questions for every seed: only valid when the seeds share their test questions)."""
-    d = np.stack([x - y for x, y in zip(a, b)])  # [seeds, questions]
-    n = d.shape[1]
-    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
-    boot = d[:, idx].mean(axis=2).mean(axis=0)
-    return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
-
-
-def _resampled_means(x: np.ndarray, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Means over the last axis of ``x`` ([..., n] questions) for ``shape`` bootstrap draws of the
-    questions with replacement, one draw shared by every leading row (paired): ``shape + x.shape[:-1]``."""
-    n, draws = x.shape[-1], int(np.prod(shape))
-    idx = rng.integers(0, n, size=(draws, n)) + n * np.arange(draws)[:, None]
-    counts = np.bincount(idx.ravel(), minlength=draws * n).reshape(draws, n).astype(float)  # times each question is drawn
-    flat = x.reshape(-1, n)
-    return (counts @ flat.T / n).reshape(*shape, *x.shape[:-1])
-
-
-def _over_drawn_seeds(per_slot: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """``per_slot[k][b, j]``: seed k's statistic if drawn into slot j of replicate b. Draws S seeds with
-    replacement per replicate and averages their slots: [B]. A seed drawn twice gets two independent
-    question resamples (its slots differ)."""
-    stacked = np.stack(per_slot)  # [S, B, S]
-    n_seeds, n_boot = stacked.shape[0], stacked.shape[1]
-    drawn = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    return stacked[drawn, np.arange(n_boot)[:, None], np.arange(n_seeds)[None, :]].mean(axis=1)
-
-
-def _ci(mean: float, boot: np.ndarray) -> tuple[float, float, float]:
-    return float(mean), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
-
-
-def hierarchical_ci(diffs: Sequence[np.ndarray], rng: np.random.Generator, n_boot: int = BOOTSTRAP) -> tuple[float, float, float]:
-    """Mean over seeds of the per-seed mean difference, with a 95% CI that resamples seeds, then the
-    questions within each drawn seed. Seeds may have different (and different numbers of) questions.
-    With one seed it is the question bootstrap; with few seeds the seed level makes it wide, as it should."""
-    diffs = [np.asarray(d, dtype=float) for d in diffs]
-    n_seeds = len(diffs)
-    per_slot = [_resampled_means(d, rng, (n_boot, n_seeds)) for d in diffs]
-    return _ci(np.mean([d.mean() for d in diffs]), _over_drawn_seeds(per_slot, rng))
-
-
-def pick(calib: dict[str, Sequence[np.ndarray]], seeds: Sequence[int]) -> str:
-    """The variant with the best calib mean pooled over the questions of ``seeds`` (ties: first by name).
-
-    ``calib``: variant -> per seed, its per-question calib values."""
-    names = sorted(calib)
-    pooled = [np.concatenate([np.asarray(calib[v][j], dtype=float) for j in seeds]).mean() for v in names]
-    return names[int(np.argmax(pooled))]
-
-
-def in_sample_picks(calib: dict[str, Sequence[np.ndarray]]) -> list[str]:
-    """Per seed, the variant best on that seed's own calib questions (what the grid's rows always did)."""
-    n_seeds = len(next(iter(calib.values())))
-    return [pick(calib, [k]) for k in range(n_seeds)]
-
-
-def loso_picks(calib: dict[str, Sequence[np.ndarray]]) -> list[str] | None:
-    """Per seed k, the variant best on the calib questions of every other seed (pooled): a choice made
-    without seed k's data, so seed k's test split scores it out of sample. None with a single seed."""
-    n_seeds = len(next(iter(calib.values())))
-    if n_seeds < 2:
-        return None
-    return [pick(calib, [j for j in range(n_seeds) if j != k]) for k in range(n_seeds)]
-
-
-def picked_gains(picks: Sequence[str], test: dict[str, Sequence[np.ndarray]], warm: Sequence[np.ndarray]) -> list[float]:
-    """Per seed k, the test gain of ``picks[k]`` over the warm start on seed k's questions."""
-    return [float(np.mean(np.asarray(test[v][k], dtype=float) - np.asarray(warm[k], dtype=float))) for k, v in enumerate(picks)]
-
-
-def selection_ci(calib: dict[str, Sequence[np.ndarray]], test: dict[str, Sequence[np.ndarray]], warm: Sequence[np.ndarray],
-                 rng: np.random.Generator, loso: bool, n_boot: int = BOOTSTRAP) -> tuple[float, float, float]:
-    """Seed-averaged gain of a calib-selected variant with a 95% CI that includes the selection: each
-    replicate resamples every seed's calib questions and redoes the picks (LOSO: on the other seeds;
-    else on the seed's own calib), then resamples seeds and each drawn seed's test questions."""
-    names = sorted(calib)
-    n_seeds = len(warm)
-    picks = loso_picks(calib) if loso else in_sample_picks(calib)
-    if picks is None:
-        raise ValueError("leave-one-seed-out needs at least two seeds")
-    mean = float(np.mean(picked_gains(picks, test, warm)))
-    # calib: per seed, resampled sums [B, V] (sums, so seeds of different sizes pool by question)
-    sizes = [len(calib[names[0]][j]) for j in range(n_seeds)]
-    sums = [_resampled_means(np.stack([np.asarray(calib[v][j], dtype=float) for v in names]), rng, (n_boot,)) * sizes[j]
-            for j in range(n_seeds)]
-    per_slot = []
-    for k in range(n_seeds):
-        pool = [j for j in range(n_seeds) if j != k] if loso else [k]
-        chosen = np.argmax(sum(sums[j] for j in pool), axis=1)  # [B]; argmax ties: first by name
-        diffs = np.stack([np.asarray(test[v][k], dtype=float) - np.asarray(warm[k], dtype=float) for v in names])
-        gains = _resampled_means(diffs, rng, (n_boot, n_seeds))  # [B, S, V]
-        per_slot.append(gains[np.arange(n_boot), :, chosen])  # [B, S]
-    return _ci(mean, _over_drawn_seeds(per_slot, rng))
-
-
 # --- rows ---------------------------------------------------------------------------------------------
 
 
@@ -273,10 +174,10 @@ def _metric_stats(picks, metric: str, rng, selection: tuple | None = None) -> di
                 "gain": float(np.mean(per_seed)), "per_seed_gain": per_seed, "ci_low": None, "ci_high": None}
     per_seed = [float(np.mean(x - w)) for x, w in zip(values, warm)]
     if selection is None:
-        mean, lo, hi = hierarchical_ci([x - w for x, w in zip(values, warm)], rng)
+        mean, lo, hi = hierarchical_ci([x - w for x, w in zip(values, warm)], rng, n_boot=BOOTSTRAP)
     else:
         calib, prefix_test, loso = selection
-        mean, lo, hi = selection_ci(calib, prefix_test(metric), warm, rng, loso)
+        mean, lo, hi = selection_ci(calib, prefix_test(metric), warm, rng, loso, n_boot=BOOTSTRAP)
     return {"test": float(np.mean([x.mean() for x in values])), "test_per_seed": [float(x.mean()) for x in values],
             "gain": mean, "per_seed_gain": per_seed, "ci_low": lo, "ci_high": hi}
 
@@ -388,7 +289,7 @@ def ablation(cells: dict, task: str, adapter: str, rng) -> list[dict]:
             if not v.startswith("svd_") or v not in ds[0]["calib"]:  # choice_nll: not a selection candidate
                 continue
             diffs = [test_values(d, v, metric) - w for d, w in zip(ds, warm)]
-            mean, lo, hi = hierarchical_ci(diffs, rng)
+            mean, lo, hi = hierarchical_ci(diffs, rng, n_boot=BOOTSTRAP)
             out.append({
                 "task": task, "adapter": adapter, "epoch": epoch, "variant": v, "seeds": len(ds),
                 "calib_gain": float(np.mean([d["calib"][v][metric] for d in ds])) - warm_calib,
@@ -431,7 +332,7 @@ def recommend_loso(cells: dict, task: str, adapter: str, rng) -> dict | None:
         for m in metrics:
             test = {v: [test_values(d, v, m) for d in ds[e]] for v in names}
             warm = [test_values(d, "plain", m) for d in ds[e]]
-            mean, lo, hi = selection_ci(calib, test, warm, rng, loso=True)
+            mean, lo, hi = selection_ci(calib, test, warm, rng, loso=True, n_boot=BOOTSTRAP)
             entry[m] = {"loso": mean, "loso_per_seed": picked_gains(picks, test, warm), "ci_low": lo, "ci_high": hi,
                         "all_seeds_pick": float(np.mean(picked_gains([everyone] * len(seeds), test, warm))),
                         "all_seeds_pick_per_seed": picked_gains([everyone] * len(seeds), test, warm)}
@@ -463,7 +364,7 @@ def ranking(cells: dict, tasks: list[str], rng, adapter: str = "lora") -> list[d
             by_seed = defaultdict(list)
             for d in ds:
                 by_seed[d["seed"]].append(test_values(d, v, metric) - test_values(d, "plain", metric))
-            mean, lo, hi = hierarchical_ci([np.mean(x, axis=0) for _, x in sorted(by_seed.items())], rng)
+            mean, lo, hi = hierarchical_ci([np.mean(x, axis=0) for _, x in sorted(by_seed.items())], rng, n_boot=BOOTSTRAP)
             calib = float(np.mean([d["calib"][v][metric] - d["calib"]["plain"][metric] for d in ds]))
             row["tasks"][task] = {"calib_gain": calib, "test_gain": mean, "ci_low": lo, "ci_high": hi,
                                   "seeds": len(by_seed), "replicates": len(ds)}

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bad_inputs.py
 
 Every case here is also a test (tests/test_data.py, test_run.py, test_api.py, test_generate.py,
-test_framework.py, test_lm_eval.py, test_progress.py, test_precision.py); this script only shows
+test_cli.py, test_module.py, test_lm_eval.py, test_progress.py, test_precision.py); this script only shows
 the messages.
 """
 

@@ -27,9 +27,16 @@ _EXPORTS = {
     "SteeringLogitsProcessor": "svd_lightning.decoding",
     "paired_label_logits": "svd_lightning.decoding",
     "calibrate": "svd_lightning.calibration",
+    "calibrate_pass": "svd_lightning.calibration",
+    "CalibrationNeeds": "svd_lightning.calibration",
+    "CalibrationPass": "svd_lightning.calibration",
     "calibrate_choices": "svd_lightning.calibration",
     "calibrate_choice_grid": "svd_lightning.calibration",
     "CalibrationResult": "svd_lightning.calibration",
+    # the statistics of every reported interval
+    "paired_bootstrap": "svd_lightning.statistics",
+    "hierarchical_ci": "svd_lightning.statistics",
+    "selection_ci": "svd_lightning.statistics",
     # the math
     "steering_vector": "svd_lightning.steering",
     "steered_log_probs": "svd_lightning.steering",

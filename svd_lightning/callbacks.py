@@ -38,7 +38,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
 from svd_lightning.decoding import paired_label_logits
-from svd_lightning.metrics import HEADLINE_METRICS, paired_bootstrap
+from svd_lightning.metrics import HEADLINE_METRICS
+from svd_lightning.statistics import paired_bootstrap
 from svd_lightning.logger import run_writer
 from svd_lightning.progress import say
 from svd_lightning.run import METRICS_FILE, SteeringRun, atomic_write_text, tokenizer_hash

@@ -204,17 +204,3 @@ class MultipleChoiceScores(Metric):
             return self._table()
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
             return self._table()
-
-
-def paired_bootstrap(diff: Tensor, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-question differences with a 95% percentile bootstrap interval over questions.
-
-    Paired: both methods answered the same questions, so resampling their differences keeps the
-    question effect out of the interval. One run's interval: it says nothing about seed variance.
-    """
-    diff = torch.as_tensor(diff, dtype=torch.float64).reshape(-1)
-    n = diff.numel()
-    g = torch.Generator().manual_seed(seed)
-    means = diff[torch.randint(0, n, (n_boot, n), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(diff.mean()), lo, hi

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -171,3 +172,16 @@ def scored_choice_loss(model, batches, mu, **settings):
             t = batch["is_true"][sel].bool()
             total += float(torch.logsumexp(s[sel], 0) - torch.logsumexp(s[sel][t], 0))
     return total
+
+
+# -- a hand-built grid for the selection statistics -----------------------------------------------------
+def selection_table():
+    """3 seeds × 2 variants, built so that the in-sample winner differs from the leave-one-seed-out pick.
+
+    calib means: a = (1, 0, 0), b = (0, .6, .6). In-sample: seed 0 -> a, seeds 1, 2 -> b.
+    LOSO: without seed 0, b (0.6 vs 0); without seed 1, a (0.5 vs 0.3); without seed 2, a (0.5 vs 0.3).
+    """
+    calib = {"a": [np.ones(2), np.zeros(2), np.zeros(2)], "b": [np.zeros(2), np.full(2, 0.6), np.full(2, 0.6)]}
+    test = {"a": [np.array([1.0, 0.0]), np.zeros(2), np.ones(2)], "b": [np.zeros(2), np.ones(2), np.array([0.0, 1.0])]}
+    warm = [np.zeros(2)] * 3
+    return calib, test, warm

@@ -11,6 +11,8 @@ import torch
 
 from svd_lightning.steering import contrastive_logits, steered_log_probs
 
+from conftest import selection_table
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -70,17 +72,6 @@ def test_grid_choice_nll_per_question_by_hand():
     q2 = lse([-4.0, -4.5]) - (-4.5)
     got = grid.choice_nll_per_question(table, score)  # sorted by question id: 2, then 7
     torch.testing.assert_close(got, torch.tensor([q2, q7], dtype=torch.float64), atol=1e-12, rtol=0)
-
-
-def test_paired_bootstrap_ci_covers_the_mean_and_detects_a_shift():
-    report = _load("report")
-    rng = np.random.default_rng(0)
-    a = [rng.random(200) for _ in range(3)]
-    mean, lo, hi = report.paired_ci([x + 0.05 for x in a], a, np.random.default_rng(1))
-    assert mean == pytest.approx(0.05) and lo == pytest.approx(0.05) and hi == pytest.approx(0.05)
-    noisy = [x + rng.normal(0.02, 0.1, 200) for x in a]
-    mean, lo, hi = report.paired_ci(noisy, a, np.random.default_rng(1))
-    assert lo < mean < hi and lo > 0  # 600 paired differences with mean 0.02, sd 0.1
 
 
 def test_truthfulness_proxy():
@@ -220,49 +211,6 @@ def test_grid_deterministic_init_is_exactly_the_adapters_whose_init_ignores_the_
         assert (prints[0] == prints[1]) == (adapter in grid.DETERMINISTIC_INIT), adapter
 
 
-def test_hierarchical_ci_resamples_seeds_then_questions():
-    report = _load("report")
-    rng = np.random.default_rng(0)
-    # No spread within a seed, seeds at 0, 0.1, 0.2: only the seed level varies. All three draws of seed
-    # 0 (probability 1/27 > 2.5%) give 0, so the interval reaches the extreme seeds.
-    diffs = [np.full(50, 0.0), np.full(80, 0.1), np.full(20, 0.2)]  # seeds may differ in size
-    mean, lo, hi = report.hierarchical_ci(diffs, rng)
-    assert mean == pytest.approx(0.1) and lo == pytest.approx(0.0) and hi == pytest.approx(0.2)
-    # a question-only bootstrap (the old paired CI) would call this certain:
-    same = [np.full(50, x) for x in (0.0, 0.1, 0.2)]
-    assert report.paired_ci(same, [np.zeros(50)] * 3, rng)[1:] == pytest.approx((0.1, 0.1))
-    # one seed: the question bootstrap
-    x = np.r_[np.zeros(50), np.ones(50)]
-    mean, lo, hi = report.hierarchical_ci([x], rng)
-    assert mean == 0.5 and 0.38 < lo < 0.42 and 0.58 < hi < 0.62  # ±1.96·0.05
-
-
-def _table():
-    """3 seeds × 2 variants, built so that the in-sample winner differs from the leave-one-seed-out pick.
-
-    calib means: a = (1, 0, 0), b = (0, .6, .6). In-sample: seed 0 -> a, seeds 1, 2 -> b.
-    LOSO: without seed 0, b (0.6 vs 0); without seed 1, a (0.5 vs 0.3); without seed 2, a (0.5 vs 0.3).
-    """
-    calib = {"a": [np.ones(2), np.zeros(2), np.zeros(2)], "b": [np.zeros(2), np.full(2, 0.6), np.full(2, 0.6)]}
-    test = {"a": [np.array([1.0, 0.0]), np.zeros(2), np.ones(2)], "b": [np.zeros(2), np.ones(2), np.array([0.0, 1.0])]}
-    warm = [np.zeros(2)] * 3
-    return calib, test, warm
-
-
-def test_leave_one_seed_out_selection_on_a_hand_built_table():
-    report = _load("report")
-    calib, test, warm = _table()
-    assert report.in_sample_picks(calib) == ["a", "b", "b"]
-    assert report.loso_picks(calib) == ["b", "a", "a"]
-    assert report.picked_gains(["a", "b", "b"], test, warm) == [0.5, 1.0, 0.5]  # in-sample: mean 2/3
-    assert report.picked_gains(["b", "a", "a"], test, warm) == [0.0, 0.0, 1.0]  # LOSO: mean 1/3
-    mean, lo, hi = report.selection_ci(calib, test, warm, np.random.default_rng(0), loso=True)
-    assert mean == pytest.approx(1 / 3) and lo <= mean <= hi
-    assert report.selection_ci(calib, test, warm, np.random.default_rng(0), loso=False)[0] == pytest.approx(2 / 3)
-    assert report.loso_picks({v: x[:1] for v, x in calib.items()}) is None  # one seed: nothing to leave out
-    assert report.pick({"b": [np.ones(1)], "a": [np.ones(1)]}, [0]) == "a"  # ties: first by name
-
-
 def _cell(seed, calib, test, warm, fmt=2):
     """A format-2 cell of task t (acc, acc_norm) with the variants of _table as svd_ variants."""
     variants = {"plain": (np.full(2, 0.2), warm), "svd_a": (calib["a"][seed], test["a"][seed]),
@@ -281,7 +229,7 @@ def _cell(seed, calib, test, warm, fmt=2):
 def test_report_rows_show_both_metrics_per_seed_and_the_loso_row(tmp_path, monkeypatch):
     report = _load("report")
     monkeypatch.setattr(report, "_mu_of", lambda d, v: -1.0)
-    calib, test, warm = _table()
+    calib, test, warm = selection_table()
     for seed in range(3):
         (tmp_path / f"t-lora-seed{seed}-epoch1.json").write_text(json.dumps(_cell(seed, calib, test, warm[seed])))
     old = {**_cell(2, calib, test, warm[2], fmt=1), "seed": 3}

@@ -23,6 +23,8 @@ from svd_lightning.logger import RunLogger
 from svd_lightning.module import SteeringLM
 from svd_lightning.tiny import tiny_tokenizer
 
+from conftest import write_truthfulqa
+
 
 def arc_style(question: str, answers: list[str], true: int) -> dict:
     options = " ".join(f"Answer{k + 1}: {a}" for k, a in enumerate(answers))
@@ -280,8 +282,6 @@ class UserDataModule(L.LightningDataModule):
 
 
 def test_metric_family_comes_from_the_datamodule(tmp_path):
-    from tests.test_framework import write_truthfulqa
-
     tqa = TruthfulQADataModule(str(write_truthfulqa(tmp_path / "mc.json", n=10)), instruction=False, batch_size=2,
                                max_length=128)
     qa = GenericChoiceDataModule(str(write_json(tmp_path / "qa.json", [

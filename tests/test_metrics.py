@@ -169,13 +169,3 @@ def test_metric_validates_inputs():
     with pytest.raises(ValueError, match="rows"):
         m.update({k: t[k] for k in KEYS if k != "score"}, t["score"][:3])
     assert m.question_index == [] and m.score == []  # a rejected batch leaves no partial state
-
-
-def test_paired_bootstrap():
-    from svd_lightning.metrics import paired_bootstrap
-
-    assert paired_bootstrap(torch.full((30,), 0.25)) == (0.25, 0.25, 0.25)
-    diff = torch.tensor([1.0, 0.0] * 50)  # 100 questions, mean 0.5, sd 0.5: 95% half-width ≈ 1.96·0.05
-    mean, lo, hi = paired_bootstrap(diff)
-    assert mean == 0.5 and 0.39 < lo < 0.42 and 0.58 < hi < 0.61
-    assert paired_bootstrap(diff) == (mean, lo, hi)  # seeded: the same interval every time

@@ -1,4 +1,5 @@
-"""Strength fit to the multiple-choice loss (choice_nll) and the logit-difference direction, on the tiny model."""
+"""svd_lightning.callbacks: the strength solver (every option, choice_nll, the logit-difference direction) and
+the contrastive baseline under a Trainer, on the tiny model."""
 
 import json
 from pathlib import Path
@@ -7,17 +8,16 @@ import pytest
 import torch
 
 from svd_lightning import SteeredModel
-from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.calibration import calibrate_choice_grid, calibrate_choices
 from svd_lightning.callbacks import ContrastiveBaseline, SteeredValidation, StrengthSolver
-from svd_lightning.config import NO_MASK_ALPHA, SteeringConfig
+from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import score_choices, steered_generate
 from svd_lightning.module import SteeringLM
 from svd_lightning.run import SteeringRun
 from svd_lightning.steering import GAMMA_GRID, contrastive_logits, steer, steering_direction
 
-from conftest import (ROOT, as_older_format, choice_batches, left_padded, perturbed_lora, save_tiny_run, scored_choice_loss,
-                      tiny_datamodule, tiny_trainer, write_truthfulqa)
+from conftest import (ROOT, as_older_format, choice_batches, left_padded, perturbed_lora, save_tiny_run, tiny_datamodule, tiny_trainer, write_truthfulqa)
+
 
 def test_unknown_strength_or_curvature_fails_when_the_solver_is_built():
     with pytest.raises(ValueError, match="strength must be one of .*choice_nll"):

@@ -1,0 +1,131 @@
+"""svd_lightning.cli: `svd-lightning` end to end on the tiny model -- fit, validate, configs, bad settings."""
+
+import json
+
+import pytest
+import torch
+
+from svd_lightning.callbacks import StrengthSolver
+from svd_lightning.cli import main
+from svd_lightning.module import SteeringLM
+
+from conftest import ROOT, cli_tiny_fit, write_truthfulqa
+
+
+def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
+    run, common = cli_tiny_fit(tmp_path, monkeypatch)
+    for name in ("config.yaml", "steering.json", "metrics.json", "metrics.csv", "adapter/adapter_config.json"):
+        assert (run / name).exists(), name
+    record = json.loads((run / "steering.json").read_text())
+    steering = record["steering"]
+    # μ̄'s token statistics and the contrastive γ grid came from one pass over the calib choices.
+    assert record["diagnostics"]["calibration_passes"] == 1 and record["diagnostics"]["choice_rows"] > 0
+    assert torch.isfinite(torch.tensor(steering["mu"]))
+    assert steering["strength"] == "exact" and steering["alpha"] == 0.1
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["stage"] for h in history] == ["val", "test"]  # validation on calib, then test after fit
+    fit_metrics = {stage: h for h in history for stage in [h["stage"]]}
+    assert steering["gamma"] == fit_metrics["test"]["test/gamma"]  # the contrastive γ is part of the run
+    for stage in ("val", "test"):
+        for v in ("plain", "base", "steered"):
+            for m in ("mc1", "mc2", "mc2_paper", "mc3_paper", "mc_avg_paper"):
+                assert f"{stage}/{m}_{v}" in fit_metrics[stage]
+    out = capsys.readouterr().out
+    assert "+SVDecode" in out and "95% paired bootstrap over" in out
+    # Every second of the command in a stage (configs/tiny.yaml validates during fit, so μ̄ and γ are
+    # solved, from their one pass, before validation scoring), in the run and printed.
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings["seconds"]) == {"set-up", "warm start", "calibration", "validation scoring",
+                                       "run writing", "test scoring"}
+    assert min(timings["seconds"].values()) >= 0 and timings["other"] >= 0
+    assert sum(timings["seconds"].values()) + timings["other"] == pytest.approx(timings["total"], abs=1e-6)
+    assert "stage times of this fit (also in the run's timings.json):" in out and "calibration" in out
+    per_question = json.loads((run / "test_per_question.json").read_text())
+    for m in ("mc1", "mc2"):  # the printed gain is the mean of the per-question differences, inside its CI
+        gain = fit_metrics["test"]["paired_bootstrap"][f"{m}_steered_minus_plain"]
+        diffs = [s - p for s, p in zip(per_question["steered"][m], per_question["plain"][m])]
+        assert gain["mean"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
+        assert gain["mean"] == pytest.approx(fit_metrics["test"][f"test/{m}_steered"] - fit_metrics["test"][f"test/{m}_plain"], abs=1e-6)
+        assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and gain["questions"] == len(diffs)
+
+    for version, stage in ((1, "val"), (2, "test")):  # the run reproduces both from its directory
+        main(["validate" if stage == "val" else "test", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
+        again = json.loads((tmp_path / f"runs/tiny/version_{version}/metrics.json").read_text())["history"][-1]
+        assert again[f"{stage}/mu"] == pytest.approx(steering["mu"], abs=1e-12)
+        for m in ("mc1", "mc2", "mc_avg_paper"):
+            for v in ("plain", "base", "steered"):
+                assert again[f"{stage}/{m}_{v}"] == pytest.approx(fit_metrics[stage][f"{stage}/{m}_{v}"], abs=1e-5), (m, v)
+
+
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "_base")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses_and_print_config_round_trips(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("config", ["tiny.yaml", "truthfulqa/lora.yaml", "truthfulqa/ia3.yaml", "commonsense/winogrande.yaml"])
+def test_print_config_round_trips(tmp_path, capsys, config):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / config), "--trainer.default_root_dir", str(tmp_path / "d"),
+              "--print_config"])
+    printed = capsys.readouterr().out
+    assert f"default_root_dir: {tmp_path / 'd'}" in printed  # the flag is honoured, not overridden by a logger
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--model.floor", "5", "floor is a log-probability and must be ≤ 0, got 5.0"),
+    ("--model.alpha", "0", "alpha must be in (0, 1], got 0.0"),
+    ("--model.strength", "1e300", "mu is too large"),
+])
+def test_cli_bad_settings_get_one_line_and_exit_2(tmp_path, monkeypatch, capsys, flag, value, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), flag, value])
+    assert err.value.code == 2
+    assert f"svd-lightning: error: SteeringLM: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ckpt_path_settings_that_contradict_the_command_line_are_an_error(tmp_path, monkeypatch, capsys):
+    """LightningCLI takes the model's settings from --ckpt_path over an explicit --model.adapter_options."""
+    monkeypatch.chdir(tmp_path)
+    # configs/tiny.yaml's model settings, as a checkpoint of it would hold them
+    hparams = dict(SteeringLM("tiny-random", adapter="lora", adapter_options={"r": 4, "lora_alpha": 8},
+                              learning_rate=0.01, alpha=0.1).hparams)
+    torch.save({"hyper_parameters": hparams}, tmp_path / "last.ckpt")
+    with pytest.raises(SystemExit) as err:
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--ckpt_path", str(tmp_path / "last.ckpt"),
+              "--model.adapter_options", "{r: 8, lora_alpha: 16}"])
+    assert err.value.code == 2
+    err = capsys.readouterr().err
+    assert ("other model settings (model.adapter_options: given {'r': 8, 'lora_alpha': 16}, checkpoint "
+            "{'r': 4, 'lora_alpha': 8})") in err
+
+
+def test_cli_adds_the_steering_callbacks_and_a_configs_own_list_replaces_them_by_class(tmp_path, monkeypatch, capsys):
+    """tiny.yaml lists no callbacks: the CLI adds them, with `steering.*` options. A config's own
+    StrengthSolver replaces the default one; `--contrastive_baseline false` drops the baseline."""
+    data = write_truthfulqa(tmp_path / "mc.json")
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--data.init_args.path", str(data),
+              "--trainer.enable_progress_bar", "false"]
+    main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "own"), "--contrastive_baseline", "false",
+          "--trainer.callbacks+=svd_lightning.callbacks.StrengthSolver", "--trainer.callbacks.strength", "median"])
+    run = json.loads((tmp_path / "own/version_0/steering.json").read_text())["steering"]
+    assert run["strength"] == "median" and run["gamma"] is None
+    assert "trainer.callbacks has its own StrengthSolver: the default one is not added" in capsys.readouterr().err
+    per_question = json.loads((tmp_path / "own/version_0/test_per_question.json").read_text())
+    assert set(per_question) == {"plain", "base", "steered"}  # no contrastive column

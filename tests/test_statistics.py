@@ -1,0 +1,49 @@
+"""svd_lightning.statistics: the bootstraps behind every interval that fit, the report and the benchmarks print."""
+
+import numpy as np
+import pytest
+import torch
+
+from svd_lightning import statistics
+
+from conftest import selection_table
+
+
+def test_paired_bootstrap():
+    assert statistics.paired_bootstrap(torch.full((30,), 0.25)) == (0.25, 0.25, 0.25)
+    diff = torch.tensor([1.0, 0.0] * 50)  # 100 questions, mean 0.5, sd 0.5: 95% half-width ≈ 1.96·0.05
+    mean, lo, hi = statistics.paired_bootstrap(diff)
+    assert mean == 0.5 and 0.39 < lo < 0.42 and 0.58 < hi < 0.61
+    assert statistics.paired_bootstrap(diff) == (mean, lo, hi)  # seeded: the same interval every time
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(0.02, 0.1, 600)  # 600 paired differences with mean 0.02, sd 0.1
+    mean, lo, hi = statistics.paired_bootstrap(noisy)
+    assert lo < mean < hi and lo > 0
+
+
+def test_hierarchical_ci_resamples_seeds_then_questions():
+    rng = np.random.default_rng(0)
+    # No spread within a seed, seeds at 0, 0.1, 0.2: only the seed level varies. All three draws of seed
+    # 0 (probability 1/27 > 2.5%) give 0, so the interval reaches the extreme seeds.
+    diffs = [np.full(50, 0.0), np.full(80, 0.1), np.full(20, 0.2)]  # seeds may differ in size
+    mean, lo, hi = statistics.hierarchical_ci(diffs, rng)
+    assert mean == pytest.approx(0.1) and lo == pytest.approx(0.0) and hi == pytest.approx(0.2)
+    # one seed: the question bootstrap
+    x = np.r_[np.zeros(50), np.ones(50)]
+    mean, lo, hi = statistics.hierarchical_ci([x], rng)
+    assert mean == 0.5 and 0.38 < lo < 0.42 and 0.58 < hi < 0.62  # ±1.96·0.05
+    # ... which is fit's one-run interval, the same numbers for the same stream
+    assert statistics.paired_bootstrap(x, n_boot=2000, seed=3) == statistics.hierarchical_ci([x], np.random.default_rng(3), 2000)
+
+
+def test_leave_one_seed_out_selection_on_a_hand_built_table():
+    calib, test, warm = selection_table()
+    assert statistics.in_sample_picks(calib) == ["a", "b", "b"]
+    assert statistics.loso_picks(calib) == ["b", "a", "a"]
+    assert statistics.picked_gains(["a", "b", "b"], test, warm) == [0.5, 1.0, 0.5]  # in-sample: mean 2/3
+    assert statistics.picked_gains(["b", "a", "a"], test, warm) == [0.0, 0.0, 1.0]  # LOSO: mean 1/3
+    mean, lo, hi = statistics.selection_ci(calib, test, warm, np.random.default_rng(0), loso=True)
+    assert mean == pytest.approx(1 / 3) and lo <= mean <= hi
+    assert statistics.selection_ci(calib, test, warm, np.random.default_rng(0), loso=False)[0] == pytest.approx(2 / 3)
+    assert statistics.loso_picks({v: x[:1] for v, x in calib.items()}) is None  # one seed: nothing to leave out
+    assert statistics.pick({"b": [np.ones(1)], "a": [np.ones(1)]}, [0]) == "a"  # ties: first by name
