@@ -349,11 +349,10 @@ def calibrate_pass(
         if tokens is not None:
             ref_rows, missing = reference_rows(batch)
             counts[1] += missing
-            ref = ref_rows[row]
-            every = bool(ref.all())
-            pick = (lambda t: t) if every else (lambda t: t[ref])  # noqa: E731 (no copy when all rows are used)
+            ref = ref_rows[row]  # per label position
             if bool(ref.any()):
-                tokens.update(pick(warm), pick(direction(config.direction)), pick(lp_warm), pick(lp_base), pick(labels))
+                parts = (warm, direction(config.direction), lp_warm, lp_base, labels)
+                tokens.update(*(parts if bool(ref.all()) else (t[ref] for t in parts)))  # no copy for answers only
         if choices is not None or grids:
             if "question_index" not in batch:
                 raise ValueError(f"{desc}: a solver needs choice batches (question_index, choice_set, is_true), "
