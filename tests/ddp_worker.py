@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # the package, when the worker is started from an
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from svd_lightning.callbacks import SteeredValidation, SteeringExtraction, StrengthSolver  # noqa: E402
+from svd_lightning.callbacks import ContrastiveBaseline, SteeredValidation, SteeringExtraction, StrengthSolver  # noqa: E402
 from svd_lightning.data import TruthfulQADataModule  # noqa: E402
 from svd_lightning.logger import RunLogger  # noqa: E402
 from svd_lightning.module import SteeringLM  # noqa: E402
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=1,
         logger=RunLogger(args.root, name="ddp", version=0),
-        callbacks=[extraction, solver, report, tables],
+        callbacks=[extraction, solver, ContrastiveBaseline(), report, tables],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -99,6 +99,9 @@ def main(argv=None) -> None:
             "world_size": trainer.world_size,
             "mu": sol["steering"]["mu"],
             "module_mu": module.mu,
+            "gamma": module.gamma,
+            "contrastive_losses": module.steering_state.contrastive["losses"],
+            "calibration_passes": module.steering_state.calibration_passes,
             "aggregates": sol["aggregates"],
             "diagnostics": sol["diagnostics"],
             "stats_count": extraction.result.stats.count,

@@ -93,6 +93,13 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     for key, value in one["diagnostics"].items():
         assert ddp["diagnostics"][key] == pytest.approx(value, abs=TOL), key
 
+    # One pass per rank served μ̄'s tokens (reference rows), the choice_nll cache and the γ grid.
+    assert one["calibration_passes"] == ddp["calibration_passes"] == 1
+    assert ddp["diagnostics"]["calibration_passes"] == 1
+    assert ddp["gamma"] == one["gamma"]
+    for g, loss in one["contrastive_losses"].items():
+        assert ddp["contrastive_losses"][g] == pytest.approx(loss, abs=TOL), g
+
     # The strength and every aggregate the solver reports.
     assert ddp["mu"] == pytest.approx(one["mu"], abs=TOL)
     assert ddp["module_mu"] == pytest.approx(ddp["mu"], abs=1e-12)
@@ -105,7 +112,8 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     # Validation: DistributedSampler padded 7 questions to 8 (one duplicated), dedup restores 7.
     assert sum(ddp["val_rows_per_rank"]) > one["val_rows_per_rank"][0], "expected sampler padding"
     assert set(ddp["metrics"]) == set(one["metrics"])
-    assert {k.rsplit("_", 1)[-1] for k in one["metrics"] if k != "val/mu"} == {"plain", "base", "steered"}
+    assert {k.rsplit("_", 1)[-1] for k in one["metrics"] if k not in ("val/mu", "val/gamma")} == {
+        "plain", "base", "steered", "contrastive"}
     for key, value in one["metrics"].items():
         assert ddp["metrics"][key] == pytest.approx(value, abs=TOL), key
     for variant, table in one["score_tables"].items():
