@@ -72,10 +72,6 @@ class CalibrationNeeds:
         """Some solver needs the choice rows (a choice batch pass), not only the reference rows."""
         return self.choice_cache or bool(self.grids)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.tokens or self.alphas or self.choices)
-
     def add(self, other: "CalibrationNeeds", who: str = "a solver") -> "CalibrationNeeds":
         """Merge ``other`` in; two solvers that want different batches or grids of one name are an error."""
         if other.limit_batches is not None:
@@ -239,11 +235,13 @@ class _TokenStatistics:
         self.caches = {name: ExactStrengthCache() for name in alphas}
         self.sums = {name: torch.zeros(4, dtype=torch.float64) for name in alphas}  # KL, kept, ‖δz‖, positions
 
-    def update(self, warm, delta, lp_warm, lp_base, labels) -> None:
+    def update(self, warm, delta, lp_warm, lp_base, labels, mask, ref) -> None:
+        """One batch's reference positions; ``mask(α)`` is the batch's mask (all positions), ``ref`` picks them."""
         kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
         norm = delta.norm(dim=-1).sum().double().cpu()
+        every = bool(ref.all())
         for name, alpha in self.alphas.items():
-            keep = confidence_mask(lp_warm, alpha)
+            keep = mask(alpha) if every else mask(alpha)[ref]
             self.stats[name].update(strength_terms(warm, delta, keep, labels))
             self.caches[name].update(warm, delta, keep, labels)
             self.sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1], norm,
@@ -304,7 +302,7 @@ def calibrate_pass(
     model,
     batches: Iterable[dict],
     config: SteeringConfig = SteeringConfig(),
-    needs: CalibrationNeeds = CalibrationNeeds(tokens=True),
+    needs: CalibrationNeeds | None = None,
     *,
     reduce: Reduce | None = None,
     gather: Gather | None = None,
@@ -313,7 +311,6 @@ def calibrate_pass(
     progress: bool = True,
     step: int = 0,
     desc: str = "Calibration",
-    grid_configs: dict[str, SteeringConfig] | None = None,
 ) -> CalibrationPass:
     """One pass over ``batches`` with the model; everything ``needs`` asks for (see the module doc).
 
@@ -321,15 +318,15 @@ def calibrate_pass(
     rank its own batches (whole questions), the strategy's ``reduce`` (sum) and ``gather`` (ragged
     all-gather): the statistics, losses and counts are then those of all ranks' questions; the
     caches hold this rank's (their solves all-reduce). The model is put in eval mode and restored.
-    ``grid_configs``: another scoring config per grid name than :func:`_grid_config`'s.
+    ``needs`` defaults to μ̄'s token statistics alone.
     """
+    needs = needs if needs is not None else CalibrationNeeds(tokens=True)
     reduce, gather = reduce or _identity, gather or _identity
     device = device if device is not None else next(model.parameters()).device
     alphas = {**({"alpha": config.statistics_alpha} if needs.tokens else {}), **needs.alphas}
     tokens = _TokenStatistics(alphas) if alphas else None
     choices = ChoiceStrengthCache(config.scoring_policy, config.floor) if needs.choice_cache else None
-    grid_configs = {name: (grid_configs or {}).get(name) or _grid_config(config, name) for name in needs.grids}
-    grids = {name: _GridLosses(mus, grid_configs[name]) for name, mus in needs.grids.items()}
+    grids = {name: _GridLosses(mus, _grid_config(config, name)) for name, mus in needs.grids.items()}
     counts = torch.zeros(4, dtype=torch.float64)  # batches, questions without a reference row, choice sets, rows
     start = time.perf_counter()
     for batch, warm, base, labels, row in _label_logits(model, batches, forward_mode=config.forward_mode,
@@ -339,11 +336,17 @@ def calibrate_pass(
         lp_base = log_probs(base).to(lp_warm.dtype)
         r = log_ratio(lp_warm, lp_base)
         directions: dict[str, torch.Tensor] = {}
+        masks: dict[float, torch.Tensor] = {}
 
         def direction(name: str) -> torch.Tensor:
             if name not in directions:
                 directions[name] = direction_from_log_probs(lp_warm, r, name)
             return directions[name]
+
+        def mask(alpha: float) -> torch.Tensor:
+            if alpha not in masks:
+                masks[alpha] = confidence_mask(lp_warm, alpha)
+            return masks[alpha]
 
         counts[0] += 1
         if tokens is not None:
@@ -352,7 +355,7 @@ def calibrate_pass(
             ref = ref_rows[row]  # per label position
             if bool(ref.any()):
                 parts = (warm, direction(config.direction), lp_warm, lp_base, labels)
-                tokens.update(*(parts if bool(ref.all()) else (t[ref] for t in parts)))  # no copy for answers only
+                tokens.update(*(parts if bool(ref.all()) else (t[ref] for t in parts)), mask, ref)
         if choices is not None or grids:
             if "question_index" not in batch:
                 raise ValueError(f"{desc}: a solver needs choice batches (question_index, choice_set, is_true), "
@@ -360,12 +363,10 @@ def calibrate_pass(
             counts[2] += torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1).shape[1]
             counts[3] += batch["input_ids"].shape[0]
         if choices is not None:
-            keep = confidence_mask(lp_warm, config.statistics_alpha)
-            choices.update(warm, direction(config.direction), keep, labels, row,
+            choices.update(warm, direction(config.direction), mask(config.statistics_alpha), labels, row,
                            *(batch[k] for k in ("question_index", "choice_set", "is_true")))
         for grid in grids.values():
-            keep = confidence_mask(lp_warm, grid.config.statistics_alpha)
-            grid.update(batch, warm, direction(grid.config.direction), keep, labels, row)
+            grid.update(batch, warm, direction(grid.config.direction), mask(grid.config.statistics_alpha), labels, row)
     seconds = time.perf_counter() - start
     counts = reduce(counts.to(device)).cpu()
     choice_counts = {"choice_sets": float(counts[2]), "choice_rows": float(counts[3])}
@@ -429,5 +430,5 @@ def calibrate_choice_grid(model, batches: Iterable[dict], mus: Iterable[float],
     (its ``mu`` is ignored: the grid gives the strengths; ``config.contrastive(gamma=...)`` with any γ
     is the contrastive baseline's). Under DDP give each rank its own batches and ``reduce`` (sum).
     """
-    needs = CalibrationNeeds(grids={"grid": tuple(float(m) for m in mus)})
-    return calibrate_pass(model, batches, config, needs, desc=desc, grid_configs={"grid": config}, **kwargs).grids["grid"]
+    needs = CalibrationNeeds(grids={"svdecode": tuple(float(m) for m in mus)})  # scored with ``config`` as it is
+    return calibrate_pass(model, batches, config, needs, desc=desc, **kwargs).grids["svdecode"]

@@ -23,6 +23,7 @@ validation of epoch k always uses the μ̄ of epoch k. No nested Trainer is star
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -110,7 +111,7 @@ def calibration_pass(trainer: L.Trainer, pl_module, needs: CalibrationNeeds, who
     known = state.calibration_at(trainer.global_step, needs)
     if known is not None:
         return known
-    wanted = dataclasses.replace(state.needs, alphas=dict(state.needs.alphas), grids=dict(state.needs.grids))
+    wanted = copy.deepcopy(state.needs)  # the record of this pass; later declarations do not change it
     options = dict(
         reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), gather=lambda t: _gather_ragged(trainer, t),
         device=pl_module.device, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
