@@ -32,18 +32,14 @@ from svd_lightning.progress import track
 from svd_lightning.steering import (
     ChoiceStrengthCache,
     ExactStrengthCache,
+    PairedLabels,
     StrengthStats,
     choice_set_nll,
-    confidence_mask,
-    direction_from_log_probs,
     kl_from_log_probs,
-    log_probs,
-    log_ratio,
-    policy_log_probs,
     strength_terms,
 )
 
-GRID_CHUNK = 64  # label positions scored together on a strength grid (cache-sized; measured faster on CPU)
+CHOICE_NLL = "choice_nll"  # the name of the pass config's choice cache
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # all-reduce (sum) across ranks
 Gather = Callable[[torch.Tensor], torch.Tensor]  # all-gather [k, n_rank] -> [k, Σ n]
 
@@ -53,24 +49,27 @@ class CalibrationNeeds:
     """What the solvers of one warm-start state ask of its calibration pass; each declares its part.
 
     Args:
-        tokens: the token statistics of μ̄ at the config's mask threshold (key ``"alpha"``).
-        alphas: token statistics at further named thresholds (benchmarks compare masks).
-        choice_cache: the ``choice_nll`` cache, under the config's scoring settings.
+        tokens: the token statistics of μ̄ under the pass's config (key ``"alpha"``).
+        statistics: token statistics under further named configs (their direction and mask
+            threshold, :attr:`SteeringConfig.statistics_alpha`; benchmarks compare masks and directions).
+        choice_cache: the ``choice_nll`` cache, under the pass's config (key ``"choice_nll"``).
+        choice_caches: ``choice_nll`` caches under further named configs.
         grids: the exact choice loss on a grid of strengths, per decoding method
             (``{"contrastive": γ grid}``: the contrastive baseline's; ``"svdecode"``: μ of the config).
         limit_batches: the first k calibration batches only (one value for all solvers: one pass).
     """
 
     tokens: bool = False
-    alphas: dict[str, float] = field(default_factory=dict)
+    statistics: dict[str, SteeringConfig] = field(default_factory=dict)
     choice_cache: bool = False
+    choice_caches: dict[str, SteeringConfig] = field(default_factory=dict)
     grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
     limit_batches: int | None = None
 
     @property
     def choices(self) -> bool:
         """Some solver needs the choice rows (a choice batch pass), not only the reference rows."""
-        return self.choice_cache or bool(self.grids)
+        return self.choice_cache or bool(self.choice_caches) or bool(self.grids)
 
     def add(self, other: "CalibrationNeeds", who: str = "a solver") -> "CalibrationNeeds":
         """Merge ``other`` in; two solvers that want different batches or grids of one name are an error."""
@@ -83,15 +82,20 @@ class CalibrationNeeds:
             if name in self.grids and tuple(self.grids[name]) != tuple(mus):
                 raise ValueError(f"{who} asks for another {name} grid than a solver before it")
             self.grids[name] = tuple(float(m) for m in mus)
+        for mine, theirs in ((self.statistics, other.statistics), (self.choice_caches, other.choice_caches)):
+            for name, config in theirs.items():
+                if name in mine and mine[name] != config:
+                    raise ValueError(f"{who} asks for other {name!r} settings than a solver before it")
+                mine[name] = config
         self.tokens |= other.tokens
-        self.alphas.update(other.alphas)
         self.choice_cache |= other.choice_cache
         return self
 
     def covers(self, other: "CalibrationNeeds") -> bool:
         """Everything ``other`` asks for is part of these needs."""
         return ((self.tokens or not other.tokens) and (self.choice_cache or not other.choice_cache)
-                and other.alphas.items() <= self.alphas.items() and other.grids.items() <= self.grids.items())
+                and other.statistics.items() <= self.statistics.items()
+                and other.choice_caches.items() <= self.choice_caches.items() and other.grids.items() <= self.grids.items())
 
 
 @dataclass
@@ -143,8 +147,8 @@ class CalibrationPass:
     """Everything one pass over the calibration questions gave: one entry per declared need."""
 
     needs: CalibrationNeeds
-    tokens: dict[str, CalibrationResult] | None  # by threshold name ("alpha": the config's)
-    choices: ChoiceCalibration | None
+    tokens: dict[str, CalibrationResult] | None  # by name ("alpha": the pass's config)
+    choice_caches: dict[str, ChoiceCalibration]  # by name ("choice_nll": the pass's config)
     grids: dict[str, ChoiceGridCalibration]
     missing_references: int  # questions (all ranks) whose choice rows hold no reference row
     batches: int  # calibration batches (all ranks)
@@ -152,6 +156,11 @@ class CalibrationPass:
     step: int = 0
     seconds: float = 0.0
     choice_counts: dict[str, float] = field(default_factory=dict)  # choice sets and rows, when choices were read
+
+    @property
+    def choices(self) -> ChoiceCalibration | None:
+        """The ``choice_nll`` cache under the pass's config (``needs.choice_cache``)."""
+        return self.choice_caches.get(CHOICE_NLL)
 
     @property
     def diagnostics(self) -> dict[str, float]:
@@ -227,29 +236,31 @@ def reference_rows(batch: dict) -> tuple[torch.Tensor, int]:
 
 
 class _TokenStatistics:
-    """The token statistics of μ̄ at several mask thresholds (see :class:`CalibrationResult`)."""
+    """The token statistics of μ̄ under several named configs (see :class:`CalibrationResult`)."""
 
-    def __init__(self, alphas: dict[str, float]):
-        self.alphas = alphas
-        self.stats = {name: StrengthStats() for name in alphas}
-        self.caches = {name: ExactStrengthCache() for name in alphas}
-        self.sums = {name: torch.zeros(4, dtype=torch.float64) for name in alphas}  # KL, kept, ‖δz‖, positions
+    def __init__(self, configs: dict[str, SteeringConfig]):
+        self.configs = configs
+        self.stats = {name: StrengthStats() for name in configs}
+        self.caches = {name: ExactStrengthCache() for name in configs}
+        self.sums = {name: torch.zeros(4, dtype=torch.float64) for name in configs}  # KL, kept, ‖δz‖, positions
 
-    def update(self, warm, delta, lp_warm, lp_base, labels, mask, ref) -> None:
-        """One batch's reference positions; ``mask(α)`` is the batch's mask (all positions), ``ref`` picks them."""
-        kl = kl_from_log_probs(lp_warm, lp_base).sum().double().cpu()
-        norm = delta.norm(dim=-1).sum().double().cpu()
+    def update(self, paired: PairedLabels, ref: torch.Tensor) -> None:
+        """One batch's reference positions ``ref`` (per label position) of its ``paired`` logits."""
         every = bool(ref.all())
-        for name, alpha in self.alphas.items():
-            keep = mask(alpha) if every else mask(alpha)[ref]
+        pick = (lambda t: t) if every else (lambda t: t[ref])  # noqa: E731
+        warm, labels = pick(paired.warm), pick(paired.labels)
+        kl = kl_from_log_probs(pick(paired.lp_warm), pick(paired.lp_base)).sum().double().cpu()
+        for name, config in self.configs.items():
+            delta, keep = pick(paired.direction(config.direction)), pick(paired.mask(config.statistics_alpha))
             self.stats[name].update(strength_terms(warm, delta, keep, labels))
             self.caches[name].update(warm, delta, keep, labels)
-            self.sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1], norm,
+            self.sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1],
+                                            delta.norm(dim=-1).sum().double().cpu(),
                                             torch.tensor(float(labels.numel()), dtype=torch.float64)])
 
     def finish(self, reduce: Reduce, gather: Gather, device, step: int, seconds: float) -> dict[str, CalibrationResult]:
         results = {}
-        for name in self.alphas:
+        for name in self.configs:
             total = reduce(self.sums[name].to(device)).cpu()
             merged = StrengthStats.from_tensor(gather(self.stats[name].to_tensor().to(device)).cpu())
             positions = max(float(total[3]), 1.0)
@@ -274,21 +285,13 @@ class _GridLosses:
         self.config = config
         self.losses = torch.zeros(len(self.mus), dtype=torch.float64)
 
-    def update(self, batch, warm, delta, keep, labels, row) -> None:
+    def update(self, batch, paired: PairedLabels, row) -> None:
         pairs = torch.stack([batch["question_index"], batch["choice_set"]]).cpu()
         sets, group = torch.unique(pairs, dim=1, return_inverse=True)
-        true, n = batch["is_true"].bool().cpu(), batch["input_ids"].shape[0]
-        scores = torch.zeros(len(self.mus), n, dtype=torch.float64)
-        # Every grid point is a full-vocabulary softmax per position: a few positions at a time keep
-        # those [chunk, V] tensors in cache (per-position work, so the numbers do not change).
-        for start in range(0, labels.numel(), GRID_CHUNK):
-            part = slice(start, start + GRID_CHUNK)
-            w, d, k, y, r = warm[part], delta[part], keep[part], labels[part].unsqueeze(-1), row[part].cpu()
-            for i, mu in enumerate(self.mus):
-                token = policy_log_probs(w, d, k, mu, self.config.scoring_policy, self.config.floor).gather(-1, y)
-                scores[i].index_add_(0, r, token.squeeze(-1).double().cpu())
-        for i in range(len(self.mus)):
-            nll = choice_set_nll(scores[i], group, true, sets.shape[1])
+        true, n, row = batch["is_true"].bool().cpu(), batch["input_ids"].shape[0], row.cpu()
+        for i, mu in enumerate(self.mus):
+            token = paired.log_probs(self.config.replace(mu=mu)).double().cpu()
+            nll = choice_set_nll(torch.zeros(n, dtype=torch.float64).index_add(0, row, token), group, true, sets.shape[1])
             self.losses[i] += nll[torch.isfinite(nll)].sum()
 
 
@@ -323,63 +326,48 @@ def calibrate_pass(
     needs = needs if needs is not None else CalibrationNeeds(tokens=True)
     reduce, gather = reduce or _identity, gather or _identity
     device = device if device is not None else next(model.parameters()).device
-    alphas = {**({"alpha": config.statistics_alpha} if needs.tokens else {}), **needs.alphas}
-    tokens = _TokenStatistics(alphas) if alphas else None
-    choices = ChoiceStrengthCache(config.scoring_policy, config.floor) if needs.choice_cache else None
+    statistics = {**({"alpha": config} if needs.tokens else {}), **needs.statistics}
+    tokens = _TokenStatistics(statistics) if statistics else None
+    cache_configs = {**({CHOICE_NLL: config} if needs.choice_cache else {}), **needs.choice_caches}
+    caches = {name: ChoiceStrengthCache(c.scoring_policy, c.floor) for name, c in cache_configs.items()}
     grids = {name: _GridLosses(mus, _grid_config(config, name)) for name, mus in needs.grids.items()}
     counts = torch.zeros(4, dtype=torch.float64)  # batches, questions without a reference row, choice sets, rows
     start = time.perf_counter()
     for batch, warm, base, labels, row in _label_logits(model, batches, forward_mode=config.forward_mode,
                                                         device=device, total=total, progress=progress, desc=desc):
-        # One pair of log-softmaxes per batch serves every solver and every direction.
-        lp_warm = log_probs(warm)
-        lp_base = log_probs(base).to(lp_warm.dtype)
-        r = log_ratio(lp_warm, lp_base)
-        directions: dict[str, torch.Tensor] = {}
-        masks: dict[float, torch.Tensor] = {}
-
-        def direction(name: str) -> torch.Tensor:
-            if name not in directions:
-                directions[name] = direction_from_log_probs(lp_warm, r, name)
-            return directions[name]
-
-        def mask(alpha: float) -> torch.Tensor:
-            if alpha not in masks:
-                masks[alpha] = confidence_mask(lp_warm, alpha)
-            return masks[alpha]
-
+        paired = PairedLabels(warm, base, labels)  # one pair of log-softmaxes serves every solver
         counts[0] += 1
         if tokens is not None:
             ref_rows, missing = reference_rows(batch)
             counts[1] += missing
             ref = ref_rows[row]  # per label position
             if bool(ref.any()):
-                parts = (warm, direction(config.direction), lp_warm, lp_base, labels)
-                tokens.update(*(parts if bool(ref.all()) else (t[ref] for t in parts)), mask, ref)
-        if choices is not None or grids:
+                tokens.update(paired, ref)
+        if caches or grids:
             if "question_index" not in batch:
                 raise ValueError(f"{desc}: a solver needs choice batches (question_index, choice_set, is_true), "
                                  "got a teacher-forced batch; see svd_lightning.batch")
             counts[2] += torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1).shape[1]
             counts[3] += batch["input_ids"].shape[0]
-        if choices is not None:
-            choices.update(warm, direction(config.direction), mask(config.statistics_alpha), labels, row,
-                           *(batch[k] for k in ("question_index", "choice_set", "is_true")))
+        for name, cache in caches.items():
+            c = cache_configs[name]
+            cache.update(paired.warm, paired.direction(c.direction), paired.mask(c.statistics_alpha), labels, row,
+                         *(batch[k] for k in ("question_index", "choice_set", "is_true")))
         for grid in grids.values():
-            grid.update(batch, warm, direction(grid.config.direction), mask(grid.config.statistics_alpha), labels, row)
+            grid.update(batch, paired, row)
     seconds = time.perf_counter() - start
     counts = reduce(counts.to(device)).cpu()
     choice_counts = {"choice_sets": float(counts[2]), "choice_rows": float(counts[3])}
-    choice_result = None
-    if choices is not None:
-        own = torch.tensor([choices.usable_groups(), choices.tokens.count], dtype=torch.float64)
+    choice_results = {}
+    for name, cache in caches.items():
+        own = torch.tensor([cache.usable_groups(), cache.tokens.count], dtype=torch.float64)
         usable, choice_tokens = reduce(own.to(device)).cpu().tolist()
-        choice_result = ChoiceCalibration(choices, {**choice_counts, "usable_choice_sets": usable,
-                                                    "choice_tokens": choice_tokens}, step, seconds)
+        choice_results[name] = ChoiceCalibration(cache, {**choice_counts, "usable_choice_sets": usable,
+                                                         "choice_tokens": choice_tokens}, step, seconds)
     grid_results = {name: ChoiceGridCalibration(g.mus, reduce(g.losses.to(device)).cpu(), dict(choice_counts),
                                                 step, seconds) for name, g in grids.items()}
     token_results = None if tokens is None else tokens.finish(reduce, gather, device, step, seconds)
-    return CalibrationPass(needs, token_results, choice_result, grid_results, int(counts[1]), int(counts[0]),
+    return CalibrationPass(needs, token_results, choice_results, grid_results, int(counts[1]), int(counts[0]),
                            step=step, seconds=seconds, choice_counts=choice_counts if needs.choices else {})
 
 
@@ -402,7 +390,9 @@ def calibrate_alphas(model, batches: Iterable[dict], alphas: dict[str, float],
     ``config.direction``: the steering vector the statistics are of (see
     :func:`svd_lightning.steering.steering_direction`); the ``kl_mean`` diagnostic is the same for both.
     """
-    return calibrate_pass(model, batches, config, CalibrationNeeds(alphas=dict(alphas)), **kwargs).tokens
+    masked = config.replace(scoring_policy="mask_generation_only")  # the threshold is α as given
+    statistics = {name: masked.replace(alpha=alpha) for name, alpha in alphas.items()}
+    return calibrate_pass(model, batches, config, CalibrationNeeds(statistics=statistics), **kwargs).tokens
 
 
 def calibrate_choices(model, batches: Iterable[dict], config: SteeringConfig = SteeringConfig(), *,

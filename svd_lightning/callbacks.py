@@ -127,7 +127,7 @@ def calibration_pass(trainer: L.Trainer, pl_module, needs: CalibrationNeeds, who
                 "(is_reference, see svd_lightning.batch): μ̄'s token statistics take a pass of their own over "
                 "calib_dataloader()")
             mine, count = _my_batches(trainer, calibration_loader(trainer), wanted.limit_batches)
-            references = CalibrationNeeds(tokens=wanted.tokens, alphas=dict(wanted.alphas))
+            references = CalibrationNeeds(tokens=wanted.tokens, statistics=dict(wanted.statistics))
             tokens = calibrate_pass(model, mine, config, references, total=count,
                                     desc="Calibration (reference answers)", **options)
             result = dataclasses.replace(result, tokens=tokens.tokens, passes=2, seconds=result.seconds + tokens.seconds)

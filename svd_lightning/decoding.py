@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -35,15 +35,7 @@ from transformers.generation import (
 from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.config import FORWARD_MODES, ConfigError, ForwardMode, SteeringConfig
 from svd_lightning.log import say
-from svd_lightning.steering import (
-    confidence_mask,
-    direction_from_log_probs,
-    log_probs,
-    log_ratio,
-    masked_delta,
-    policy_log_probs,
-    steering_vector,
-)
+from svd_lightning.steering import PairedLabels, log_probs, masked_delta, steering_vector
 
 
 @contextlib.contextmanager
@@ -349,28 +341,42 @@ def score_choices(model, batch: dict, config: SteeringConfig = SteeringConfig(),
     ``contrastive`` (when ``config.gamma`` is set: the baseline ``z_φ + γ(z_φ − z_θ)``, see
     :meth:`SteeringConfig.contrastive`) and ``num_tokens`` (divide for per-token length
     normalisation). Masked label tokens follow ``config.scoring_policy`` (see
-    :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN. Both steered variants
-    are built from the one pair of log-softmaxes the plain and base scores use.
+    :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN. One forward serves all.
     """
-    warm, base, y, row = paired_label_logits(model, batch, share_prompts, forward_mode=config.forward_mode)
+    variants = {"steered": config} if config.mu is not None else {}
+    if config.gamma is not None:
+        variants["contrastive"] = config.contrastive()
+    return score_choice_variants(model, batch, variants, share_prompts=share_prompts, forward_mode=config.forward_mode)
+
+
+@torch.no_grad()
+def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringConfig], *, share_prompts: bool = True,
+                          with_base: bool = True, forward_mode: ForwardMode = "auto") -> dict[str, torch.Tensor]:
+    """:func:`score_choices` under many configs from one forward: ``{name: [N]}`` per entry of
+    ``variants`` (each a :class:`SteeringConfig` with its μ), plus ``plain``, ``base`` and ``num_tokens``.
+
+    The warm and base logits are log-softmaxed once (:class:`svd_lightning.steering.PairedLabels`):
+    a masked config costs a top-k over its kept tokens, a policy-``none`` one a softmax per position.
+    ``with_base=False`` scores the warm model alone (``plain`` and ``num_tokens``; no variants).
+    """
+    if not with_base and variants:
+        raise ValueError("steered variants need the pre-trained logits (with_base=True)")
+    warm, base, y, row = paired_label_logits(model, batch, share_prompts, with_base=with_base, forward_mode=forward_mode)
     n = batch["input_ids"].shape[0]
-    gather = lambda lp: _per_row(lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float(), row, n)  # noqa: E731
-    lp_warm, lp_base = log_probs(warm), log_probs(base)
-    out = {"plain": gather(lp_warm), "base": gather(lp_base),
-           "num_tokens": _per_row(torch.ones_like(y, dtype=torch.float32), row, n)}
-    if config.mu is not None or config.gamma is not None:
-        r = log_ratio(lp_warm, lp_base)
-    if config.mu is not None:
-        delta = direction_from_log_probs(lp_warm, r, config.direction)
-        keep = confidence_mask(lp_warm, config.alpha)
-        out["steered"] = gather(policy_log_probs(warm, delta, keep, config.mu, config.scoring_policy, config.floor))
-    if config.gamma is not None:  # policy none: no mask to build
-        out["contrastive"] = gather(policy_log_probs(warm, r, None, config.gamma, "none"))
+    per_row = lambda t: _per_row(t.float(), row, n)  # noqa: E731
+    out = {"num_tokens": _per_row(torch.ones_like(y, dtype=torch.float32), row, n)}
+    if not with_base:
+        out["plain"] = per_row(log_probs(warm).gather(-1, y.unsqueeze(-1)).squeeze(-1))
+        return out
+    paired = PairedLabels(warm, base, y)
+    out.update(plain=per_row(paired.plain()), base=per_row(paired.base()))
+    for name, config in variants.items():
+        out[name] = per_row(paired.log_probs(config))
     bad = [k for k, v in out.items() if torch.isnan(v).any()]
     if bad:
-        raise FloatingPointError(f"NaN in the {'/'.join(bad)} multiple-choice scores (mu={config.mu!r}, "
-                                 f"alpha={config.alpha!r}, gamma={config.gamma!r}): a strength this large overflows "
-                                 "the steered logits")
+        settings = "; ".join(f"{k}: mu={variants[k].mu!r}, alpha={variants[k].alpha!r}" for k in bad if k in variants)
+        raise FloatingPointError(f"NaN in the {'/'.join(bad)} multiple-choice scores ({settings}): a strength this "
+                                 "large overflows the steered logits")
     return out
 
 

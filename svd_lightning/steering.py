@@ -27,7 +27,7 @@ from typing import Callable, Literal
 
 import torch
 
-from svd_lightning.config import DIRECTIONS, NO_MASK_ALPHA, Curvature, Direction, ScoringPolicy  # noqa: F401
+from svd_lightning.config import DIRECTIONS, NO_MASK_ALPHA, Curvature, Direction, ScoringPolicy, SteeringConfig  # noqa: F401
 
 Aggregate = Literal["mean", "median", "trimmed", "pooled", "exact"]
 
@@ -268,6 +268,103 @@ def policy_log_probs(
     lp = torch.log_softmax(shifted.masked_fill(~keep, float("-inf")), dim=-1)
     fill = floor if policy == "floor" else float("-inf")
     return lp.masked_fill(~keep, fill)
+
+
+def compact_label_log_probs(label: torch.Tensor, kept_lse: torch.Tensor, rest_lse: torch.Tensor,
+                            label_kept: torch.Tensor, policy: ScoringPolicy = "mask_generation_only",
+                            floor: float = -20.0) -> torch.Tensor:
+    """The label token's steered log-prob from its compact form: the scoring policies of
+    :func:`policy_log_probs` for one token, given the (steered) label logit, the log-sum-exp of the
+    steered kept logits and of the unmoved masked ones. ``none`` reads the compact form as
+    ``mask_generation_only`` (a cache built with the :data:`NO_MASK_ALPHA` mask)."""
+    if policy in ("mask_generation_only", "none"):
+        return label - torch.logaddexp(kept_lse, rest_lse)
+    if policy not in ("floor", "mask"):
+        raise ValueError(f"unknown scoring policy {policy!r}")
+    fill = floor if policy == "floor" else float("-inf")
+    return torch.where(label_kept, label - kept_lse, torch.full_like(label, fill))
+
+
+POSITION_CHUNK = 64  # positions per full-vocabulary softmax of a strength (cache-sized; measured faster on CPU)
+
+
+class PairedLabels:
+    """Warm and pre-trained logits at labelled positions, log-softmaxed once, scored under any config.
+
+    Every direction, mask and steered label log-prob of a batch comes from the one pair of
+    log-softmaxes (memoised per direction, α and (direction, α)), so scoring many configs or
+    solvers from one forward costs one softmax per *policy-none* strength and nothing per masked
+    one: under a mask only the kept tokens move, so a masked config's label log-prob needs the
+    kept logits (one top-k) and one log-sum-exp of the rest -- exact, not an approximation.
+    """
+
+    def __init__(self, warm: torch.Tensor, base: torch.Tensor, labels: torch.Tensor):
+        self.lp_warm = log_probs(warm)
+        self.lp_base = log_probs(base).to(self.lp_warm.dtype)
+        self.warm = warm.to(self.lp_warm.dtype)
+        self.labels = labels
+        self.r = log_ratio(self.lp_warm, self.lp_base)
+        self._directions: dict[str, torch.Tensor] = {}
+        self._masks: dict[float, torch.Tensor] = {}
+        self._kept: dict[tuple[str, float], tuple[torch.Tensor, ...]] = {}
+
+    def _label(self, t: torch.Tensor) -> torch.Tensor:
+        return t.gather(-1, self.labels.unsqueeze(-1)).squeeze(-1)
+
+    def direction(self, name: Direction) -> torch.Tensor:
+        if name not in self._directions:
+            self._directions[name] = direction_from_log_probs(self.lp_warm, self.r, name)
+        return self._directions[name]
+
+    def mask(self, alpha: float) -> torch.Tensor:
+        if alpha not in self._masks:
+            self._masks[alpha] = confidence_mask(self.lp_warm, alpha)
+        return self._masks[alpha]
+
+    def plain(self) -> torch.Tensor:
+        """The warm model's log-prob of each label ``[M]``."""
+        return self._label(self.lp_warm)
+
+    def base(self) -> torch.Tensor:
+        """The pre-trained model's log-prob of each label ``[M]``."""
+        return self._label(self.lp_base)
+
+    def _kept_tokens(self, direction: Direction, alpha: float) -> tuple[torch.Tensor, ...]:
+        key = (direction, alpha)
+        if key not in self._kept:
+            keep, delta = self.mask(alpha), self.direction(direction)
+            # keep ⇔ z_φ ≥ max z_φ + log α: the kept set is the top of z_φ, so one top-k finds it.
+            k = max(int(keep.sum(-1).max()), 1) if keep.numel() else 1
+            values, index = self.warm.topk(min(k, self.warm.shape[-1]), dim=-1)
+            kept = keep.gather(-1, index)
+            self._kept[key] = (
+                values.masked_fill(~kept, float("-inf")),  # kept logits (padding: -inf, no mass)
+                delta.gather(-1, index).masked_fill(~kept, 0.0),  # their δ
+                torch.logsumexp(self.warm.masked_fill(keep, float("-inf")), dim=-1),  # the unmoved rest
+                self._label(keep),
+                self._label(self.warm),
+                self._label(delta).masked_fill(~self._label(keep), 0.0),  # δ̂ at the label
+            )
+        return self._kept[key]
+
+    def log_probs(self, config: SteeringConfig) -> torch.Tensor:
+        """Each label's log-prob ``[M]`` under ``config`` (μ, α, policy, floor, direction), as
+        :func:`policy_log_probs` gives it; ``config.mu`` None (not solved) is an error."""
+        if config.mu is None:
+            raise ValueError("PairedLabels.log_probs: the config has no strength (mu is None)")
+        mu, delta = config.mu, self.direction(config.direction)
+        if config.scoring_policy == "none":  # no mask: every token moves, one softmax per position
+            out = torch.empty(self.labels.shape, dtype=self.warm.dtype, device=self.warm.device)
+            for start in range(0, self.labels.numel(), POSITION_CHUNK):
+                part = slice(start, start + POSITION_CHUNK)
+                shifted = self.warm[part] + mu * delta[part]
+                out[part] = shifted.gather(-1, self.labels[part].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(shifted, -1)
+            return out
+        kept_logit, kept_delta, rest_lse, label_kept, label_logit, label_delta = self._kept_tokens(
+            config.direction, config.alpha)
+        kept_lse = torch.logsumexp(kept_logit + mu * kept_delta, dim=-1)
+        return compact_label_log_probs(label_logit + mu * label_delta, kept_lse, rest_lse, label_kept,
+                                       config.scoring_policy, config.floor)
 
 
 # The contrastive baseline's γ grid (0 = the warm start): the benchmark grid's variants and
@@ -570,12 +667,8 @@ class ChoiceStrengthCache:
         """``S_c(μ)`` of every cached row (float64), as steered scoring sums it."""
         t = self.tokens
         kept_lse = _segment_logsumexp(t.kept_logit + mu * t.kept_delta, t.segment, t.count)
-        label = t.label_logit + mu * t.label_delta
-        if self.policy in ("mask_generation_only", "none"):
-            token = label - torch.logaddexp(kept_lse, t.rest_lse)
-        else:  # floor / mask: the distribution renormalised over kept tokens, a fixed value elsewhere
-            fill = self.floor if self.policy == "floor" else float("-inf")
-            token = torch.where(self.label_kept, label - kept_lse, torch.full_like(label, fill))
+        token = compact_label_log_probs(t.label_logit + mu * t.label_delta, kept_lse, t.rest_lse, self.label_kept,
+                                        self.policy, self.floor)
         return torch.zeros(self.rows, dtype=torch.float64).index_add(0, self.token_row, token)
 
     def losses(self, mus) -> torch.Tensor:

@@ -25,8 +25,13 @@ def tokenizer():
 
 
 def perturbed_lora(seed: int = 0, dtype=torch.float32):
-    """A tiny Llama with a LoRA adapter whose B matrices are random, so warm ≠ base."""
+    """A tiny Llama with a LoRA adapter whose B matrices are random, so warm ≠ base.
+
+    Both LoRA factors come from ``seed``: peft draws A from the global RNG, which earlier tests move,
+    and a test must not depend on the order it runs in.
+    """
     model, _ = tiny_model_and_tokenizer(seed)
+    torch.manual_seed(seed)  # LoRA A's init
     peft_model = get_peft_model(model.to(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -121,7 +126,6 @@ def cli_tiny_fit(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
 
 def tiny_run(tmp_path, name="run", mu=-1.0, seed=0, **settings):
     """A complete tiny run directory written the way `fit` writes it: (its path, the model saved in it)."""
-    torch.manual_seed(seed)  # LoRA A's init
     model = perturbed_lora(seed)
     return save_tiny_run(model, Path(tmp_path) / name, mu=mu, **settings), model
 

@@ -110,7 +110,8 @@ def test_score_choices_mu0_tiny_alpha_equals_plain(tokenizer, lora_model):
     batch = _choice_batch(tokenizer)
     for policy in ("mask_generation_only", "floor", "mask"):
         got = score_choices(lora_model, batch, SteeringConfig(mu=0.0, alpha=1e-30, scoring_policy=policy))
-        torch.testing.assert_close(got["steered"], got["plain"], rtol=0, atol=1e-5)
+        # fp32 sums of ~10 tokens, normalised in two orders (full log-softmax vs kept + rest): a few ulps
+        torch.testing.assert_close(got["steered"], got["plain"], rtol=1e-6, atol=1e-5)
 
 
 def test_adapter_off_means_base(tokenizer):

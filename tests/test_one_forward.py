@@ -56,8 +56,10 @@ def test_batched_calibration_gives_the_same_mu(tokenizer):
     model = perturbed_lora()
     single, _ = _calibration(model, tokenizer, 1, "auto")
     batched, _ = _calibration(model, tokenizer, 4, "auto")
+    # fp32: padding changes the matmuls' reduction order (~1e-7 per logit); the Fisher-curvature
+    # aggregates divide by δ̂ᵀJδ̂, small on some tokens, which amplifies that to ~1e-6
     for key in single:
-        assert batched[key] == pytest.approx(single[key], rel=1e-6, abs=1e-6), key
+        assert batched[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("kw", [
