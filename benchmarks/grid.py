@@ -2,14 +2,18 @@
 
 One *cell* is (task, adapter, seed). It warm-starts the adapter for ``max(epochs) + 1`` epochs. After
 the last one it scores the plain adapter only: the equal-cost "+1 epoch" baseline of epoch ``max(epochs)``
-(epoch e + 1 is that baseline for every other epoch e). After each evaluated epoch:
+(epoch e + 1 is that baseline for every other epoch e). After each evaluated epoch, all through the
+package's own code:
 
-1. calibration pass (prompt + reference answer of the calib split): every strength option of
-   :mod:`svd_lightning.steering` for every mask threshold α (and ``none`` = no mask);
-2. scoring pass over all choices of the calib and test splits: plain (warm), base (pre-trained),
-   SVDecode for every (strength option, curvature, α, scoring policy), a fixed-μ sweep, the paper's
-   mask alone (μ = 0) and the contrastive baseline ``z_φ + γ(z_φ − z_θ)`` for a γ grid -- all
-   exact, from the same two forward passes.
+1. the calibration pass (:func:`svd_lightning.calibration.calibrate_pass`, over the calib split's
+   choice batches, as ``fit`` runs it): every strength option for every mask threshold α (and
+   ``none`` = no mask) and for the logit-difference direction, the ``choice_nll`` caches and the
+   contrastive baseline's γ grid;
+2. scoring the calib and test choices (:func:`svd_lightning.decoding.score_choice_variants`): plain
+   (warm), base (pre-trained), SVDecode for every (strength option, curvature, α, scoring policy),
+   a fixed-μ sweep, the paper's mask alone (μ = 0) and the contrastive baseline
+   ``z_φ + γ(z_φ − z_θ)`` for a γ grid -- each a :class:`SteeringConfig`, all exact, from one
+   forward per batch.
 
 It writes ``results/grid/<task>-<adapter>-seed<k>-epoch<e>.json``: calib means and per-question
 calib *and* test values of every variant (so report.py can resample the selection as well as the
@@ -35,7 +39,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -46,24 +49,20 @@ import lightning as L
 import torch
 
 from svd_lightning import run as run_files
-from svd_lightning.batch import collate_choices
-from svd_lightning.calibration import calibrate_alphas
+from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibrate_pass
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
-from svd_lightning.decoding import paired_label_logits
-from svd_lightning.metrics import HEADLINE_METRICS, choice_accuracy_per_question, truthfulqa_per_question
+from svd_lightning.decoding import score_choice_variants
+from svd_lightning.metrics import (
+    HEADLINE_METRICS,
+    choice_accuracy_per_question,
+    choice_nll_per_question,
+    truthfulqa_per_question,
+)
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import BF16, describe_cpu, fast_precision
 from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
-from svd_lightning.steering import (
-    GAMMA_GRID,
-    NO_MASK_ALPHA,
-    ChoiceStrengthCache,
-    choice_set_nll,
-    confidence_mask,
-    log_probs,
-    steering_direction,
-)
+from svd_lightning.steering import GAMMA_GRID
 
 ROOT = Path(__file__).resolve().parent
 ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmasked (policy `none`)
@@ -79,10 +78,12 @@ NONE_STRENGTHS = ("exact", "mean_identity", "median_identity", "pooled_identity"
 # of SVDecode): with the α = 0.1 mask ("ld_a0.1") and without a mask ("ld_none": contrastive at γ = μ),
 # each with the exact calib-NLL strength and with the strength fit to the calib multiple-choice loss.
 LD_MASKS = {"ld_a0.1": 0.1, "ld_none": None}
-# choice_nll by ChoiceStrengthCache (bracket + golden section) where the mask keeps the cache small;
-# unmasked (ld_none) it would hold thousands of tokens per position, so its γ is the best of GAMMAS.
-CHOICE_FITS = {"0.1": "mask_generation_only", "ld_a0.1": "mask_generation_only"}
 FLOOR = -20.0
+SETTINGS = SteeringConfig(floor=FLOOR)  # every variant's settings start here
+# choice_nll by ChoiceStrengthCache (bracket + golden section) where the mask keeps the cache small;
+# unmasked (ld_none) it would hold thousands of tokens per position, so its γ is the best of GAMMAS
+# (the pass's "contrastive" grid, as the framework's ContrastiveBaseline fits it).
+CHOICE_FITS = {"0.1": SETTINGS.replace(alpha=0.1), "ld_a0.1": SETTINGS.replace(alpha=0.1, direction="logit_difference")}
 
 COMMONSENSE = "../shared/data/commonsense"
 
@@ -149,17 +150,8 @@ GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1,
 
 def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
     fn = truthfulqa_per_question if is_truthfulqa(task) else choice_accuracy_per_question
-    return {**fn(**{**table, "score": score}), "choice_nll": choice_nll_per_question(table, score)}
-
-
-def choice_nll_per_question(table: dict, score: torch.Tensor) -> torch.Tensor:
-    """−log Σ_{true} softmax(score) per choice set, summed over a question's sets (sorted by question id):
-    the multiple-choice loss the choice_nll strength minimises."""
-    group_ids, group = torch.unique(torch.stack([table["question_index"], table["choice_set"]]), dim=1, return_inverse=True)
-    nll = choice_set_nll(score.double(), group, table["is_true"].bool(), group_ids.shape[1])
-    nll = torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll))  # a set without a true choice: no loss
-    questions, per_q = torch.unique(group_ids[0], return_inverse=True)
-    return torch.zeros(len(questions), dtype=torch.float64).index_add(0, per_q, nll)
+    rows = {**table, "score": score}
+    return {**fn(**rows), "choice_nll": choice_nll_per_question(**rows)}
 
 
 SPLITS = ("train", "calib", "test")
@@ -211,122 +203,74 @@ def per_question_lists(task: str, per_split: dict[str, dict[str, torch.Tensor]])
     return out
 
 
-class PlainOnly:
-    """The "+1 epoch" baseline needs the plain adapter's scores only (no pre-trained pass)."""
-
-    needs_base = False
-
-    def token_scores(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"plain": log_probs(warm.float()).gather(-1, y[:, None]).squeeze(-1)}
-
-
-class Variants:
-    """Every scoring variant of one epoch, as exact per-token log-probs of the label tokens."""
-
-    needs_base = True
-
-    def __init__(self, mus: dict[str, dict[str, float]]):
-        self.mus = mus  # alpha key -> strength name -> μ
-
-    def token_scores(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        pick = lambda lp: lp.gather(-1, y[:, None]).squeeze(-1)  # noqa: E731
-        w, b = warm.float(), base.float()
-        delta, lp_w, lp_b = steering_direction(w, b)  # shared by every α and μ below
-        out = {"plain": pick(lp_w), "base": pick(lp_b)}
-        for g in GAMMAS:
-            out[f"contrastive_g{g:+g}"] = pick(log_probs(w + g * (w - b)))
-        ratio, _, _ = steering_direction(w, b, "logit_difference")
-        for key, alpha in LD_MASKS.items():
-            for strength, mu in self.mus.get(key, {}).items():
-                if alpha is None:
-                    out[f"{key}_{strength}"] = pick(log_probs(w + mu * ratio))
-                else:
-                    keep = confidence_mask(lp_w, alpha)
-                    out[f"{key}_mask_generation_only_{strength}"] = pick(log_probs(w + mu * ratio.masked_fill(~keep, 0.0)))
-        for a, alpha in ALPHAS.items():
-            if alpha is None:
-                for s in NONE_STRENGTHS:
-                    out[f"svd_a{a}_none_{s}"] = pick(log_probs(w + self.mus[a][s] * delta))
-                continue
-            keep = confidence_mask(lp_w, alpha)
-            # Kept tokens only move: the masked rest is one log-sum-exp, shared by every μ. The kept
-            # set is the top of z_φ (keep ⇔ z_φ ≥ max z_φ + log α), so one top-k finds it.
-            rest = torch.logsumexp(w.masked_fill(keep, -math.inf), -1)
-            kv, ki = w.topk(int(keep.sum(-1).max()), -1)
-            kk = keep.gather(-1, ki)
-            kv, kd = kv.masked_fill(~kk, -math.inf), delta.gather(-1, ki).masked_fill(~kk, 0.0)
-            zy, ky = pick(w), pick(keep)
-            dy = pick(delta).masked_fill(~ky, 0.0)
-            entries = [(f"svd_a{a}_{{pol}}_{s}", mu, ("mask_generation_only",) if s == "choice_nll" else
-                        ("mask_generation_only", "floor")) for s, mu in self.mus[a].items()]
-            if a == "0.1":
-                entries += [(f"fixed_a0.1_{{pol}}_mu{m:+g}", m, ("mask_generation_only",)) for m in FIXED_MU]
-            entries.append((f"maskonly_a{a}", 0.0, ("floor",)))  # the paper's mask alone
-            for template, mu, policies in entries:
-                kept_lse = torch.logsumexp(kv + mu * kd, -1)
-                label = zy + mu * dy
-                values = {
-                    "mask_generation_only": label - torch.logaddexp(kept_lse, rest),
-                    "floor": torch.where(ky, label - kept_lse, torch.full_like(label, FLOOR)),
-                }
-                for pol in policies:
-                    out[template.format(pol=pol)] = values[pol]
-        return out
+def calibration_needs() -> CalibrationNeeds:
+    """Everything the grid's strengths need from the one calibration pass of an epoch."""
+    statistics = {a: SETTINGS.replace(alpha=alpha) if alpha else SETTINGS.replace(scoring_policy="none")
+                  for a, alpha in ALPHAS.items()}  # none: no mask, as the StrengthSolver solves it
+    for key, alpha in LD_MASKS.items():
+        ld = SETTINGS.replace(direction="logit_difference")
+        statistics[key] = ld.replace(alpha=alpha) if alpha else ld.replace(scoring_policy="none")
+    return CalibrationNeeds(statistics=statistics, choice_caches=dict(CHOICE_FITS), grids={"contrastive": tuple(GAMMAS)})
 
 
-def calibration_strengths(model, loader, autocast) -> tuple[dict, dict]:
-    """μ for every (α, strength option) from the calibration tokens, plus diagnostics."""
-    thresholds = {a: alpha or NO_MASK_ALPHA for a, alpha in ALPHAS.items()}  # as the StrengthSolver does
-    with autocast():
-        results = calibrate_alphas(model, loader, thresholds, desc="Calibration (every variant)")
+def strengths(result: CalibrationPass) -> tuple[dict[str, dict[str, float]], dict]:
+    """μ for every (α or direction, strength option) from the pass, plus diagnostics."""
     mus = {}
-    for a, result in results.items():
-        summary = result.stats.summary()
+    for a in ALPHAS:
+        summary = result.tokens[a].stats.summary()
         mus[a] = {s: summary[s] for s in STRENGTHS if s != "exact"}
-        mus[a]["exact"] = result.cache.solve()
-    with autocast():
-        ld = calibrate_alphas(model, loader, {k: a or NO_MASK_ALPHA for k, a in LD_MASKS.items()},
-                              SteeringConfig(direction="logit_difference"), desc="Calibration (logit difference)")
-    for key, result in ld.items():
-        mus[key] = {"exact": result.cache.solve()}
-    return mus, {"tokens": results["0.1"].stats.count}
+        mus[a]["exact"] = result.tokens[a].cache.solve()
+    for key in LD_MASKS:
+        mus[key] = {"exact": result.tokens[key].cache.solve()}
+    for key, fit in result.choice_caches.items():
+        mus[key]["choice_nll"] = fit.cache.solve()
+    mus["ld_none"]["choice_nll"] = result.grids["contrastive"].best()
+    return mus, {"tokens": result.tokens["0.1"].stats.count}
 
 
-class ChoiceFits:
-    """The calib choice pass also fills the caches of the strengths fit to the multiple-choice loss."""
-
-    def __init__(self):
-        self.caches = {key: ChoiceStrengthCache(policy) for key, policy in CHOICE_FITS.items()}
-
-    def update(self, warm: torch.Tensor, base: torch.Tensor, y: torch.Tensor, row: torch.Tensor, batch: dict) -> None:
-        w, b = warm.float(), base.float()
-        meta = [batch[k] for k in ("question_index", "choice_set", "is_true")]
-        for key, cache in self.caches.items():
-            direction = "kl_gradient" if key == "0.1" else "logit_difference"
-            delta, lp_w, _ = steering_direction(w, b, direction)
-            cache.update(w, delta, confidence_mask(lp_w, 0.1), y, row, *meta)
-
-    def solve(self, mus: dict) -> None:
-        for key, cache in self.caches.items():
-            mus[key]["choice_nll"] = cache.solve()
+def variant_configs(mus: dict[str, dict[str, float]]) -> dict[str, SteeringConfig]:
+    """Every scoring variant of one epoch as a named :class:`SteeringConfig` (the cell files' names)."""
+    out = {f"contrastive_g{g:+g}": SETTINGS.contrastive(gamma=g) for g in GAMMAS}
+    ld = SETTINGS.replace(direction="logit_difference")
+    for key, alpha in LD_MASKS.items():
+        for strength, mu in mus.get(key, {}).items():
+            if alpha is None:
+                out[f"{key}_{strength}"] = ld.replace(mu=mu, scoring_policy="none")
+            else:
+                out[f"{key}_mask_generation_only_{strength}"] = ld.replace(mu=mu, alpha=alpha)
+    for a, alpha in ALPHAS.items():
+        if alpha is None:
+            for s in NONE_STRENGTHS:
+                out[f"svd_a{a}_none_{s}"] = SETTINGS.replace(mu=mus[a][s], scoring_policy="none")
+            continue
+        entries = [(f"svd_a{a}_{{pol}}_{s}", mu, ("mask_generation_only",) if s == "choice_nll" else
+                    ("mask_generation_only", "floor")) for s, mu in mus[a].items()]
+        if a == "0.1":
+            entries += [(f"fixed_a0.1_{{pol}}_mu{m:+g}", m, ("mask_generation_only",)) for m in FIXED_MU]
+        entries.append((f"maskonly_a{a}", 0.0, ("floor",)))  # the paper's mask alone
+        for template, mu, policies in entries:
+            for pol in policies:
+                out[template.format(pol=pol)] = SETTINGS.replace(mu=mu, alpha=alpha, scoring_policy=pol)
+    return out
 
 
 @torch.no_grad()
-def score_split(model, loader, task, variants: Variants, autocast, desc: str,
-                fits: ChoiceFits | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
-    """variant -> metric -> per-question values, and the question ids (file rows) in that order."""
+def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, autocast, desc: str
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+    """variant -> metric -> per-question values, and the question ids (file rows) in that order.
+
+    ``configs`` None: the plain adapter alone (the "+1 epoch" baseline needs no pre-trained pass).
+    """
     table = {k: [] for k in ("question_index", "choice_set", "choice_index", "is_true", "num_chars")}
     scores: dict[str, list] = {}
     for batch in track(loader, desc, unit="batch"):
         with autocast():
-            warm, base, y, row = paired_label_logits(model, batch, with_base=variants.needs_base)
-        n = batch["input_ids"].shape[0]
-        if fits is not None:
-            fits.update(warm, base, y, row, batch)
-        for name, tok in variants.token_scores(warm, base, y).items():
-            if not torch.isfinite(tok).all():
-                raise FloatingPointError(f"non-finite token scores in variant {name}")
-            scores.setdefault(name, []).append(torch.zeros(n, dtype=torch.float64).index_add(0, row, tok.double()))
+            rows = score_choice_variants(model, batch, configs or {}, with_base=configs is not None)
+        rows.pop("num_tokens")
+        for name, row_scores in rows.items():
+            if not torch.isfinite(row_scores).all():
+                raise FloatingPointError(f"non-finite scores in variant {name}")
+            scores.setdefault(name, []).append(row_scores.double())
         for k in table:
             table[k].append(batch[k])
     table = {k: torch.cat(v) for k, v in table.items()}
@@ -357,20 +301,19 @@ class EpochProbe(L.Callback):
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cell["precision"] == BF16)  # noqa: E731
         t0 = time.perf_counter()
         if epoch == self.plus_one:
-            mus, diag, variants = None, None, PlainOnly()
+            mus, diag, configs, calib_configs = None, None, None, None
         else:
-            mus, diag = calibration_strengths(model, dm.calib_dataloader(), autocast)
-            variants = Variants(mus)
+            with autocast():
+                result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(),
+                                        desc="Calibration (every variant)")
+            mus, diag = strengths(result)
+            configs = variant_configs(mus)
+            # choice_nll variants are scored on test only: their μ is fit to the calib questions' loss
+            calib_configs = {name: c for name, c in configs.items() if "choice_nll" not in name}
         t1 = time.perf_counter()
-        fits = ChoiceFits() if mus is not None else None
-        calib, calib_ids = score_split(model, dm._loader(dm.calib_set, collate_choices, 1), task, variants, autocast,
-                                       "Scoring calib", fits)
-        if fits is not None:  # choice_nll variants are scored on test only: their μ needs the whole calib pass
-            fits.solve(mus)
-            nll = {g: float(calib[f"contrastive_g{g:+g}"]["choice_nll"].mean()) for g in GAMMAS}
-            mus["ld_none"]["choice_nll"] = min(GAMMAS, key=lambda g: (nll[g], abs(g)))
+        calib, calib_ids = score_split(model, dm.val_dataloader(), task, calib_configs, autocast, "Scoring calib")
         t2 = time.perf_counter()
-        test, test_ids = score_split(model, dm.test_dataloader(), task, variants, autocast, "Scoring test")
+        test, test_ids = score_split(model, dm.test_dataloader(), task, configs, autocast, "Scoring test")
         t3 = time.perf_counter()
         model.train(was_training)
         split = split_record(dm)
@@ -450,7 +393,7 @@ def claimed(out_dir: Path, name: str):
 
 
 def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_dir: Path,
-             model: str = "smollm2-135m", limit: int | None = None) -> None:
+             model: str = "smollm2-135m", limit: int | None = None, precision: str | None = None) -> None:
     name = f"{task}-{adapter}-seed{seed}"
     wanted = set(epochs)
     done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") for e in wanted | {final_epoch(task, wanted)})  # noqa: E731
@@ -461,7 +404,7 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
         if not mine:
             print(f"[{name}] running in another process, skipping", flush=True)
             return
-        _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit)
+        _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit, precision)
         if done():
             shutil.rmtree(checkpoint_dir(out_dir, name), ignore_errors=True)  # the resume checkpoint (~0.5 GB)
 
@@ -477,7 +420,7 @@ def checkpoint_dir(out_dir: Path, name: str) -> Path:
 
 
 def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[int], out_dir: Path,
-                     model: str, limit: int | None) -> None:
+                     model: str, limit: int | None, precision: str | None = None) -> None:
     print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
     L.seed_everything(seed, workers=True)
     learning_rate = TASK_LEARNING_RATE.get(task, LEARNING_RATE[adapter])
@@ -485,7 +428,7 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
     dm = TASKS[task](seed)
     if limit is not None:  # smoke tests
         dm.limits = (limit, limit, limit)
-    precision, why = fast_precision("cpu")
+    precision, why = (precision, "set with --precision") if precision else fast_precision("cpu")
     print(f"[{name}] precision {precision} ({why})", flush=True)
     cell = {"name": name, "task": task, "adapter": adapter, "seed": seed, "model": model,
             "learning_rate": learning_rate, "precision": precision, "cpu": describe_cpu(),
@@ -512,6 +455,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m", help="tiny-random for a smoke test")
     ap.add_argument("--limit", type=int, help="questions per split (smoke tests)")
     ap.add_argument("--epochs", type=int, nargs="+", help="evaluate only these epochs of each cell (a scoped run)")
+    ap.add_argument("--precision", choices=["32-true", BF16],
+                    help="default: bf16-mixed where the CPU has native bf16, else 32-true (set it to reproduce a cell)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,7 +466,7 @@ def main(argv=None) -> None:
             continue
         for seed in seeds:
             if seed in args.seeds:
-                run_cell(task, adapter, seed, tuple(args.epochs or epochs), out, args.model, args.limit)
+                run_cell(task, adapter, seed, tuple(args.epochs or epochs), out, args.model, args.limit, args.precision)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,19 @@ def choice_accuracy(question_index, choice_set, choice_index, is_true, score, nu
 MetricFamily = Literal["truthfulqa", "choice"]
 METRIC_FAMILIES = ("truthfulqa", "choice")
 # The two numbers a reader expects of each family, primary first (tables, CIs, the grid).
+def choice_nll_per_question(question_index, choice_set, is_true, score, **_) -> Tensor:
+    """The multiple-choice loss per question (sorted by question id): ``−log Σ_true softmax(score)``
+    of each choice set, summed over the question's sets -- what the ``choice_nll`` strength minimises
+    (:func:`svd_lightning.steering.choice_set_nll`). A set without a true choice carries no loss."""
+    from svd_lightning.steering import choice_set_nll
+
+    group_ids, group = torch.unique(torch.stack([question_index, choice_set]), dim=1, return_inverse=True)
+    nll = choice_set_nll(score.double(), group, is_true.bool(), group_ids.shape[1])
+    nll = torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll))
+    questions, per_q = torch.unique(group_ids[0], return_inverse=True)
+    return torch.zeros(len(questions), dtype=torch.float64).index_add(0, per_q, nll)
+
+
 HEADLINE_METRICS = {"truthfulqa": ("mc2", "mc1"), "choice": ("acc", "acc_norm")}
 
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts' own math: the grid's fast variant scores equal the package's functions."""
+"""The benchmark scripts: the grid's variants are package configs, its cells, workers and the report."""
 
 import importlib.util
 import json
@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from svd_lightning.steering import contrastive_logits, steered_log_probs
 
 from conftest import selection_table
 
@@ -24,54 +22,29 @@ def _load(name):
     return module
 
 
-def test_grid_variant_scores_equal_steered_log_probs():
+def test_grid_variants_are_the_package_configs_their_names_say():
+    """The grid scores each variant with the package's scorer; its names must map to the right settings."""
     grid = _load("grid")
-    g = torch.Generator().manual_seed(0)
-    warm = torch.randn(7, 50, generator=g, dtype=torch.float64) * 3
-    base = warm + torch.randn(7, 50, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 50, (7,), generator=g)
-    mus = {a: {s: -0.7 + 0.8 * i for i, s in enumerate(grid.STRENGTHS)} for a in grid.ALPHAS}
-    out = grid.Variants(mus).token_scores(warm, base, y)
-    pick = lambda lp: lp.gather(-1, y[:, None]).squeeze(-1).float()  # noqa: E731
-    for a, alpha in grid.ALPHAS.items():
-        for s, mu in mus[a].items():
-            if alpha is None and s not in grid.NONE_STRENGTHS:
-                continue
-            if alpha is None:
-                ref = pick(steered_log_probs(warm, base, mu, 0.1, "none"))
-                torch.testing.assert_close(out[f"svd_a{a}_none_{s}"], ref, atol=1e-4, rtol=0)
-                continue
-            for pol in ("mask_generation_only", "floor"):
-                ref = pick(steered_log_probs(warm, base, mu, alpha, pol, floor=grid.FLOOR))
-                torch.testing.assert_close(out[f"svd_a{a}_{pol}_{s}"], ref, atol=1e-4, rtol=0)
-        if alpha is not None:
-            ref = pick(steered_log_probs(warm, base, 0.0, alpha, "floor", floor=grid.FLOOR))
-            torch.testing.assert_close(out[f"maskonly_a{a}"], ref, atol=1e-4, rtol=0)
-    ref = pick(steered_log_probs(warm, base, -2.0, 0.1, "mask_generation_only"))
-    torch.testing.assert_close(out["fixed_a0.1_mask_generation_only_mu-2"], ref, atol=1e-4, rtol=0)
-    ref = pick(torch.log_softmax(contrastive_logits(warm, base, 0.5), -1))
-    torch.testing.assert_close(out["contrastive_g+0.5"], ref, atol=1e-4, rtol=0)
-    # the logit-difference direction: masked (α = 0.1) and unmasked (= contrastive at γ = μ)
-    mus.update({"ld_a0.1": {"exact": 0.8, "choice_nll": 1.3}, "ld_none": {"choice_nll": 0.5}})
-    out = grid.Variants(mus).token_scores(warm, base, y)
-    for s, mu in mus["ld_a0.1"].items():
-        ref = pick(steered_log_probs(warm, base, mu, 0.1, "mask_generation_only", direction="logit_difference"))
-        torch.testing.assert_close(out[f"ld_a0.1_mask_generation_only_{s}"], ref, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out["ld_none_choice_nll"], out["contrastive_g+0.5"], atol=1e-4, rtol=0)
-
-
-def test_grid_choice_nll_per_question_by_hand():
-    grid = _load("grid")
-    # question 7: set 0 (one true of 3), set 1 (two true of 3); question 2: one set, 2 choices
-    table = {"question_index": torch.tensor([7, 7, 7, 7, 7, 7, 2, 2]),
-             "choice_set": torch.tensor([0, 0, 0, 1, 1, 1, 0, 0]),
-             "is_true": torch.tensor([1, 0, 0, 1, 1, 0, 0, 1], dtype=torch.bool)}
-    score = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.0, -2.0, -4.0, -4.5], dtype=torch.float64)
-    lse = lambda x: float(torch.logsumexp(torch.tensor(x, dtype=torch.float64), 0))  # noqa: E731
-    q7 = (lse([-1.0, -2.0, -0.5]) - (-1.0)) + (lse([-3.0, -1.0, -2.0]) - lse([-3.0, -1.0]))
-    q2 = lse([-4.0, -4.5]) - (-4.5)
-    got = grid.choice_nll_per_question(table, score)  # sorted by question id: 2, then 7
-    torch.testing.assert_close(got, torch.tensor([q2, q7], dtype=torch.float64), atol=1e-12, rtol=0)
+    mus = {a: {s: -0.7 + 0.8 * i for i, s in enumerate([*grid.STRENGTHS, "choice_nll"])} for a in grid.ALPHAS}
+    mus.update({"ld_a0.1": {"exact": 0.8, "choice_nll": 1.3}, "ld_none": {"exact": 0.2, "choice_nll": 0.5}})
+    configs = grid.variant_configs(mus)
+    S = grid.SETTINGS
+    assert configs["svd_a0.3_floor_trimmed_fisher"] == S.replace(mu=mus["0.3"]["trimmed_fisher"], alpha=0.3,
+                                                                  scoring_policy="floor")
+    assert configs["svd_a0.1_mask_generation_only_choice_nll"].mu == mus["0.1"]["choice_nll"]
+    assert "svd_a0.1_floor_choice_nll" not in configs  # choice_nll is fit under mask_generation_only
+    assert configs["svd_anone_none_exact"] == S.replace(mu=mus["none"]["exact"], scoring_policy="none")
+    assert "svd_anone_none_trimmed_fisher" not in configs  # policy none: NONE_STRENGTHS only
+    assert configs["maskonly_a0.05"] == S.replace(mu=0.0, alpha=0.05, scoring_policy="floor")
+    assert configs["fixed_a0.1_mask_generation_only_mu-2"] == S.replace(mu=-2.0)
+    assert configs["contrastive_g+0.5"] == S.contrastive(gamma=0.5)
+    # the unmasked logit difference at μ = γ is the contrastive baseline (gamma: only a record)
+    assert configs["ld_none_choice_nll"] == S.contrastive(gamma=0.5).replace(gamma=None)
+    assert configs["ld_a0.1_mask_generation_only_exact"] == S.replace(mu=0.8, alpha=0.1, direction="logit_difference")
+    assert S.floor == grid.FLOOR
+    needs = grid.calibration_needs()
+    assert needs.statistics["none"].statistics_alpha == 1e-8 and needs.statistics["ld_a0.1"].direction == "logit_difference"
+    assert needs.grids == {"contrastive": tuple(grid.GAMMAS)} and set(needs.choice_caches) == {"0.1", "ld_a0.1"}
 
 
 def test_truthfulness_proxy():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from svd_lightning.metrics import MultipleChoiceScores, choice_accuracy, truthfulqa_scores
+from svd_lightning.metrics import MultipleChoiceScores, choice_accuracy, choice_nll_per_question, truthfulqa_scores
 
 KEYS = ("question_index", "choice_set", "choice_index", "is_true", "score", "num_chars")
 
@@ -169,3 +169,16 @@ def test_metric_validates_inputs():
     with pytest.raises(ValueError, match="rows"):
         m.update({k: t[k] for k in KEYS if k != "score"}, t["score"][:3])
     assert m.question_index == [] and m.score == []  # a rejected batch leaves no partial state
+
+
+def test_choice_nll_per_question_by_hand():
+    # question 7: set 0 (one true of 3), set 1 (two true of 3); question 2: one set, 2 choices
+    table = {"question_index": torch.tensor([7, 7, 7, 7, 7, 7, 2, 2]),
+             "choice_set": torch.tensor([0, 0, 0, 1, 1, 1, 0, 0]),
+             "is_true": torch.tensor([1, 0, 0, 1, 1, 0, 0, 1], dtype=torch.bool)}
+    score = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.0, -2.0, -4.0, -4.5], dtype=torch.float64)
+    lse = lambda x: float(torch.logsumexp(torch.tensor(x, dtype=torch.float64), 0))  # noqa: E731
+    q7 = (lse([-1.0, -2.0, -0.5]) - (-1.0)) + (lse([-3.0, -1.0, -2.0]) - lse([-3.0, -1.0]))
+    q2 = lse([-4.0, -4.5]) - (-4.5)
+    got = choice_nll_per_question(**table, score=score)  # sorted by question id: 2, then 7
+    torch.testing.assert_close(got, torch.tensor([q2, q7], dtype=torch.float64), atol=1e-12, rtol=0)

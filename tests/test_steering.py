@@ -9,6 +9,7 @@ from svd_lightning.config import SteeringConfig
 from svd_lightning.steering import (
     ChoiceStrengthCache,
     ExactStrengthCache,
+    PairedLabels,
     StrengthStats,
     contrastive_logits,
     kl_divergence,
@@ -182,6 +183,31 @@ def _calibration_tokens(n=64, seed=0, alpha=0.1):
     labels = torch.multinomial(torch.softmax(1.5 * zw - 0.5 * zb, -1), 1, generator=g).squeeze(-1)
     delta, keep = steering_vector(zw, zb, alpha)
     return zw, zb, delta, keep, labels
+
+
+@pytest.mark.parametrize("direction", ["kl_gradient", "logit_difference"])
+@pytest.mark.parametrize("policy", ["mask_generation_only", "floor", "mask", "none"])
+def test_paired_labels_score_every_config_as_steered_log_probs(policy, direction):
+    """The one scorer of score_choices, the grid and the calibration grids: its compact masked form
+    (kept tokens + the rest's log-sum-exp) and its chunked unmasked form equal the full-vocabulary
+    log-softmax of steered_log_probs, in float64, at every μ, α and label (masked ones included)."""
+    n = 150  # > one chunk of positions
+    zw, zb = _logits(n), _logits(n, seed=1) * 0.5
+    y = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(2))
+    paired = PairedLabels(zw, zb, y)
+    for alpha in (0.05, 0.3, 1.0):
+        for mu in (-3.0, 0.0, 0.7):
+            config = SteeringConfig(mu=mu, alpha=alpha, scoring_policy=policy, floor=-7.0, direction=direction)
+            ref = steered_log_probs(zw, zb, mu, alpha, policy, -7.0, direction=direction).gather(-1, y[:, None]).squeeze(-1)
+            got = paired.log_probs(config)
+            assert got.dtype == torch.float64
+            assert torch.equal(torch.isinf(got), torch.isinf(ref))
+            finite = torch.isfinite(ref)
+            torch.testing.assert_close(got[finite], ref[finite], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(paired.plain(), torch.log_softmax(zw, -1).gather(-1, y[:, None]).squeeze(-1))
+    torch.testing.assert_close(paired.base(), torch.log_softmax(zb, -1).gather(-1, y[:, None]).squeeze(-1))
+    with pytest.raises(ValueError, match="no strength"):
+        paired.log_probs(SteeringConfig())
 
 
 def test_strength_stats_aggregates_match_hand_computation_and_merge():
