@@ -1,6 +1,7 @@
 """Tables, bootstrap CIs, the selection effect and plots from the grid's cell files (``benchmarks/grid.py``).
 
     python benchmarks/report.py            # reads results/grid/*.json, writes results/grid_summary.{json,md} + PNGs
+                                           # and the results page docs/results.md (benchmarks/results_page.py)
 
 Every choice is made on calibration data (strength option, policy, α, fixed μ, contrastive γ); the
 test split only reports. The statistics are the package's (:mod:`svd_lightning.statistics`, the same
@@ -15,15 +16,15 @@ intervals ``fit`` prints). Three things keep the numbers honest:
   best calib score pooled over the other seeds is scored on seed k's test split, for every k. Its gain
   is an out-of-sample estimate; in-sample (select on the same seed's calib) minus LOSO is the optimism.
 
-Cells of format 1 (before independent seeds: every seed shared the seed-0 split and shuffle, and
-calib scores were saved as means only) are still read, with the statistics they allow; in a
-(task, adapter, epoch) that has cells of the current format the old ones are dropped.
+It reads cells of the grid's current format only (``FORMAT``); a file of another format is named
+and skipped (format 1 shared one split across seeds: rerun ``grid.py`` for it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -35,8 +36,9 @@ from svd_lightning.run import atomic_write_text
 from svd_lightning.statistics import hierarchical_ci, in_sample_picks, loso_picks, pick, picked_gains, selection_ci
 
 ROOT = Path(__file__).resolve().parent
+RESULTS_PAGE = ROOT.parent / "docs" / "results.md"
 BOOTSTRAP = 2000  # replicates per interval of the report (svd_lightning.statistics)
-FORMAT = 2  # the cell format of benchmarks/grid.py this report reads in full
+FORMAT = 2  # the cell format of benchmarks/grid.py this report reads
 DEFAULT = "svd_a0.3_mask_generation_only_trimmed_fisher"  # the configs' default, chosen on calib
 EXACT = "svd_a0.1_mask_generation_only_exact"
 PAPER = "svd_a0.1_floor_mean_identity"  # the paper's recipe in teacher-forced scoring (mask, mean μ*)
@@ -60,66 +62,45 @@ LOSO = " — leave-one-seed-out"  # suffix of the honest-selection row of a SELE
 # --- cells ------------------------------------------------------------------------------------------
 
 
-def cell_format(d: dict) -> int:
-    return d.get("format", 1)
-
-
 def load(grid_dir: Path, quiet: bool = False) -> tuple[dict, dict]:
     """``(cells, plus_one)``: (task, adapter, epoch) -> seed -> payload, for fully scored epochs and for
     the extra epochs scored plain only (the "+1 epoch" baseline of a cell's last epoch).
 
-    Within one (task, adapter, epoch), cells older than the newest format there are dropped: their
-    seeds are not the same kind of replicate.
+    Cells of another format than ``FORMAT`` are skipped, each named: their seeds are not the same
+    kind of replicate.
     """
     cells, plus_one = defaultdict(dict), defaultdict(dict)
     for path in sorted(grid_dir.glob("*.json")):
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"{path}: not a readable cell file ({err}); delete it or rerun benchmarks/grid.py")
+        if d.get("format", 1) != FORMAT:
+            if not quiet:
+                print(f"{path.name}: skipped, cell format {d.get('format', 1)} (this report reads format {FORMAT}; "
+                      "rerun benchmarks/grid.py for it)")
+            continue
         (plus_one if d.get("baseline_only") else cells)[(d["task"], d["adapter"], d["epoch"])][d["seed"]] = d
-    for table in (cells, plus_one):
-        for key, seeds in table.items():
-            newest = max(cell_format(d) for d in seeds.values())
-            old = sorted(s for s, d in seeds.items() if cell_format(d) < newest)
-            for s in old:
-                del seeds[s]
-            if old and not quiet:
-                print(f"{'-'.join(map(str, key))}: skipped seed(s) {old} of an older cell format than {newest}")
-    n_old = sum(cell_format(d) < FORMAT for seeds in cells.values() for d in seeds.values())
-    if n_old and not quiet:
-        print(f"{n_old} cell(s) of format 1: seeds share one split and shuffle, calib scores are means only "
-              "(selection is not resampled); rerun benchmarks/grid.py for independent seeds")
     return cells, plus_one
 
 
 def headline_metrics(d: dict) -> list[str]:
-    """The cell's two headline metrics, primary first (format 1 cells: what they saved per question)."""
-    if "metrics" in d:
-        return list(d["metrics"])
-    return [d["primary"], "mc1"] if d["task"].startswith("truthfulqa") else [d["primary"], "acc_norm"]
+    """The cell's two headline metrics, primary first."""
+    return list(d["metrics"])
 
 
-def test_values(d: dict, variant: str, metric: str) -> np.ndarray | None:
-    """Per-question test values of one variant, in the order of ``d["split"]["test"]`` (None: not saved)."""
-    if "per_question" in d:
-        values = d["per_question"]["test"].get(metric, {}).get(variant)
-    elif metric == d["primary"]:
-        values = d["test_per_question"].get(variant)
-    elif metric == "mc1":
-        values = d.get("test_per_question_mc1", {}).get(variant)
-    else:
-        values = None
-    return None if values is None else np.asarray(values, dtype=float)
+def test_values(d: dict, variant: str, metric: str) -> np.ndarray:
+    """Per-question test values of one variant, in the order of ``d["split"]["test"]``."""
+    return np.asarray(d["per_question"]["test"][metric][variant], dtype=float)
 
 
 def calib_values(d: dict, variant: str, metric: str) -> np.ndarray:
-    """Per-question calib values of one variant. Format 1 saved only the mean: it stands in for every
-    question (same pooled mean, no resampling spread)."""
-    if "per_question" in d:
-        return np.asarray(d["per_question"]["calib"][metric][variant], dtype=float)
-    return np.full(d.get("sizes", {}).get("calib", 1), d["calib"][variant][metric], dtype=float)
+    """Per-question calib values of one variant, in the order of ``d["split"]["calib"]``."""
+    return np.asarray(d["per_question"]["calib"][metric][variant], dtype=float)
 
 
 def identical_seeds(ds: Sequence[dict]) -> bool:
-    """True when every seed scored the plain adapter identically (format 1 IA3: one replicate, not three)."""
+    """True when every seed scored the plain adapter identically: one replicate, not several."""
     if len(ds) < 2:
         return False
     first = test_values(ds[0], "plain", ds[0]["primary"])
@@ -159,19 +140,10 @@ def methods_for(cells: dict, key: tuple, metric: str, plus_one: dict | None = No
     return out
 
 
-def _metric_stats(picks, metric: str, rng, selection: tuple | None = None) -> dict | None:
-    """Test level, gain vs warm (mean, per seed) and its CI for one metric. A metric saved as means only
-    (format 1 acc_norm) gets its gains without a CI; None if it was not saved at all."""
+def _metric_stats(picks, metric: str, rng, selection: tuple | None = None) -> dict:
+    """Test level, gain vs warm (mean, per seed) and its CI for one metric."""
     values = [test_values(src, v, metric) for v, src, _ in picks]
     warm = [test_values(own, "plain", metric) for _, _, own in picks]
-    if any(x is None for x in values + warm):
-        means = [src["test"][v].get(metric) for v, src, _ in picks]
-        warm_means = [own["test"]["plain"].get(metric) for _, _, own in picks]
-        if None in means + warm_means:
-            return None
-        per_seed = [float(x - w) for x, w in zip(means, warm_means)]
-        return {"test": float(np.mean(means)), "test_per_seed": [float(x) for x in means],
-                "gain": float(np.mean(per_seed)), "per_seed_gain": per_seed, "ci_low": None, "ci_high": None}
     per_seed = [float(np.mean(x - w)) for x, w in zip(values, warm)]
     if selection is None:
         mean, lo, hi = hierarchical_ci([x - w for x, w in zip(values, warm)], rng, n_boot=BOOTSTRAP)
@@ -216,7 +188,6 @@ def _row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -
         "ci": "hierarchical (seeds, then questions)" + (", selection redone on resampled calib" if selection else ""),
         "picks": [v for v, _, _ in picks], "variants": sorted({v for v, _, _ in picks}),
         "mu": [_mu_of(src, v) for v, src, _ in picks] if all(v.startswith("svd_") for v, _, _ in picks) else None,
-        "format": min(cell_format(own) for _, _, own in picks),
         "deterministic_init": any(own.get("deterministic_init") for _, _, own in picks),
         "identical_seeds": identical_seeds([own for _, _, own in picks]),
     }
@@ -265,9 +236,7 @@ def selection_effect(rows: list[dict]) -> list[dict]:
         entry = {"task": task, "adapter": adapter, "epoch": epoch, "method": method, "seeds": r["seeds"],
                  "in_sample_picks": r["picks"], "loso_picks": honest["picks"], "metrics": {}}
         for m, s in r["by_metric"].items():
-            h = honest["by_metric"].get(m)
-            if s is None or h is None:
-                continue
+            h = honest["by_metric"][m]
             entry["metrics"][m] = {"in_sample": s["gain"], "in_sample_per_seed": s["per_seed_gain"],
                                    "loso": h["gain"], "loso_per_seed": h["per_seed_gain"],
                                    "loso_ci": [h["ci_low"], h["ci_high"]], "optimism": s["gain"] - h["gain"]}
@@ -406,21 +375,17 @@ DETERMINISTIC = "†"  # the adapter's init does not depend on the seed
 IDENTICAL = "‡"  # every seed's warm start scored identically: one replicate, not several
 
 
-def ci_text(lo: float | None, hi: float | None) -> str:
-    return "[no CI: saved as means only]" if lo is None else f"[{pct(lo)}, {pct(hi)}]"
+def ci_text(lo: float, hi: float) -> str:
+    return f"[{pct(lo)}, {pct(hi)}]"
 
 
-def gain_text(s: dict | None) -> str:
-    """``mean (seed0 / seed1 / ...) [CI]`` in points, or why there is none."""
-    if s is None:
-        return "n/a (not saved)"
+def gain_text(s: dict) -> str:
+    """``mean (seed0 / seed1 / ...) [CI]`` in points."""
     seeds = " / ".join(pct(x) for x in s["per_seed_gain"])
     return f"{pct(s['gain'])} ({seeds}) {ci_text(s['ci_low'], s['ci_high'])}"
 
 
-def level_text(s: dict | None) -> str:
-    if s is None:
-        return "n/a"
+def level_text(s: dict) -> str:
     return f"{100 * s['test']:.2f} (" + " / ".join(f"{100 * x:.2f}" for x in s["test_per_seed"]) + ")"
 
 
@@ -436,7 +401,7 @@ def headline(by: dict) -> list[str]:
              "Metrics: TruthfulQA MC2 and MC1; commonsense acc and acc_norm. Warm start: its level (per seed). "
              f"CIs resample seeds, then questions; for calib-selected rows also the selection. {DETERMINISTIC}: the "
              f"adapter's init ignores the seed (IA3): seeds vary the data only. {IDENTICAL}: every seed's warm start "
-             "scored the test questions identically (format 1 IA3: neither data nor init depended on the seed): "
+             "scored the test questions identically (neither data nor init depended on the seed): "
              "not independent replicates.", "",
              "| task · adapter · epoch | method | seeds × test items | metric 1 | metric 2 |", "|---|---|---|---|---|"]
     for key, rs in sorted(by.items()):
@@ -486,11 +451,6 @@ def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, r
         "for it (same split), seeds ≥ 1 are.",
         "",
     ]
-    formats = sorted({r["format"] for r in rows})
-    if formats != [FORMAT]:
-        lines += [f"**Cell formats {formats}.** Format 1 cells: every seed shares the seed-0 split and shuffle, so",
-                  "seeds vary only the adapter init and dropout; calib scores are means only, so their selection",
-                  "CIs do not resample calib questions; commonsense acc_norm was saved as means only (gains, no CI).", ""]
     by = defaultdict(list)
     for r in rows:
         by[(r["task"], r["adapter"], r["epoch"])].append(r)
@@ -511,7 +471,7 @@ def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, r
                 chosen += " (μ̄ " + ", ".join(f"{m:+.3g}" for m in r["mu"]) + ")"
             s1, s2 = r["by_metric"][m1], r["by_metric"].get(m2) if m2 else None
             lines.append(
-                f"| {r['method']} | {100 * s1['test']:.2f} |" + ((f" {100 * s2['test']:.2f} |" if s2 else " n/a |") if m2 else "")
+                f"| {r['method']} | {100 * s1['test']:.2f} |" + (f" {100 * s2['test']:.2f} |" if m2 else "")
                 + f" {gain_text(s1)} |" + (f" {gain_text(s2)} |" if m2 else "") + f" {100 * r['calib']:.2f} | {chosen} |"
             )
         lines.append("")
@@ -625,6 +585,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default=str(ROOT / "results" / "grid"))
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--page", help=f"the results page (default: {RESULTS_PAGE.relative_to(ROOT.parent)} for the "
+                    "committed results, else <out>/results.md)")
     args = ap.parse_args(argv)
     cells, plus_one = load(Path(args.grid))
     if not cells:
@@ -649,8 +611,15 @@ def main(argv=None) -> None:
     md = markdown(rows, abl, perf, rec, rankings, effects, rec_loso)
     atomic_write_text(out / "grid_summary.md", md)
     plots = [p for t in tasks for p in plot_gain_vs_mu(cells, out, t)]
+    if str(ROOT) not in sys.path:  # imported from elsewhere (tests): results_page lives beside this file
+        sys.path.insert(0, str(ROOT))
+    import results_page  # formats the rows computed here
+
+    default_out = out.resolve() == (ROOT / "results").resolve()
+    page = Path(args.page) if args.page else RESULTS_PAGE if default_out else out / "results.md"
+    results_page.write(page, cells, rows, effects, Path(args.grid).parent)  # the demo, cost, ... files beside the grid
     print(md.split("## Ablation")[0])
-    print(f"wrote {out / 'grid_summary.md'}, {out / 'grid_summary.json'} and {len(plots)} plot(s)")
+    print(f"wrote {out / 'grid_summary.md'}, {out / 'grid_summary.json'}, {len(plots)} plot(s) and {page}")
 
 
 if __name__ == "__main__":

@@ -71,14 +71,16 @@ def test_grid_workers_claim_each_cell_once_and_take_over_stale_locks(tmp_path):
 
 def test_report_uses_plain_only_epoch_as_plus_one_baseline(tmp_path):
     report = _load("report")
-    full = {"task": "t", "adapter": "lora", "seed": 0, "epoch": 1, "primary": "acc",
+    full = {"format": report.FORMAT, "task": "t", "adapter": "lora", "seed": 0, "epoch": 1, "primary": "acc",
             "calib": {v: {"acc": 0.5} for v in ("plain", "svd_x", "fixed_x", "contrastive_x")},
-            "test_per_question": {"plain": [0.0, 1.0]}}
-    extra = {**full, "epoch": 2, "baseline_only": True, "test_per_question": {"plain": [1.0, 1.0]}}
-    for d in (full, extra):
-        (tmp_path / f"e{d['epoch']}.json").write_text(__import__("json").dumps(d))
-    cells, plus_one = report.load(tmp_path)
+            "per_question": {"test": {"acc": {"plain": [0.0, 1.0]}}}}
+    extra = {**full, "epoch": 2, "baseline_only": True, "per_question": {"test": {"acc": {"plain": [1.0, 1.0]}}}}
+    old = {k: v for k, v in full.items() if k != "format"}  # format 1: not read
+    for name, d in (("e1", full), ("e2", extra), ("old", old)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    cells, plus_one = report.load(tmp_path, quiet=True)
     assert list(cells) == [("t", "lora", 1)] and list(plus_one) == [("t", "lora", 2)]
+    assert len(cells[("t", "lora", 1)]) == 1
     methods = report.methods_for(cells, ("t", "lora", 1), "acc", plus_one)
     (variant, src, own), = methods["warm start +1 epoch"]
     assert variant == "plain" and src is plus_one[("t", "lora", 2)][0] and own is cells[("t", "lora", 1)][0]
@@ -224,6 +226,15 @@ def test_report_rows_show_both_metrics_per_seed_and_the_loso_row(tmp_path, monke
     assert "acc_norm +33.33 (+0.00 / +0.00 / +100.00)" in md and "leave-one-seed-out" in md
 
 
+def test_the_results_page_is_what_report_py_generates_from_the_committed_results(tmp_path):
+    """docs/results.md is generated, never edited: regenerating it from benchmarks/results/ gives it byte for byte."""
+    report = _load("report")
+    report.main(["--out", str(tmp_path), "--page", str(tmp_path / "results.md")])
+    committed = (BENCH.parent / "docs" / "results.md").read_text(encoding="utf-8")
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == committed, (
+        "docs/results.md differs from what benchmarks/report.py generates: run `python benchmarks/report.py`")
+
+
 def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
     """Two IA3 seeds of the real grid code on the tiny model: format 2, disjoint recorded splits that
     differ across seeds, equal init fingerprints (IA3), per-question values that follow the split."""
@@ -245,3 +256,6 @@ def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
     report.main(["--grid", str(tmp_path), "--out", str(out)])
     md = (out / "grid_summary.md").read_text()
     assert "truthfulqa · ia3 · 1†" in md and "leave-one-seed-out" in md
+    page = (out / "results.md").read_text()  # the results page, generated beside the summary
+    assert page.startswith("# Results") and "do not edit by hand" in page
+    assert "| truthfulqa · ia3 · 1† | [0, 1] | 2 / 2 / 2 | yes |" in page  # the scope table, from the cells
