@@ -10,6 +10,7 @@ allocator peak on GPU, the process's resettable RSS high-water mark on CPU (Linu
     python benchmarks/cost.py                                   # SmolLM2-135M, the machine's precision
     python benchmarks/cost.py --model tiny-random --repeats 3   # seconds; a smoke test
     python benchmarks/cost.py --device cuda                     # on a GPU (bf16 where it has it)
+    python benchmarks/cost.py --demo-run runs/truthfulqa-lora/version_0 --demo-only   # a demo run's stages
 
 Scoring and calibration use the demo's TruthfulQA prompt (instruction + six-shot primer) and batch
 sizes; generation uses zero-shot prompts (``Q: …\\nA:``), greedy, exactly ``--new-tokens`` tokens.
@@ -211,6 +212,34 @@ def summarise(args, samples, device, precision, why, dm) -> dict:
     }
 
 
+def demo_stages(run_dir: Path) -> dict:
+    """A ``fit`` run's stage seconds (its ``timings.json``) and what everything after the warm start costs
+    relative to it: the demo's own breakdown, next to the micro-benchmarks above."""
+    from svd_lightning.callbacks import TIMINGS_FILE
+
+    path = Path(run_dir) / TIMINGS_FILE
+    try:
+        record = json.loads(path.read_text())
+        stages, total = record["seconds"], record["total"]
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"{path}: not a run's stage timings ({err}); give --demo-run a finished fit run") from None
+    warm = stages.get("warm start")
+    if not warm:
+        raise SystemExit(f"{path}: the run has no warm-start stage (a validate/test run?)")
+    after = sum(v for k, v in stages.items() if k not in ("set-up", "warm start"))
+    return {"run_dir": str(run_dir), "seconds": stages, "other": record["other"], "total": total,
+            "after_warm_start": after, "after_warm_start_ratio": after / warm, "device_name": describe_cpu()}
+
+
+def demo_table(demo: dict) -> str:
+    lines = [f"demo run {demo['run_dir']} (timed on the machine that ran it; this one: {demo['device_name']})"]
+    lines += [f"  {name:<26}{seconds:>9.1f} s" for name, seconds in [*demo["seconds"].items(), ("other", demo["other"]),
+                                                                      ("total", demo["total"])]]
+    lines.append(f"  after the warm start ÷ warm start: {demo['after_warm_start_ratio']:.2f} "
+                 f"({demo['after_warm_start']:.1f} s ÷ {demo['seconds']['warm start']:.1f} s)")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     fmt = lambda d: f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"  # noqa: E731
     lines = [f"{result['model']} on {result['device_name']}, {result['precision']}, {result['threads']} threads, "
@@ -236,14 +265,33 @@ def main(argv=None) -> None:
     ap.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=None, help="JSON path (default: results/cost_<model>_<device>.json)")
+    ap.add_argument("--demo-run", help="a finished `fit` run (e.g. of scripts/demo.sh): report its stage times too")
+    ap.add_argument("--demo-only", action="store_true", help="with --demo-run: only its stages (adds them to the "
+                    "existing JSON, no micro-benchmarks)")
     args = ap.parse_args(argv)
-    result = run(args)
     out = Path(args.out or ROOT / "results" / f"cost_{args.model}_{torch.device(args.device).type}.json")
+    demo = demo_stages(Path(args.demo_run)) if args.demo_run else None
+    if args.demo_only:
+        if demo is None:
+            raise SystemExit("--demo-only needs --demo-run RUN")
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["demo"] = demo
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+        print(demo_table(demo))
+        print(f"-> {out}")
+        return
+    result = run(args)
+    if demo is not None:
+        result["demo"] = demo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
     print(table(result))
+    if demo is not None:
+        print(demo_table(demo))
     print(f"-> {out}")
 
 

@@ -250,6 +250,14 @@ def cost_section(path: Path) -> list[str]:
         seconds = f"{plain['seconds']['median']:.1f} s" if plain else ""
         lines.append(f"| {label} | {seconds} | "
                      f"{ratio(by[(task, 'two_pass')])} | {ratio(by[(task, 'one_forward')])} |")
+    if "demo" in d:
+        demo = d["demo"]
+        lines += ["", f"**The demo's own stages** (`cost.py --demo-run`, from the run's `timings.json`; {demo['device_name']}):", "",
+                  "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {name} | {seconds:.1f} |" for name, seconds in [*demo["seconds"].items(), ("other", demo["other"]),
+                                                                    ("total", demo["total"])]]
+        lines += ["", f"Everything after the warm start costs **{demo['after_warm_start_ratio']:.2f}×** the warm start "
+                  f"({demo['after_warm_start']:.0f} s ÷ {demo['seconds']['warm start']:.0f} s)."]
     lines += ["", "Peak memory above the state before each call, MB (task/variant): "
               + ", ".join(f"{t}/{v} {r['peak_extra_mb']:.0f}" for (t, v), r in by.items() if r.get("peak_extra_mb")) + ".", ""]
     return lines

@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from typing import Iterator, Mapping
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.generation import (
     MinPLogitsWarper,
     TemperatureLogitsWarper,
@@ -35,7 +36,7 @@ from transformers.generation import (
 from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.config import FORWARD_MODES, ConfigError, ForwardMode, SteeringConfig
 from svd_lightning.log import say
-from svd_lightning.steering import PairedLabels, log_probs, masked_delta, steering_vector
+from svd_lightning.steering import POSITION_CHUNK, PairedLabels, log_probs, masked_delta, steering_vector
 
 
 @contextlib.contextmanager
@@ -122,17 +123,37 @@ def _twice(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 @leaves_no_hooks
-def paired_logits(model, input_ids: torch.Tensor, forward_mode: ForwardMode = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Warm and base logits ``[B, T, V]`` at every position of right-padded (or unpadded) ``input_ids``."""
+def paired_logits(model, input_ids: torch.Tensor, forward_mode: ForwardMode = "auto", skip: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm and base logits ``[B, T', V]`` at the positions of right-padded (or unpadded) ``input_ids``.
+
+    ``skip``: the caller needs no logits before position ``skip``. Where the split's cached prefix
+    (:func:`split_prefix`) covers the rows' first L ≤ ``skip`` tokens, those are not encoded again
+    and the result starts at position L (``T' = T − L``); otherwise ``T' = T``.
+    """
+    n, T = input_ids.shape
+
+    def forward(role: Role, ids: torch.Tensor, extra: dict) -> torch.Tensor:
+        prefix = split_prefix(model, _common_prefix(input_ids, torch.ones_like(input_ids), skip), role)
+        if prefix is None:
+            return _real_logits(model(input_ids=ids, **extra).logits, T)
+        L = len(prefix)
+        rows = torch.arange(ids.shape[0], device=ids.device) // n if role == "paired" else \
+            torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+        return model(input_ids=ids[:, L:], attention_mask=torch.ones_like(ids),
+                     position_ids=torch.arange(L, T, device=ids.device).expand(ids.shape[0], -1),
+                     past_key_values=prefix.cache(rows), use_cache=True, **extra).logits
+
     if resolve_forward_mode(model, forward_mode) == "one_forward":
-        both = model(input_ids=_twice(input_ids), adapter_names=_adapter_rows(model, input_ids.shape[0])).logits
-        warm, base = both.chunk(2)
+        warm, base = forward("paired", _twice(input_ids), {"adapter_names": _adapter_rows(model, n)}).chunk(2)
     else:
-        warm = model(input_ids=input_ids).logits
+        warm = forward("warm", input_ids, {})
         with adapter_disabled(model):
-            base = model(input_ids=input_ids).logits
-    T = input_ids.shape[1]
-    return _real_logits(warm, T), _real_logits(base, T)
+            base = forward("base", input_ids, {})
+    if warm.shape[1] != base.shape[1]:  # the base pass found no cached prefix where the warm one did
+        width = min(warm.shape[1], base.shape[1])
+        warm, base = warm[:, -width:], base[:, -width:]
+    return warm, base
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -165,6 +186,108 @@ def _full_label_logits(model, ids, mask, labels, paired: bool = False) -> torch.
     return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
 
 
+MIN_PREFIX = 16  # tokens: a shorter common prefix is not worth a cache of its own
+Role = str  # "warm", "base" (adapter disabled) or "paired" ([warm; base] rows in one forward)
+
+
+class SplitPrefix:
+    """The key/value cache of the prefix every prompt of a split starts with (a few-shot primer).
+
+    Encoded once per weights (and per autocast state) for the warm, base or paired rows, then
+    reused by every batch whose rows start with it: calibration, choice passes, validation, test
+    and predict scoring. Exact: the rows attend to the same keys and values a full pass computes.
+    """
+
+    def __init__(self, model, tokens: tuple[int, ...], role: Role):
+        self.tokens, self.role = tokens, role
+        ids = torch.tensor([tokens], device=next(model.parameters()).device)
+        extra = {}
+        if role == "paired":
+            extra["adapter_names"] = _adapter_rows(model, 1)
+            ids = _twice(ids)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **extra)
+        self.layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self.last = out.logits[:, -1]  # [R, V]: predicts the first token after the prefix
+        self.nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def cache(self, index: torch.Tensor) -> DynamicCache:
+        """A fresh cache holding the prefix for rows ``index`` (into the prefix's 1 or 2 encoded rows)."""
+        return DynamicCache(ddp_cache_data=[(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers])
+
+
+class _PrefixStore:
+    """Per model: the split prefix of each role, valid for one state of the weights and adapters."""
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.weights: tuple | None = None
+        self.entries: dict[tuple, SplitPrefix] = {}  # by (role, adapter state)
+        self.candidates: dict[tuple, tuple[int, ...]] = {}
+        # One adapter layer tells whether the adapter is on (disable_adapter) and which one is active.
+        self.tuner = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+
+    def weights_state(self, model) -> tuple:
+        """Changes whenever a parameter is replaced or written in place (an optimizer step, a load)
+        or autocast changes: then nothing cached holds."""
+        device = next(model.parameters()).device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) if device in ("cpu", "cuda") else ()
+        return autocast, tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+    def key(self, role: Role) -> tuple:
+        """The role with the adapter's state: on or off (``disable_adapter``), which one is active."""
+        adapter = (self.tuner.disable_adapters, tuple(self.tuner.active_adapters)) if self.tuner is not None else ()
+        return role, adapter
+
+
+_PREFIXES: "weakref.WeakKeyDictionary[torch.nn.Module, _PrefixStore]" = weakref.WeakKeyDictionary()
+_announced_prefix: set[int] = set()
+
+
+def split_prefix(model, tokens: torch.Tensor, role: Role) -> SplitPrefix | None:
+    """The cached prefix that ``tokens`` (a batch's common leading tokens) start with, if any.
+
+    The split's prefix is learnt from the batches: the common part of two consecutive batches'
+    leading tokens (≥ :data:`MIN_PREFIX`) is encoded once and kept until the weights change, so a
+    split of one primer pays for it once. Training mode and prompt-learning adapters never cache.
+    """
+    if model.training or _uses_virtual_tokens(model) or len(tokens) < MIN_PREFIX:
+        return None
+    store = _PREFIXES.get(model)
+    if store is None:
+        store = _PREFIXES[model] = _PrefixStore(model)
+    weights = store.weights_state(model)
+    if store.weights != weights:  # new weights: nothing cached holds
+        store.weights, store.entries = weights, {}
+    key, tokens = store.key(role), tuple(tokens.tolist())
+    entry = store.entries.get(key)
+    if entry is not None and tokens[: len(entry)] == entry.tokens:
+        return entry
+    candidate = store.candidates.get(key, entry.tokens if entry is not None else None)
+    if candidate is None:
+        store.candidates[key] = tokens
+        return None
+    common = next((i for i, (a, b) in enumerate(zip(candidate, tokens)) if a != b), min(len(candidate), len(tokens)))
+    store.candidates[key] = tokens[:common] if common >= MIN_PREFIX else tokens
+    if common < MIN_PREFIX:
+        return None
+    entry = store.entries[key] = SplitPrefix(model, tokens[:common], role)
+    if id(model) not in _announced_prefix:
+        _announced_prefix.add(id(model))
+        say(f"the prompts' shared prefix ({common} tokens) is encoded once per weights and reused "
+            f"({entry.nbytes / 2**20:.1f} MB cached per distribution set)")
+    return entry
+
+
+def _common_prefix(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> torch.Tensor:
+    """The leading tokens every row of a right-padded batch shares, at most ``limit`` of them."""
+    same = ((ids == ids[:1]) & mask.bool()).all(0).int()
+    return ids[0, : min(int(same.cumprod(0).sum()), limit)]
+
+
 class SharedPrompts:
     """A choice batch split into its distinct prompts and the continuations that follow them.
 
@@ -189,6 +312,7 @@ class SharedPrompts:
             0, self.group, torch.arange(ids.shape[0], device=ids.device), "amin"
         )
         p_len = starts[first_row]
+        self.ids, self.mask, self.first_row, self.p_len, self.pad_id = ids, mask, first_row, p_len, pad_id
         P, A = int(p_len.max()), int((lengths - starts).max())
         # Prompts left padded (their last token lines up); continuations right padded.
         cols = torch.arange(P, device=ids.device)
@@ -204,22 +328,53 @@ class SharedPrompts:
         # Full-batch positions count from the row's first token; the answer follows its prompt.
         self.answer_positions = p_len[self.group].unsqueeze(1) + cols
 
-    def label_logits(self, model, paired: bool = False) -> torch.Tensor:
-        """Logits at every labelled position; ``paired``: warm rows' then base rows' in one pass."""
-        prompt_ids, prompt_mask, group = self.prompt_ids, self.prompt_mask, self.group
+    def _prompt_rest(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each distinct prompt after its first ``length`` tokens, left padded: ``(ids, mask)``."""
+        rest = self.p_len - length
+        R = int(rest.max())
+        cols = torch.arange(R, device=rest.device)
+        mask = (cols >= R - rest.unsqueeze(1)).long()
+        src = (cols + self.p_len.unsqueeze(1) - R).clamp_min(0)
+        return self.ids[self.first_row].gather(1, src).masked_fill(mask == 0, self.pad_id), mask
+
+    def label_logits(self, model, role: Role = "warm") -> torch.Tensor:
+        """Logits at every labelled position (``role`` "paired": warm rows' then base rows' in one pass).
+
+        The prompts' common leading tokens come from the split's cached prefix when there is one
+        (:func:`split_prefix`): only the rest of each prompt is encoded. Where the attention takes
+        a custom mask (sdpa, eager), the batch is one tree-shaped sequence (:meth:`_tree_label_logits`).
+        """
+        paired = role == "paired"
+        prefix = split_prefix(model, _common_prefix(self.ids, self.mask, int(self.p_len.min()) - 1), role)
+        if _custom_masks(model):
+            return self._tree_label_logits(model, prefix, role)
+        if prefix is None:
+            prompt_ids, prompt_mask, past, n_prefix = self.prompt_ids, self.prompt_mask, None, 0
+        else:
+            n_prefix = len(prefix)
+            prompt_ids, prompt_mask = self._prompt_rest(n_prefix)
+        group = self.group
         answer_ids, answer_mask, positions, select = self.answer_ids, self.answer_mask, self.answer_positions, self.select
         prompt_extra, answer_extra = {}, {}
+        G = prompt_ids.shape[0]
         if paired:
-            prompt_extra["adapter_names"] = _adapter_rows(model, prompt_ids.shape[0])
+            prompt_extra["adapter_names"] = _adapter_rows(model, G)
             answer_extra["adapter_names"] = _adapter_rows(model, answer_ids.shape[0])
-            group = torch.cat([group, group + prompt_ids.shape[0]])  # base rows follow base prompts
+            group = torch.cat([group, group + G])  # base rows follow base prompts
             prompt_ids, prompt_mask = _twice(prompt_ids), _twice(prompt_mask)
             answer_ids, answer_mask, positions, select = map(_twice, (answer_ids, answer_mask, positions, select))
+        if prefix is not None:
+            rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device) // G if paired else \
+                torch.zeros(G, dtype=torch.long, device=prompt_ids.device)
+            past = prefix.cache(rows)
+            prompt_mask = torch.cat([prompt_mask.new_ones(prompt_mask.shape[0], n_prefix), prompt_mask], dim=1)
         out = model(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            position_ids=_positions(prompt_mask),
+            position_ids=_positions(prompt_mask)[:, n_prefix:],
+            past_key_values=past,
             use_cache=True,
+            logits_to_keep=1,  # only the last position's: it predicts each row's first continuation token
             **prompt_extra,
         )
         cache = out.past_key_values
@@ -237,6 +392,65 @@ class SharedPrompts:
         return aligned[select]
 
 
+    def _tree(self, skip: int) -> tuple[torch.Tensor, ...]:
+        """The batch after its first ``skip`` tokens as one sequence: each distinct prompt's rest once,
+        then every row's continuation. ``(ids [S], position [S], allowed [S, S], source [M])``:
+        ``allowed[a, b]`` iff token b is an ancestor of token a (same prompt and earlier, or earlier
+        in the same row's continuation); ``source`` the token whose logits predict each labelled token.
+        """
+        if getattr(self, "_tree_skip", None) != skip:
+            device = self.ids.device
+            ids, position, group, owner, prompt_last, start = [], [], [], [], [], []
+            for g, (r, p) in enumerate(zip(self.first_row.tolist(), self.p_len.tolist())):
+                ids.append(self.ids[r, skip:p])
+                position.append(torch.arange(skip, p, device=device))
+                group += [g] * (p - skip)
+                owner += [-1] * (p - skip)
+                prompt_last.append(len(owner) - 1)
+            lengths = self.answer_mask.sum(1).tolist()
+            for j, (g, k) in enumerate(zip(self.group.tolist(), lengths)):
+                start.append(len(owner))
+                ids.append(self.answer_ids[j, :k])
+                position.append(self.answer_positions[j, :k])
+                group += [g] * k
+                owner += [j] * k
+            position = torch.cat(position)
+            group, owner = torch.tensor(group, device=device), torch.tensor(owner, device=device)
+            allowed = ((group.unsqueeze(1) == group.unsqueeze(0)) & (position.unsqueeze(0) <= position.unsqueeze(1))
+                       & ((owner.unsqueeze(0) == -1) | (owner.unsqueeze(0) == owner.unsqueeze(1))))
+            rows, steps = self.select.nonzero(as_tuple=True)  # labelled tokens in row-major order, as the full batch's
+            first = torch.tensor(prompt_last, device=device)[self.group[rows]]  # a row's first token: its prompt's last
+            source = torch.where(steps == 0, first, torch.tensor(start, device=device)[rows] + steps - 1)
+            self._tree_layout, self._tree_skip = (torch.cat(ids), position, allowed, source), skip
+        return self._tree_layout
+
+    def _tree_label_logits(self, model, prefix: "SplitPrefix | None", role: Role) -> torch.Tensor:
+        """One forward over the whole batch laid out as a tree (:meth:`_tree`): every prompt token
+        and every continuation token once, attending to its own ancestors at its full-row position
+        (a 4D mask), after the split's cached prefix when there is one. The same logits as one row
+        per choice, without re-encoding a prompt per row, padding, or per-row key/value copies."""
+        skip = len(prefix) if prefix is not None else 0
+        ids, position, allowed, source = self._tree(skip)
+        rows = 2 if role == "paired" else 1
+        mask = allowed
+        if prefix is not None:
+            mask = torch.cat([allowed.new_ones(allowed.shape[0], skip), allowed], dim=1)
+        mask = mask.expand(rows, 1, -1, -1)
+        if _custom_masks(model) == "eager":  # additive: 0 where attended, the dtype's minimum elsewhere
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        extra = {"adapter_names": _adapter_rows(model, 1)} if role == "paired" else {}
+        past = prefix.cache(torch.arange(rows, device=ids.device)) if prefix is not None else None
+        logits = model(input_ids=ids.expand(rows, -1), attention_mask=mask, position_ids=position.expand(rows, -1),
+                       past_key_values=past, use_cache=past is not None, **extra).logits
+        return logits[:, source].flatten(0, 1)  # paired: the warm rows' tokens, then the base rows'
+
+
+def _custom_masks(model) -> str | None:
+    """The attention implementation when it takes a custom 4D mask as given (sdpa: bool, eager: additive)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl if impl in ("sdpa", "eager") else None
+
+
 class CommonPrefix:
     """Rows that all begin with the same tokens (a few-shot primer): encode them once per batch.
 
@@ -251,26 +465,38 @@ class CommonPrefix:
         lengths = mask.sum(1)
         first_label = (labels != IGNORE_INDEX).int().argmax(1)
         right_padded = mask.bool() == (torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1))
-        same = ((ids == ids[:1]) & mask.bool()).all(0).int()
-        self.length = min(int(same.cumprod(0).sum()), int(first_label.min()))
+        self.length = len(_common_prefix(ids, mask, int(first_label.min())))
         self.usable = bool(right_padded.all()) and ids.shape[0] > 1 and self.length >= min_len
 
-    def label_logits(self, model, paired: bool = False) -> torch.Tensor:
-        """Logits at every labelled position; ``paired``: warm rows' then base rows' in one pass."""
-        L, n = self.length, self.ids.shape[0]
-        prefix = self.ids[:1, :L]
-        expand = torch.zeros(n, dtype=torch.long, device=prefix.device)
-        prefix_extra, rest_extra = {}, {}
+    def label_logits(self, model, role: Role = "warm") -> torch.Tensor:
+        """Logits at every labelled position (``role`` "paired": warm rows' then base rows' in one pass).
+
+        The prefix comes from the split's cache when it holds one (:func:`split_prefix`), else it
+        is encoded here, once for the batch.
+        """
+        paired = role == "paired"
+        n = self.ids.shape[0]
+        expand = torch.zeros(n, dtype=torch.long, device=self.ids.device)
+        if paired:
+            expand = torch.cat([expand, expand + 1])
+        shared = split_prefix(model, self.ids[0, : self.length], role)
+        L = len(shared) if shared is not None else self.length
+        rest_extra = {}
         rest_ids, rest_mask, labels = self.ids[:, L:], self.mask[:, L:], self.labels[:, L:]
         if paired:
-            prefix_extra["adapter_names"] = _adapter_rows(model, 1)
             rest_extra["adapter_names"] = _adapter_rows(model, n)
-            prefix, expand = _twice(prefix), torch.cat([expand, expand + 1])
             rest_ids, rest_mask, labels = _twice(rest_ids), _twice(rest_mask), _twice(labels)
-        out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **prefix_extra)
-        cache = out.past_key_values
-        cache.reorder_cache(expand)  # index_select on the batch dim: one copy per row
-        last = out.logits[:, -1][expand]  # predicts each row's first token after the prefix
+        if shared is not None:
+            cache, last = shared.cache(expand), shared.last[expand]
+        else:
+            prefix, prefix_extra = self.ids[:1, :L], {}
+            if paired:
+                prefix_extra["adapter_names"] = _adapter_rows(model, 1)
+                prefix = _twice(prefix)
+            out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **prefix_extra)
+            cache = out.past_key_values
+            cache.reorder_cache(expand)  # index_select on the batch dim: one copy per row
+            last = out.logits[:, -1][expand]  # predicts each row's first token after the prefix
         rest = model(
             input_ids=rest_ids,
             attention_mask=torch.cat([rest_mask.new_ones(rest_ids.shape[0], L), rest_mask], dim=1),
@@ -313,15 +539,16 @@ def paired_label_logits(
     sel = target != IGNORE_INDEX
     row = sel.nonzero(as_tuple=True)[0]
     shared = _sharing(ids, mask, labels) if share_prompts and not _uses_virtual_tokens(model) else None
-    label_logits = shared.label_logits if shared is not None else lambda m, paired=False: _full_label_logits(m, ids, mask, labels, paired)
+    label_logits = shared.label_logits if shared is not None else \
+        lambda m, role="warm": _full_label_logits(m, ids, mask, labels, role == "paired")
     if with_base and resolve_forward_mode(model, forward_mode) == "one_forward":
-        both = label_logits(model, paired=True)
+        both = label_logits(model, "paired")
         warm, base = both.chunk(2)
     else:
-        warm, base = label_logits(model), None
+        warm, base = label_logits(model, "warm"), None
         if with_base:
             with adapter_disabled(model):
-                base = label_logits(model)
+                base = label_logits(model, "base")
     for name, z in (("warm", warm), ("base", base)):
         if z is not None and not torch.isfinite(z).all():
             raise FloatingPointError(f"non-finite {name} logits in the forward pass (check dtype/precision)")
@@ -368,10 +595,15 @@ def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringCon
     if not with_base:
         out["plain"] = per_row(log_probs(warm).gather(-1, y.unsqueeze(-1)).squeeze(-1))
         return out
-    paired = PairedLabels(warm, base, y)
-    out.update(plain=per_row(paired.plain()), base=per_row(paired.base()))
-    for name, config in variants.items():
-        out[name] = per_row(paired.log_probs(config))
+    sums = {name: torch.zeros(n, dtype=torch.float32, device=y.device) for name in ("plain", "base", *variants)}
+    for start in range(0, y.numel(), POSITION_CHUNK):  # [chunk, V] tensors stay in cache (measured on CPU)
+        part = slice(start, start + POSITION_CHUNK)
+        paired, rows = PairedLabels(warm[part], base[part], y[part]), row[part]
+        sums["plain"].index_add_(0, rows, paired.plain().float())
+        sums["base"].index_add_(0, rows, paired.base().float())
+        for name, config in variants.items():
+            sums[name].index_add_(0, rows, paired.log_probs(config).float())
+    out.update(sums)
     bad = [k for k, v in out.items() if torch.isnan(v).any()]
     if bad:
         settings = "; ".join(f"{k}: mu={variants[k].mu!r}, alpha={variants[k].alpha!r}" for k in bad if k in variants)

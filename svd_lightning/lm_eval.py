@@ -63,12 +63,27 @@ class SteeredHFLM(HFLM):
         super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
                          max_length=max_length, **kwargs)
 
+    def _loglikelihood_tokens(self, requests, *args, **kwargs):
+        # The first scored position over all requests: lm-eval reads logits from each row's context
+        # end on, and places them by the returned length, so positions before it need not be returned.
+        self._first_scored = min((min(len(ctx) + len(cont), self.max_length + 1) - 1 - len(cont)
+                                  for _, ctx, cont in requests), default=0)
+        try:
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+        finally:
+            self._first_scored = 0
+
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        """Steered log-probs ``[B, T, V]`` for right-padded ``inps`` (padding never precedes a real token)."""
+        """Steered log-probs ``[B, T', V]`` for right-padded ``inps`` (padding never precedes a real token).
+
+        A prompt prefix that every request shares (TruthfulQA's primer) is encoded once per run
+        (:func:`svd_lightning.decoding.split_prefix`); its positions, which no request scores, are
+        not returned (``T' < T``: lm-eval aligns the logits by their length).
+        """
         c = self.steering_config
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
-            warm, base = paired_logits(self.steered.model, inps, c.forward_mode)
+            warm, base = paired_logits(self.steered.model, inps, c.forward_mode, skip=getattr(self, "_first_scored", 0))
         return steered_log_probs(warm, base, c.mu, c.alpha, c.scoring_policy, c.floor, direction=c.direction)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):

@@ -651,12 +651,21 @@ class ChoiceStrengthCache:
                is_true: torch.Tensor) -> "ChoiceStrengthCache":
         """Add one choice batch: label positions ``[M, V]`` / ``[M]`` (as :func:`paired_label_logits`
         returns them, ``row`` = their batch row) and the batch's per-row ``[N]`` question ids."""
+        self.add_tokens(warm_logits, delta, keep, labels, row)
+        return self.add_rows(question_index, choice_set, is_true)
+
+    def add_tokens(self, warm_logits: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor,
+                   row: torch.Tensor) -> "ChoiceStrengthCache":
+        """:meth:`update` in parts: some label positions of the batch whose rows :meth:`add_rows` adds next."""
         if (labels == IGNORE_INDEX).any():
             raise ValueError("ChoiceStrengthCache.update takes label positions only (no -100 labels)")
-        offset = self.rows
         self.tokens.update(warm_logits, delta, keep, labels)
         self.label_kept = torch.cat([self.label_kept, keep.gather(-1, labels.unsqueeze(-1)).squeeze(-1).cpu()])
-        self.token_row = torch.cat([self.token_row, row.cpu() + offset])
+        self.token_row = torch.cat([self.token_row, row.cpu() + self.rows])
+        return self
+
+    def add_rows(self, question_index: torch.Tensor, choice_set: torch.Tensor, is_true: torch.Tensor) -> "ChoiceStrengthCache":
+        """The batch's rows, after all of its tokens (:meth:`add_tokens`)."""
         keys = zip(question_index.tolist(), choice_set.tolist())
         ids = [self.groups.setdefault(k, len(self.groups)) for k in keys]
         self.row_group = torch.cat([self.row_group, torch.tensor(ids, dtype=torch.long)])

@@ -178,3 +178,87 @@ def test_shared_prompts_fall_back_for_left_padding_and_virtual_tokens(tokenizer)
     b = paired_label_logits(model, batch, share_prompts=False)
     for x, z in zip(a, b):
         assert torch.equal(x, z)
+
+
+# -- the split's shared prefix (a few-shot primer encoded once per weights) ------------------------------
+
+PRIMER = "Q: What is the capital of France?\nA: The capital of France is Paris.\n\nQ: Is water wet?\nA: Yes.\n\n"
+
+
+def _primed_batches(tokenizer, questions_per_batch, collate=collate_choices, primer=PRIMER):
+    from conftest import CHOICE_EXAMPLES
+
+    examples = [ChoiceExample(primer + ex.prompt, ex.choices, ex.is_true, ex.index, choice_sets=ex.choice_sets)
+                for ex in CHOICE_EXAMPLES]
+    tok = Tokenized(tokenizer, 128)
+    return [collate(examples[i : i + questions_per_batch], tok) for i in range(0, len(examples), questions_per_batch)]
+
+
+def _full_pass(model, batch):
+    from svd_lightning.decoding import _full_label_logits, adapter_disabled
+
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    warm = _full_label_logits(model, ids, mask, labels)
+    with adapter_disabled(model):
+        base = _full_label_logits(model, ids, mask, labels)
+    return warm, base
+
+
+@pytest.mark.parametrize("mode", ["one_forward", "two_pass"])
+@pytest.mark.parametrize("questions_per_batch", [1, 2])
+def test_the_split_prefix_is_encoded_once_and_gives_the_full_pass_logits(tokenizer, model64, capsys, mode,
+                                                                         questions_per_batch):
+    """Batches of one primer: from the second batch on, the primer's keys and values come from the cache;
+    every batch's warm and base logits equal a full pass to 1e-10 (fp64), padded rows included."""
+    from svd_lightning.decoding import _PREFIXES, _announced_prefix, paired_label_logits
+
+    _PREFIXES.pop(model64, None)
+    _announced_prefix.discard(id(model64))  # said once per model
+    batches = _primed_batches(tokenizer, questions_per_batch)
+    primer = tokenizer(PRIMER, add_special_tokens=False)["input_ids"]
+    for i, batch in enumerate(batches):
+        warm, base, _, _ = paired_label_logits(model64, batch, forward_mode=mode)
+        ref_warm, ref_base = _full_pass(model64, batch)
+        torch.testing.assert_close(warm, ref_warm, rtol=0, atol=1e-10)
+        torch.testing.assert_close(base, ref_base, rtol=0, atol=1e-10)
+        entries = list(_PREFIXES[model64].entries.values())
+        if i >= 1:  # learnt from the first two batches: the primer (and whatever else their prompts share)
+            assert len(entries) == (1 if mode == "one_forward" else 2)  # paired rows, or warm and base
+            assert all(len(e) >= len(primer) - 1 and e.nbytes > 0 for e in entries)
+    assert "shared prefix" in capsys.readouterr().err
+
+
+def test_the_split_prefix_is_dropped_when_the_weights_change(tokenizer):
+    from svd_lightning.decoding import _PREFIXES, paired_label_logits
+
+    model64 = perturbed_lora(dtype=torch.float64)  # its own: the test writes into the weights
+    first, second = _primed_batches(tokenizer, 1)[:2]
+    paired_label_logits(model64, first)
+    paired_label_logits(model64, second)
+    stale = list(_PREFIXES[model64].entries.values())  # kept alive: ids of freed objects are reused
+    assert stale
+    with torch.no_grad():  # an optimizer step: the adapter's weights change in place
+        next(p for n, p in model64.named_parameters() if "lora_B" in n).mul_(1.5)
+    warm, base, _, _ = paired_label_logits(model64, second)
+    assert not {id(e) for e in stale} & {id(e) for e in _PREFIXES[model64].entries.values()}  # not reused
+    ref_warm, ref_base = _full_pass(model64, second)
+    torch.testing.assert_close(warm, ref_warm, rtol=0, atol=1e-10)
+    torch.testing.assert_close(base, ref_base, rtol=0, atol=1e-10)
+
+
+def test_teacher_forced_batches_share_the_split_prefix_and_prompts_without_one_cache_nothing(tokenizer, model64):
+    from svd_lightning.batch import collate_lm
+    from svd_lightning.decoding import _PREFIXES, paired_label_logits
+
+    _PREFIXES.pop(model64, None)
+    for batch in _primed_batches(tokenizer, 2, collate=collate_lm):  # CommonPrefix batches
+        warm, base, _, _ = paired_label_logits(model64, batch)
+        ref_warm, ref_base = _full_pass(model64, batch)
+        torch.testing.assert_close(warm, ref_warm, rtol=0, atol=1e-10)
+        torch.testing.assert_close(base, ref_base, rtol=0, atol=1e-10)
+    assert _PREFIXES[model64].entries
+    _PREFIXES.pop(model64, None)
+    for batch in _primed_batches(tokenizer, 1, primer=""):  # zero-shot prompts share 2 tokens ("Q:")
+        warm, _, _, _ = paired_label_logits(model64, batch)
+        torch.testing.assert_close(warm, _full_pass(model64, batch)[0], rtol=0, atol=1e-10)
+    assert not _PREFIXES[model64].entries
