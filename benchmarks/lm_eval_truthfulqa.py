@@ -7,7 +7,8 @@ same prompt): ``svd_truthfulqa_mc1`` (multiple choice, ``acc``) and ``svd_truthf
 normalised probability mass of the true answers, as lm-eval's ``truthfulqa_mc2``). Runs them with
 ``svd_lightning.lm_eval`` and scores the same questions with :class:`svd_lightning.SteeredModel`
 (our scorer, the metrics of :mod:`svd_lightning.metrics`). Prints both, steered and plain (μ = 0),
-and writes ``results/lm_eval_truthfulqa.json``.
+with the seconds per question of each (lm-eval scores mc1 and mc2 as two tasks, our scorer both
+from one pass), and writes ``results/lm_eval_truthfulqa.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -73,7 +75,7 @@ def ours(run_dir: str, questions, mu: float | None) -> dict[str, float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--limit", type=int, help="first k test questions (lm-eval does not share prompts: slow on a CPU)")
+    ap.add_argument("--limit", type=int, help="first k test questions (default: the whole test split)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results" / "lm_eval_truthfulqa.json"))
     args = ap.parse_args(argv)
@@ -86,18 +88,28 @@ def main(argv=None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="svd_truthfulqa_"))
     write_tasks(folder, questions)
     result = {"run_dir": args.run_dir, "questions": len(questions), "rows": {}}
+    from svd_lightning.precision import describe_cpu
+
+    result["machine"] = describe_cpu()
     for name, mu in (("steered", None), ("plain (mu=0)", 0.0)):
+        t0 = time.perf_counter()
         harness = evaluate(args.run_dir, ["svd_truthfulqa_mc1", "svd_truthfulqa_mc2"], include_path=str(folder),
                            batch_size=args.batch_size, mu=mu)["results"]
+        t1 = time.perf_counter()
         lm = {"mc1": harness["svd_truthfulqa_mc1"]["acc,none"], "mc2": harness["svd_truthfulqa_mc2"]["mc2,none"]}
         own = ours(args.run_dir, questions, mu)
+        t2 = time.perf_counter()
         result["rows"][name] = {"lm_eval": lm, "svd_lightning": own,
-                                "max_abs_diff": max(abs(lm[k] - own[k]) for k in lm)}
+                                "max_abs_diff": max(abs(lm[k] - own[k]) for k in lm),
+                                "seconds_per_question": {"lm_eval": (t1 - t0) / len(questions),
+                                                         "svd_lightning": (t2 - t1) / len(questions)}}
     write_json(args.out, result)
-    print(f"{'':<14}{'lm-eval MC1':>12}{'ours MC1':>10}{'lm-eval MC2':>13}{'ours MC2':>10}{'max |diff|':>12}")
+    print(f"{'':<14}{'lm-eval MC1':>12}{'ours MC1':>10}{'lm-eval MC2':>13}{'ours MC2':>10}{'max |diff|':>12}"
+          f"{'s/q lm-eval':>13}{'s/q ours':>10}")
     for name, row in result["rows"].items():
-        lm, own = row["lm_eval"], row["svd_lightning"]
-        print(f"{name:<14}{lm['mc1']:>12.6f}{own['mc1']:>10.6f}{lm['mc2']:>13.6f}{own['mc2']:>10.6f}{row['max_abs_diff']:>12.2e}")
+        lm, own, sec = row["lm_eval"], row["svd_lightning"], row["seconds_per_question"]
+        print(f"{name:<14}{lm['mc1']:>12.6f}{own['mc1']:>10.6f}{lm['mc2']:>13.6f}{own['mc2']:>10.6f}{row['max_abs_diff']:>12.2e}"
+              f"{sec['lm_eval']:>13.2f}{sec['svd_lightning']:>10.2f}")
     print(f"{len(questions)} test questions of {args.run_dir} -> {args.out}")
 
 

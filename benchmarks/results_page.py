@@ -267,11 +267,14 @@ def lm_eval_section(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     lines = ["## lm-eval agrees with our scorer (`benchmarks/lm_eval_truthfulqa.py`)", "",
              f"lm-eval's `truthfulqa_mc1/mc2` through the `svd` backend against `SteeredModel.score` on the same "
-             f"{d['questions']} questions:", "", "| variant | lm-eval mc1 / mc2 | svd-lightning mc1 / mc2 | largest difference |",
-             "|---|---|---|---:|"]
+             f"{d['questions']} questions{' on ' + d['machine'] if 'machine' in d else ''}:", "",
+             "| variant | lm-eval mc1 / mc2 | svd-lightning mc1 / mc2 | largest difference | seconds per question: lm-eval / ours |",
+             "|---|---|---|---:|---|"]
     for name, row in d["rows"].items():
+        sec = row.get("seconds_per_question")
+        speed = f"{sec['lm_eval']:.2f} / {sec['svd_lightning']:.2f} (×{sec['lm_eval'] / sec['svd_lightning']:.2f})" if sec else "not timed"
         lines.append(f"| {name} | {row['lm_eval']['mc1']:.6f} / {row['lm_eval']['mc2']:.6f} | "
-                     f"{row['svd_lightning']['mc1']:.6f} / {row['svd_lightning']['mc2']:.6f} | {row['max_abs_diff']:.1e} |")
+                     f"{row['svd_lightning']['mc1']:.6f} / {row['svd_lightning']['mc2']:.6f} | {row['max_abs_diff']:.1e} | {speed} |")
     return lines + [""]
 
 

@@ -204,14 +204,19 @@ def _full_pass(model, batch):
     return warm, base
 
 
+@pytest.mark.parametrize("layout", ["tree", "rows"])
 @pytest.mark.parametrize("mode", ["one_forward", "two_pass"])
 @pytest.mark.parametrize("questions_per_batch", [1, 2])
-def test_the_split_prefix_is_encoded_once_and_gives_the_full_pass_logits(tokenizer, model64, capsys, mode,
-                                                                         questions_per_batch):
+def test_the_split_prefix_is_encoded_once_and_gives_the_full_pass_logits(tokenizer, model64, capsys, monkeypatch,
+                                                                         mode, questions_per_batch, layout):
     """Batches of one primer: from the second batch on, the primer's keys and values come from the cache;
-    every batch's warm and base logits equal a full pass to 1e-10 (fp64), padded rows included."""
+    every batch's warm and base logits equal a full pass to 1e-10 (fp64), padded rows included. Both
+    layouts: one tree-shaped sequence (sdpa / eager) and one row per choice (other attention kernels)."""
+    from svd_lightning import decoding
     from svd_lightning.decoding import _PREFIXES, _announced_prefix, paired_label_logits
 
+    if layout == "rows":
+        monkeypatch.setattr(decoding, "_custom_masks", lambda model: None)
     _PREFIXES.pop(model64, None)
     _announced_prefix.discard(id(model64))  # said once per model
     batches = _primed_batches(tokenizer, questions_per_batch)
