@@ -37,6 +37,7 @@ from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits, score_choices, steered_generate
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.precision import describe_cpu, resolve_precision
+from svd_lightning.run import portable_path
 from svd_lightning.steering import log_probs
 
 ROOT = Path(__file__).resolve().parent
@@ -227,7 +228,7 @@ def demo_stages(run_dir: Path) -> dict:
     if not warm:
         raise SystemExit(f"{path}: the run has no warm-start stage (a validate/test run?)")
     after = sum(v for k, v in stages.items() if k not in ("set-up", "warm start"))
-    return {"run_dir": str(run_dir), "seconds": stages, "other": record["other"], "total": total,
+    return {"run_dir": portable_path(run_dir), "seconds": stages, "other": record["other"], "total": total,
             "after_warm_start": after, "after_warm_start_ratio": after / warm, "device_name": describe_cpu()}
 
 

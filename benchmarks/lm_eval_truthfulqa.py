@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from svd_lightning import SteeredModel
-from svd_lightning.run import write_json
+from svd_lightning.run import portable_path, write_json
 from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.metrics import truthfulqa_scores
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     questions = dm.test_set
     folder = Path(tempfile.mkdtemp(prefix="svd_truthfulqa_"))
     write_tasks(folder, questions)
-    result = {"run_dir": args.run_dir, "questions": len(questions), "rows": {}}
+    result = {"run_dir": portable_path(args.run_dir), "questions": len(questions), "rows": {}}
     from svd_lightning.precision import describe_cpu
 
     result["machine"] = describe_cpu()

@@ -23,7 +23,7 @@ from torchmetrics.functional.text import rouge_score
 from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.decoding import generate_answers
 from svd_lightning.generate import write_jsonl
-from svd_lightning.run import load_run
+from svd_lightning.run import load_run, portable_path
 from svd_lightning.statistics import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parent
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
             row[f"{v}_proxy"] = proxy
         out_rows.append(row)
     write_jsonl(args.out + ".jsonl", out_rows)
-    summary = {"run_dir": str(run), "questions": len(questions), "mu": steering.steering.mu, "alpha": steering.steering.alpha,
+    summary = {"run_dir": portable_path(run), "questions": len(questions), "mu": steering.steering.mu, "alpha": steering.steering.alpha,
                "max_new_tokens": args.max_new_tokens, "changed_answers": sum(r["plain"] != r["steered"] for r in out_rows)}
     print(f"{'proxy':<12}{'plain':>9}{'steered':>9}{'diff [95% CI]':>26}")
     for k in [f"{k}_{s}" for k in KEYS for s in ("acc", "diff")]:

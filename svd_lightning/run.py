@@ -113,6 +113,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a result file should record it: relative to the working directory when below it,
+    else from its ``runs/`` folder on (or its last three parts), never a machine's absolute path."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        parts = path.parts
+        start = max((i for i, part in enumerate(parts) if part == "runs"), default=len(parts) - 3)
+        return Path(*parts[max(start, 1):]).as_posix()
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
 

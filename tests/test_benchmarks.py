@@ -259,3 +259,15 @@ def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
     page = (out / "results.md").read_text()  # the results page, generated beside the summary
     assert page.startswith("# Results") and "do not edit by hand" in page
     assert "| truthfulqa · ia3 · 1† | [0, 1] | 2 / 2 / 2 | yes |" in page  # the scope table, from the cells
+
+
+def test_committed_results_record_no_machine_paths():
+    """Result files are read on other machines: a run is named relative to the repository, never by /work/…."""
+    from svd_lightning.run import portable_path
+
+    assert portable_path("/home/me/svd/runs/truthfulqa-lora/version_0") == "runs/truthfulqa-lora/version_0"
+    assert portable_path("runs/x/version_1") == "runs/x/version_1"
+    assert portable_path("/tmp/elsewhere/truthfulqa-lora/version_0") == "elsewhere/truthfulqa-lora/version_0"
+    for path in (BENCH / "results").glob("*.json"):
+        text = path.read_text(encoding="utf-8")
+        assert '"/work/' not in text and '"/tmp/' not in text and '"/home/' not in text, path.name
