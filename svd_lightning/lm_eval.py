@@ -60,6 +60,7 @@ class SteeredHFLM(HFLM):
         overrides = {"forward_mode": forward_mode} | ({} if mu is None else {"mu": float(mu)})
         self.steered = SteeredModel.from_run_dir(run_dir, device=device, **overrides)
         self.steering_config = self.steered.config.method(method)  # what every request is scored and generated with
+        self._first_scored = 0  # see _loglikelihood_tokens
         super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
                          max_length=max_length, **kwargs)
 
@@ -83,7 +84,7 @@ class SteeredHFLM(HFLM):
         c = self.steering_config
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
-            warm, base = paired_logits(self.steered.model, inps, c.forward_mode, skip=getattr(self, "_first_scored", 0))
+            warm, base = paired_logits(self.steered.model, inps, c.forward_mode, skip=self._first_scored)
         return steered_log_probs(warm, base, c.mu, c.alpha, c.scoring_policy, c.floor, direction=c.direction)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):

@@ -23,6 +23,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from svd_lightning.steering import choice_set_nll
+
 TABLE_KEYS = ("question_index", "choice_set", "choice_index", "is_true", "score", "num_chars")
 
 
@@ -154,8 +156,6 @@ def choice_nll_per_question(question_index, choice_set, is_true, score, **_) -> 
     """The multiple-choice loss per question (sorted by question id): ``−log Σ_true softmax(score)``
     of each choice set, summed over the question's sets -- what the ``choice_nll`` strength minimises
     (:func:`svd_lightning.steering.choice_set_nll`). A set without a true choice carries no loss."""
-    from svd_lightning.steering import choice_set_nll
-
     group_ids, group = torch.unique(torch.stack([question_index, choice_set]), dim=1, return_inverse=True)
     nll = choice_set_nll(score.double(), group, is_true.bool(), group_ids.shape[1])
     nll = torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll))

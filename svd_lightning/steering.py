@@ -285,7 +285,9 @@ def compact_label_log_probs(label: torch.Tensor, kept_lse: torch.Tensor, rest_ls
     return torch.where(label_kept, label - kept_lse, torch.full_like(label, fill))
 
 
-POSITION_CHUNK = 64  # positions per full-vocabulary softmax of a strength (cache-sized; measured faster on CPU)
+# Positions per PairedLabels in the calibration pass and in scoring: their [chunk, V] tensors stay in
+# cache (measured on CPU: the log-softmax pair costs 18x less per position at 64 positions than at 2400).
+POSITION_CHUNK = 64
 
 
 class PairedLabels:
@@ -354,12 +356,8 @@ class PairedLabels:
             raise ValueError("PairedLabels.log_probs: the config has no strength (mu is None)")
         mu, delta = config.mu, self.direction(config.direction)
         if config.scoring_policy == "none":  # no mask: every token moves, one softmax per position
-            out = torch.empty(self.labels.shape, dtype=self.warm.dtype, device=self.warm.device)
-            for start in range(0, self.labels.numel(), POSITION_CHUNK):
-                part = slice(start, start + POSITION_CHUNK)
-                shifted = self.warm[part] + mu * delta[part]
-                out[part] = shifted.gather(-1, self.labels[part].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(shifted, -1)
-            return out
+            shifted = self.warm + mu * delta
+            return self._label(shifted) - torch.logsumexp(shifted, -1)
         kept_logit, kept_delta, rest_lse, label_kept, label_logit, label_delta = self._kept_tokens(
             config.direction, config.alpha)
         kept_lse = torch.logsumexp(kept_logit + mu * kept_delta, dim=-1)
