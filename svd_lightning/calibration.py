@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from svd_lightning.config import ForwardMode, SteeringConfig
-from svd_lightning.decoding import paired_label_logits
+from svd_lightning.decoding import distinct_rows, paired_label_logits
 from svd_lightning.progress import track
 from svd_lightning.steering import (
     ChoiceStrengthCache,
@@ -175,7 +175,9 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, device, total: int | None,
                   progress: bool, desc: str):
-    """Per batch ``(batch, warm, base, labels, row)`` at the labelled positions, fp32, in eval mode.
+    """Per batch ``(batch, warm, base, labels, row, same_as)`` at the labelled positions, fp32, in
+    eval mode: the logits are those of the batch's distinct rows (``row`` indexes them, ``same_as``
+    maps each batch row to its distinct row; see :func:`distinct_rows`).
 
     The model is put in eval mode for the pass (dropout off) and restored when the generator ends.
     """
@@ -184,13 +186,14 @@ def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, 
     try:
         for i, batch in enumerate(track(batches, desc, total=total, unit="batch", enabled=progress)):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            distinct, same_as = distinct_rows(batch)
             try:
-                warm, base, labels, row = _question_by_question(model, batch, forward_mode)
+                warm, base, labels, row = _question_by_question(model, distinct, forward_mode)
             except FloatingPointError as err:
                 raise FloatingPointError(f"{err} -- {desc.lower()} batch {i}") from err
             if warm.dtype in (torch.bfloat16, torch.float16):  # autocast: the statistics are fp32
                 warm, base = warm.float(), base.float()
-            yield batch, warm, base, labels, row
+            yield batch, warm, base, labels, row, same_as
     finally:
         model.train(was_training)
 
@@ -341,20 +344,21 @@ def calibrate_pass(
     grids = {name: _GridLosses(mus, _grid_config(config, name)) for name, mus in needs.grids.items()}
     counts = torch.zeros(4, dtype=torch.float64)  # batches, questions without a reference row, choice sets, rows
     start = time.perf_counter()
-    for batch, warm, base, labels, row in _label_logits(model, batches, forward_mode=config.forward_mode,
-                                                        device=device, total=total, progress=progress, desc=desc):
+    for batch, warm, base, labels, row, same_as in _label_logits(model, batches, forward_mode=config.forward_mode,
+                                                                 device=device, total=total, progress=progress,
+                                                                 desc=desc):
         counts[0] += 1
+        n = int(same_as.max()) + 1  # distinct rows: the ones the logits are of
         if tokens is not None:
             ref_rows, missing = reference_rows(batch)
             counts[1] += missing
-            ref = ref_rows[row]  # per label position
+            ref = torch.zeros(n, dtype=torch.bool, device=ref_rows.device).index_fill(0, same_as[ref_rows], True)[row]
         if caches or grids:
             if "question_index" not in batch:
                 raise ValueError(f"{desc}: a solver needs choice batches (question_index, choice_set, is_true), "
                                  "got a teacher-forced batch; see svd_lightning.batch")
             counts[2] += torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1).shape[1]
             counts[3] += batch["input_ids"].shape[0]
-        n = batch["input_ids"].shape[0]
         grid_scores = {name: torch.zeros(len(g.mus), n, dtype=torch.float64) for name, g in grids.items()}
         # POSITION_CHUNK positions at a time (their [chunk, V] tensors stay in cache): per-position
         # work, accumulated in order, so the numbers do not change.
@@ -370,9 +374,9 @@ def calibrate_pass(
             for name, grid in grids.items():
                 grid.row_scores(grid_scores[name], paired, row[part])
         for cache in caches.values():
-            cache.add_rows(*(batch[k] for k in ("question_index", "choice_set", "is_true")))
+            cache.add_rows(*(batch[k] for k in ("question_index", "choice_set", "is_true")), same_as)
         for name, grid in grids.items():
-            grid.add(batch, grid_scores[name])
+            grid.add(batch, grid_scores[name][:, same_as.cpu()])
     seconds = time.perf_counter() - start
     counts = reduce(counts.to(device)).cpu()
     choice_counts = {"choice_sets": float(counts[2]), "choice_rows": float(counts[3])}

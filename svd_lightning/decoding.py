@@ -392,57 +392,71 @@ class SharedPrompts:
         return aligned[select]
 
 
-    def _tree(self, skip: int) -> tuple[torch.Tensor, ...]:
-        """The batch after its first ``skip`` tokens as one sequence: each distinct prompt's rest once,
-        then every row's continuation. ``(ids [S], position [S], allowed [S, S], source [M])``:
-        ``allowed[a, b]`` iff token b is an ancestor of token a (same prompt and earlier, or earlier
-        in the same row's continuation); ``source`` the token whose logits predict each labelled token.
+    def _forest(self, skip: int) -> tuple[torch.Tensor, ...]:
+        """The batch after its first ``skip`` tokens as one tree per distinct prompt, a row each:
+        the prompt's rest, then each of its rows' continuations, right padded.
+        ``(ids [G, T], position [G, T], allowed [G, T, T], tree [M], place [M])``: ``allowed[g, a, b]``
+        iff token b of tree g is an ancestor of its token a (the prompt and earlier, or earlier in the
+        same continuation; a pad sees only itself); labelled token m is predicted at ``place[m]`` of
+        tree ``tree[m]``.
         """
-        if getattr(self, "_tree_skip", None) != skip:
+        if getattr(self, "_forest_skip", None) != skip:
             device = self.ids.device
-            ids, position, group, owner, prompt_last, start = [], [], [], [], [], []
-            for g, (r, p) in enumerate(zip(self.first_row.tolist(), self.p_len.tolist())):
-                ids.append(self.ids[r, skip:p])
-                position.append(torch.arange(skip, p, device=device))
-                group += [g] * (p - skip)
-                owner += [-1] * (p - skip)
-                prompt_last.append(len(owner) - 1)
-            lengths = self.answer_mask.sum(1).tolist()
-            for j, (g, k) in enumerate(zip(self.group.tolist(), lengths)):
-                start.append(len(owner))
-                ids.append(self.answer_ids[j, :k])
-                position.append(self.answer_positions[j, :k])
-                group += [g] * k
-                owner += [j] * k
-            position = torch.cat(position)
-            group, owner = torch.tensor(group, device=device), torch.tensor(owner, device=device)
-            allowed = ((group.unsqueeze(1) == group.unsqueeze(0)) & (position.unsqueeze(0) <= position.unsqueeze(1))
-                       & ((owner.unsqueeze(0) == -1) | (owner.unsqueeze(0) == owner.unsqueeze(1))))
+            trees = [{"ids": [self.ids[r, skip:p]], "position": [torch.arange(skip, p, device=device)],
+                      "owner": [-1] * (p - skip)} for r, p in zip(self.first_row.tolist(), self.p_len.tolist())]
+            prompt_last = (self.p_len - skip - 1).tolist()
+            start = []  # each row's first continuation token's place in its tree
+            for j, (g, k) in enumerate(zip(self.group.tolist(), self.answer_mask.sum(1).tolist())):
+                grown = trees[g]
+                start.append(len(grown["owner"]))
+                grown["ids"].append(self.answer_ids[j, :k])
+                grown["position"].append(self.answer_positions[j, :k])
+                grown["owner"] += [j] * k
+            T = max(len(t["owner"]) for t in trees)
+            ids = torch.full((len(trees), T), self.pad_id, dtype=self.ids.dtype, device=device)
+            position = torch.zeros((len(trees), T), dtype=torch.long, device=device)
+            owner = torch.full((len(trees), T), -2, dtype=torch.long, device=device)  # -2: padding
+            for g, grown in enumerate(trees):
+                n = len(grown["owner"])
+                ids[g, :n], position[g, :n] = torch.cat(grown["ids"]), torch.cat(grown["position"])
+                owner[g, :n] = torch.tensor(grown["owner"], device=device)
+            query, seen = owner.unsqueeze(2), owner.unsqueeze(1)  # [G, T, 1], [G, 1, T]
+            allowed = ((position.unsqueeze(1) <= position.unsqueeze(2)) & (seen != -2)
+                       & ((seen == -1) | (seen == query)))
+            allowed |= torch.eye(T, dtype=torch.bool, device=device) & (query == -2)
             rows, steps = self.select.nonzero(as_tuple=True)  # labelled tokens in row-major order, as the full batch's
-            first = torch.tensor(prompt_last, device=device)[self.group[rows]]  # a row's first token: its prompt's last
-            source = torch.where(steps == 0, first, torch.tensor(start, device=device)[rows] + steps - 1)
-            self._tree_layout, self._tree_skip = (torch.cat(ids), position, allowed, source), skip
-        return self._tree_layout
+            tree = self.group[rows]
+            first = torch.tensor(prompt_last, device=device)[tree]  # a row's first token: its prompt's last
+            place = torch.where(steps == 0, first, torch.tensor(start, device=device)[rows] + steps - 1)
+            self._forest_layout, self._forest_skip = (ids, position, allowed, tree, place), skip
+        return self._forest_layout
 
     def _tree_label_logits(self, model, prefix: "SplitPrefix | None", role: Role) -> torch.Tensor:
-        """One forward over the whole batch laid out as a tree (:meth:`_tree`): every prompt token
-        and every continuation token once, attending to its own ancestors at its full-row position
+        """One forward over the batch laid out as trees (:meth:`_forest`): every prompt token and
+        every continuation token once, attending to its own ancestors at its full-row position
         (a 4D mask), after the split's cached prefix when there is one. The same logits as one row
-        per choice, without re-encoding a prompt per row, padding, or per-row key/value copies."""
+        per choice, without re-encoding a prompt per row or per-row key/value copies."""
         skip = len(prefix) if prefix is not None else 0
-        ids, position, allowed, source = self._tree(skip)
-        rows = 2 if role == "paired" else 1
+        ids, position, allowed, tree, place = self._forest(skip)
+        G, paired = ids.shape[0], role == "paired"
         mask = allowed
         if prefix is not None:
-            mask = torch.cat([allowed.new_ones(allowed.shape[0], skip), allowed], dim=1)
-        mask = mask.expand(rows, 1, -1, -1)
+            mask = torch.cat([allowed.new_ones(G, allowed.shape[1], skip), allowed], dim=2)
+        extra = {}
+        if paired:  # warm trees, then the same trees as base rows
+            extra["adapter_names"] = _adapter_rows(model, G)
+            ids, position, mask = _twice(ids), _twice(position), _twice(mask)
+        mask = mask.unsqueeze(1)
         if _custom_masks(model) == "eager":  # additive: 0 where attended, the dtype's minimum elsewhere
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        extra = {"adapter_names": _adapter_rows(model, 1)} if role == "paired" else {}
-        past = prefix.cache(torch.arange(rows, device=ids.device)) if prefix is not None else None
-        logits = model(input_ids=ids.expand(rows, -1), attention_mask=mask, position_ids=position.expand(rows, -1),
-                       past_key_values=past, use_cache=past is not None, **extra).logits
-        return logits[:, source].flatten(0, 1)  # paired: the warm rows' tokens, then the base rows'
+        past = None
+        if prefix is not None:
+            past = prefix.cache(torch.arange(ids.shape[0], device=ids.device) // G if paired else tree.new_zeros(G))
+        keep, column = torch.unique(place, return_inverse=True)  # the LM head only where a label is predicted
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=past,
+                       use_cache=past is not None, logits_to_keep=keep, **extra).logits
+        warm = logits[tree, column]
+        return torch.cat([warm, logits[tree + G, column]]) if paired else warm  # warm tokens, then base
 
 
 def _custom_masks(model) -> str | None:
@@ -518,6 +532,24 @@ def _sharing(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
     return prefix if prefix.usable else None
 
 
+def distinct_rows(batch: dict) -> tuple[dict, torch.Tensor]:
+    """``(distinct, same_as)``: the batch's distinct rows (tokens, mask and labels alike) in order of
+    first appearance, and for each row the index of its distinct row. A repeated row scores exactly
+    as its first copy, so it is encoded and scored once (TruthfulQA's MC1 choices recur in MC2:
+    ~40 % of its rows). Per-row values of ``distinct`` are the batch's after ``[same_as]``.
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    n, seen = ids.shape[0], {}
+    keys = zip(ids.tolist(), mask.tolist(), labels.tolist())
+    same_as = torch.tensor([seen.setdefault((tuple(a), tuple(b), tuple(c)), len(seen)) for a, b, c in keys],
+                           device=ids.device)
+    if len(seen) == n:
+        return batch, same_as
+    first = torch.full((len(seen),), n, device=ids.device).scatter_reduce(0, same_as, torch.arange(n, device=ids.device), "amin")
+    return {k: v[first] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in batch.items()}, same_as
+
+
 @torch.no_grad()
 @leaves_no_hooks
 def paired_label_logits(
@@ -588,13 +620,14 @@ def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringCon
     """
     if not with_base and variants:
         raise ValueError("steered variants need the pre-trained logits (with_base=True)")
+    batch, same_as = distinct_rows(batch)
     warm, base, y, row = paired_label_logits(model, batch, share_prompts, with_base=with_base, forward_mode=forward_mode)
     n = batch["input_ids"].shape[0]
     per_row = lambda t: _per_row(t.float(), row, n)  # noqa: E731
     out = {"num_tokens": _per_row(torch.ones_like(y, dtype=torch.float32), row, n)}
     if not with_base:
         out["plain"] = per_row(log_probs(warm).gather(-1, y.unsqueeze(-1)).squeeze(-1))
-        return out
+        return {k: v[same_as] for k, v in out.items()}
     sums = {name: torch.zeros(n, dtype=torch.float32, device=y.device) for name in ("plain", "base", *variants)}
     for start in range(0, y.numel(), POSITION_CHUNK):  # [chunk, V] tensors stay in cache (measured on CPU)
         part = slice(start, start + POSITION_CHUNK)
@@ -604,6 +637,7 @@ def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringCon
         for name, config in variants.items():
             sums[name].index_add_(0, rows, paired.log_probs(config).float())
     out.update(sums)
+    out = {k: v[same_as] for k, v in out.items()}
     bad = [k for k, v in out.items() if torch.isnan(v).any()]
     if bad:
         settings = "; ".join(f"{k}: mu={variants[k].mu!r}, alpha={variants[k].alpha!r}" for k in bad if k in variants)

@@ -631,7 +631,8 @@ class ChoiceStrengthCache:
     floor: float = -20.0
     tokens: ExactStrengthCache = field(default_factory=ExactStrengthCache)
     label_kept: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    token_row: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    token_row: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # token -> scored row
+    row_scored: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # row -> scored row
     row_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     row_true: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     groups: dict = field(default_factory=dict)  # (question_index, choice_set) -> group id
@@ -640,17 +641,21 @@ class ChoiceStrengthCache:
         if self.policy not in ("mask_generation_only", "none", "floor", "mask"):
             raise ValueError(f"unknown scoring policy {self.policy!r}")
 
+    scored_rows: int = 0  # rows whose tokens are cached (a repeated row reads its first copy's)
+
     @property
     def rows(self) -> int:
         return int(self.row_group.numel())
 
     def update(self, warm_logits: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor,
                row: torch.Tensor, question_index: torch.Tensor, choice_set: torch.Tensor,
-               is_true: torch.Tensor) -> "ChoiceStrengthCache":
+               is_true: torch.Tensor, same_as: torch.Tensor | None = None) -> "ChoiceStrengthCache":
         """Add one choice batch: label positions ``[M, V]`` / ``[M]`` (as :func:`paired_label_logits`
-        returns them, ``row`` = their batch row) and the batch's per-row ``[N]`` question ids."""
+        returns them, ``row`` = their batch row) and the batch's per-row ``[N]`` question ids;
+        ``same_as`` as :func:`svd_lightning.decoding.distinct_rows` gives it, when the tokens are
+        those of the batch's distinct rows."""
         self.add_tokens(warm_logits, delta, keep, labels, row)
-        return self.add_rows(question_index, choice_set, is_true)
+        return self.add_rows(question_index, choice_set, is_true, same_as)
 
     def add_tokens(self, warm_logits: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor,
                    row: torch.Tensor) -> "ChoiceStrengthCache":
@@ -659,15 +664,19 @@ class ChoiceStrengthCache:
             raise ValueError("ChoiceStrengthCache.update takes label positions only (no -100 labels)")
         self.tokens.update(warm_logits, delta, keep, labels)
         self.label_kept = torch.cat([self.label_kept, keep.gather(-1, labels.unsqueeze(-1)).squeeze(-1).cpu()])
-        self.token_row = torch.cat([self.token_row, row.cpu() + self.rows])
+        self.token_row = torch.cat([self.token_row, row.cpu() + self.scored_rows])
         return self
 
-    def add_rows(self, question_index: torch.Tensor, choice_set: torch.Tensor, is_true: torch.Tensor) -> "ChoiceStrengthCache":
-        """The batch's rows, after all of its tokens (:meth:`add_tokens`)."""
+    def add_rows(self, question_index: torch.Tensor, choice_set: torch.Tensor, is_true: torch.Tensor,
+                 same_as: torch.Tensor | None = None) -> "ChoiceStrengthCache":
+        """The batch's rows, after all of its tokens (:meth:`add_tokens`); ``same_as``: see :meth:`update`."""
         keys = zip(question_index.tolist(), choice_set.tolist())
         ids = [self.groups.setdefault(k, len(self.groups)) for k in keys]
+        same_as = torch.arange(len(ids)) if same_as is None else same_as.cpu()
         self.row_group = torch.cat([self.row_group, torch.tensor(ids, dtype=torch.long)])
         self.row_true = torch.cat([self.row_true, is_true.bool().cpu()])
+        self.row_scored = torch.cat([self.row_scored, same_as + self.scored_rows])
+        self.scored_rows += int(same_as.max()) + 1 if same_as.numel() else 0
         return self
 
     def row_scores(self, mu: float) -> torch.Tensor:
@@ -676,7 +685,7 @@ class ChoiceStrengthCache:
         kept_lse = _segment_logsumexp(t.kept_logit + mu * t.kept_delta, t.segment, t.count)
         token = compact_label_log_probs(t.label_logit + mu * t.label_delta, kept_lse, t.rest_lse, self.label_kept,
                                         self.policy, self.floor)
-        return torch.zeros(self.rows, dtype=torch.float64).index_add(0, self.token_row, token)
+        return torch.zeros(self.scored_rows, dtype=torch.float64).index_add(0, self.token_row, token)[self.row_scored]
 
     def losses(self, mus) -> torch.Tensor:
         """This cache's summed choice-set NLL at every μ of ``mus`` (``[K]`` float64: all-reducible)."""

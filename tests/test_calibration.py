@@ -171,3 +171,32 @@ def test_choice_grid_calibration_is_the_scored_choice_loss_at_every_grid_point(t
     torch.testing.assert_close(parts[0] + parts[1], got.losses)
 
 
+
+
+def test_a_pass_over_repeated_rows_gives_the_numbers_of_scoring_each_row(tokenizer, model64, monkeypatch):
+    """TruthfulQA's MC1 choices recur in MC2: each distinct row is encoded and scored once, and μ̄'s
+    statistics, the choice_nll cache and the γ grid are those of scoring every row (float64)."""
+    from svd_lightning import calibration
+    from svd_lightning.batch import ChoiceExample, collate_choices
+
+    repeats = [ChoiceExample(ex.prompt, [*ex.choices, *ex.choices], [*ex.is_true, *ex.is_true], ex.index,
+                             choice_sets=[0] * len(ex.choices) + [1] * len(ex.choices), answer=ex.choices[0])
+               for ex in CHOICE_EXAMPLES]
+    tok = Tokenized(tokenizer, 64)
+    batches = [collate_choices(repeats[i : i + 2], tok) for i in (0, 2)]
+    assert all(calibration.distinct_rows(b)[0]["input_ids"].shape[0] < b["input_ids"].shape[0] for b in batches)
+    config = SteeringConfig(alpha=0.1)
+    needs = CalibrationNeeds(tokens=True, choice_cache=True, grids={"contrastive": GAMMA_GRID})
+    once = calibrate_pass(model64, batches, config, needs, progress=False)
+    monkeypatch.setattr(calibration, "distinct_rows", lambda b: (b, torch.arange(b["input_ids"].shape[0])))
+    every = calibrate_pass(model64, batches, config, needs, progress=False)
+    assert once.missing_references == every.missing_references == 0
+    a, b = once.tokens["alpha"], every.tokens["alpha"]
+    for k, v in b.stats.summary(0.1).items():
+        assert a.stats.summary(0.1)[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    assert a.diagnostics == pytest.approx(b.diagnostics, rel=1e-12)
+    mus = [-3.0, 0.0, 0.7, 4.0]
+    assert once.choices.cache.rows == every.choices.cache.rows
+    torch.testing.assert_close(once.choices.cache.losses(mus), every.choices.cache.losses(mus), rtol=1e-10, atol=1e-10)
+    assert once.choices.cache.usable_groups() == every.choices.cache.usable_groups()
+    torch.testing.assert_close(once.grids["contrastive"].losses, every.grids["contrastive"].losses, rtol=1e-10, atol=1e-10)

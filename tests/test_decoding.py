@@ -267,3 +267,33 @@ def test_teacher_forced_batches_share_the_split_prefix_and_prompts_without_one_c
         warm, _, _, _ = paired_label_logits(model64, batch)
         torch.testing.assert_close(warm, _full_pass(model64, batch)[0], rtol=0, atol=1e-10)
     assert not _PREFIXES[model64].entries
+
+
+# -- repeated rows (TruthfulQA's MC1 choices recur in MC2) are encoded and scored once ----------------------
+
+def _repeating_batch(tokenizer):
+    from conftest import CHOICE_EXAMPLES
+
+    repeats = [ChoiceExample(ex.prompt, [*ex.choices, *ex.choices], [*ex.is_true, *ex.is_true], ex.index,
+                             choice_sets=[0] * len(ex.choices) + [1] * len(ex.choices)) for ex in CHOICE_EXAMPLES[:3]]
+    return collate_choices(repeats, Tokenized(tokenizer, 64))
+
+
+def test_repeated_rows_are_scored_once_with_every_rows_scores(tokenizer, model64, monkeypatch):
+    from svd_lightning import decoding
+    from svd_lightning.decoding import distinct_rows, score_choices
+
+    batch = _repeating_batch(tokenizer)
+    distinct, same_as = distinct_rows(batch)
+    n = batch["input_ids"].shape[0]
+    assert distinct["input_ids"].shape[0] < n and same_as.unique().numel() == distinct["input_ids"].shape[0]
+    torch.testing.assert_close(distinct["input_ids"][same_as], batch["input_ids"], rtol=0, atol=0)
+    config = SteeringConfig(mu=-1.5, gamma=2.0, alpha=0.2)
+    once = score_choices(model64, batch, config)
+    monkeypatch.setattr(decoding, "distinct_rows", lambda b: (b, torch.arange(b["input_ids"].shape[0])))
+    every = score_choices(model64, batch, config)  # each row encoded and scored on its own
+    assert set(once) == set(every) == {"plain", "base", "steered", "contrastive", "num_tokens"}
+    for k in every:
+        torch.testing.assert_close(once[k], every[k], rtol=0, atol=1e-10)
+    unique = {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.ones(1, 2), "labels": torch.tensor([[-100, 2]])}
+    assert distinct_rows(unique)[0] is unique  # nothing repeated: the batch itself

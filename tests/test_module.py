@@ -214,3 +214,23 @@ def test_run_dir_can_be_recalibrated_with_another_strength_option(tmp_path):
     dm = tiny_datamodule(data, limit_train=8, limit_calib=4, limit_test=3)
     tiny_trainer(tmp_path, [StrengthSolver("trimmed", "fisher")]).validate(module, dm)
     assert module.mu == pytest.approx(saved["aggregates"]["trimmed_fisher"], rel=1e-9)
+
+
+def test_scoring_runs_in_fp32_under_a_bf16_warm_start():
+    """Steered scores add μ·δ with a large μ̄: bf16 logits' rounding would move them by nats, so scoring
+    leaves autocast off (the same scores inside a bf16 autocast region as outside it)."""
+    from conftest import CHOICE_EXAMPLES, Tokenized, collate_choices, perturbed_lora
+    from svd_lightning.tiny import tiny_model_and_tokenizer
+
+    module = SteeringLM(model="tiny-random", adapter="lora")
+    module.model = perturbed_lora()
+    module.set_strength(-40.0)
+    module.model.eval()
+    batch = collate_choices(CHOICE_EXAMPLES, Tokenized(tiny_model_and_tokenizer(0)[1], 64))
+    plain = module.score_batch(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = module.score_batch(batch)
+        bf16 = module.model(input_ids=batch["input_ids"]).logits
+    assert bf16.dtype == torch.bfloat16  # the region does autocast the model
+    for k in plain:
+        torch.testing.assert_close(inside[k], plain[k], rtol=0, atol=0)
