@@ -346,7 +346,7 @@ def calibrate_pass(
     caches = {name: ChoiceStrengthCache(c.scoring_policy, c.floor) for name, c in cache_configs.items()}
     grids = {name: _GridLosses(mus, _grid_config(config, name)) for name, mus in needs.grids.items()}
     counts = torch.zeros(4, dtype=torch.float64)  # batches, questions without a reference row, choice sets, rows
-    start = time.perf_counter()
+    began = time.perf_counter()
     for batch, same_as, parts in _label_logits(model, batches, forward_mode=config.forward_mode, device=device,
                                                total=total, progress=progress, desc=desc):
         counts[0] += 1
@@ -366,8 +366,8 @@ def calibrate_pass(
         # work, accumulated in order, so the numbers do not change.
         for warm, base, labels, row in parts:
             ref = ref_distinct[row] if tokens is not None else None  # per label position
-            for start in range(0, labels.numel(), POSITION_CHUNK):
-                part = slice(start, start + POSITION_CHUNK)
+            for first in range(0, labels.numel(), POSITION_CHUNK):
+                part = slice(first, first + POSITION_CHUNK)
                 paired = PairedLabels(warm[part], base[part], labels[part])  # one pair of log-softmaxes for all
                 if tokens is not None and bool(ref[part].any()):
                     tokens.update(paired, ref[part])
@@ -381,7 +381,7 @@ def calibrate_pass(
             cache.add_rows(*(batch[k] for k in ("question_index", "choice_set", "is_true")), same_as)
         for name, grid in grids.items():
             grid.add(batch, grid_scores[name][:, same_as.cpu()])
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     counts = reduce(counts.to(device)).cpu()
     choice_counts = {"choice_sets": float(counts[2]), "choice_rows": float(counts[3])}
     choice_results = {}

@@ -200,3 +200,12 @@ def test_a_pass_over_repeated_rows_gives_the_numbers_of_scoring_each_row(tokeniz
     torch.testing.assert_close(once.choices.cache.losses(mus), every.choices.cache.losses(mus), rtol=1e-10, atol=1e-10)
     assert once.choices.cache.usable_groups() == every.choices.cache.usable_groups()
     torch.testing.assert_close(once.grids["contrastive"].losses, every.grids["contrastive"].losses, rtol=1e-10, atol=1e-10)
+
+
+def test_the_pass_reports_its_own_duration(tokenizer, model64):
+    import time
+
+    began = time.perf_counter()
+    one = calibrate_pass(model64, choice_batches(tokenizer), SteeringConfig(), progress=False)
+    assert 0 < one.seconds <= time.perf_counter() - began
+    assert 0 < one.tokens["alpha"].seconds <= one.seconds
