@@ -153,7 +153,8 @@ def run(args) -> dict:
     def train_epoch():
         model.train()
         for b in train_batches:
-            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            with autocast(device, precision):  # the warm start's precision; scoring is fp32, as the CLI scores
+                loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -170,16 +171,15 @@ def run(args) -> dict:
         jobs.update({(f"calibration_b{bs}", v): (lambda v=v, bs=bs: calibration(v, bs)) for v in PATHS})
 
     model.eval()
-    with autocast(device, precision):
-        for key, fn in jobs.items():  # warm-up: first calls allocate caches and pick kernels
-            if key[0] not in ("warm_start",):
-                print(f"warm-up {key[0]} {key[1]}: {timed(device, fn)[0]:.2f} s", flush=True)
-        samples = {key: [] for key in jobs}
-        for r in range(args.repeats):
-            for key, fn in jobs.items():
-                samples[key].append(timed(device, fn))
-            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k[0]}/{k[1]} {v[-1][0]:.2f}s" for k, v in samples.items()),
-                  flush=True)
+    for key, fn in jobs.items():  # warm-up: first calls allocate caches and pick kernels
+        if key[0] not in ("warm_start",):
+            print(f"warm-up {key[0]} {key[1]}: {timed(device, fn)[0]:.2f} s", flush=True)
+    samples = {key: [] for key in jobs}
+    for r in range(args.repeats):
+        for key, fn in jobs.items():
+            samples[key].append(timed(device, fn))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k[0]}/{k[1]} {v[-1][0]:.2f}s" for k, v in samples.items()),
+              flush=True)
     return summarise(args, samples, device, precision, why, dm)
 
 

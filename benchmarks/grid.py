@@ -255,17 +255,17 @@ def variant_configs(mus: dict[str, dict[str, float]]) -> dict[str, SteeringConfi
 
 
 @torch.no_grad()
-def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, autocast, desc: str
+def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, desc: str
                 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
     """variant -> metric -> per-question values, and the question ids (file rows) in that order.
 
     ``configs`` None: the plain adapter alone (the "+1 epoch" baseline needs no pre-trained pass).
+    fp32 whatever the warm start's precision, as the CLI scores (``SteeringLM.score_batch``).
     """
     table = {k: [] for k in ("question_index", "choice_set", "choice_index", "is_true", "num_chars")}
     scores: dict[str, list] = {}
     for batch in track(loader, desc, unit="batch"):
-        with autocast():
-            rows = score_choice_variants(model, batch, configs or {}, with_base=configs is not None)
+        rows = score_choice_variants(model, batch, configs or {}, with_base=configs is not None)
         rows.pop("num_tokens")
         for name, row_scores in rows.items():
             if not torch.isfinite(row_scores).all():
@@ -298,22 +298,20 @@ class EpochProbe(L.Callback):
         model = pl_module.model
         was_training = model.training
         model.eval()
-        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cell["precision"] == BF16)  # noqa: E731
         t0 = time.perf_counter()
         if epoch == self.plus_one:
             mus, diag, configs, calib_configs = None, None, None, None
         else:
-            with autocast():
-                result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(),
-                                        desc="Calibration (every variant)")
+            result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(),
+                                    desc="Calibration (every variant)")
             mus, diag = strengths(result)
             configs = variant_configs(mus)
             # choice_nll variants are scored on test only: their μ is fit to the calib questions' loss
             calib_configs = {name: c for name, c in configs.items() if "choice_nll" not in name}
         t1 = time.perf_counter()
-        calib, calib_ids = score_split(model, dm.val_dataloader(), task, calib_configs, autocast, "Scoring calib")
+        calib, calib_ids = score_split(model, dm.val_dataloader(), task, calib_configs, "Scoring calib")
         t2 = time.perf_counter()
-        test, test_ids = score_split(model, dm.test_dataloader(), task, configs, autocast, "Scoring test")
+        test, test_ids = score_split(model, dm.test_dataloader(), task, configs, "Scoring test")
         t3 = time.perf_counter()
         model.train(was_training)
         split = split_record(dm)
@@ -456,7 +454,8 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, help="questions per split (smoke tests)")
     ap.add_argument("--epochs", type=int, nargs="+", help="evaluate only these epochs of each cell (a scoped run)")
     ap.add_argument("--precision", choices=["32-true", BF16],
-                    help="default: bf16-mixed where the CPU has native bf16, else 32-true (set it to reproduce a cell)")
+                    help="the warm start's (calibration and scoring are fp32 either way); default: bf16-mixed "
+                         "where the CPU has native bf16, else 32-true (set it to reproduce a cell)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,13 @@ _EXPORTS = {
     "RunError": "svd_lightning.run",
     "load_run": "svd_lightning.run",
     "write_run": "svd_lightning.run",
+    "model_card": "svd_lightning.card",
     # decoding and calibration as plain functions
     "score_choices": "svd_lightning.decoding",
     "steered_generate": "svd_lightning.decoding",
     "generate_answers": "svd_lightning.decoding",
     "SteeringLogitsProcessor": "svd_lightning.decoding",
+    "steering_decoding_loop": "svd_lightning.decoding",
     "paired_label_logits": "svd_lightning.decoding",
     "calibrate": "svd_lightning.calibration",
     "calibrate_pass": "svd_lightning.calibration",

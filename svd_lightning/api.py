@@ -2,24 +2,38 @@
 
     from svd_lightning import SteeredModel
 
-    sm = SteeredModel.from_run_dir("runs/truthfulqa-lora/version_0")
+    sm = SteeredModel.from_pretrained("runs/truthfulqa-lora/version_0")   # a run directory or a Hub repo id
     sm.score("Q: What is the capital of France?\\nA:", [" Paris.", " Lyon."])
     # {'plain': [...], 'base': [...], 'steered': [...]}   summed log-likelihood of each choice
     sm.generate(["Q: What happens if you crack your knuckles a lot?\\nA:"], max_new_tokens=32)
+    sm.save_pretrained("my-run")       # adapter/ + steering.json + README.md (the model card)
+    sm.push_to_hub("me/my-run")        # the same files, as a Hub model repo
+
+In plain ``transformers`` code, on the run's model (``sm.model``):
+``model.generate(**enc, custom_generate=sm.custom_generate)`` or
+``model.generate(**enc, logits_processor=[sm.logits_processor(enc["attention_mask"])])``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import ConfigError, Method, SteeringConfig
-from svd_lightning.decoding import MODES, generate_answers, score_choices
-from svd_lightning.run import load_run
+from svd_lightning.decoding import (MODES, SteeringLogitsProcessor, generate_answers, score_choices,
+                                    steering_decoding_loop)
+from svd_lightning.run import METRICS_FILE, RunError, RunWriter, SteeringRun, load_run
+
+# SteeredModel.generate's own options (decoding.decoding_kwargs); any other keyword goes to generate.
+_MODE_OPTIONS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
@@ -37,6 +51,7 @@ class SteeredModel:
     config: SteeringConfig
     max_length: int = 512
     run_dir: str | None = None
+    run: SteeringRun | None = None  # the record it was loaded from (save_pretrained keeps its provenance)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SteeringConfig):
@@ -47,14 +62,107 @@ class SteeredModel:
         self.model.eval()
 
     @classmethod
-    def from_run_dir(cls, path: str | os.PathLike, *, device: str | torch.device | None = None, **overrides) -> "SteeredModel":
+    def from_run_dir(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
+                     dtype: torch.dtype | str | None = None, **overrides) -> "SteeredModel":
         """Load ``path``'s base model + adapter + settings; ``overrides`` replace settings (e.g. ``mu=0.0``,
-        ``forward_mode="two_pass"``), checked by :meth:`SteeringConfig.replace`."""
+        ``forward_mode="two_pass"``), checked by :meth:`SteeringConfig.replace`.
+
+        ``dtype`` (default float32): the weights' dtype. float32 is the rule of ``svd-lightning``'s
+        own scoring whatever the warm start's precision: a steered distribution adds μ̄·δ, δ the
+        difference of two almost equal distributions, and bf16 logits' rounding moves it by nats
+        at the μ̄ this method solves. Pass ``dtype="bfloat16"`` to trade that for speed and memory.
+        """
         model, tokenizer, run = load_run(path)
         config = run.steering.replace(**overrides)
+        if dtype is not None:
+            if isinstance(dtype, str) and dtype not in _DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+            model = model.to(_DTYPES.get(dtype, dtype))
         if device is not None:
             model = model.to(device)
-        return cls(model, tokenizer, config, run_dir=str(path))
+        return cls(model, tokenizer, config, run_dir=str(path), run=run)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                        **overrides) -> "SteeredModel":
+        """A run from a local directory or a Hugging Face Hub model repo (``"user/run"``, at ``revision``).
+
+        Hub repos are fetched with ``huggingface_hub.snapshot_download`` into its cache; with
+        ``HF_HUB_OFFLINE=1`` the cached snapshot is used and nothing is downloaded. The run's base
+        model is loaded as its ``steering.json`` names it. ``device``, ``dtype``, ``overrides``: see
+        :meth:`from_run_dir`.
+        """
+        local = os.path.expanduser(os.fspath(name_or_path))
+        if not os.path.isdir(local):
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+            try:
+                local = snapshot_download(repo_id=os.fspath(name_or_path), revision=revision)
+            except HFValidationError as err:
+                raise RunError(f"{name_or_path!r} is neither a run directory nor a Hub repo id ({err})") from None
+            except LocalEntryNotFoundError as err:
+                raise RunError(f"Hub repo {name_or_path!r}{f' at {revision}' if revision else ''} is not in the local "
+                               f"cache and cannot be fetched here (offline or unreachable): {err}") from None
+        elif revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repos; {name_or_path} is a local directory")
+        return cls.from_run_dir(local, device=device, dtype=dtype, **overrides)
+
+    def steering_run(self) -> SteeringRun:
+        """The run record of this model with its current settings (provenance kept from the loaded run)."""
+        if self.run is not None:
+            return dataclasses.replace(self.run, steering=self.config)
+        from svd_lightning.run import _PEFT_TYPES
+
+        peft_config = getattr(self.model, "peft_config", {}).get(getattr(self.model, "active_adapter", None))
+        if peft_config is None:
+            raise RunError("save_pretrained needs a peft model (SteeredModel.model has no active peft adapter)")
+        peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+        return SteeringRun(model=str(peft_config.base_model_name_or_path), steering=self.config,
+                           adapter=_PEFT_TYPES.get(peft_type, peft_type.lower()))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write this model as a run: ``adapter/`` (peft's format), ``steering.json`` and ``README.md``
+        (the model card, with the source run's results when it had a ``metrics.json``).
+
+        Written whole or not at all, like every run; an existing directory is never written into
+        (the next free name is used, and said). Returns the directory written."""
+        writer = RunWriter(save_directory)
+        writer.write_run(self.model, self.steering_run(), self.tokenizer)
+        source = Path(self.run_dir) / METRICS_FILE if self.run_dir else None
+        if source is not None and source.is_file():
+            writer.write_text(METRICS_FILE, source.read_text(encoding="utf-8"))
+        return writer.commit()
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload SVDecode run") -> str:
+        """:meth:`save_pretrained` into a temporary directory, then upload it as the model repo
+        ``repo_id`` (created if needed) with ``huggingface_hub``; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "run")
+            card = (folder / "README.md").read_text(encoding="utf-8")
+            (folder / "README.md").write_text(card.replace("path/to/this/run", repo_id), encoding="utf-8")
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message))
+
+    # -- steering from plain transformers -------------------------------------------------------------
+    def logits_processor(self, attention_mask: torch.Tensor | None = None, method: Method = "svdecode"):
+        """A ``LogitsProcessor`` for your own ``generate`` call on :attr:`model`: SVDecode's steered
+        log-probs from the adapter's scores and a pre-trained pass it runs alongside (two-pass path).
+
+        Give the prompts' ``attention_mask`` (left-padded batches); make a new one per call."""
+        return SteeringLogitsProcessor(self.model, self.config.method(method), attention_mask=attention_mask)
+
+    @property
+    def custom_generate(self):
+        """A callable for ``model.generate(..., custom_generate=...)`` on :attr:`model`: generate's
+        own decoding loop (greedy, sampling, beam search) with SVDecode's processor in it. Every
+        generate option applies on top of the steered distribution."""
+        return steering_decoding_loop(self.model, self.config)
 
     @property
     def device(self) -> torch.device:
@@ -102,15 +210,18 @@ class SteeredModel:
         or contrastive with the run's γ).
 
         ``with_plain=True`` returns dicts ``{prompt, plain, steered, mu, mode}`` with the warm model's
-        answer under the same decoding settings. Keyword options: ``max_new_tokens``, ``num_beams``,
-        ``temperature``, ``top_k``, ``top_p``.
+        answer under the same decoding settings. ``max_new_tokens``, ``num_beams``, ``temperature``,
+        ``top_k``, ``top_p`` are checked against ``mode``; every other keyword (``repetition_penalty``,
+        ``eos_token_id``, ``no_repeat_ngram_size``, ``streamer`` = a ``TextIteratorStreamer`` …) goes
+        to transformers' ``generate``, which checks it. A streamer streams the steered answer of one prompt.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         single = isinstance(prompts, str)  # decoding.check_prompts checks the rest
+        options = {k: generation_kwargs.pop(k) for k in _MODE_OPTIONS if k in generation_kwargs}
         rows = generate_answers(self.model, self.tokenizer, [prompts] if single else prompts,
                                 self.config.method(method), mode, batch_size=batch_size, seed=seed, progress=False,
-                                with_plain=with_plain, **generation_kwargs)
+                                with_plain=with_plain, generation=generation_kwargs, **options)
         out = rows if with_plain else [r["steered"] for r in rows]
         return out[0] if single else out
 

@@ -32,6 +32,7 @@ from transformers.generation import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.config import FORWARD_MODES, ConfigError, ForwardMode, SteeringConfig
@@ -799,6 +800,52 @@ def _first_half(out):
     return type(out)(**halved)
 
 
+class _WarmRowsStreamer(BaseStreamer):
+    """Hands a streamer only the warm rows of the one-forward batch ``[warm; base]``."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+
+    def put(self, value):
+        self.streamer.put(value[: value.shape[0] // 2])
+
+    def end(self):
+        self.streamer.end()
+
+
+def _runs_last(processor) -> bool:
+    """The processors ``generate`` appends after the user's: sampling warpers, watermarks, renormalisation."""
+    name = type(processor).__name__
+    return name.endswith("LogitsWarper") or "Watermark" in name or name == "LogitNormalization"
+
+
+def steering_decoding_loop(steered_model, config: SteeringConfig):
+    """A ``custom_generate`` callable for transformers' ``generate``: its usual decoding loop
+    (greedy, sampling or beam search) with SVDecode's two-pass processor put where a user's
+    ``logits_processor`` goes (after ``generate``'s own, before the sampling warpers), so every
+    option of ``generate`` applies on top of the steered distribution. ``steered_model`` is the
+    peft model whose adapter is switched off for the pre-trained pass; ``generate`` must be called
+    on it (or on its inner model)."""
+    config = _generation_config(config)
+
+    def custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                        synced_gpus: bool = False, streamer=None, **model_kwargs):
+        if not any(model is m for m in steered_model.modules()):
+            raise ValueError(f"custom_generate steers {type(steered_model).__name__}'s own adapter: call generate on "
+                             f"that model, not on another {type(model).__name__}")
+        processor = SteeringLogitsProcessor(steered_model, config, attention_mask=model_kwargs.get("attention_mask"))
+        processors = list(logits_processor)
+        at = next((i for i, p in enumerate(processors) if _runs_last(p)), len(processors))
+        processors.insert(at, processor)
+        options = dict(logits_processor=LogitsProcessorList(processors), stopping_criteria=stopping_criteria,
+                       generation_config=generation_config, synced_gpus=synced_gpus, **model_kwargs)
+        if (generation_config.num_beams or 1) > 1:
+            return type(model)._beam_search(model, input_ids, **options)
+        return type(model)._sample(model, input_ids, streamer=streamer, **options)
+
+    return custom_generate
+
+
 @leaves_no_hooks
 def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SteeringConfig,
                      **generate_kwargs):
@@ -822,6 +869,8 @@ def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               logits_processor=LogitsProcessorList([processor, *extra]), **generate_kwargs)
     kwargs = dict(generate_kwargs, num_beams=beams)  # peft repeats adapter_names per beam only when told
+    if kwargs.get("streamer") is not None:
+        kwargs["streamer"] = _WarmRowsStreamer(kwargs["streamer"])
     processors: list = [PairedSteeringLogitsProcessor(config, then=extra)]
     if sample:
         # generate would repeat rows for num_return_sequences but not peft's adapter_names: repeat first.
@@ -886,16 +935,24 @@ def check_prompts(prompts, tokenizer) -> list[str]:
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], config: SteeringConfig, mode: str = "greedy", *,
                      batch_size: int = 8, seed: int = 0, progress: bool = True, with_plain: bool = True,
-                     **kw) -> list[dict]:
+                     generation: dict | None = None, **kw) -> list[dict]:
     """Plain and steered (``config``) continuations of ``prompts`` (left-padded batches); ``kw`` go to
-    :func:`decoding_kwargs`.
+    :func:`decoding_kwargs`, ``generation`` (any other option of transformers' ``generate``, e.g.
+    ``repetition_penalty``, ``eos_token_id``, ``streamer``) to ``generate`` as given: transformers
+    checks them. A ``streamer`` streams the steered answer.
 
     ``with_plain=False`` skips the warm model's own answer (``plain`` is then None). Sampling
     reseeds with ``seed + index of the batch's first prompt`` before each answer.
     """
     from svd_lightning.progress import progress_bar
 
-    gen = dict(decoding_kwargs(mode, **kw), pad_token_id=tokenizer.pad_token_id)
+    generation = dict(generation or {})
+    clash = sorted(set(generation) & {"do_sample", "num_beams", "max_new_tokens", "temperature", "top_k", "top_p"})
+    if clash:
+        raise ValueError(f"{clash} are set by the mode and its options (mode, max_new_tokens, num_beams, temperature, "
+                         "top_k, top_p), not as extra generate options")
+    streamer = generation.pop("streamer", None)
+    gen = {**decoding_kwargs(mode, **kw), "pad_token_id": tokenizer.pad_token_id, **generation}
     config = _generation_config(config)
     prompts = check_prompts(prompts, tokenizer)
     rows, side = [], tokenizer.padding_side
@@ -908,7 +965,8 @@ def generate_answers(model, tokenizer, prompts: list[str], config: SteeringConfi
                 torch.manual_seed(seed + start)
                 plain = model.generate(**enc, **gen) if with_plain else None
                 torch.manual_seed(seed + start)
-                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], config, **gen)
+                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], config, **gen,
+                                           **({"streamer": streamer} if streamer is not None else {}))
                 n = enc["input_ids"].shape[1]
                 decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731
                 for p, a, b in zip(chunk, decode(plain) if with_plain else [None] * len(chunk), decode(steered)):

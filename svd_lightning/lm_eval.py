@@ -3,7 +3,8 @@
     import svd_lightning.lm_eval  # registers the model name "svd"
     lm_eval.simple_evaluate(model="svd", model_args="run_dir=runs/truthfulqa-lora/version_0", tasks=[...])
 
-    svd-lightning eval --run-dir RUN --tasks truthfulqa_mc1 [--include-path DIR] [--limit N]
+    svd-lightning eval --run-dir RUN --tasks truthfulqa_mc1 [--include-path DIR] [--limit N] \\
+        [--num_fewshot K] [--output_path DIR [--log_samples]] [--seed S]
 
 Log-likelihood requests are scored under the steered distribution of the run's scoring policy
 (:func:`svd_lightning.steering.steered_log_probs`, from the warm and pre-trained logits of the same
@@ -120,22 +121,55 @@ def evaluate(run_dir: str, tasks: list[str], include_path: str | None = None, li
     return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit, **kwargs)
 
 
+def _seeds(value: str) -> list[int | None]:
+    """lm-eval's ``--seed``: one integer for all four seeds, or four comma-separated (``None`` leaves one unset)."""
+    items = [None if v.strip().lower() == "none" else int(v) for v in value.split(",")]
+    if len(items) == 1:
+        return items * 4
+    if len(items) != 4:
+        raise argparse.ArgumentTypeError(f"--seed takes 1 or 4 comma-separated values, got {value!r}")
+    return items
+
+
 def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description="Run lm-eval tasks with a run's SVDecode.")
+    parser = argparse.ArgumentParser(prog=prog, description="Run lm-eval tasks with a run's SVDecode. Flags as "
+                                     "lm-eval's own (`lm-eval run`) where they mean the same.")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    parser.add_argument("--include-path", help="folder of extra task YAMLs")
+    parser.add_argument("--include-path", "--include_path", help="folder of extra task YAMLs")
     parser.add_argument("--limit", type=int)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
+    parser.add_argument("--num_fewshot", "--num-fewshot", type=int, help="few-shot examples per prompt (lm-eval's)")
+    parser.add_argument("--output_path", "--output-path", help="write lm-eval's own results files here "
+                        "(<output_path>/<model>/results_<time>.json, and samples_<task>_<time>.jsonl with --log_samples)")
+    parser.add_argument("--log_samples", "--log-samples", action="store_true",
+                        help="keep every request's inputs and outputs (needs --output_path)")
+    parser.add_argument("--seed", type=_seeds, default=_seeds("0,1234,1234,1234"),
+                        help="python, numpy, torch and few-shot seeds as lm-eval takes them (default 0,1234,1234,1234)")
     parser.add_argument("--mu", type=float, help="override μ̄ (finite)")
     parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto")
     parser.add_argument("--method", choices=METHODS, default="svdecode",
                         help="svdecode, or contrastive: z_φ + γ(z_φ − z_θ) with the run's γ")
-    parser.add_argument("--out", help="write the results JSON here")
+    parser.add_argument("--out", help="also write a compact JSON (the metrics table and lm-eval's config) here")
     args = parser.parse_args(argv)
+    if args.log_samples and not args.output_path:
+        parser.error("--log_samples needs --output_path (where lm-eval writes the samples)")
+    from lm_eval.loggers import EvaluationTracker
+
     say(f"reading run {Path(args.run_dir).resolve()}")
+    tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
+    python_seed, numpy_seed, torch_seed, fewshot_seed = args.seed
     results = evaluate(args.run_dir, args.tasks.split(","), args.include_path, args.limit, args.batch_size,
-                       args.mu, args.forward_mode, args.method)
+                       args.mu, args.forward_mode, args.method, num_fewshot=args.num_fewshot,
+                       log_samples=args.log_samples, evaluation_tracker=tracker, random_seed=python_seed,
+                       numpy_random_seed=numpy_seed, torch_random_seed=torch_seed, fewshot_random_seed=fewshot_seed)
+    samples = results.pop("samples", None)
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=samples if args.log_samples else None)
+        if args.log_samples:
+            for task_name in results["configs"]:
+                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+        say(f"lm-eval results written under {Path(args.output_path).resolve()}")
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
              for task, metrics in results["results"].items()}
     print(json.dumps(table, indent=1))

@@ -1,7 +1,8 @@
 """The run directory: what a run holds, and the one place that writes and reads it.
 
-A run directory holds ``adapter/`` (peft ``save_pretrained``) and ``steering.json`` (a
-:class:`SteeringRun`) when a μ̄ was solved, next to ``config.yaml``, ``metrics.csv``,
+A run directory holds ``adapter/`` (peft ``save_pretrained``), ``steering.json`` (a
+:class:`SteeringRun`) and ``README.md`` (its model card, :mod:`svd_lightning.card`) when a μ̄ was
+solved, next to ``config.yaml``, ``metrics.csv``,
 ``metrics.json``, the per-question scores, ``predictions.jsonl``, ``skipped_rows.jsonl`` and
 ``logit_snapshots.pt`` of the command that made it.
 
@@ -256,6 +257,12 @@ class RunWriter:
             return self.committed
         fault_point("commit")
         staging = self.directory()
+        if self.run is not None:  # the model card, from everything the run now holds
+            from svd_lightning.card import CARD_FILE, model_card
+
+            metrics = staging / METRICS_FILE
+            payload = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
+            self.write_text(CARD_FILE, model_card(self.run, payload))
         _follow_umask(staging)
         _fsync_dir(staging)
         target = self.target

@@ -82,3 +82,24 @@ def test_an_unknown_model_arg_is_an_error_not_ignored(run_dir):
         SteeredHFLM.create_from_arg_string(f"run_dir={run_dir},muu=1")
     with pytest.raises(ValueError, match="model_args: mu must be a number, got 'x'"):
         SteeredHFLM(str(run_dir), mu="x")
+
+
+@pytest.mark.slow
+def test_eval_takes_lm_evals_flags_and_writes_its_results_format(run_dir, monkeypatch, tmp_path):
+    """--num_fewshot, --output_path, --log_samples and --seed as lm-eval takes them; the files are
+    lm-eval's own (EvaluationTracker): results_<time>.json and samples_<task>_<time>.jsonl."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "lm_eval_out"
+    cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include-path", str(TASKS),
+              "--batch-size", "1", "--num_fewshot", "1", "--output_path", str(out), "--log_samples", "--seed", "3"])
+    results = sorted(out.rglob("results_*.json"))
+    samples = sorted(out.rglob("samples_svd_tiny_mc_*.jsonl"))
+    assert len(results) == 1 and len(samples) == 1
+    payload = json.loads(results[0].read_text())
+    assert "acc,none" in payload["results"]["svd_tiny_mc"]
+    assert payload["n-shot"]["svd_tiny_mc"] == 1 and payload["config"]["random_seed"] == 3
+    assert payload["config"]["svd_mu"] == 10.0  # the run's settings, from get_model_info
+    rows = [json.loads(line) for line in samples[0].read_text().splitlines()]
+    assert len(rows) == len(DOCS) and all("resps" in r for r in rows)
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--log_samples"])

@@ -1,0 +1,85 @@
+"""Record a finished demo run (`bash scripts/demo.sh`) as ``benchmarks/results/demo/``, the results page's demo.
+
+    python benchmarks/record_demo.py --run-dir runs/truthfulqa-lora/version_0 \
+        --command "bash scripts/demo.sh" --threads "2 torch threads, nothing else running"
+
+Copies the run's ``metrics.json``, ``steering.json``, ``config.yaml``, ``timings.json`` and
+``test_per_question.json`` and writes ``run.json``: the test table and paired bootstrap CIs (percent,
+read from ``metrics.json``), μ̄ and γ, the stage times, the machine (this one: record on the machine
+that ran it) and the commit. ``python benchmarks/report.py`` then regenerates ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from svd_lightning.precision import describe_cpu, fast_precision
+from svd_lightning.run import write_json
+
+ROOT = Path(__file__).resolve().parent
+COPIED = {"test_per_question.json": "per-question mc1/mc2/... of every variant", "metrics.json": "",
+          "steering.json": "", "config.yaml": "", "timings.json": "stage seconds"}
+VARIANTS = {"base": "pre-trained", "plain": "warm start", "steered": "+SVDecode", "contrastive": "+contrastive"}
+SETTINGS = ("TruthfulQA MC v1, seed 0, 60/20/20 split (490/164/163), instruction + six-shot QA primer, LoRA r=8 "
+            "alpha=16, LR 5e-5, 1 epoch, batch 1, strength trimmed Fisher alpha=0.3, contrastive gamma = calib "
+            "multiple-choice-loss minimiser over steering.GAMMA_GRID; scoring in fp32")
+
+
+def record(run_dir: Path, out: Path, command: str, threads: str, commit: str | None = None) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = [h for h in metrics["history"] if h.get("stage") == "test"][-1]
+    steering = json.loads((run_dir / "steering.json").read_text())
+    timings = json.loads((run_dir / "timings.json").read_text())
+    names = sorted({k[len("test/"):].rsplit("_", 1)[0] for k in test if k.startswith("test/")
+                    and k.rsplit("_", 1)[-1] in VARIANTS})
+    table = {label: {n: round(100 * test[f"test/{n}_{v}"], 2) for n in names if f"test/{n}_{v}" in test}
+             for v, label in VARIANTS.items()}
+    boot = {k: {**b, **{f: round(100 * b[f], 2) for f in ("mean", "ci_low", "ci_high")}}
+            for k, b in test["paired_bootstrap"].items()}
+    commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=ROOT).stdout.strip()
+    precision, why = fast_precision("cpu")
+    seconds = timings["seconds"]
+    payload = {
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": f"{describe_cpu()}; warm start {precision} ({why})",
+        "threads": threads,
+        "seconds_after_setup": round(timings["total"] - seconds.get("set-up", 0.0)),
+        "stage_seconds": {k.replace(" ", "_"): round(v, 1) for k, v in seconds.items() if k != "set-up"},
+        "settings": SETTINGS,
+        "mu": steering["steering"]["mu"],
+        "gamma": steering["steering"]["gamma"],
+        "test_table_percent": table,
+        "paired_bootstrap_percent": boot,
+        "files": [f"{name} ({why})" if why else name for name, why in COPIED.items()],
+    }
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in COPIED:
+        shutil.copy2(run_dir / name, out / name)
+    write_json(out / "run.json", payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "demo")
+    ap.add_argument("--command", default="bash scripts/demo.sh")
+    ap.add_argument("--threads", default="2 torch threads, nothing else running")
+    ap.add_argument("--commit", help="the commit that ran it (default: this checkout's HEAD)")
+    args = ap.parse_args(argv)
+    payload = record(args.run_dir, args.out, args.command, args.threads, args.commit)
+    print(json.dumps({k: payload[k] for k in ("machine", "seconds_after_setup", "stage_seconds", "mu", "gamma")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""A run's model card: the ``README.md`` that says what a run is, on the Hugging Face Hub and on disk.
+
+Every finished run carries one (:class:`svd_lightning.run.RunWriter` writes it when the run is
+committed), so a run directory uploads to the Hub as it is. Everything on the card is read from
+the run: ``steering.json`` (base model, adapter, μ̄, γ and how they were calibrated) and, where
+the command scored a split, ``metrics.json`` (the headline numbers and their paired bootstrap CIs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CARD_FILE = "README.md"
+# The aliases of svd_lightning.models, by the Hub model they are.
+_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_VARIANTS = {"base": "pre-trained", "plain": "warm start", "steered": "+SVDecode", "contrastive": "+contrastive"}
+
+
+def _base_model(model: str) -> str | None:
+    """The Hub id of the run's base model, where the source names one."""
+    if model in _HUB_IDS:
+        return _HUB_IDS[model]
+    looks_like_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not model.endswith(".gguf")
+    return model if looks_like_id else None
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _results(metrics: dict | None) -> list[str]:
+    """The last scored split of ``metrics.json``: a table per variant and the paired gains with CIs."""
+    history = (metrics or {}).get("history") or []
+    scored = [h for h in history if any(k.startswith(f"{h.get('stage')}/") for k in h)]
+    if not scored:
+        return ["No split was scored by the command that wrote this run."]
+    last = scored[-1]
+    stage = last["stage"]
+    names = sorted({k.split("/", 1)[1].rsplit("_", 1)[0] for k in last if k.startswith(f"{stage}/")
+                    and k.rsplit("_", 1)[-1] in _VARIANTS})
+    variants = [v for v in _VARIANTS if any(f"{stage}/{n}_{v}" in last for n in names)]
+    lines = [f"Scored on the **{stage}** split after warm-start step {last.get('step')} (percent):", "",
+             "| metric | " + " | ".join(_VARIANTS[v] for v in variants) + " |",
+             "|---|" + "---:|" * len(variants)]
+    for n in names:
+        cells = [f"{100 * last[f'{stage}/{n}_{v}']:.2f}" if f"{stage}/{n}_{v}" in last else "" for v in variants]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    gains = last.get("paired_bootstrap") or {}
+    if gains:
+        lines += ["", "Paired differences, 95 % paired bootstrap over the split's questions (one run, one seed: "
+                  "a CI over questions, not over warm starts):", "",
+                  "| metric | method − reference | difference | 95 % CI | questions |", "|---|---|---:|---|---:|"]
+        for g in gains.values():
+            lines.append(f"| {g['metric']} | {_VARIANTS.get(g['method'], g['method'])} − "
+                         f"{_VARIANTS.get(g['reference'], g['reference'])} | {100 * g['mean']:+.2f} | "
+                         f"[{100 * g['ci_low']:+.2f}, {100 * g['ci_high']:+.2f}] | {g['questions']} |")
+    return lines
+
+
+def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run") -> str:
+    """The card of ``run`` (a :class:`~svd_lightning.run.SteeringRun`), with ``metrics`` (a run's
+    ``metrics.json``) when given; ``name`` is what the loading snippet loads (a directory or a repo id)."""
+    s = run.steering
+    base = _base_model(run.model)
+    front = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []),
+             "tags:", "- svd-lightning", "- svdecode", "- steering", f"- {run.adapter}", "---", ""]
+    d = run.diagnostics or {}
+    h = run.hparams or {}
+    strength = s.strength + (f" ({s.curvature} curvature" + (f", trim {s.trim}" if s.strength == "trimmed" else "")
+                             + ")" if s.curvature else "")
+    rows = [
+        ("base model", f"`{run.model}`" + (f" ([{base}](https://huggingface.co/{base}))" if base else "")),
+        ("adapter", f"{run.adapter}" + (f", options {run.adapter_options}" if run.adapter_options else ", peft defaults "
+                                        "of svd-lightning (see `adapter/adapter_config.json`)")),
+        ("warm start", f"{run.global_step} steps" + (f", learning rate {h['learning_rate']}" if "learning_rate" in h else "")),
+        ("μ̄ (steering strength)", f"{s.mu:.6g}, by `{strength}`"),
+        ("α (confidence mask), policy, direction", f"{s.alpha}, `{s.scoring_policy}`, `{s.direction}`"),
+        ("γ (contrastive baseline)", "none fit" if s.gamma is None else f"{s.gamma:g}, fit to the calibration "
+                                                                          "multiple-choice loss"),
+        ("calibrated on", f"{_num(d.get('tokens'), 6)} reference-answer tokens"
+         + (f", {_num(d.get('choice_sets'), 6)} choice sets ({_num(d.get('choice_rows'), 6)} rows)" if "choice_sets" in d else "")
+         + f"; mean KL(warm ‖ pre-trained) per token {_num(d.get('kl_mean'))}"),
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in sorted((run.versions or {}).items()))
+    lines = [
+        *front,
+        f"# SVDecode run: {run.adapter} on {run.model}",
+        "",
+        "A warm-started peft adapter and the steering strength solved for it: Steering Vector Decoding (SVDecode, "
+        "NeurIPS 2025) moves the adapter's next-token distribution along the KL gradient between it and the "
+        "pre-trained model, by μ̄. Written by svd-lightning.",
+        "",
+        "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows],
+        "",
+        "## Results",
+        "",
+        *_results(metrics),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from svd_lightning import SteeredModel",
+        "",
+        f'sm = SteeredModel.from_pretrained("{name}")',
+        'sm.score("Q: What is the capital of France?\\nA:", [" Paris.", " Lyon."])',
+        'sm.generate("Q: What happens if you crack your knuckles a lot?\\nA:", max_new_tokens=32)',
+        "```",
+        "",
+        "In your own `transformers` code, `model.generate(..., custom_generate=sm.custom_generate)` or "
+        "`logits_processor=[sm.logits_processor(attention_mask)]` steer the same way.",
+        "",
+        f"Files: `adapter/` (peft `save_pretrained`), `steering.json` (the run record: settings, every strength "
+        f"option's μ on the same calibration, hashes of the adapter and tokenizer). Format {run.format_version}"
+        + (f"; {versions}." if versions else "."),
+        "",
+    ]
+    return "\n".join(lines)
