@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 from svd_lightning.precision import describe_cpu, fast_precision
-from svd_lightning.run import write_json
+from svd_lightning.run import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 COPIED = {"test_per_question.json": "per-question mc1/mc2/... of every variant", "metrics.json": "",
@@ -65,7 +65,7 @@ def record(run_dir: Path, out: Path, command: str, threads: str, commit: str | N
     out.mkdir(parents=True)
     for name in COPIED:
         shutil.copy2(run_dir / name, out / name)
-    write_json(out / "run.json", payload)
+    atomic_write_text(out / "run.json", json.dumps(payload, indent=1) + "\n")  # in this order: the page's columns
     return payload
 
 

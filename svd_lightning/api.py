@@ -29,7 +29,7 @@ from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import ConfigError, Method, SteeringConfig
 from svd_lightning.decoding import (MODES, SteeringLogitsProcessor, generate_answers, score_choices,
                                     steering_decoding_loop)
-from svd_lightning.run import METRICS_FILE, RunError, RunWriter, SteeringRun, load_run
+from svd_lightning.run import METRICS_FILE, RunError, RunWriter, SteeringRun, adapter_kind, load_run
 
 # SteeredModel.generate's own options (decoding.decoding_kwargs); any other keyword goes to generate.
 _MODE_OPTIONS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p")
@@ -113,14 +113,12 @@ class SteeredModel:
         """The run record of this model with its current settings (provenance kept from the loaded run)."""
         if self.run is not None:
             return dataclasses.replace(self.run, steering=self.config)
-        from svd_lightning.run import _PEFT_TYPES
-
         peft_config = getattr(self.model, "peft_config", {}).get(getattr(self.model, "active_adapter", None))
-        if peft_config is None:
-            raise RunError("save_pretrained needs a peft model (SteeredModel.model has no active peft adapter)")
-        peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+        if peft_config is None or adapter_kind(peft_config.peft_type) is None:
+            raise RunError("save_pretrained needs a peft model with an adapter svd-lightning knows (SteeredModel.model "
+                           f"has {getattr(peft_config, 'peft_type', 'no active peft adapter')})")
         return SteeringRun(model=str(peft_config.base_model_name_or_path), steering=self.config,
-                           adapter=_PEFT_TYPES.get(peft_type, peft_type.lower()))
+                           adapter=adapter_kind(peft_config.peft_type))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write this model as a run: ``adapter/`` (peft's format), ``steering.json`` and ``README.md``

@@ -343,12 +343,12 @@ class SharedPrompts:
 
         The prompts' common leading tokens come from the split's cached prefix when there is one
         (:func:`split_prefix`): only the rest of each prompt is encoded. Where the attention takes
-        a custom mask (sdpa, eager), the batch is one tree-shaped sequence (:meth:`_tree_label_logits`).
+        a custom mask (sdpa, eager), the batch is one tree per prompt, a row each (:meth:`_forest_label_logits`).
         """
         paired = role == "paired"
         prefix = split_prefix(model, _common_prefix(self.ids, self.mask, int(self.p_len.min()) - 1), role)
         if _custom_masks(model):
-            return self._tree_label_logits(model, prefix, role)
+            return self._forest_label_logits(model, prefix, role)
         if prefix is None:
             prompt_ids, prompt_mask, past, n_prefix = self.prompt_ids, self.prompt_mask, None, 0
         else:
@@ -432,7 +432,7 @@ class SharedPrompts:
             self._forest_layout, self._forest_skip = (ids, position, allowed, tree, place), skip
         return self._forest_layout
 
-    def _tree_label_logits(self, model, prefix: "SplitPrefix | None", role: Role) -> torch.Tensor:
+    def _forest_label_logits(self, model, prefix: "SplitPrefix | None", role: Role) -> torch.Tensor:
         """One forward over the batch laid out as trees (:meth:`_forest`): every prompt token and
         every continuation token once, attending to its own ancestors at its full-row position
         (a 4D mask), after the split's cached prefix when there is one. The same logits as one row

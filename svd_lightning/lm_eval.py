@@ -66,14 +66,24 @@ class SteeredHFLM(HFLM):
                          max_length=max_length, **kwargs)
 
     def _loglikelihood_tokens(self, requests, *args, **kwargs):
+        # Identical (context, continuation) tokens are scored once: TruthfulQA's MC1 choices recur in
+        # MC2, and lm-eval hands every task's requests over together.
+        first: dict[tuple, tuple] = {}
+        for req in requests:
+            first.setdefault((tuple(req[1]), tuple(req[2])), req)
+        distinct = list(first.values()) if len(first) < len(requests) else requests
+        index = {key: i for i, key in enumerate(first)}
         # The first scored position over all requests: lm-eval reads logits from each row's context
         # end on, and places them by the returned length, so positions before it need not be returned.
         self._first_scored = min((min(len(ctx) + len(cont), self.max_length + 1) - 1 - len(cont)
-                                  for _, ctx, cont in requests), default=0)
+                                  for _, ctx, cont in distinct), default=0)
         try:
-            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            scores = super()._loglikelihood_tokens(distinct, *args, **kwargs)
         finally:
             self._first_scored = 0
+        if distinct is requests:
+            return scores
+        return [scores[index[(tuple(ctx), tuple(cont))]] for _, ctx, cont in requests]
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Steered log-probs ``[B, T', V]`` for right-padded ``inps`` (padding never precedes a real token).

@@ -140,6 +140,9 @@ def finish_run(logger_or_trainer) -> Path | None:
         writer = logger.run if logger is not None else _OTHER_LOGGERS.get(trainer)
         if writer is None or writer.committed is not None:
             return None if writer is None else writer.committed
+        if logger is None and not writer.path.is_dir():  # the stage wrote nothing: no empty run directory
+            _OTHER_LOGGERS.pop(trainer, None)
+            return None
         path = logger.commit() if logger is not None else writer.commit()
     say(f"run written to {path.resolve()}")
     return path

@@ -50,6 +50,11 @@ _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "
 PARTIAL = ".partial-"  # staging directories: .<name>.partial-<pid>-<token>
 
 
+def adapter_kind(peft_type) -> str | None:
+    """svd-lightning's name of a peft adapter type (``PeftType.LORA`` or ``"LORA"`` -> ``"lora"``), None if unknown."""
+    return _PEFT_TYPES.get(str(getattr(peft_type, "value", peft_type)))
+
+
 class RunError(InputError):
     """A run directory that cannot be used; the message names the directory, file and field."""
 
@@ -416,7 +421,7 @@ class SteeringRun:
             peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise RunError(f"{config}: not a valid adapter config ({err})") from None
-        kind = _PEFT_TYPES.get(str(peft_type))
+        kind = adapter_kind(peft_type)
         if kind != self.adapter:
             raise RunError(f"{run_dir}/{RUN_FILE}: field 'adapter' is {self.adapter!r} but {ADAPTER_DIR}/ holds a "
                            f"{peft_type} adapter ({kind or 'unknown to svd-lightning'}); the files were edited or mixed")

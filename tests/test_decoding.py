@@ -211,7 +211,7 @@ def test_the_split_prefix_is_encoded_once_and_gives_the_full_pass_logits(tokeniz
                                                                          mode, questions_per_batch, layout):
     """Batches of one primer: from the second batch on, the primer's keys and values come from the cache;
     every batch's warm and base logits equal a full pass to 1e-10 (fp64), padded rows included. Both
-    layouts: one tree-shaped sequence (sdpa / eager) and one row per choice (other attention kernels)."""
+    layouts: a tree per prompt (sdpa / eager; two trees in one forward with 2 questions a batch) and one row per choice (other attention kernels)."""
     from svd_lightning import decoding
     from svd_lightning.decoding import _PREFIXES, _announced_prefix, paired_label_logits
 

@@ -103,3 +103,21 @@ def test_eval_takes_lm_evals_flags_and_writes_its_results_format(run_dir, monkey
     assert len(rows) == len(DOCS) and all("resps" in r for r in rows)
     with pytest.raises(SystemExit):
         cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--log_samples"])
+
+
+def test_repeated_requests_are_scored_once_with_every_requests_answer(run_dir, monkeypatch):
+    """TruthfulQA's MC1 choices recur in MC2: identical (context, continuation) tokens are one request."""
+    from lm_eval.models.huggingface import HFLM
+
+    from svd_lightning.lm_eval import SteeredHFLM
+
+    backend = SteeredHFLM(str(run_dir), batch_size=1)
+    tok = backend.tokenizer
+    ctx, yes, no = (tok(t, add_special_tokens=False)["input_ids"] for t in ("Q: Is the sky blue?\nA:", " Yes", " No"))
+    requests = [(("q", " Yes"), ctx, yes), (("q", " No"), ctx, no), (("mc2 q", " Yes"), ctx, yes)]
+    scored, original = [], HFLM._loglikelihood_tokens
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens",
+                        lambda self, reqs, *a, **kw: scored.append(len(reqs)) or original(self, reqs, *a, **kw))
+    got = backend._loglikelihood_tokens(requests)
+    assert scored == [2] and got[0] == got[2] and got[0] != got[1]
+    assert got[:2] == backend._loglikelihood_tokens(requests[:2])
