@@ -11,7 +11,7 @@
 
 In plain ``transformers`` code, on the run's model (``sm.model``):
 ``model.generate(**enc, custom_generate=sm.custom_generate)`` or
-``model.generate(**enc, logits_processor=[sm.logits_processor(enc["attention_mask"])])``.
+``model.generate(**enc, logits_processor=LogitsProcessorList([sm.logits_processor(enc["attention_mask"])]))``.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run")
         "```",
         "",
         "In your own `transformers` code, `model.generate(..., custom_generate=sm.custom_generate)` or "
-        "`logits_processor=[sm.logits_processor(attention_mask)]` steer the same way.",
+        "`logits_processor=LogitsProcessorList([sm.logits_processor(attention_mask)])` steer the same way.",
         "",
         f"Files: `adapter/` (peft `save_pretrained`), `steering.json` (the run record: settings, every strength "
         f"option's μ on the same calibration, hashes of the adapter and tokenizer). Format {run.format_version}"
