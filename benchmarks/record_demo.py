@@ -18,13 +18,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from svd_lightning.config import VARIANT_LABELS as VARIANTS
+from svd_lightning.metrics import variant_table
 from svd_lightning.precision import describe_cpu, fast_precision
 from svd_lightning.run import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 COPIED = {"test_per_question.json": "per-question mc1/mc2/... of every variant", "metrics.json": "",
           "steering.json": "", "config.yaml": "", "timings.json": "stage seconds"}
-VARIANTS = {"base": "pre-trained", "plain": "warm start", "steered": "+SVDecode", "contrastive": "+contrastive"}
 SETTINGS = ("TruthfulQA MC v1, seed 0, 60/20/20 split (490/164/163), instruction + six-shot QA primer, LoRA r=8 "
             "alpha=16, LR 5e-5, 1 epoch, batch 1, strength trimmed Fisher alpha=0.3, contrastive gamma = calib "
             "multiple-choice-loss minimiser over steering.GAMMA_GRID; scoring in fp32")
@@ -35,10 +36,8 @@ def record(run_dir: Path, out: Path, command: str, threads: str, commit: str | N
     test = [h for h in metrics["history"] if h.get("stage") == "test"][-1]
     steering = json.loads((run_dir / "steering.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
-    names = sorted({k[len("test/"):].rsplit("_", 1)[0] for k in test if k.startswith("test/")
-                    and k.rsplit("_", 1)[-1] in VARIANTS})
-    table = {label: {n: round(100 * test[f"test/{n}_{v}"], 2) for n in names if f"test/{n}_{v}" in test}
-             for v, label in VARIANTS.items()}
+    table = {VARIANTS[v]: {n: round(100 * x, 2) for n, x in values.items()}
+             for v, values in variant_table(test, "test").items()}
     boot = {k: {**b, **{f: round(100 * b[f], 2) for f in ("mean", "ci_low", "ci_high")}}
             for k, b in test["paired_bootstrap"].items()}
     commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -39,12 +39,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
 from svd_lightning.decoding import paired_label_logits
-from svd_lightning.metrics import HEADLINE_METRICS
+from svd_lightning.metrics import HEADLINE_METRICS, variant_table
 from svd_lightning.statistics import paired_bootstrap
 from svd_lightning.logger import run_writer
 from svd_lightning.progress import say
 from svd_lightning.run import METRICS_FILE, SteeringRun, atomic_write_text, tokenizer_hash
-from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, Curvature, SteeringConfig
+from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, VARIANT_LABELS, Curvature, SteeringConfig
 from svd_lightning.steering import GAMMA_GRID
 
 Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]  # = config.SOLVED_STRENGTHS
@@ -523,8 +523,8 @@ class SteeredValidation(L.Callback):
         self.history = list(state_dict.get("history", []))
 
 
-STEERED = {"steered": "+SVDecode", "contrastive": "+contrastive"}  # the decode-time methods, as tables name them
-REFERENCES = {"plain": "warm start", "base": "pre-trained"}
+STEERED = {k: VARIANT_LABELS[k] for k in ("steered", "contrastive")}  # the decode-time methods
+REFERENCES = {k: VARIANT_LABELS[k] for k in ("plain", "base")}
 
 
 def paired_gains(per_question: dict, family: str) -> dict:
@@ -552,16 +552,11 @@ def format_paired(paired: dict) -> list[str]:
 def format_table(metrics: dict[str, float], stage: str) -> str:
     """Rows: metrics; columns: pre-trained (base), warm start (plain), +SVDecode (steered), and
     +contrastive when it was scored."""
-    variants = ("plain", "base", *STEERED)
-    keys = [k for k in metrics if k.startswith(f"{stage}/") and k.rsplit("_", 1)[-1] in variants]
-    names = sorted({k.split("/", 1)[1].rsplit("_", 1)[0] for k in keys})
-    cols = [("base", "pre-trained"), ("plain", "warm start"), *STEERED.items()]
-    cols = [(v, title) for v, title in cols if any(k.endswith(f"_{v}") for k in keys)]
-    lines = [f"{'metric':<14}" + "".join(f"{title:>13}" for _, title in cols)]
+    table = variant_table(metrics, stage)
+    names = sorted({n for values in table.values() for n in values})
+    lines = [f"{'metric':<14}" + "".join(f"{VARIANT_LABELS[v]:>13}" for v in table)]
     for n in names:
-        cells = "".join(
-            f"{100 * metrics[f'{stage}/{n}_{v}']:>13.2f}" if f"{stage}/{n}_{v}" in metrics else f"{'-':>13}" for v, _ in cols
-        )
+        cells = "".join(f"{100 * values[n]:>13.2f}" if n in values else f"{'-':>13}" for values in table.values())
         lines.append(f"{n:<14}{cells}")
     if f"{stage}/mu" in metrics:
         lines.append(f"μ̄ = {metrics[f'{stage}/mu']:+.4f}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from svd_lightning.config import VARIANT_LABELS as _VARIANTS
+from svd_lightning.metrics import variant_table
+
 CARD_FILE = "README.md"
 # The aliases of svd_lightning.models, by the Hub model they are.
 _HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_VARIANTS = {"base": "pre-trained", "plain": "warm start", "steered": "+SVDecode", "contrastive": "+contrastive"}
 
 
 def _base_model(model: str) -> str | None:
@@ -35,16 +37,13 @@ def _results(metrics: dict | None) -> list[str]:
     if not scored:
         return ["No split was scored by the command that wrote this run."]
     last = scored[-1]
-    stage = last["stage"]
-    names = sorted({k.split("/", 1)[1].rsplit("_", 1)[0] for k in last if k.startswith(f"{stage}/")
-                    and k.rsplit("_", 1)[-1] in _VARIANTS})
-    variants = [v for v in _VARIANTS if any(f"{stage}/{n}_{v}" in last for n in names)]
-    lines = [f"Scored on the **{stage}** split after warm-start step {last.get('step')} (percent):", "",
-             "| metric | " + " | ".join(_VARIANTS[v] for v in variants) + " |",
-             "|---|" + "---:|" * len(variants)]
+    table = variant_table(last, last["stage"])
+    names = sorted({n for values in table.values() for n in values})
+    lines = [f"Scored on the **{last['stage']}** split after warm-start step {last.get('step')} (percent):", "",
+             "| metric | " + " | ".join(_VARIANTS[v] for v in table) + " |", "|---|" + "---:|" * len(table)]
     for n in names:
-        cells = [f"{100 * last[f'{stage}/{n}_{v}']:.2f}" if f"{stage}/{n}_{v}" in last else "" for v in variants]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n} | " + " | ".join(f"{100 * values[n]:.2f}" if n in values else "" for values in table.values())
+                     + " |")
     gains = last.get("paired_bootstrap") or {}
     if gains:
         lines += ["", "Paired differences, 95 % paired bootstrap over the split's questions (one run, one seed: "

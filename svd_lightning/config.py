@@ -38,6 +38,8 @@ STRENGTHS: tuple[str, ...] = get_args(Strength)
 SOLVED_STRENGTHS = STRENGTHS[:-1]  # ``fixed``: set by hand, nothing to solve
 CURVATURES: tuple[str, ...] = get_args(Curvature)
 METHODS: tuple[str, ...] = get_args(Method)
+# Every scored variant as tables, cards and the results page name it, in their column order.
+VARIANT_LABELS = {"base": "pre-trained", "plain": "warm start", "steered": "+SVDecode", "contrastive": "+contrastive"}
 MAX_ABS_STRENGTH = 1e6  # |μ|·|δz| must stay far from fp32's 3.4e38, or steered logits turn inf and scores NaN
 # Policy `none` (no confidence mask) keeps tokens with p_φ ≥ 1e-8·max p_φ in the compact strength
 # caches (see svd_lightning.steering): for the KL gradient nothing below moves measurably.

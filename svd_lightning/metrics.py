@@ -23,6 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from svd_lightning.config import VARIANT_LABELS
 from svd_lightning.steering import choice_set_nll
 
 TABLE_KEYS = ("question_index", "choice_set", "choice_index", "is_true", "score", "num_chars")
@@ -217,3 +218,16 @@ class MultipleChoiceScores(Metric):
             return self._table()
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
             return self._table()
+
+
+def variant_table(results: dict, stage: str) -> dict[str, dict[str, float]]:
+    """``{variant: {metric: value}}`` of one stage's logged results (keys ``"<stage>/<metric>_<variant>"``):
+    the variants that were scored, in :data:`~svd_lightning.config.VARIANT_LABELS` order, metrics sorted."""
+    table: dict[str, dict[str, float]] = {}
+    for key in results:
+        if key.startswith(f"{stage}/"):
+            metric, _, variant = key[len(stage) + 1 :].rpartition("_")
+            if variant in VARIANT_LABELS and metric:
+                table.setdefault(variant, {})[metric] = results[key]
+    return {v: dict(sorted(table[v].items())) for v in VARIANT_LABELS if v in table}
+

@@ -637,11 +637,11 @@ class ChoiceStrengthCache:
     row_true: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     groups: dict = field(default_factory=dict)  # (question_index, choice_set) -> group id
 
+    scored_rows: int = 0  # rows whose tokens are cached (a repeated row reads its first copy's)
+
     def __post_init__(self) -> None:
         if self.policy not in ("mask_generation_only", "none", "floor", "mask"):
             raise ValueError(f"unknown scoring policy {self.policy!r}")
-
-    scored_rows: int = 0  # rows whose tokens are cached (a repeated row reads its first copy's)
 
     @property
     def rows(self) -> int:
