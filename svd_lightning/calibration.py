@@ -29,6 +29,7 @@ import torch
 from svd_lightning.config import ForwardMode, SteeringConfig
 from svd_lightning.decoding import distinct_rows, paired_label_logits
 from svd_lightning.progress import track
+from svd_lightning.sharding import lockstep
 from svd_lightning.steering import (
     ChoiceStrengthCache,
     ExactStrengthCache,
@@ -347,40 +348,41 @@ def calibrate_pass(
     grids = {name: _GridLosses(mus, _grid_config(config, name)) for name, mus in needs.grids.items()}
     counts = torch.zeros(4, dtype=torch.float64)  # batches, questions without a reference row, choice sets, rows
     began = time.perf_counter()
-    for batch, same_as, parts in _label_logits(model, batches, forward_mode=config.forward_mode, device=device,
-                                               total=total, progress=progress, desc=desc):
-        counts[0] += 1
-        n = int(same_as.max()) + 1  # distinct rows: the ones the logits are of
-        if tokens is not None:
-            ref_rows, missing = reference_rows(batch)
-            counts[1] += missing
-            ref_distinct = torch.zeros(n, dtype=torch.bool, device=ref_rows.device).index_fill(0, same_as[ref_rows], True)
-        if caches or grids:
-            if "question_index" not in batch:
-                raise ValueError(f"{desc}: a solver needs choice batches (question_index, choice_set, is_true), "
-                                 "got a teacher-forced batch; see svd_lightning.batch")
-            counts[2] += torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1).shape[1]
-            counts[3] += batch["input_ids"].shape[0]
-        grid_scores = {name: torch.zeros(len(g.mus), n, dtype=torch.float64) for name, g in grids.items()}
-        # POSITION_CHUNK positions at a time (their [chunk, V] tensors stay in cache): per-position
-        # work, accumulated in order, so the numbers do not change.
-        for warm, base, labels, row in parts:
-            ref = ref_distinct[row] if tokens is not None else None  # per label position
-            for first in range(0, labels.numel(), POSITION_CHUNK):
-                part = slice(first, first + POSITION_CHUNK)
-                paired = PairedLabels(warm[part], base[part], labels[part])  # one pair of log-softmaxes for all
-                if tokens is not None and bool(ref[part].any()):
-                    tokens.update(paired, ref[part])
-                for name, cache in caches.items():
-                    c = cache_configs[name]
-                    cache.add_tokens(paired.warm, paired.direction(c.direction), paired.mask(c.statistics_alpha),
-                                     paired.labels, row[part])
-                for name, grid in grids.items():
-                    grid.row_scores(grid_scores[name], paired, row[part])
-        for cache in caches.values():
-            cache.add_rows(*(batch[k] for k in ("question_index", "choice_set", "is_true")), same_as)
-        for name, grid in grids.items():
-            grid.add(batch, grid_scores[name][:, same_as.cpu()])
+    with lockstep(model):  # sharded: a rank with fewer batches keeps the others' forwards company
+        for batch, same_as, parts in _label_logits(model, batches, forward_mode=config.forward_mode, device=device,
+                                                   total=total, progress=progress, desc=desc):
+            counts[0] += 1
+            n = int(same_as.max()) + 1  # distinct rows: the ones the logits are of
+            if tokens is not None:
+                ref_rows, missing = reference_rows(batch)
+                counts[1] += missing
+                ref_distinct = torch.zeros(n, dtype=torch.bool, device=ref_rows.device).index_fill(0, same_as[ref_rows], True)
+            if caches or grids:
+                if "question_index" not in batch:
+                    raise ValueError(f"{desc}: a solver needs choice batches (question_index, choice_set, is_true), "
+                                     "got a teacher-forced batch; see svd_lightning.batch")
+                counts[2] += torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1).shape[1]
+                counts[3] += batch["input_ids"].shape[0]
+            grid_scores = {name: torch.zeros(len(g.mus), n, dtype=torch.float64) for name, g in grids.items()}
+            # POSITION_CHUNK positions at a time (their [chunk, V] tensors stay in cache): per-position
+            # work, accumulated in order, so the numbers do not change.
+            for warm, base, labels, row in parts:
+                ref = ref_distinct[row] if tokens is not None else None  # per label position
+                for first in range(0, labels.numel(), POSITION_CHUNK):
+                    part = slice(first, first + POSITION_CHUNK)
+                    paired = PairedLabels(warm[part], base[part], labels[part])  # one pair of log-softmaxes for all
+                    if tokens is not None and bool(ref[part].any()):
+                        tokens.update(paired, ref[part])
+                    for name, cache in caches.items():
+                        c = cache_configs[name]
+                        cache.add_tokens(paired.warm, paired.direction(c.direction), paired.mask(c.statistics_alpha),
+                                         paired.labels, row[part])
+                    for name, grid in grids.items():
+                        grid.row_scores(grid_scores[name], paired, row[part])
+            for cache in caches.values():
+                cache.add_rows(*(batch[k] for k in ("question_index", "choice_set", "is_true")), same_as)
+            for name, grid in grids.items():
+                grid.add(batch, grid_scores[name][:, same_as.cpu()])
     seconds = time.perf_counter() - began
     counts = reduce(counts.to(device)).cpu()
     choice_counts = {"choice_sets": float(counts[2]), "choice_rows": float(counts[3])}

@@ -43,6 +43,7 @@ from svd_lightning.metrics import HEADLINE_METRICS, variant_table
 from svd_lightning.statistics import paired_bootstrap
 from svd_lightning.logger import run_writer
 from svd_lightning.progress import say
+from svd_lightning.sharding import full_adapter_state, lockstep
 from svd_lightning.run import METRICS_FILE, SteeringRun, atomic_write_text, tokenizer_hash
 from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, VARIANT_LABELS, Curvature, SteeringConfig
 from svd_lightning.steering import GAMMA_GRID
@@ -279,9 +280,10 @@ class StrengthSolver(L.Callback):
         )
         if trainer.state.fn == "fit":
             return
+        adapter_state = full_adapter_state(pl_module.model)  # sharded: gathered on every rank (a collective)
         writer = run_writer(trainer)
         if writer is not None:  # this command's own new run, never the run μ̄ was re-solved from
-            writer.write_run(pl_module.model, pl_module.steering_state.run, pl_module.tokenizer)
+            writer.write_run(pl_module.model, pl_module.steering_state.run, pl_module.tokenizer, adapter_state=adapter_state)
             say(f"the re-solved μ̄ is part of the new run {writer.target.resolve()}")
 
     def _needs_solve(self, trainer, pl_module) -> bool:
@@ -579,7 +581,8 @@ class LogitSnapshot(L.Callback):
         batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
         was_training = pl_module.training
         pl_module.eval()
-        warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
+        with lockstep(pl_module.model):
+            warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
         pl_module.train(was_training)
         k = min(self.top_k, warm.shape[-1])
         lp = {"base": torch.log_softmax(base.float(), -1), name: torch.log_softmax(warm.float(), -1)}

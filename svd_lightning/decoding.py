@@ -37,6 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.config import FORWARD_MODES, ConfigError, ForwardMode, SteeringConfig
 from svd_lightning.log import say
+from svd_lightning.sharding import is_sharded, local_tensor, lockstep
 from svd_lightning.steering import POSITION_CHUNK, PairedLabels, log_probs, masked_delta, steering_vector
 
 
@@ -236,7 +237,7 @@ class _PrefixStore:
         or autocast changes: then nothing cached holds."""
         device = next(model.parameters()).device.type
         autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) if device in ("cpu", "cuda") else ()
-        return autocast, tuple((p.data_ptr(), p._version) for p in model.parameters())
+        return autocast, tuple((t.data_ptr(), t._version) for t in map(local_tensor, model.parameters()))
 
     def key(self, role: Role) -> tuple:
         """The role with the adapter's state: on or off (``disable_adapter``), which one is active."""
@@ -846,7 +847,6 @@ def steering_decoding_loop(steered_model, config: SteeringConfig):
     return custom_generate
 
 
-@leaves_no_hooks
 def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SteeringConfig,
                      **generate_kwargs):
     """``model.generate`` with SVDecode under ``config`` (μ̄, α, direction, forward mode; the mask
@@ -856,7 +856,21 @@ def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     path covers greedy, beam search and sampling (also with ``num_return_sequences``); beam
     *sampling* and generate-only warpers (top-h, ε/η cutoffs) use the two-pass path. Processors that
     ``generate`` adds itself (e.g. a repetition penalty) see the base rows too on the one-forward path.
+    A sharded model (:mod:`svd_lightning.sharding`) generates in lockstep with the other ranks.
     """
+    with lockstep(model):
+        return _steered_generate(model, input_ids, attention_mask, config, **_unsynced(model, generate_kwargs))
+
+
+def _unsynced(model, generate_kwargs: dict) -> dict:
+    """``generate`` options without transformers' ``synced_gpus`` on a sharded model: :func:`lockstep`
+    keeps the ranks' forwards together instead, also the two-pass processor's, which ``synced_gpus``
+    skips on a rank that is done (so its per-step all-reduce would meet another rank's forward)."""
+    return {**generate_kwargs, "synced_gpus": False} if is_sharded(model) else generate_kwargs
+
+
+@leaves_no_hooks
+def _steered_generate(model, input_ids, attention_mask, config, **generate_kwargs):
     config = _generation_config(config)
     extra = list(generate_kwargs.pop("logits_processor", None) or [])
     options = model.generation_config.__class__.from_dict({**model.generation_config.to_dict(), **generate_kwargs})
@@ -958,7 +972,8 @@ def generate_answers(model, tokenizer, prompts: list[str], config: SteeringConfi
     rows, side = [], tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
     try:
-        with progress_bar(f"{mode} decoding", len(prompts), "prompt", enabled=progress) as bar:
+        gen = _unsynced(model, gen)
+        with progress_bar(f"{mode} decoding", len(prompts), "prompt", enabled=progress) as bar, lockstep(model):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)

@@ -19,6 +19,8 @@ from svd_lightning.logger import finish_run, run_writer, start_run
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.progress import say
 from svd_lightning.run import SteeringRun, attach_adapter, load_base, resolve_settings, tokenizer_hash
+import svd_lightning.strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
+from svd_lightning.sharding import full_adapter_state, is_sharded, lockstep, shard_model
 
 VARIANTS = ("plain", "base", "steered", "contrastive")  # contrastive: once a γ is set (ContrastiveBaseline)
 
@@ -166,6 +168,20 @@ class SteeringLM(L.LightningModule):
         return SteeringConfig(mu=self.mu, alpha=h.alpha, scoring_policy=h.scoring_policy, floor=h.floor,
                               direction=h.direction, forward_mode=h.forward_mode, gamma=self.gamma)
 
+    # -- sharding ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``--trainer.strategy fsdp2``): shard the model with FSDP2
+        over the data-parallel mesh (:mod:`svd_lightning.sharding`); other strategies: nothing to do."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.model):
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(f"SteeringLM shards data-parallel only (FSDP2), but the device mesh has tensor_parallel_size="
+                             f"{mesh['tensor_parallel'].size()}: use --trainer.strategy fsdp2 (svd_lightning.sharding."
+                             "FSDP2Strategy), or ModelParallelStrategy with tensor_parallel_size=1")
+        shard_model(self.model, mesh["data_parallel"] if "data_parallel" in names else mesh)
+
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -188,7 +204,7 @@ class SteeringLM(L.LightningModule):
         and bf16 vs fp32 by a median of 5; contrastive (γ = 5) by 0.7.
         """
         validate_choice_batch(batch)
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False), lockstep(self.model):
             return score_choices(self.model, batch, self.steering_config)
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
@@ -274,15 +290,16 @@ class SteeringLM(L.LightningModule):
             finish_run(self.trainer)
 
     def on_train_end(self):
+        adapter_state = full_adapter_state(self.model)  # sharded: gathered on every rank (a collective)
         writer = run_writer(self.trainer)
         if writer is None:
             return
         run = self.steering_state.run or (self.fixed_strength_run() if self.mu is not None else None)
         if run is None:  # no μ̄: the adapter alone, which is not a run to steer with
-            writer.save_adapter(self.model)
+            writer.save_adapter(self.model, adapter_state)
         else:  # with the contrastive γ when it was fit on these weights already (else it is added later)
             run.steering = run.steering.replace(gamma=self.gamma)
-            writer.write_run(self.model, run, self.tokenizer)
+            writer.write_run(self.model, run, self.tokenizer, adapter_state=adapter_state)
 
     def fixed_strength_run(self) -> SteeringRun:
         h = self.hparams

@@ -224,23 +224,26 @@ class RunWriter:
         os.replace(tmp, path)
         return path
 
-    def save_adapter(self, model) -> Path:
-        """peft ``save_pretrained`` into the run's ``adapter/`` (replacing one saved earlier in this run)."""
+    def save_adapter(self, model, state_dict: dict | None = None) -> Path:
+        """peft ``save_pretrained`` into the run's ``adapter/`` (replacing one saved earlier in this run).
+        ``state_dict``: the adapter's whole tensors when the model is sharded
+        (:func:`svd_lightning.sharding.full_adapter_state`), so the files are those of an unsharded run."""
         fault_point(f"write:{ADAPTER_DIR}")
         final = self.directory() / ADAPTER_DIR
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{ADAPTER_DIR}."))
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
 
-    def write_run(self, model, run: "SteeringRun", tokenizer=None) -> Path:
-        """The adapter, then ``steering.json`` bound to it and to the tokenizer by hash."""
+    def write_run(self, model, run: "SteeringRun", tokenizer=None, adapter_state: dict | None = None) -> Path:
+        """The adapter (``adapter_state``: see :meth:`save_adapter`), then ``steering.json`` bound to it
+        and to the tokenizer by hash."""
         if tokenizer is not None:
             run.tokenizer_sha256 = tokenizer_hash(tokenizer)
         if run.tokenizer_sha256 is None:
             raise RunError(f"{self.target}: a run records its tokenizer's hash: pass `tokenizer` or set tokenizer_sha256")
-        adapter = self.save_adapter(model)
+        adapter = self.save_adapter(model, adapter_state)
         run.adapter_sha256 = adapter_hash(adapter)
         run.versions = run.versions or library_versions()
         run.format_version = FORMAT_VERSION
