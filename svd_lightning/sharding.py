@@ -122,8 +122,11 @@ _ACTIVE: dict[int, _Lockstep] = {}
 
 
 @contextlib.contextmanager
-def lockstep(model) -> Iterator[None]:
+def lockstep(model) -> Iterator[_Lockstep | None]:
     """Every rank runs the same number of forwards of ``model`` inside this block (see the module doc).
+
+    Yields the region's counters (``forwards``, ``idle_forwards``, complete once the block has
+    exited), or None where it is a no-op.
 
     Enter it at the same point on every rank, around all the forwards whose count may differ by
     rank (a whole calibration pass, a scoring batch, all of a rank's generation). A no-op for a
@@ -131,13 +134,13 @@ def lockstep(model) -> Iterator[None]:
     An exception inside leaves the other ranks waiting, as any failed collective does.
     """
     if _world() == 1 or id(model) in _ACTIVE or not is_sharded(model):
-        yield
+        yield None
         return
     step = _ACTIVE[id(model)] = _Lockstep(model)
     # Before FSDP's own pre-forward hook (prepend), so the vote precedes the forward's all-gathers.
     handle = step.root.register_forward_pre_hook(step.before_forward, prepend=True, with_kwargs=True)
     try:
-        yield
+        yield step
         step.finish()
         step.root.reshard()  # FSDP keeps the root's weights whole after a forward (for a backward): free them
     finally:

@@ -2,6 +2,10 @@
 synthetic data, trainers and run directories of the tiny model."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -96,6 +100,48 @@ def write_truthfulqa(path: Path, n: int = 24) -> Path:
         })
     path.write_text(json.dumps(rows))
     return path
+
+
+def write_equal_answers(path: Path, n: int = 35) -> Path:
+    """A synthetic mc_task.json whose best answers all have the same number of tokens ("answer1".."answer4").
+
+    Data-parallel training averages per-rank mean losses, which equals one process's mean loss over
+    the same global batch only when every row has as many label tokens: with these answers a real
+    warm start (LoRA, IA3) gives the same weights on 1 rank and on N.
+    """
+    rows = []
+    for i in range(n):
+        a = [f"answer{(i + k) % 4 + 1}" for k in range(4)]
+        rows.append({
+            "question": f"What happens in case {i}?",
+            "mc1_targets": {a[0]: 1, a[1]: 0, a[2]: 0, **({a[3]: 0} if i % 2 else {})},
+            "mc2_targets": {a[0]: 1, a[3]: 1, a[1]: 0, **({a[2]: 0} if i % 3 else {})},
+        })
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(tmp_path: Path, data: Path, name: str, *args: str, timeout: float = 150) -> dict:
+    """``tests/ddp_worker.py`` on ``data`` with ``args`` (e.g. ``--devices 2 --strategy fsdp2``) in a fresh
+    process tree, its runs under ``tmp_path/name``; returns the JSON rank 0 wrote."""
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):  # no inherited launcher state
+        env.pop(key, None)
+    cmd = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), "--data", str(data), "--root", str(tmp_path / name),
+           "--out", str(out), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # a rank-0-only collective deadlocks instead of failing
+        pytest.fail(f"{name} timed out (collective mismatch?)\n{(e.stderr or b'')[-4000:]}")
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
 
 
 def tiny_datamodule(path, **kw):

@@ -113,7 +113,8 @@ def main(argv=None) -> None:
         max_epochs=1,
         max_steps=args.max_steps,
         logger=RunLogger(args.root, name="ddp", version=0),
-        callbacks=[extraction, solver, ContrastiveBaseline(), report, tables, *checkpoints],
+        # an interrupted warm start (--max-steps) is only its checkpoints: a half-trained adapter need not solve
+        callbacks=checkpoints or [extraction, solver, ContrastiveBaseline(), report, tables],
         enable_checkpointing=bool(checkpoints),
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -31,20 +31,13 @@ The same on N GPUs, with any config::
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import write_truthfulqa
+from conftest import run_worker, write_truthfulqa
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "ddp_worker.py"
 TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
@@ -52,25 +45,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path: Path, data: Path, devices: int) -> dict:
-    out = tmp_path / f"devices{devices}.json"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):  # no inherited launcher state
-        env.pop(key, None)
-    cmd = [sys.executable, str(WORKER), "--data", str(data), "--root", str(tmp_path / f"runs{devices}"),
-           "--out", str(out), "--devices", str(devices)]
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
-    except subprocess.TimeoutExpired as e:  # a rank-0-only collective deadlocks instead of failing
-        pytest.fail(f"devices={devices} timed out (collective mismatch?)\n{(e.stderr or b'')[-4000:]}")
-    assert proc.returncode == 0, f"devices={devices} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    return run_worker(tmp_path, data, f"devices{devices}", "--devices", str(devices))
 
 
 @pytest.mark.slow
