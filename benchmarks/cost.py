@@ -45,15 +45,30 @@ DEMO_TRAIN, DEMO_CALIB = 490, 163  # the demo's 60/20 split of 817 TruthfulQA qu
 PATHS = ("two_pass", "one_forward")
 
 
+def _release_free_heap() -> None:
+    """glibc's ``malloc_trim(0)``: freed heap pages back to the OS, so RSS is the memory in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS keeps the allocator's cache
+        pass
+
+
 class PeakMemory:
     """Extra peak memory (MB) of the code inside the ``with`` block.
 
     CPU: Linux's resettable RSS high-water mark (``/proc/self/clear_refs``), read before and after,
     with no sampling thread (a third thread on 2 cores would slow the very code it measures).
+    ``release``: hand free heap memory back to the OS first (glibc's ``malloc_trim``); without it,
+    memory an earlier call freed but the allocator kept is reused without raising the mark (the
+    figure is then a lower bound), with it the call pays page faults (time it separately).
     """
 
-    def __init__(self, device: torch.device):
-        self.device, self.extra_mb = device, float("nan")
+    def __init__(self, device: torch.device, release: bool = False):
+        self.device, self.extra_mb, self.release = device, float("nan"), release
 
     @staticmethod
     def _status_mb(field: str) -> float:
@@ -69,6 +84,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated() / 2**20
             return self
+        if self.release:
+            _release_free_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the high-water mark to the current RSS

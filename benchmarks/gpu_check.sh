@@ -9,6 +9,8 @@
 # 3. the cost benchmark on the tiny model and on SmolLM2-135M (when it can be had offline or fetched),
 #    on the device in the precision it runs fast (bf16 on GPUs that have it);
 # 4. `fit` of configs/tiny.yaml with strategy=ddp, devices=1 on the device;
+# 5. with at least 2 GPUs (or in the CPU dry run: 2 CPU ranks): `fit` of configs/tiny.yaml sharded,
+#    strategy=fsdp2, devices=2, and benchmarks/scale.py's 135M cell on 1 and 2 sharded ranks;
 # and writes OUT_DIR/gpu_check.json with each step's status, seconds and results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +65,19 @@ else
 fi
 step fit_ddp 90 "$PY" -m svd_lightning.cli fit --config configs/tiny.yaml --trainer.accelerator "$ACCEL" \
   --trainer.strategy ddp --trainer.devices 1 --trainer.default_root_dir "$OUT_DIR/runs/tiny"
+if [ "$DEVICE" = cuda ]; then
+  GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>>"$LOG" || echo 0)
+else
+  GPUS=2  # the dry run: 2 CPU ranks (gloo)
+fi
+if [ "${GPUS:-0}" -ge 2 ]; then
+  step fit_fsdp2 150 "$PY" -m svd_lightning.cli fit --config configs/tiny.yaml --trainer.accelerator "$ACCEL" \
+    --trainer.strategy fsdp2 --trainer.devices 2 --trainer.default_root_dir "$OUT_DIR/runs/tiny-fsdp2"
+  step scale_135m 240 "$PY" benchmarks/scale.py --device "$DEVICE" --sizes 135m --ranks 1 2 --steps 2 \
+    --results "$OUT_DIR/scale"
+else
+  STEPS+=("fit_fsdp2:skipped (${GPUS:-0} GPU: sharding needs at least 2):0")
+fi
 
 "$PY" - "$OUT_DIR" "${STEPS[@]}" <<'EOF'
 import json, sys, pathlib

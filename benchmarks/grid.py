@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -104,6 +105,77 @@ def commonsense(test: str, train: str | None = None, root: str = COMMONSENSE):
     )
 
 
+# -- evidence round 2: the demo regime on fresh questions -------------------------------------------
+# Questions no earlier selection or reported test used: every committed TruthfulQA cell's calib and
+# test rows (the format-1 split is seed 0's zero-shot split, which those cells include) and the README
+# demo's test split. Fresh seeds draw calib and test only from the rest; training may use any other row.
+FRESH_POOL = ROOT / "results" / "fresh_pool.json"
+DEMO_SPLIT = {"seed": 0, "split": (0.6, 0.2, 0.2)}  # configs/truthfulqa/lora.yaml: the demo's test split
+FRESH_SIZES = {"train": 490, "calib": 50, "test": 80}  # the demo regime's: 490 train, calib / test as its cells
+# Wide, log-spaced γ (0 = warm start): the first grid (±5 at most) had its edge picked in 4 of 5 seeds.
+WIDE_GAMMAS = (0.0,) + tuple(sign * round(10 ** (k / 4), 4) for k in range(-8, 9) for sign in (-1, 1))
+
+
+def used_rows(grid_dir: Path, data_path: str) -> dict[str, list[int]]:
+    """TruthfulQA file rows used to select or to report, by source: every committed cell's calib and
+    test rows (cells of truthfulqa tasks) and the demo's test split."""
+    used: dict[str, list[int]] = {}
+    for path in sorted(grid_dir.glob("truthfulqa*-epoch*.json")):
+        cell = json.loads(path.read_text())
+        if "split" in cell and not cell.get("fresh"):
+            used[path.stem] = sorted(set(cell["split"]["calib"]) | set(cell["split"]["test"]))
+    demo = TruthfulQADataModule(path=data_path, **DEMO_SPLIT)
+    used["readme_demo_test"] = split_record(demo)["test"]
+    return used
+
+
+def fresh_pool(grid_dir: Path, data_path: str) -> dict:
+    """The rows of ``data_path`` outside every used row (:func:`used_rows`), with what was excluded."""
+    used = used_rows(grid_dir, data_path)
+    dm = TruthfulQADataModule(path=data_path)
+    n = len(dm.load_examples())
+    excluded = set().union(*used.values())
+    return {"file": data_path, "questions": n, "excluded": len(excluded), "excluded_by": {k: len(v) for k, v in used.items()},
+            "pool": sorted(set(range(n)) - excluded)}
+
+
+class FreshTruthfulQA(TruthfulQADataModule):
+    """TruthfulQA whose calib and test questions come only from ``pool`` (file rows), drawn by ``seed``;
+    train is a seeded draw of the remaining questions (outside this seed's calib and test)."""
+
+    def __init__(self, pool: list[int], sizes: dict[str, int] = FRESH_SIZES, **kwargs):
+        super().__init__(**kwargs)
+        self.pool, self.sizes = set(pool), dict(sizes)
+
+    def split_examples(self, examples):
+        from svd_lightning.data.base import seeded_split
+
+        pool = [ex for ex in examples if ex.index in self.pool]
+        need = self.sizes["calib"] + self.sizes["test"]
+        if len(pool) < need:
+            raise ValueError(f"the fresh pool has {len(pool)} questions; calib + test need {need}")
+        drawn, _ = seeded_split(pool, (need / len(pool), 1 - need / len(pool)), self.seed)
+        calib, test = seeded_split(drawn, (self.sizes["calib"] / need, self.sizes["test"] / need), self.seed + 1)
+        held = {ex.index for ex in drawn}
+        rest = [ex for ex in examples if ex.index not in held]
+        train, _ = seeded_split(rest, (self.sizes["train"] / len(rest), 1 - self.sizes["train"] / len(rest)), self.seed + 2)
+        return train, calib, test
+
+
+def fresh_demo(seed: int):
+    record = json.loads(FRESH_POOL.read_text())
+    return FreshTruthfulQA(pool=record["pool"], path=record["file"], few_shot=True, instruction=True, seed=seed,
+                           max_length=512)
+
+
+def calibration_cost_questions(calibration_seconds: float, train_epoch_seconds: float, train_questions: int) -> int:
+    """The equal-cost baseline's extra training: as many questions as the calibration pass took the
+    time of (at the epoch's measured seconds per question), at least 1."""
+    if train_epoch_seconds <= 0 or train_questions <= 0:
+        raise ValueError("need a timed training epoch")
+    return max(1, math.ceil(calibration_seconds * train_questions / train_epoch_seconds))
+
+
 TASKS = {
     # Zero-shot prompts keep the grid within 2 CPU cores; the README demo uses the six-shot prompt.
     "truthfulqa": lambda seed: TruthfulQADataModule(
@@ -119,6 +191,8 @@ TASKS = {
     "boolq": commonsense("boolq/test.json", "boolq/train.json"),
     "piqa": commonsense("piqa/test.json"),
     "hellaswag": commonsense("hellaswag/test_approx_tagstripped.json"),
+    # The demo regime on the fresh pool (results/fresh_pool.json; `python benchmarks/grid.py --make-pool`).
+    "truthfulqa_fresh": fresh_demo,
 }
 # The two headline metrics of each task, primary first (calib selection uses the primary one).
 METRICS = {task: HEADLINE_METRICS["truthfulqa" if is_truthfulqa(task) else "choice"] for task in TASKS}
@@ -134,7 +208,12 @@ DETERMINISTIC_INIT = {"ia3"}
 LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
 TASK_LEARNING_RATE = {"truthfulqa_demo": 5e-5}  # the demo regime keeps the paper's rate
 # Cells trained only to their last evaluated epoch: the demo regime's 490-step epoch costs 20 min.
-NO_PLUS_ONE = {"truthfulqa_demo"}
+NO_PLUS_ONE = {"truthfulqa_demo", "truthfulqa_fresh"}
+FRESH = {"truthfulqa_fresh"}
+# The training-budget curve: also scored at these fractions of epoch 1 (epochs 1 and 2 are evaluated
+# epochs), and plain after epoch 1 + the calibration's cost in extra questions.
+BUDGETS = {"truthfulqa_fresh": (0.25, 0.5)}
+GAMMAS_FOR = {"truthfulqa_fresh": WIDE_GAMMAS}
 
 # (task, adapter, epochs evaluated, seeds) in run order. Every cell trains one epoch past its last
 # evaluated epoch and scores the plain adapter there: epoch e+1 is the equal-cost "+1 epoch" baseline
@@ -143,7 +222,8 @@ NO_PLUS_ONE = {"truthfulqa_demo"}
 OTHERS = [("arc_easy", "lora", (1, 2, 3)), ("arc_challenge", "lora", (1, 2, 3)), ("truthfulqa", "ia3", (1,)),
           ("truthfulqa", "prompt_tuning", (1,)), ("truthfulqa", "prefix_tuning", (1,)), ("truthfulqa", "p_tuning", (1,)),
           ("boolq", "lora", (1,)), ("piqa", "lora", (1,)), ("hellaswag", "lora", (1,))]
-GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1, 2, 3), (0, 1, 2))] + [
+GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1, 2, 3), (0, 1, 2)),
+        ("truthfulqa_fresh", "lora", (1, 2), (10, 11, 12, 13, 14))] + [
     (task, adapter, epochs, (seed,)) for seed in (0, 1, 2) for task, adapter, epochs in OTHERS
 ]
 
@@ -203,14 +283,14 @@ def per_question_lists(task: str, per_split: dict[str, dict[str, torch.Tensor]])
     return out
 
 
-def calibration_needs() -> CalibrationNeeds:
+def calibration_needs(gammas=GAMMAS) -> CalibrationNeeds:
     """Everything the grid's strengths need from the one calibration pass of an epoch."""
     statistics = {a: SETTINGS.replace(alpha=alpha) if alpha else SETTINGS.replace(scoring_policy="none")
                   for a, alpha in ALPHAS.items()}  # none: no mask, as the StrengthSolver solves it
     for key, alpha in LD_MASKS.items():
         ld = SETTINGS.replace(direction="logit_difference")
         statistics[key] = ld.replace(alpha=alpha) if alpha else ld.replace(scoring_policy="none")
-    return CalibrationNeeds(statistics=statistics, choice_caches=dict(CHOICE_FITS), grids={"contrastive": tuple(GAMMAS)})
+    return CalibrationNeeds(statistics=statistics, choice_caches=dict(CHOICE_FITS), grids={"contrastive": tuple(gammas)})
 
 
 def strengths(result: CalibrationPass) -> tuple[dict[str, dict[str, float]], dict]:
@@ -228,9 +308,9 @@ def strengths(result: CalibrationPass) -> tuple[dict[str, dict[str, float]], dic
     return mus, {"tokens": result.tokens["0.1"].stats.count}
 
 
-def variant_configs(mus: dict[str, dict[str, float]]) -> dict[str, SteeringConfig]:
+def variant_configs(mus: dict[str, dict[str, float]], gammas=GAMMAS) -> dict[str, SteeringConfig]:
     """Every scoring variant of one epoch as a named :class:`SteeringConfig` (the cell files' names)."""
-    out = {f"contrastive_g{g:+g}": SETTINGS.contrastive(gamma=g) for g in GAMMAS}
+    out = {f"contrastive_g{g:+g}": SETTINGS.contrastive(gamma=g) for g in gammas}
     ld = SETTINGS.replace(direction="logit_difference")
     for key, alpha in LD_MASKS.items():
         for strength, mu in mus.get(key, {}).items():
@@ -279,33 +359,68 @@ def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, 
 
 
 class EpochProbe(L.Callback):
+    """Scores a cell at the end of each evaluated epoch and, for tasks in :data:`BUDGETS`, at
+    fractions of the first epoch (the training-budget curve) and after the equal-cost extra
+    training of :func:`calibration_cost_questions` past epoch 1 (plain only)."""
+
     def __init__(self, cell: dict, epochs: set[int], out_dir: Path):
         self.cell, self.epochs, self.out_dir = cell, epochs, out_dir
         # Scored plain only: the "+1 epoch" baseline of the last evaluated epoch (None: not trained).
         self.plus_one = max(epochs) + 1 if cell["task"] not in NO_PLUS_ONE else None
-        self.epoch_start = 0.0
+        self.fractions = BUDGETS.get(cell["task"], ())
+        self.epoch_start = self.probing = 0.0  # probing: seconds of this epoch spent scoring mid-epoch
+
+    def path(self, label: str) -> Path:
+        return self.out_dir / f"{self.cell['name']}-epoch{label}.json"
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.epoch_start = time.perf_counter()
+        self.epoch_start, self.probing = time.perf_counter(), 0.0
+
+    def _training_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_start - self.probing
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.fractions:
+            return
+        step, steps = batch_idx + 1, trainer.num_training_batches
+        label, plain_only = None, False
+        if trainer.current_epoch == 0:
+            label = next((f"{f:g}" for f in self.fractions if step == max(1, round(f * steps)) and f < 1), None)
+        elif trainer.current_epoch == 1 and self.path("1").exists():
+            extra = json.loads(self.path("1").read_text()).get("calibration_cost_questions")
+            if extra and step * trainer.datamodule.train_batch_size == extra:
+                label, plain_only = "1+cal", True
+        if label is None or is_current(self.path(label)):
+            return
+        start = time.perf_counter()
+        self._probe(trainer, pl_module, label, plain_only, self._training_seconds(), step,
+                    epoch=trainer.current_epoch + step / trainer.num_training_batches)
+        self.probing += time.perf_counter() - start
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
-        train_seconds = time.perf_counter() - self.epoch_start
-        path = self.out_dir / f"{self.cell['name']}-epoch{epoch}.json"
-        if epoch not in self.epochs | {self.plus_one} or is_current(path):
+        if epoch not in self.epochs | {self.plus_one} or is_current(self.path(str(epoch))):
             return
+        self._probe(trainer, pl_module, str(epoch), epoch == self.plus_one, self._training_seconds(),
+                    trainer.num_training_batches, epoch)
+
+    def _probe(self, trainer, pl_module, label: str, plain_only: bool, train_seconds: float, step: int,
+               epoch: float):
+        """Score the model as trained so far (``epoch``: epochs of training, ``step`` of the current one)."""
+        path = self.path(label)
         dm, task = trainer.datamodule, self.cell["task"]
         model = pl_module.model
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        if epoch == self.plus_one:
+        gammas = GAMMAS_FOR.get(task, GAMMAS)
+        if plain_only:
             mus, diag, configs, calib_configs = None, None, None, None
         else:
-            result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(),
+            result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(gammas),
                                     desc="Calibration (every variant)")
             mus, diag = strengths(result)
-            configs = variant_configs(mus)
+            configs = variant_configs(mus, gammas)
             # choice_nll variants are scored on test only: their μ is fit to the calib questions' loss
             calib_configs = {name: c for name, c in configs.items() if "choice_nll" not in name}
         t1 = time.perf_counter()
@@ -322,7 +437,7 @@ class EpochProbe(L.Callback):
             "format": FORMAT,
             **self.cell,
             "epoch": epoch,
-            "baseline_only": epoch == self.plus_one,
+            "baseline_only": plain_only,
             "sizes": {"train": len(dm.train_set), "calib": len(dm.calib_set), "test": len(dm.test_set)},
             "primary": PRIMARY[task],
             "mu": mus,
@@ -339,17 +454,27 @@ class EpochProbe(L.Callback):
             "per_question": {"calib": per_question_lists(task, calib), "test": per_question_lists(task, test)},
             "split": split,
             "split_files": split_sources(dm),
+            "gammas": list(gammas),
         }
+        payload.update(label=label, step=step)
+        if not label.isdigit():  # a budget point or the +calibration-cost baseline (mid-epoch)
+            payload["budget"] = "calibration_cost" if plain_only else "fraction"
+        if label == "1" and self.fractions:  # the equal-cost baseline's extra training, measured here
+            # at most one more epoch (then it is the "+1 epoch" baseline): a cell's epoch 2 holds the probe
+            payload["calibration_cost_questions"] = min(calibration_cost_questions(t1 - t0, train_seconds, len(dm.train_set)),
+                                                        len(dm.train_set))
+        if task in FRESH:
+            payload["fresh"] = True
         if is_truthfulqa(task):  # MC1 per question too (0/1), the other headline number
             payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
         run_files.write_json(path, payload)
         head = PRIMARY[task]
         if mus is None:
-            print(f"[{self.cell['name']} epoch {epoch}] {head}: plain {payload['test']['plain'][head]:.4f} "
+            print(f"[{self.cell['name']} epoch {label}] {head}: plain {payload['test']['plain'][head]:.4f} "
                   f"(+1 epoch baseline; {t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)", flush=True)
             return
         print(
-            f"[{self.cell['name']} epoch {epoch}] {head}: base {payload['test']['base'][head]:.4f} "
+            f"[{self.cell['name']} epoch {label}] {head}: base {payload['test']['base'][head]:.4f} "
             f"plain {payload['test']['plain'][head]:.4f} exact(α=0.1) "
             f"{payload['test']['svd_a0.1_mask_generation_only_exact'][head]:.4f} μ={mus['0.1']['exact']:+.4f} "
             f"({t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)",
@@ -394,7 +519,7 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
              model: str = "smollm2-135m", limit: int | None = None, precision: str | None = None) -> None:
     name = f"{task}-{adapter}-seed{seed}"
     wanted = set(epochs)
-    done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") for e in wanted | {final_epoch(task, wanted)})  # noqa: E731
+    done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") for e in probe_labels(task, wanted))  # noqa: E731
     if done():
         print(f"[{name}] done, skipping", flush=True)
         return
@@ -405,6 +530,15 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
         _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit, precision)
         if done():
             shutil.rmtree(checkpoint_dir(out_dir, name), ignore_errors=True)  # the resume checkpoint (~0.5 GB)
+
+
+def probe_labels(task: str, epochs) -> set[str]:
+    """The file labels a finished cell has: its evaluated epochs, its "+1 epoch" baseline, and for
+    :data:`BUDGETS` tasks the fractions of epoch 1 and the "+calibration cost" baseline ("1+cal")."""
+    labels = {str(e) for e in set(epochs) | {final_epoch(task, epochs)}}
+    if task in BUDGETS:
+        labels |= {f"{f:g}" for f in BUDGETS[task]} | {"1+cal"}
+    return labels
 
 
 def final_epoch(task: str, epochs) -> int:
@@ -453,12 +587,20 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m", help="tiny-random for a smoke test")
     ap.add_argument("--limit", type=int, help="questions per split (smoke tests)")
     ap.add_argument("--epochs", type=int, nargs="+", help="evaluate only these epochs of each cell (a scoped run)")
+    ap.add_argument("--make-pool", action="store_true", help=f"write {FRESH_POOL.name} (the fresh questions) "
+                    "from the committed cells and the demo's split, then exit")
     ap.add_argument("--precision", choices=["32-true", BF16],
                     help="the warm start's (calibration and scoring are fp32 either way); default: bf16-mixed "
                          "where the CPU has native bf16, else 32-true (set it to reproduce a cell)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.make_pool:
+        record = fresh_pool(out, TruthfulQADataModule().path)
+        run_files.write_json(FRESH_POOL, record)
+        print(f"{FRESH_POOL}: {len(record['pool'])} fresh of {record['questions']} questions "
+              f"({record['excluded']} used by {len(record['excluded_by'])} sources)")
+        return
     torch.set_num_threads(int(os.environ.get("GRID_THREADS", torch.get_num_threads())))
     for task, adapter, epochs, seeds in GRID:
         if args.only and f"{task}-{adapter}" not in args.only:

@@ -11,6 +11,9 @@ comparison gets the same interval wherever it is printed.
 * :func:`selection_ci` -- a variant chosen on calib data: every replicate redoes the choice on
   resampled calib questions (in-sample, or leave-one-seed-out), so the winner's curse is inside
   the interval.
+* :func:`seed_t_interval` -- several seeds: Student's t interval over the per-seed gains alone,
+  the seed level without the bootstrap's help from the questions (wide with 2-3 seeds, and
+  honestly so); reported beside :func:`hierarchical_ci`.
 """
 
 from __future__ import annotations
@@ -121,3 +124,17 @@ def selection_ci(calib: dict[str, Sequence[np.ndarray]], test: dict[str, Sequenc
         gains = _resampled_means(diffs, rng, (n_boot, n_seeds))  # [B, S, V]
         per_slot.append(gains[np.arange(n_boot), :, chosen])  # [B, S]
     return _ci(mean, _over_drawn_seeds(per_slot, rng))
+
+
+def seed_t_interval(per_seed: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-seed values (gains) with Student's t interval over seeds: ``mean ± t · sd/√n``,
+    ``n - 1`` degrees of freedom. Treats each seed's value as one draw: the question-level noise
+    is inside each value's spread, not modelled apart. Needs at least two seeds."""
+    from scipy.stats import t
+
+    x = np.asarray(per_seed, dtype=np.float64).reshape(-1)
+    if x.size < 2:
+        raise ValueError(f"a seed-level interval needs at least 2 seeds, got {x.size}")
+    half = float(t.ppf(0.5 + level / 2, x.size - 1)) * x.std(ddof=1) / np.sqrt(x.size)
+    mean = float(x.mean())
+    return mean, mean - half, mean + half

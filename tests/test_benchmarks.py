@@ -273,3 +273,168 @@ def test_committed_results_record_no_machine_paths():
     absolute = re.compile(r'"/[A-Za-z]')  # a JSON string that is an absolute POSIX path
     for path in (BENCH / "results").rglob("*.json"):
         assert not absolute.search(path.read_text(encoding="utf-8")), path.relative_to(BENCH)
+
+
+# -- benchmarks/scale.py: the memory model's arithmetic --------------------------------------------------
+
+SMALL = dict(layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, vocab=300)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_scale_shape_counts_the_parameters_transformers_and_peft_build(tied):
+    scale = _load("scale")
+    shape = scale.Shape(**SMALL, tied=tied)
+    model = scale.build_model(shape)
+    assert sum(p.numel() for p in model.parameters()) == shape.params() + shape.lora_params()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == shape.lora_params()
+    with torch.device("meta"):  # the measured 1B shape, without allocating it
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        s = scale.SIZES["1b"]
+        big = LlamaForCausalLM(LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.ffn,
+                                           num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                                           num_key_value_heads=s.kv_heads, tie_word_embeddings=s.tied))
+    assert sum(p.numel() for p in big.parameters()) == s.params()
+
+
+def test_scale_kv_bytes_per_token_is_what_the_cache_holds():
+    scale = _load("scale")
+    shape = scale.Shape(**SMALL)
+    model = scale.build_model(shape).eval()
+    with torch.no_grad():
+        cache = model(input_ids=torch.arange(1, 8)[None], use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == 7 * shape.kv_bytes_per_token(4)
+
+
+def _cell(size, shape, a, b, c, f, ranks=1, extra_mb=50.0):
+    """A cell file whose training memory grows by L·(a·d + b·ffn) + c·V fp32 elements a token, forward-only by f·V."""
+    per_token = shape.layers * (a * shape.hidden + b * shape.ffn) + c * shape.vocab
+    units = {f"warm_start_b{bs}/train": {"tokens": tokens, "peak_extra_mb": extra_mb + per_token * 4 * tokens / 2**20}
+             for bs, tokens in ((1, 20), (4, 90))}
+    for unit in ("calibration", "scoring"):
+        for path in ("one_forward", "two_pass"):
+            units[f"{unit}/{path}"] = {"tokens": 100, "peak_extra_mb": f * shape.vocab * 4 * 100 / 2**20}
+    from dataclasses import asdict
+
+    return {"size": size, "ranks": ranks, "shape": asdict(shape), "params": shape.params(), "per_rank": [{"units": units}] * ranks}
+
+
+def test_scale_memory_model_recovers_known_coefficients():
+    scale = _load("scale")
+    shapes = {**scale.SIZES, **scale.PROBES}
+    cells = [_cell(name, shape, a=34.0, b=6.0, c=3.0, f=2.5) for name, shape in shapes.items()]
+    # a sharded cell: the same per-token growth, plus 1.5 x (root unit + 2 layers) gathered (fp32), on top of 50 MB
+    big = scale.SIZES["1b"]
+    gathered_mb = 1.5 * (big.root_params() + 2 * big.layer_params()) * 4 / 2**20
+    cells.append(_cell("1b", big, a=34.0, b=6.0, c=3.0, f=0.0, ranks=2, extra_mb=50.0 + gathered_mb))
+    small = scale.SIZES["135m"]  # a smaller model's larger factor is reported, not used
+    cells.append(_cell("135m", small, a=34.0, b=6.0, c=3.0, f=0.0, ranks=2,
+                       extra_mb=50.0 + 4.0 * (small.root_params() + 2 * small.layer_params()) * 4 / 2**20))
+    coef = scale.fit_memory_model(cells)
+    assert coef["a_per_layer_hidden"] == pytest.approx(34.0, rel=1e-6)
+    assert coef["b_per_layer_ffn"] == pytest.approx(6.0, rel=1e-5)
+    assert coef["c_per_vocab"] == pytest.approx(3.0, rel=1e-5)
+    assert coef["f_forward_per_vocab"] == pytest.approx(2.5, rel=1e-9)
+    assert coef["gather_factor"] == pytest.approx(1.5, rel=1e-9)
+    assert coef["gather_factors"] == pytest.approx([4.0, 1.5], rel=1e-9)  # smallest model first
+    with pytest.raises(ValueError, match="at least 3 sizes"):
+        scale.fit_memory_model(cells[:2])
+
+
+def test_scale_prediction_shards_weights_and_adapter_state():
+    scale = _load("scale")
+    coef = {"a_per_layer_hidden": 34.0, "b_per_layer_ffn": 6.0, "c_per_vocab": 3.0, "gather_factor": 1.5}
+    s = scale.TARGETS["70b"]
+    assert 69e9 < s.params() < 72e9  # Llama-3-70B: 70.6B
+    single, ddp, fsdp = (scale.predict(s, g, sh, coef) for g, sh in ((1, False), (8, False), (8, True)))
+    assert single["weights_gb"] == ddp["weights_gb"] == pytest.approx(s.params() * 2 / 1e9)
+    gathered = 1.5 * (s.root_params() + 2 * s.layer_params()) * 2
+    assert fsdp["weights_gb"] == pytest.approx((s.params() * 2 / 8 + gathered) / 1e9)
+    assert fsdp["adapter_state_gb"] == pytest.approx(s.lora_params() * 16 / 8 / 1e9)
+    assert not single["fits"] and not ddp["fits"] and fsdp["fits"]
+    free = 80e9 * 0.9 - (fsdp["weights_gb"] + fsdp["adapter_state_gb"]) * 1e9
+    assert fsdp["train_tokens_per_gpu"] == int(free // ((34.0 * s.hidden + 6.0 * s.ffn) * s.layers * 2 + 3.0 * s.vocab * 4))
+    assert fsdp["kv_tokens_per_gpu"] == int(free // (2 * s.kv_bytes_per_token(2)))
+
+
+# -- evidence round 2: the fresh pool, the budget probes, the equal-cost baseline ----------------------
+
+
+def test_fresh_pool_is_disjoint_from_every_used_question(tmp_path):
+    """The committed pool holds no calib or test question of any committed TruthfulQA cell and none
+    of the README demo's test split (recomputed here from the demo config's seed), and seeds drawn
+    from it keep calib, test and train apart."""
+    assert SHARED_TRUTHFULQA.exists(), f"shared data not found at {SHARED_TRUTHFULQA.resolve()} (CI has ../shared)"
+    grid = _load("grid")
+    committed = json.loads(grid.FRESH_POOL.read_text())
+    data = str(SHARED_TRUTHFULQA)  # the committed record names it relative to the repository
+    record = {**grid.fresh_pool(BENCH / "results" / "grid", data), "file": committed["file"]}
+    assert record == committed, "results/fresh_pool.json is stale: rerun `python benchmarks/grid.py --make-pool`"
+    pool = set(record["pool"])
+    from svd_lightning.data import TruthfulQADataModule
+
+    demo = TruthfulQADataModule(path=data, seed=0)
+    demo.prepare_data()
+    assert not pool & {ex.index for ex in demo.test_set}
+    checked = 0
+    for path in (BENCH / "results" / "grid").glob("truthfulqa*.json"):
+        split = json.loads(path.read_text())["split"]
+        assert not pool & (set(split["calib"]) | set(split["test"])), path.name
+        checked += 1
+    assert checked >= 5 and len(pool) >= sum(grid.FRESH_SIZES[k] for k in ("calib", "test"))
+    assert len(pool) + record["excluded"] == record["questions"] == 817
+
+    splits = []
+    for seed in (10, 11):
+        dm = grid.FreshTruthfulQA(pool=record["pool"], path=data, seed=seed)
+        dm.prepare_data()
+        train, calib, test = ({ex.index for ex in part} for part in (dm.train_set, dm.calib_set, dm.test_set))
+        assert (len(train), len(calib), len(test)) == (490, 50, 80)
+        assert calib <= pool and test <= pool and not calib & test and not train & (calib | test)
+        splits.append((calib, test))
+    assert splits[0] != splits[1]
+
+
+def test_equal_cost_baseline_trains_as_many_questions_as_calibration_costs():
+    grid = _load("grid")
+    # demo-like: calibration 98 s, an epoch of 490 questions 1000 s -> 48.02 -> 49 questions
+    assert grid.calibration_cost_questions(98.0, 1000.0, 490) == 49
+    assert grid.calibration_cost_questions(100.0, 1000.0, 490) == 49  # exactly 49.0
+    assert grid.calibration_cost_questions(0.001, 1000.0, 490) == 1  # at least one question
+    with pytest.raises(ValueError, match="timed training epoch"):
+        grid.calibration_cost_questions(5.0, 0.0, 490)
+    assert grid.probe_labels("truthfulqa_fresh", (1, 2)) == {"0.25", "0.5", "1", "2", "1+cal"}
+    assert grid.probe_labels("truthfulqa", (1,)) == {"1", "2"}
+    wide = grid.WIDE_GAMMAS
+    assert min(wide) == -100 and max(wide) == 100 and 0.0 in wide and len(set(wide)) == len(wide) == 35
+
+
+def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tmp_path, monkeypatch):
+    """The fresh-pool cell on the tiny model (zero-shot prompts: the tiny tokenizer would overflow the
+    six-shot one): files at ¼ and ½ of epoch 1, epochs 1 and 2 with every variant on the wide γ grid,
+    and the plain "+calibration cost" baseline after as many epoch-2 questions as epoch 1 recorded."""
+    assert SHARED_TRUTHFULQA.exists(), f"shared data not found at {SHARED_TRUTHFULQA.resolve()} (CI has ../shared)"
+    grid = _load("grid")
+    record = grid.fresh_pool(tmp_path / "no-cells", str(SHARED_TRUTHFULQA))
+    assert set(record["excluded_by"]) == {"readme_demo_test"}
+    monkeypatch.setitem(grid.TASKS, "truthfulqa_fresh", lambda seed: grid.FreshTruthfulQA(
+        pool=record["pool"], path=str(SHARED_TRUTHFULQA), few_shot=False, instruction=False, seed=seed, max_length=256))
+    out = tmp_path / "grid"
+    grid.main(["--model", "tiny-random", "--limit", "8", "--only", "truthfulqa_fresh-lora", "--seeds", "10", "--out", str(out)])
+    cells = {label: json.loads((out / f"truthfulqa_fresh-lora-seed10-epoch{label}.json").read_text())
+             for label in ("0.25", "0.5", "1", "1+cal", "2")}
+    assert [cells[k]["epoch"] for k in ("0.25", "0.5", "1", "2")] == [0.25, 0.5, 1.0, 2.0]
+    assert cells["0.25"]["step"] == 2 and cells["0.5"]["step"] == 4 and cells["0.25"]["budget"] == "fraction"
+    extra = cells["1"]["calibration_cost_questions"]
+    assert 1 <= extra <= 8
+    plus = cells["1+cal"]
+    assert plus["baseline_only"] and plus["budget"] == "calibration_cost" and plus["step"] == extra
+    assert plus["epoch"] == pytest.approx(1 + extra / 8) and set(plus["test"]) == {"plain"}
+    assert all(c["fresh"] for c in cells.values())
+    assert cells["1"]["gammas"] == list(grid.WIDE_GAMMAS)
+    assert {f"contrastive_g{g:+g}" for g in grid.WIDE_GAMMAS} <= set(cells["1"]["test"])
+    pool = set(record["pool"])
+    for c in cells.values():
+        assert set(c["split"]["calib"]) <= pool and set(c["split"]["test"]) <= pool
+    assert grid.is_current(out / "truthfulqa_fresh-lora-seed10-epoch2.json")

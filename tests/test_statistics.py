@@ -47,3 +47,20 @@ def test_leave_one_seed_out_selection_on_a_hand_built_table():
     assert statistics.selection_ci(calib, test, warm, np.random.default_rng(0), loso=False)[0] == pytest.approx(2 / 3)
     assert statistics.loso_picks({v: x[:1] for v, x in calib.items()}) is None  # one seed: nothing to leave out
     assert statistics.pick({"b": [np.ones(1)], "a": [np.ones(1)]}, [0]) == "a"  # ties: first by name
+
+
+def test_seed_t_interval_on_a_hand_built_table():
+    """Five seeds' gains 1..5: mean 3, sd √2.5, t(0.975, 4 df) = 2.776445 (printed t tables)."""
+    from svd_lightning.statistics import seed_t_interval
+
+    mean, lo, hi = seed_t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.776445105 * np.sqrt(2.5) / np.sqrt(5)
+    assert mean == 3.0
+    assert (lo, hi) == pytest.approx((3.0 - half, 3.0 + half), abs=1e-8)
+    # two seeds: 12.706 (1 df) times sd/√2 = |a - b|/2
+    _, lo2, hi2 = seed_t_interval([0.0, 2.0])
+    assert (lo2, hi2) == pytest.approx((1.0 - 12.7062047, 1.0 + 12.7062047), abs=1e-6)
+    _, lo90, hi90 = seed_t_interval([1.0, 2.0, 3.0, 4.0, 5.0], level=0.9)
+    assert lo < lo90 < hi90 < hi
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        seed_t_interval([1.0])
