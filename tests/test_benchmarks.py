@@ -307,7 +307,7 @@ def test_scale_kv_bytes_per_token_is_what_the_cache_holds():
     assert held == 7 * shape.kv_bytes_per_token(4)
 
 
-def _cell(size, shape, a, b, c, f, ranks=1, extra_mb=50.0):
+def _scale_cell(size, shape, a, b, c, f, ranks=1, extra_mb=50.0):
     """A cell file whose training memory grows by L·(a·d + b·ffn) + c·V fp32 elements a token, forward-only by f·V."""
     per_token = shape.layers * (a * shape.hidden + b * shape.ffn) + c * shape.vocab
     units = {f"warm_start_b{bs}/train": {"tokens": tokens, "peak_extra_mb": extra_mb + per_token * 4 * tokens / 2**20}
@@ -323,13 +323,13 @@ def _cell(size, shape, a, b, c, f, ranks=1, extra_mb=50.0):
 def test_scale_memory_model_recovers_known_coefficients():
     scale = _load("scale")
     shapes = {**scale.SIZES, **scale.PROBES}
-    cells = [_cell(name, shape, a=34.0, b=6.0, c=3.0, f=2.5) for name, shape in shapes.items()]
+    cells = [_scale_cell(name, shape, a=34.0, b=6.0, c=3.0, f=2.5) for name, shape in shapes.items()]
     # a sharded cell: the same per-token growth, plus 1.5 x (root unit + 2 layers) gathered (fp32), on top of 50 MB
     big = scale.SIZES["1b"]
     gathered_mb = 1.5 * (big.root_params() + 2 * big.layer_params()) * 4 / 2**20
-    cells.append(_cell("1b", big, a=34.0, b=6.0, c=3.0, f=0.0, ranks=2, extra_mb=50.0 + gathered_mb))
+    cells.append(_scale_cell("1b", big, a=34.0, b=6.0, c=3.0, f=0.0, ranks=2, extra_mb=50.0 + gathered_mb))
     small = scale.SIZES["135m"]  # a smaller model's larger factor is reported, not used
-    cells.append(_cell("135m", small, a=34.0, b=6.0, c=3.0, f=0.0, ranks=2,
+    cells.append(_scale_cell("135m", small, a=34.0, b=6.0, c=3.0, f=0.0, ranks=2,
                        extra_mb=50.0 + 4.0 * (small.root_params() + 2 * small.layer_params()) * 4 / 2**20))
     coef = scale.fit_memory_model(cells)
     assert coef["a_per_layer_hidden"] == pytest.approx(34.0, rel=1e-6)
