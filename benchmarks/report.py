@@ -33,7 +33,15 @@ from typing import Sequence
 import numpy as np
 
 from svd_lightning.run import atomic_write_text
-from svd_lightning.statistics import hierarchical_ci, in_sample_picks, loso_picks, pick, picked_gains, selection_ci
+from svd_lightning.statistics import (
+    hierarchical_ci,
+    in_sample_picks,
+    loso_picks,
+    pick,
+    picked_gains,
+    seed_t_interval,
+    selection_ci,
+)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_PAGE = ROOT.parent / "docs" / "results.md"
@@ -150,8 +158,10 @@ def _metric_stats(picks, metric: str, rng, selection: tuple | None = None) -> di
     else:
         calib, prefix_test, loso = selection
         mean, lo, hi = selection_ci(calib, prefix_test(metric), warm, rng, loso, n_boot=BOOTSTRAP)
+    # the seed level alone, beside the bootstrap: a t-interval over the per-seed gains (2+ seeds)
+    t_ci = list(seed_t_interval(per_seed)[1:]) if len(per_seed) >= 2 else None
     return {"test": float(np.mean([x.mean() for x in values])), "test_per_seed": [float(x.mean()) for x in values],
-            "gain": mean, "per_seed_gain": per_seed, "ci_low": lo, "ci_high": hi}
+            "gain": mean, "per_seed_gain": per_seed, "ci_low": lo, "ci_high": hi, "t_ci": t_ci}
 
 
 def _candidates(ds: list[dict], prefix: str, metric: str) -> tuple[dict, callable]:
@@ -382,7 +392,8 @@ def ci_text(lo: float, hi: float) -> str:
 def gain_text(s: dict) -> str:
     """``mean (seed0 / seed1 / ...) [CI]`` in points."""
     seeds = " / ".join(pct(x) for x in s["per_seed_gain"])
-    return f"{pct(s['gain'])} ({seeds}) {ci_text(s['ci_low'], s['ci_high'])}"
+    t = f" t{ci_text(*s['t_ci'])}" if s.get("t_ci") else ""
+    return f"{pct(s['gain'])} ({seeds}) {ci_text(s['ci_low'], s['ci_high'])}{t}"
 
 
 def level_text(s: dict) -> str:
@@ -397,7 +408,7 @@ def group_label(r: dict) -> str:
 def headline(by: dict) -> list[str]:
     """Per (task, adapter, epoch), the headline methods on both headline metrics: the warm start's level,
     every other method's gain over it with the per-seed gains and the 95% CI."""
-    lines = ["## Headline: gain vs warm start, points: mean (per seed) [95% CI]", "",
+    lines = ["## Headline: gain vs warm start, points: mean (per seed) [95% CI] t[seed-level 95% t-interval]", "",
              "Metrics: TruthfulQA MC2 and MC1; commonsense acc and acc_norm. Warm start: its level (per seed). "
              f"CIs resample seeds, then questions; for calib-selected rows also the selection. {DETERMINISTIC}: the "
              f"adapter's init ignores the seed (IA3): seeds vary the data only. {IDENTICAL}: every seed's warm start "

@@ -63,7 +63,9 @@ def grid_section(cells: dict, rows: list[dict], effects: list[dict]) -> list[str
         "order, the adapter init and dropout. Each cell records its questions' file rows, its data seed and a "
         "fingerprint of the initial adapter; IA3's init ignores the seed (marked †).",
         "- **Gain** = test points vs the warm start of the same seed: mean over seeds, the per-seed gains, and a "
-        "95 % hierarchical bootstrap CI (seeds, then questions within each seed; `svd_lightning.statistics`).",
+        "95 % hierarchical bootstrap CI (seeds, then questions within each seed; `svd_lightning.statistics`), and "
+        "with 2+ seeds `t[…]`: a 95 % Student t-interval over the per-seed gains alone (`seed_t_interval`), the seed "
+        "level without help from the questions (with 2-3 seeds it is wide, as the evidence is).",
         "- **Strengths without selection**: `choice_nll` (the μ minimising the calib multiple-choice loss) for "
         "SVDecode's δz (α = 0.1 mask) and for contrastive decoding `z_φ + γ(z_φ − z_θ)` (no mask; γ the calib-loss "
         f"minimiser over a {len(GAMMA_GRID)}-point grid incl. 0); `exact` (calib NLL of the reference answers' tokens); "

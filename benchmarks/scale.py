@@ -20,7 +20,7 @@ tokenizer, vocabulary 49152), fp32 on CPU. One result file per cell (size, ranks
 ``--results``: an interrupted run resumes where it stopped. ``--model-only`` rebuilds the table and
 the predictions from the cell files.
 
-    python benchmarks/scale.py                          # all cells (about 20 min on 2 CPU cores)
+    python benchmarks/scale.py --steps 2 --new-tokens 4 # the committed cells (26 min on 2 CPU cores, 1B sharded: 16)
     python benchmarks/scale.py --sizes 135m --steps 2   # one size: a smoke test
     python benchmarks/scale.py --device cuda --ranks 1 2 8
 """
