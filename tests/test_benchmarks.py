@@ -442,3 +442,18 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     for c in cells.values():
         assert set(c["split"]["calib"]) <= pool and set(c["split"]["test"]) <= pool
     assert grid.is_current(out / "truthfulqa_fresh-lora-seed10-epoch2.json")
+    # budget.py's rows from these cells: every budget, the next-budget and +calibration-cost comparisons
+    budget = _load("budget")
+    loaded = budget.load(out)
+    rows = {(r["budget"], r["method"]): r for r in budget.rows(loaded)}
+    nxt = rows[("0.25", "train to the next budget")]
+    metric = cells["0.25"]["primary"]
+    expected = np.mean(np.subtract(cells["0.5"]["per_question"]["test"][metric]["plain"],
+                                   cells["0.25"]["per_question"]["test"][metric]["plain"]))
+    assert nxt["gain_vs_warm"] == pytest.approx(expected, abs=1e-12)
+    assert ("1", "+ the calibration's cost in training questions") in rows and ("2", "train to the next budget") not in rows
+    contrastive = rows[("1", budget.CONTRASTIVE)]
+    assert contrastive["seeds"] == 1 and 0 <= contrastive["edge_picks"] <= 1
+    assert contrastive["by_metric"][metric]["t_ci"] is None  # one seed: no seed-level interval
+    md = budget.markdown(list(rows.values()), loaded)
+    assert "| 0.25 | train to the next budget |" in md and f"trained [{extra}] more questions" in md
