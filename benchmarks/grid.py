@@ -369,12 +369,17 @@ class EpochProbe(L.Callback):
         self.plus_one = max(epochs) + 1 if cell["task"] not in NO_PLUS_ONE else None
         self.fractions = BUDGETS.get(cell["task"], ())
         self.epoch_start = self.probing = 0.0  # probing: seconds of this epoch spent scoring mid-epoch
+        self.extra = None  # the +cal baseline's extra training questions (set in epoch 2)
 
     def path(self, label: str) -> Path:
         return self.out_dir / f"{self.cell['name']}-epoch{label}.json"
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_start, self.probing = time.perf_counter(), 0.0
+        # the +cal baseline's question count, read once (epoch 1's file: also after a resume)
+        first = self.path("1")
+        self.extra = json.loads(first.read_text()).get("calibration_cost_questions") if (
+            self.fractions and trainer.current_epoch == 1 and first.exists()) else None
 
     def _training_seconds(self) -> float:
         return time.perf_counter() - self.epoch_start - self.probing
@@ -386,10 +391,8 @@ class EpochProbe(L.Callback):
         label, plain_only = None, False
         if trainer.current_epoch == 0:
             label = next((f"{f:g}" for f in self.fractions if step == max(1, round(f * steps)) and f < 1), None)
-        elif trainer.current_epoch == 1 and self.path("1").exists():
-            extra = json.loads(self.path("1").read_text()).get("calibration_cost_questions")
-            if extra and step * trainer.datamodule.train_batch_size == extra:
-                label, plain_only = "1+cal", True
+        elif self.extra and step * trainer.datamodule.train_batch_size == self.extra:
+            label, plain_only = "1+cal", True
         if label is None or is_current(self.path(label)):
             return
         start = time.perf_counter()
@@ -596,7 +599,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.make_pool:
-        record = fresh_pool(out, TruthfulQADataModule().path)
+        record = fresh_pool(ROOT / "results" / "grid", TruthfulQADataModule().path)  # the committed cells, whatever --out
         run_files.write_json(FRESH_POOL, record)
         print(f"{FRESH_POOL}: {len(record['pool'])} fresh of {record['questions']} questions "
               f"({record['excluded']} used by {len(record['excluded_by'])} sources)")
