@@ -162,6 +162,44 @@ class FreshTruthfulQA(TruthfulQADataModule):
         return train, calib, test
 
 
+class DrawnTestCommonsense(CommonsenseDataModule):
+    """A commonsense set with a train file whose test questions are a seeded draw of the test file
+    (the parent keeps the whole file, so ``limit_test`` would give every seed its first rows), outside
+    ``exclude`` (rows an earlier cell reported)."""
+
+    def __init__(self, exclude: tuple[int, ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.exclude = set(exclude)
+
+    def split_examples(self, examples):
+        from svd_lightning.data.base import seeded_split
+
+        train, calib, test = super().split_examples(examples)
+        test = [ex for ex in test if ex.index not in self.exclude]
+        share = min(1.0, (self.limits[2] or len(test)) / len(test))
+        return train, calib, seeded_split(test, (share, 1 - share), self.seed + 1)[0]
+
+
+def reported_test_rows(test_file: str, grid_dir: Path = ROOT / "results" / "grid") -> tuple[int, ...]:
+    """Test rows of ``test_file`` that a committed round-1 cell reported."""
+    rows = set()
+    for path in grid_dir.glob("*-epoch*.json"):
+        cell = json.loads(path.read_text())
+        if cell.get("split_files", {}).get("test") == test_file:
+            rows |= set(cell["split"]["test"])
+    return tuple(sorted(rows))
+
+
+def commonsense_demo(test: str, train: str, root: str = COMMONSENSE):
+    """The demo-like regime on a commonsense set: the demo's 490 training questions (and its LR, see
+    :data:`TASK_LEARNING_RATE`); zero-shot, as these sets ship no fixed few-shot prompt."""
+    test_file = f"{root}/{test}"
+    return lambda seed: DrawnTestCommonsense(
+        test_path=test_file, train_path=f"{root}/{train}", exclude=reported_test_rows(test_file),
+        seed=seed, limit_train=490, limit_calib=60, limit_test=150, max_length=256,
+    )
+
+
 def fresh_demo(seed: int):
     record = json.loads(FRESH_POOL.read_text())
     return FreshTruthfulQA(pool=record["pool"], path=record["file"], few_shot=True, instruction=True, seed=seed,
@@ -193,6 +231,13 @@ TASKS = {
     "hellaswag": commonsense("hellaswag/test_approx_tagstripped.json"),
     # The demo regime on the fresh pool (results/fresh_pool.json; `python benchmarks/grid.py --make-pool`).
     "truthfulqa_fresh": fresh_demo,
+    # Round 2's equal-cost baselines elsewhere: the zero-shot TruthfulQA cells again (same seeds, so
+    # the same splits), now also scored after epoch 1 + the calibration's cost ...
+    "truthfulqa_equal_cost": lambda seed: TASKS["truthfulqa"](seed),
+    # ... and commonsense sets in the demo-like regime.
+    "arc_easy_demo": commonsense_demo("ARC-Easy/test.json", "ARC-Easy/train.json"),
+    "arc_challenge_demo": commonsense_demo("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
+    "boolq_demo": commonsense_demo("boolq/test.json", "boolq/train.json"),
 }
 # The two headline metrics of each task, primary first (calib selection uses the primary one).
 METRICS = {task: HEADLINE_METRICS["truthfulqa" if is_truthfulqa(task) else "choice"] for task in TASKS}
@@ -206,14 +251,18 @@ DETERMINISTIC_INIT = {"ia3"}
 # Raised from the paper's 5e-5 (which the README demo keeps): at 5e-5, 200 zero-shot questions move
 # SmolLM2's test MC2 by 0.04 points -- a warm start too weak to say anything about steering.
 LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
-TASK_LEARNING_RATE = {"truthfulqa_demo": 5e-5}  # the demo regime keeps the paper's rate
+DEMO_REGIME = {"truthfulqa_demo", "truthfulqa_fresh", "arc_easy_demo", "arc_challenge_demo", "boolq_demo"}
+TASK_LEARNING_RATE = {task: 5e-5 for task in DEMO_REGIME}  # the demo regime keeps the paper's rate
 # Cells trained only to their last evaluated epoch: the demo regime's 490-step epoch costs 20 min.
 NO_PLUS_ONE = {"truthfulqa_demo", "truthfulqa_fresh"}
 FRESH = {"truthfulqa_fresh"}
 # The training-budget curve: also scored at these fractions of epoch 1 (epochs 1 and 2 are evaluated
 # epochs), and plain after epoch 1 + the calibration's cost in extra questions.
 BUDGETS = {"truthfulqa_fresh": (0.25, 0.5)}
-GAMMAS_FOR = {"truthfulqa_fresh": WIDE_GAMMAS}
+# Round-2 tasks: also scored plain after epoch 1 + the calibration's cost ("1+cal"), on the wide γ grid.
+ROUND2 = {"truthfulqa_fresh", "truthfulqa_equal_cost", "arc_easy_demo", "arc_challenge_demo", "boolq_demo"}
+CAL_BASELINE = ROUND2
+GAMMAS_FOR = {task: WIDE_GAMMAS for task in ROUND2}
 
 # (task, adapter, epochs evaluated, seeds) in run order. Every cell trains one epoch past its last
 # evaluated epoch and scores the plain adapter there: epoch e+1 is the equal-cost "+1 epoch" baseline
@@ -225,7 +274,8 @@ OTHERS = [("arc_easy", "lora", (1, 2, 3)), ("arc_challenge", "lora", (1, 2, 3)),
 GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1, 2, 3), (0, 1, 2)),
         ("truthfulqa_fresh", "lora", (1, 2), (10, 11, 12, 13, 14))] + [
     (task, adapter, epochs, (seed,)) for seed in (0, 1, 2) for task, adapter, epochs in OTHERS
-]
+] + [(task, "lora", (1,), (10, 11, 12)) for task in ("arc_easy_demo", "arc_challenge_demo", "boolq_demo")] + [
+    ("truthfulqa_equal_cost", "lora", (1,), (0, 1, 2))]
 
 
 def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -368,6 +418,7 @@ class EpochProbe(L.Callback):
         # Scored plain only: the "+1 epoch" baseline of the last evaluated epoch (None: not trained).
         self.plus_one = max(epochs) + 1 if cell["task"] not in NO_PLUS_ONE else None
         self.fractions = BUDGETS.get(cell["task"], ())
+        self.cal_baseline = cell["task"] in CAL_BASELINE
         self.epoch_start = self.probing = 0.0  # probing: seconds of this epoch spent scoring mid-epoch
         self.extra = None  # the +cal baseline's extra training questions (set in epoch 2)
 
@@ -379,19 +430,19 @@ class EpochProbe(L.Callback):
         # the +cal baseline's question count, read once (epoch 1's file: also after a resume)
         first = self.path("1")
         self.extra = json.loads(first.read_text()).get("calibration_cost_questions") if (
-            self.fractions and trainer.current_epoch == 1 and first.exists()) else None
+            self.cal_baseline and trainer.current_epoch == 1 and first.exists()) else None
 
     def _training_seconds(self) -> float:
         return time.perf_counter() - self.epoch_start - self.probing
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.fractions:
+        if not (self.fractions or self.cal_baseline):
             return
         step, steps = batch_idx + 1, trainer.num_training_batches
         label, plain_only = None, False
         if trainer.current_epoch == 0:
             label = next((f"{f:g}" for f in self.fractions if step == max(1, round(f * steps)) and f < 1), None)
-        elif self.extra and step * trainer.datamodule.train_batch_size == self.extra:
+        elif self.extra and self._first_step_past(step, trainer.datamodule.train_batch_size, self.extra):
             label, plain_only = "1+cal", True
         if label is None or is_current(self.path(label)):
             return
@@ -399,6 +450,11 @@ class EpochProbe(L.Callback):
         self._probe(trainer, pl_module, label, plain_only, self._training_seconds(), step,
                     epoch=trainer.current_epoch + step / trainer.num_training_batches)
         self.probing += time.perf_counter() - start
+
+    @staticmethod
+    def _first_step_past(step: int, batch_size: int, questions: int) -> bool:
+        """The step whose batch brings the questions trained this epoch to ``questions`` or past it."""
+        return (step - 1) * batch_size < questions <= step * batch_size
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
@@ -462,7 +518,7 @@ class EpochProbe(L.Callback):
         payload.update(label=label, step=step)
         if not label.isdigit():  # a budget point or the +calibration-cost baseline (mid-epoch)
             payload["budget"] = "calibration_cost" if plain_only else "fraction"
-        if label == "1" and self.fractions:  # the equal-cost baseline's extra training, measured here
+        if label == "1" and self.cal_baseline:  # the equal-cost baseline's extra training, measured here
             # at most one more epoch (then it is the "+1 epoch" baseline): a cell's epoch 2 holds the probe
             payload["calibration_cost_questions"] = min(calibration_cost_questions(t1 - t0, train_seconds, len(dm.train_set)),
                                                         len(dm.train_set))
@@ -474,7 +530,7 @@ class EpochProbe(L.Callback):
         head = PRIMARY[task]
         if mus is None:
             print(f"[{self.cell['name']} epoch {label}] {head}: plain {payload['test']['plain'][head]:.4f} "
-                  f"(+1 epoch baseline; {t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)", flush=True)
+                  f"({'equal-cost' if label == '1+cal' else '+1 epoch'} baseline; {t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)", flush=True)
             return
         print(
             f"[{self.cell['name']} epoch {label}] {head}: base {payload['test']['base'][head]:.4f} "
@@ -539,8 +595,9 @@ def probe_labels(task: str, epochs) -> set[str]:
     """The file labels a finished cell has: its evaluated epochs, its "+1 epoch" baseline, and for
     :data:`BUDGETS` tasks the fractions of epoch 1 and the "+calibration cost" baseline ("1+cal")."""
     labels = {str(e) for e in set(epochs) | {final_epoch(task, epochs)}}
-    if task in BUDGETS:
-        labels |= {f"{f:g}" for f in BUDGETS[task]} | {"1+cal"}
+    labels |= {f"{f:g}" for f in BUDGETS.get(task, ())}
+    if task in CAL_BASELINE:
+        labels.add("1+cal")
     return labels
 
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Evidence round 2 (docs/results.md), resumable: every finished cell is one file and is skipped when
+# rerun. Two workers share the cells through lock files -- on 2 cores run two, one thread each:
+#   bash benchmarks/round2.sh & bash benchmarks/round2.sh
+# Fresh-question demo regime, then seeds 10-11 of the commonsense demo-like regime, the zero-shot
+# TruthfulQA equal-cost cells, and the commonsense seed 12 last (the order in which a cut costs least).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-.venv/bin/python}
+export GRID_THREADS=1 OMP_NUM_THREADS=1
+commonsense=(arc_easy_demo-lora arc_challenge_demo-lora boolq_demo-lora)
+"$py" benchmarks/grid.py --only truthfulqa_fresh-lora --seeds 10 11 12 13 14 --out benchmarks/results/grid_fresh
+"$py" benchmarks/grid.py --only "${commonsense[@]}" --seeds 10 11 --out benchmarks/results/grid_round2
+"$py" benchmarks/grid.py --only truthfulqa_equal_cost-lora --seeds 0 1 2 --out benchmarks/results/grid_round2
+"$py" benchmarks/grid.py --only "${commonsense[@]}" --seeds 12 --out benchmarks/results/grid_round2
