@@ -1,16 +1,24 @@
-"""The fresh-question demo regime (``grid.py``'s ``truthfulqa_fresh`` cells): gains at every training
-budget, against the equal-cost baselines, with both intervals.
+"""Evidence round 2 (the cells of ``benchmarks/round2.sh``): steering against the equal-cost baselines.
 
-At each budget (¼, ½, 1, 2 epochs of the same runs) the gain over that budget's warm start of:
-SVDecode's default (trimmed Fisher, α = 0.3), SVDecode with μ fit to the calib multiple-choice loss,
-contrastive decoding with γ fit the same way (no selection among variants), contrastive γ selected
-on calib over the wide grid (how many picks sit at its edge is reported), and simply training to the
-next budget. At epoch 1 also the two equal-cost baselines: "+1 epoch" and "+ the calibration's cost"
-(as many more training questions as the calibration pass took the time of, ``1+cal``). Gains use
-:mod:`benchmarks.report`'s rows: a hierarchical bootstrap CI (seeds, then questions; selection redone
-for selected rows) and, with 2+ seeds, the t-interval over seeds.
+Three parts, all from the cell files (``grid.py``), statistics from :mod:`benchmarks.report`:
 
-    python benchmarks/budget.py                       # results/grid_fresh -> results/budget_summary.{json,md}
+* **The re-chosen default.** :func:`report.choose_default`'s rule (the SVDecode variant with the best
+  calib MC2 gain) at epoch 1 on round 1's TruthfulQA LoRA cells, counting only calib questions that
+  no result reports as test (every committed TruthfulQA cell's test rows and the README demo's test
+  split). Its winner's curse is measured: its gain on the selection questions beside its gain on the
+  round-2 test questions, which it never saw.
+* **Equal cost, every round-2 regime, epoch 1.** The gain over the warm start of the defaults (old
+  and re-chosen), SVDecode and contrastive decoding with the strength fit to the calib multiple-choice
+  loss (no selection among variants), contrastive γ selected on calib over the wide grid (with how
+  many picks sit at its edge), and the two equal-cost baselines: one more epoch, and "+ the
+  calibration's cost" (as many more training questions as the calibration pass took the time of).
+* **The training-budget curve** (the fresh-question demo regime): the same rows at ¼, ½, 1 and 2
+  epochs of the same runs, with "train to the next budget"; a plot, and SVDecode's worth in epochs.
+
+Rows carry a hierarchical bootstrap CI (seeds, then questions; selection redone for selected rows)
+and, with 2+ seeds, the t-interval over seeds.
+
+    python benchmarks/budget.py    # results/grid_fresh, grid_round2 -> results/budget_summary.{json,md}, budget_curve.png
 """
 
 from __future__ import annotations
@@ -21,51 +29,103 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import DEFAULT, FORMAT, _candidates, _row, gain_text, in_sample_picks, level_text  # noqa: E402
+from report import (  # noqa: E402
+    DEFAULT, FORMAT, _candidates, _row, choose_default, gain_text, in_sample_picks, level_text, load as load_grid,
+    pct, row_rng, ci_text,
+)
 
 from svd_lightning.run import atomic_write_text  # noqa: E402
+from svd_lightning.statistics import hierarchical_ci, seed_t_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-BUDGETS = ("0.25", "0.5", "1", "2")
-FIXED = {  # no selection among variants
-    "SVDecode (trimmed Fisher, α=0.3: default)": DEFAULT,
+RESULTS = ROOT / "results"
+CELL_DIRS = (RESULTS / "grid_fresh", RESULTS / "grid_round2")
+BUDGETS = ("0.25", "0.5", "1", "2")  # epochs of training, in order
+CAL = "1+cal"  # epoch 1 + the calibration's cost in training questions
+CURVE = "truthfulqa_fresh"  # the task with the training-budget curve
+REGIMES = {  # round-2 task -> what it is
+    "truthfulqa_fresh": "TruthfulQA, demo regime (six-shot, LR 5e-5), fresh questions",
+    "truthfulqa_equal_cost": "TruthfulQA, zero-shot, LR 5e-4 (round 1's splits)",
+    "arc_easy_demo": "ARC-Easy, demo-like (LR 5e-5, 490 train q.)",
+    "arc_challenge_demo": "ARC-Challenge, demo-like (LR 5e-5, 490 train q.)",
+    "boolq_demo": "BoolQ, demo-like (LR 5e-5, 490 train q.)",
+}
+OLD_DEFAULT = "SVDecode, old default (trimmed Fisher, α=0.3)"
+NEW_DEFAULT = "SVDecode, re-chosen default"
+FIXED = {  # no selection among variants on the reported seeds
+    OLD_DEFAULT: DEFAULT,
     "SVDecode (choice_nll μ, α=0.1)": "svd_a0.1_mask_generation_only_choice_nll",
     "contrastive (choice_nll γ, no mask)": "ld_none_choice_nll",
 }
 CONTRASTIVE = "contrastive γ (selected on calib, wide grid)"
+NEXT = "train to the next budget"
+PLUS_ONE = "+1 epoch"
+PLUS_CAL = "+ the calibration's cost in training questions"
 
 
-def load(fresh_dir: Path) -> dict[str, dict[int, dict]]:
-    """label ("0.25", …, "1+cal") -> seed -> cell, for the current format."""
-    out: dict[str, dict[int, dict]] = defaultdict(dict)
-    for path in sorted(fresh_dir.glob("*.json")):
-        d = json.loads(path.read_text())
-        if d.get("format") == FORMAT and d.get("fresh"):
-            out[d.get("label", str(d["epoch"]))][d["seed"]] = d
+def load(*dirs: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """task -> label ("0.25", …, "1+cal") -> seed -> cell, for the current format."""
+    out: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for directory in dirs:
+        for path in sorted(Path(directory).glob("*.json")):
+            d = json.loads(path.read_text())
+            if d.get("format") == FORMAT and "label" in d:
+                out[d["task"]][d["label"]][d["seed"]] = d
     return out
 
 
-def rows(cells: dict[str, dict[int, dict]]) -> list[dict]:
-    """One row per (budget, method), over the seeds that have the budget (and, for a comparison, the
-    other budget it needs)."""
+def reported_test_rows(round1: Path, cells: dict) -> set[int]:
+    """TruthfulQA file rows some result reports as test: every TruthfulQA cell's (round 1 and
+    round 2) and the README demo's test split."""
+    from grid import DEMO_SPLIT, split_record
+
+    from svd_lightning.data import TruthfulQADataModule
+
+    rows = {row for labels in cells.values() for seeds in labels.values() for d in seeds.values()
+            if d["task"].startswith("truthfulqa") for row in d["split"]["test"]}
+    r1, _ = load_grid(round1, quiet=True)
+    rows |= {row for (task, _, _), seeds in r1.items() if task.startswith("truthfulqa")
+             for d in seeds.values() for row in d["split"]["test"]}
+    return rows | set(split_record(TruthfulQADataModule(**DEMO_SPLIT))["test"])
+
+
+def rechoose(round1: Path, exclude: set[int]) -> dict:
+    """The default chosen at epoch 1 on round 1's TruthfulQA LoRA calib questions outside ``exclude``."""
+    r1, _ = load_grid(round1, quiet=True)
+    selection = [d for (task, adapter, epoch), seeds in sorted(r1.items())
+                 if task in ("truthfulqa", "truthfulqa_demo") and adapter == "lora" and epoch == 1
+                 for _, d in sorted(seeds.items())]
+    chosen = choose_default(selection, exclude)
+    old = next(i for i, r in enumerate(chosen["ranking"]) if r["variant"] == DEFAULT)
+    return {**chosen, "old_default": DEFAULT, "old_default_rank": old + 1,
+            "old_default_selection_gain": chosen["ranking"][old]["selection_gain"]}
+
+
+def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None = None) -> list[dict]:
+    """One row per (budget, method) of a task, over the seeds that have the budget (a comparison
+    needs every one of them to have the later cell too)."""
     out = []
-    for i, label in enumerate(BUDGETS):
-        seeds = cells.get(label, {})
-        if not seeds:
-            continue
+    full = [b for b in BUDGETS if labels.get(b) and not any(d["baseline_only"] for d in labels[b].values())]
+    for label in full:
+        seeds = labels[label]
         ds = [seeds[s] for s in sorted(seeds)]
         metric, metrics = ds[0]["primary"], list(ds[0]["metrics"])
-        key = ("truthfulqa_fresh", "lora", label)
+        key = (task, ds[0]["adapter"], label)
         methods = {"warm start": [("plain", d, d) for d in ds], "pre-trained": [("base", d, d) for d in ds]}
-        methods.update({name: [(v, d, d) for d in ds] for name, v in FIXED.items()})
-        comparisons = {"train to the next budget": BUDGETS[i + 1] if i + 1 < len(BUDGETS) else None}
+        fixed = dict(FIXED)
+        if new_default:
+            fixed = {NEW_DEFAULT: new_default, **fixed}
+        methods.update({name: [(v, d, d) for d in ds] for name, v in fixed.items()})
+        later = BUDGETS[BUDGETS.index(label) + 1] if label != BUDGETS[-1] else None
+        comparisons = {PLUS_ONE if label == "1" else NEXT: later}
         if label == "1":
-            comparisons["+ the calibration's cost in training questions"] = "1+cal"
-        for name, later in comparisons.items():
-            if later and all(s in cells.get(later, {}) for s in seeds):
-                methods[name] = [("plain", cells[later][s], seeds[s]) for s in sorted(seeds)]
+            comparisons[PLUS_CAL] = CAL
+        for name, nxt in comparisons.items():
+            if nxt and all(s in labels.get(nxt, {}) for s in seeds):
+                methods[name] = [("plain", labels[nxt][s], seeds[s]) for s in sorted(seeds)]
         for name, picks in methods.items():
             out.append({**_row(key, name, picks, metric, metrics, None), "budget": label})
         calib, test_of = _candidates(ds, "contrastive_", metric)
@@ -78,34 +138,164 @@ def rows(cells: dict[str, dict[int, dict]]) -> list[dict]:
     return out
 
 
-def markdown(table: list[dict], cells: dict) -> str:
-    extra = sorted({d["calibration_cost_questions"] for d in cells.get("1", {}).values()})
-    lines = ["# The demo regime on fresh questions: gains at every training budget", "",
-             "Seeds per budget: " + ", ".join(f"{b}: {sorted(cells.get(b, {}))}" for b in (*BUDGETS, "1+cal")) + ". "
-             f"The +calibration-cost baseline trained {extra} more questions. Points vs the same budget's warm start: "
-             "mean (per seed) [95% hierarchical CI] t[95% t-interval over seeds].", "",
-             "| budget (epochs) | method | MC2 | MC1 |", "|---|---|---|---|"]
-    for r in table:
-        m1, m2 = r["metrics"][0], r["metrics"][1]
-        text = level_text if r["method"] == "warm start" else gain_text
-        note = f" ({r['edge_picks']} of {r['seeds']} picks at the grid's edge)" if "edge_picks" in r else ""
-        lines.append(f"| {r['budget']} | {r['method']}{note} | {text(r['by_metric'][m1])} | {text(r['by_metric'][m2])} |")
+def worth(labels: dict[str, dict[int, dict]], variant: str) -> dict | None:
+    """Steering at epoch 1 against one more epoch, on the same test questions: the gain of each over
+    the epoch-1 warm start, their paired difference (steered − trained; hierarchical CI and seed
+    t-interval), the ratio of the mean gains (epochs of training the steering is worth) and the
+    calibration's cost as a share of an epoch's training time."""
+    one, two = labels.get("1", {}), labels.get("2", {})
+    seeds = sorted(s for s in one if s in two)
+    if len(seeds) < 2:
+        return None
+    metric = one[seeds[0]]["primary"]
+    steer = [np.asarray(one[s]["per_question"]["test"][metric][variant]) for s in seeds]
+    warm = [np.asarray(one[s]["per_question"]["test"][metric]["plain"]) for s in seeds]
+    trained = [np.asarray(two[s]["per_question"]["test"][metric]["plain"]) for s in seeds]
+    rng = row_rng("worth", variant)
+    diff = hierarchical_ci([a - b for a, b in zip(steer, trained)], rng)
+    gain_steer = hierarchical_ci([a - w for a, w in zip(steer, warm)], rng)
+    gain_train = hierarchical_ci([b - w for b, w in zip(trained, warm)], rng)
+    cost = [one[s]["seconds"]["calibration"] / one[s]["seconds"]["train_epoch"] for s in seeds]
+    return {"variant": variant, "metric": metric, "seeds": seeds, "steer_gain": gain_steer, "train_gain": gain_train,
+            "difference": diff, "difference_t": seed_t_interval([float(np.mean(a - b)) for a, b in zip(steer, trained)]),
+            "epochs_worth": gain_steer[0] / gain_train[0] if gain_train[0] > 0 else None,
+            "cost_share": float(np.mean(cost)), "cost_share_per_seed": cost}
+
+
+def worth_sentence(w: dict | None) -> str:
+    if w is None:
+        return "(needs epochs 1 and 2 of two or more seeds)"
+    m = w["metric"].upper()
+    s, t, d = w["steer_gain"], w["train_gain"], w["difference"]
+    # a ratio of two noisy means: only a point estimate, and only when training's own gain is clearly > 0
+    epochs = (f"about {w['epochs_worth']:.2f} epochs of training (a ratio of means; the difference's interval is "
+              "the evidence)" if w["epochs_worth"] is not None and w["epochs_worth"] > 0 and t[1] > 0
+              else "no measurable amount of training")
+    return (f"On SmolLM2-135M in this regime, `{w['variant']}` is worth {epochs}, at {100 * w['cost_share']:.0f} % of an "
+            f"epoch's cost: at epoch 1 it gains {pct(s[0])} {m} {ci_text(*s[1:])}, one more epoch gains {pct(t[0])} "
+            f"{ci_text(*t[1:])}; steering − training {pct(d[0])} {ci_text(*d[1:])} t{ci_text(*w['difference_t'][1:])} "
+            f"({len(w['seeds'])} seeds, paired on the same test questions).")
+
+
+def plot_curve(labels: dict[str, dict[int, dict]], new_default: str | None, path: Path) -> Path | None:
+    """Test MC2 against training budget: the warm start, and steering on top of it at each budget."""
+    seeds = sorted(set.intersection(*(set(labels.get(b, {})) for b in BUDGETS)) if all(labels.get(b) for b in BUDGETS) else set())
+    if not seeds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = labels["1"][seeds[0]]["primary"]
+    xs = [float(b) for b in BUDGETS]
+
+    def level(label: str, variant: str) -> tuple[float, float, float]:
+        v = [100 * labels[label][s]["test"][variant][metric] for s in seeds]
+        return float(np.mean(v)), min(v), max(v)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = [("warm start (trained to this budget)", "plain", "k", "o-")]
+    if new_default:
+        series.append((f"+ SVDecode, re-chosen default", new_default, "tab:blue", "s--"))
+    series += [(f"+ SVDecode, old default", DEFAULT, "tab:gray", "v:"),
+               ("+ contrastive (choice_nll γ)", "ld_none_choice_nll", "tab:orange", "^--")]
+    for name, variant, color, style in series:
+        points = [level(b, variant) for b in BUDGETS]
+        ax.plot(xs, [p[0] for p in points], style, color=color, label=name)
+        if variant == "plain":
+            ax.fill_between(xs, [p[1] for p in points], [p[2] for p in points], color=color, alpha=0.1, lw=0)
+    if all(s in labels.get(CAL, {}) for s in seeds):
+        cal = [labels[CAL][s] for s in seeds]
+        ax.plot([float(np.mean([d["epoch"] for d in cal]))], [float(np.mean([100 * d["test"]["plain"][metric] for d in cal]))],
+                "D", color="tab:green", label="warm start, epoch 1 + the calibration's cost")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel("training budget (epochs of 490 questions)")
+    ax.set_ylabel(f"test {metric.upper()} (%), mean of {len(seeds)} seeds")
+    ax.set_title(f"SmolLM2-135M LoRA, TruthfulQA demo regime, fresh questions (band: warm start's seed range)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def markdown(tables: dict[str, list[dict]], cells: dict, chosen: dict | None, sentences: list[str]) -> str:
+    lines = ["# Evidence round 2 (generated by `benchmarks/budget.py`)", "",
+             "Points vs the same budget's warm start of the same seed: mean (per seed) [95 % hierarchical CI] "
+             "t[95 % t-interval over seeds]. Seeds: " + "; ".join(
+                 f"{task}: " + ", ".join(f"{b} {sorted(cells[task][b])}" for b in (*BUDGETS, CAL) if cells[task].get(b))
+                 for task in tables) + ".", ""]
+    if chosen:
+        top = chosen["ranking"][0]
+        lines += ["## The re-chosen default", "",
+                  f"Chosen at epoch 1 on round 1's TruthfulQA LoRA cells ({', '.join(chosen['cells'])}), counting only their "
+                  f"calib questions that no result reports as test ({sum(chosen['questions'])} question-cells, "
+                  f"{len(chosen['questions_used'])} distinct questions): `{chosen['variant']}`, selection-set gain "
+                  f"{pct(top['selection_gain'])} {chosen['metric'].upper()} (per cell " + " / ".join(pct(x) for x in top["per_cell"])
+                  + f"); the old default `{chosen['old_default']}` ranked {chosen['old_default_rank']} of {len(chosen['ranking'])} "
+                  f"({pct(chosen['old_default_selection_gain'])}). The best of {len(chosen['ranking'])} on these questions "
+                  "carries a winner's curse: its gains on the round-2 test questions below are the honest estimate.", ""]
+    lines += ["## Equal cost at epoch 1, every round-2 regime", "",
+              "| regime | seeds × test q. | method | metric 1 | metric 2 |", "|---|---|---|---|---|"]
+    for task, table in tables.items():
+        for r in table:
+            if r["budget"] != "1":
+                continue
+            lines.append(_line(REGIMES.get(task, task), r))
+    curve = tables.get(CURVE)
+    if curve:
+        extra = sorted({d["calibration_cost_questions"] for d in cells[CURVE].get("1", {}).values()})
+        lines += ["", "## The training-budget curve (TruthfulQA, demo regime, fresh questions)", "",
+                  f"The +calibration-cost baseline trained {extra} more questions.", "",
+                  "| budget (epochs) | method | MC2 | MC1 |", "|---|---|---|---|"]
+        for r in curve:
+            m1, m2 = r["metrics"][0], r["metrics"][1]
+            text = level_text if r["method"] == "warm start" else gain_text
+            lines.append(f"| {r['budget']} | {_name(r)} | {text(r['by_metric'][m1])} | {text(r['by_metric'][m2])} |")
+    lines += ["", "## What steering is worth in training", ""] + [f"- {s}" for s in sentences]
     return "\n".join(lines) + "\n"
+
+
+def _name(r: dict) -> str:
+    note = f" ({r['edge_picks']} of {r['seeds']} picks at the grid's edge)" if "edge_picks" in r else ""
+    return r["method"] + note
+
+
+def _line(regime: str, r: dict) -> str:
+    text = level_text if r["method"] == "warm start" else gain_text
+    cells = " | ".join(f"{m} {text(r['by_metric'][m])}" for m in r["metrics"][:2])
+    items = "/".join(str(n) for n in sorted(set(r["questions_per_seed"])))
+    return f"| {regime} | {r['seeds']} × {items} | {_name(r)} | {cells} |"
+
+
+def summarise(cells: dict, round1: Path) -> dict:
+    """Everything the page and the summary show: the re-chosen default, every task's rows, the sentences."""
+    chosen = rechoose(round1, reported_test_rows(round1, cells)) if cells else None
+    new = chosen["variant"] if chosen else None
+    tables = {task: rows(task, cells[task], new) for task in REGIMES if task in cells}
+    tables = {task: table for task, table in tables.items() if table}
+    worths = [w for w in (worth(cells.get(CURVE, {}), v) for v in ([new] if new else []) + [DEFAULT]) if w]
+    return {"chosen": chosen, "tables": tables, "worth": worths, "sentences": [worth_sentence(w) for w in worths]}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fresh", type=Path, default=ROOT / "results" / "grid_fresh")
-    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--cells", type=Path, nargs="+", default=list(CELL_DIRS), help="round-2 cell directories")
+    ap.add_argument("--round1", type=Path, default=RESULTS / "grid", help="round 1's cells (the default is chosen on them)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    cells = load(args.fresh)
+    cells = load(*args.cells)
     if not cells:
-        raise SystemExit(f"no fresh cells in {args.fresh}; run `python benchmarks/grid.py --only truthfulqa_fresh-lora`")
-    table = rows(cells)
-    atomic_write_text(args.out / "budget_summary.json", json.dumps(table, indent=1, default=float))
-    md = markdown(table, cells)
+        raise SystemExit(f"no round-2 cells in {args.cells}; run `bash benchmarks/round2.sh`")
+    summary = summarise(cells, args.round1)
+    atomic_write_text(args.out / "budget_summary.json", json.dumps(summary, indent=1, default=float))
+    md = markdown(summary["tables"], cells, summary["chosen"], summary["sentences"])
     atomic_write_text(args.out / "budget_summary.md", md)
+    plot = plot_curve(cells.get(CURVE, {}), summary["chosen"] and summary["chosen"]["variant"], args.out / "budget_curve.png")
     print(md)
+    print(f"wrote {args.out / 'budget_summary.md'}, {args.out / 'budget_summary.json'}" + (f", {plot}" if plot else ""))
 
 
 if __name__ == "__main__":

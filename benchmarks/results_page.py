@@ -25,7 +25,7 @@ COMPACT = {
     "SVDecode exact": "SVDecode (exact, α=0.1)",
     "paper recipe": "SVDecode (paper: mean μ*, mask)",
     "mask only": "mask only, μ=0 (α=0.1)",
-    "trimmed Fisher α=0.3": "SVDecode (trimmed Fisher, α=0.3: TruthfulQA default)",
+    "trimmed Fisher α=0.3": "SVDecode (trimmed Fisher, α=0.3: old TruthfulQA default)",
     "SVDecode best on calib": "SVDecode (selected on calib)",
     "contrastive γ best on calib": "contrastive γ (selected on calib)",
     "+1 epoch": "warm start +1 epoch",
@@ -129,7 +129,7 @@ def reading(by: dict, one_seed: list) -> list[str]:
     """What the grid says, each statement built from the rows it is about."""
     zs, demo = ("truthfulqa", "lora", 1), ("truthfulqa_demo", "lora", 1)
     r = lambda key, method: by.get((*key, method))  # noqa: E731
-    default, plus1 = "SVDecode (trimmed Fisher, α=0.3: TruthfulQA default)", "warm start +1 epoch"
+    default, plus1 = "SVDecode (trimmed Fisher, α=0.3: old TruthfulQA default)", "warm start +1 epoch"
     sel, con = "SVDecode (selected on calib)", "contrastive γ (selected on calib)"
     lines = ["**Reading, losses included.**", ""]
     if r(demo, default) and r(zs, default):
