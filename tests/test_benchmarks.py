@@ -445,15 +445,81 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     # budget.py's rows from these cells: every budget, the next-budget and +calibration-cost comparisons
     budget = _load("budget")
     loaded = budget.load(out)
-    rows = {(r["budget"], r["method"]): r for r in budget.rows(loaded)}
+    assert set(loaded) == {"truthfulqa_fresh"}
+    rows = {(r["budget"], r["method"]): r for r in budget.rows("truthfulqa_fresh", loaded["truthfulqa_fresh"])}
     nxt = rows[("0.25", "train to the next budget")]
     metric = cells["0.25"]["primary"]
     expected = np.mean(np.subtract(cells["0.5"]["per_question"]["test"][metric]["plain"],
                                    cells["0.25"]["per_question"]["test"][metric]["plain"]))
     assert nxt["gain_vs_warm"] == pytest.approx(expected, abs=1e-12)
-    assert ("1", "+ the calibration's cost in training questions") in rows and ("2", "train to the next budget") not in rows
+    assert {("1", budget.PLUS_CAL), ("1", budget.PLUS_ONE)} <= set(rows) and ("2", budget.NEXT) not in rows
     contrastive = rows[("1", budget.CONTRASTIVE)]
     assert contrastive["seeds"] == 1 and 0 <= contrastive["edge_picks"] <= 1
     assert contrastive["by_metric"][metric]["t_ci"] is None  # one seed: no seed-level interval
-    md = budget.markdown(list(rows.values()), loaded)
+    md = budget.markdown({"truthfulqa_fresh": list(rows.values())}, loaded, None, [budget.worth_sentence(None)])
     assert "| 0.25 | train to the next budget |" in md and f"trained [{extra}] more questions" in md
+    assert budget.worth(loaded["truthfulqa_fresh"], budget.DEFAULT) is None  # one seed: no paired estimate
+
+
+def test_a_plain_only_epoch_is_the_plus_one_baseline_not_a_budget_row(tmp_path):
+    """A commonsense round-2 cell on the tiny model: epoch 1 with every variant, "+1 epoch" and
+    "+ the calibration's cost" scored plain; budget.py makes them comparisons of epoch 1 only."""
+    grid, budget = _load("grid"), _load("budget")
+    out = tmp_path / "grid"
+    grid.main(["--model", "tiny-random", "--limit", "4", "--only", "boolq_demo-lora", "--seeds", "10", "--out", str(out)])
+    cells = budget.load(out)["boolq_demo"]
+    assert set(cells) == {"1", "1+cal", "2"} and cells["2"][10]["baseline_only"] and cells["1+cal"][10]["baseline_only"]
+    assert cells["1"][10]["learning_rate"] == 5e-5 and cells["1"][10]["gammas"] == list(grid.WIDE_GAMMAS)
+    rows = budget.rows("boolq_demo", cells, "svd_a0.05_mask_generation_only_trimmed_fisher")
+    assert {r["budget"] for r in rows} == {"1"}
+    by = {r["method"]: r for r in rows}
+    assert {budget.PLUS_ONE, budget.PLUS_CAL, budget.NEW_DEFAULT, budget.OLD_DEFAULT} <= set(by)
+    plus_one = np.subtract(cells["2"][10]["per_question"]["test"]["acc"]["plain"], cells["1"][10]["per_question"]["test"]["acc"]["plain"])
+    assert by[budget.PLUS_ONE]["by_metric"]["acc"]["gain"] == pytest.approx(plus_one.mean(), abs=1e-12)
+
+
+def test_the_calibration_cost_probe_fires_once_whatever_the_batch_size():
+    grid = _load("grid")
+    fires = lambda bs, q: [s for s in range(1, 20) if grid.EpochProbe._first_step_past(s, bs, q)]  # noqa: E731
+    assert fires(1, 7) == [7] and fires(4, 6) == [2] and fires(4, 8) == [2] and fires(4, 9) == [3]
+
+
+def test_commonsense_demo_test_questions_are_a_seeded_draw_outside_reported_rows():
+    """ARC-Easy in the demo-like regime: 150 test questions drawn by the seed from the test file,
+    none of them a row a round-1 cell reported, train and calib apart (both from the train file)."""
+    root = BENCH.parent.parent / "shared" / "data" / "commonsense"
+    assert root.exists(), f"shared data not found at {root} (CI has ../shared)"
+    grid = _load("grid")
+    reported = set(grid.reported_test_rows(grid.COMMONSENSE + "/ARC-Easy/test.json"))
+    assert len(reported) == 150  # round 1's ARC-Easy cells: the test file's first 150 rows
+    tests = []
+    for seed in (10, 11):
+        dm = grid.TASKS["arc_easy_demo"](seed)
+        dm.prepare_data()
+        train, calib, test = ({ex.index for ex in part} for part in (dm.train_set, dm.calib_set, dm.test_set))
+        assert (len(train), len(calib), len(test)) == (490, 60, 150)
+        assert not train & calib and not test & reported
+        tests.append(test)
+    assert tests[0] != tests[1]
+    assert grid.TASK_LEARNING_RATE["arc_easy_demo"] == 5e-5 and grid.probe_labels("arc_easy_demo", (1,)) == {"1", "1+cal", "2"}
+
+
+def test_the_default_is_chosen_only_on_calib_questions_outside_the_excluded_rows():
+    """Variant A wins on the excluded rows (a reported test question), B on the rest: B is picked, and
+    the gains are means over the kept questions only."""
+    report = _load("report")
+
+    def cell(seed, rows, a, b):
+        values = {"plain": [0.0] * len(rows), "svd_a": a, "svd_b": b, "contrastive_g+1": [9.0] * len(rows)}
+        return {"task": "truthfulqa", "adapter": "lora", "seed": seed, "epoch": 1, "primary": "mc2",
+                "calib": {v: {"mc2": float(np.mean(x))} for v, x in values.items()},
+                "split": {"calib": rows}, "per_question": {"calib": {"mc2": values}}}
+
+    cells = [cell(0, [1, 2, 3], [0.9, 0.0, 0.0], [0.0, 0.2, 0.4]), cell(1, [4, 5], [0.8, 0.1], [0.1, 0.3])]
+    chosen = report.choose_default(cells, exclude={1, 4})
+    assert chosen["variant"] == "svd_b" and chosen["questions"] == [2, 1] and chosen["questions_used"] == [2, 3, 5]
+    assert chosen["ranking"][0]["per_cell"] == pytest.approx([0.3, 0.3])
+    assert chosen["ranking"][1] == {"variant": "svd_a", "selection_gain": pytest.approx(0.05), "per_cell": pytest.approx([0.0, 0.1])}
+    assert report.choose_default(cells, exclude=set())["variant"] == "svd_a"  # with them in view, A would win
+    with pytest.raises(ValueError, match="no calib question outside"):
+        report.choose_default(cells, exclude={4, 5})
