@@ -456,7 +456,7 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     contrastive = rows[("1", budget.CONTRASTIVE)]
     assert contrastive["seeds"] == 1 and 0 <= contrastive["edge_picks"] <= 1
     assert contrastive["by_metric"][metric]["t_ci"] is None  # one seed: no seed-level interval
-    md = budget.markdown({"truthfulqa_fresh": list(rows.values())}, loaded, None, [budget.worth_sentence(None)])
+    md = budget.markdown(budget.summarise(loaded, tmp_path / "no-round-1"))
     assert "| 0.25 | train to the next budget |" in md and f"trained [{extra}] more questions" in md
     assert budget.worth(loaded["truthfulqa_fresh"], budget.DEFAULT) is None  # one seed: no paired estimate
 
