@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 import hashlib
 import json
 import math
@@ -53,6 +55,7 @@ from svd_lightning import run as run_files
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibrate_pass
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
+from svd_lightning.data.base import ChoiceDataModule
 from svd_lightning.decoding import score_choice_variants
 from svd_lightning.metrics import (
     HEADLINE_METRICS,
@@ -192,7 +195,7 @@ def reported_test_rows(test_file: str, grid_dir: Path = ROOT / "results" / "grid
 
 def commonsense_demo(test: str, train: str, root: str = COMMONSENSE):
     """The demo-like regime on a commonsense set: the demo's 490 training questions (and its LR, see
-    :data:`TASK_LEARNING_RATE`); zero-shot, as these sets ship no fixed few-shot prompt."""
+    ``DEMO_LR``); zero-shot, as these sets ship no fixed few-shot prompt."""
     test_file = f"{root}/{test}"
     return lambda seed: DrawnTestCommonsense(
         test_path=test_file, train_path=f"{root}/{train}", exclude=reported_test_rows(test_file),
@@ -214,30 +217,52 @@ def calibration_cost_questions(calibration_seconds: float, train_epoch_seconds: 
     return max(1, math.ceil(calibration_seconds * train_questions / train_epoch_seconds))
 
 
-TASKS = {
+@dataclass(frozen=True)
+class Task:
+    """What a grid task is: its data (a DataModule for a seed) and what its cells train and score."""
+
+    data: Callable[[int], ChoiceDataModule]
+    learning_rate: float | None = None  # None: the adapter's LEARNING_RATE
+    plus_one: bool = True  # train one epoch past the last evaluated one, scored plain ("+1 epoch")
+    fractions: tuple[float, ...] = ()  # the training-budget curve: also scored at these fractions of epoch 1
+    cal_baseline: bool = False  # also scored plain after epoch 1 + the calibration's cost ("1+cal")
+    fresh: bool = False  # calib and test drawn from the fresh pool
+    gammas: tuple[float, ...] = tuple(GAMMAS)  # the contrastive γ grid
+
+
+def zero_shot_truthfulqa(seed: int) -> TruthfulQADataModule:
     # Zero-shot prompts keep the grid within 2 CPU cores; the README demo uses the six-shot prompt.
-    "truthfulqa": lambda seed: TruthfulQADataModule(
-        few_shot=False, instruction=False, seed=seed, limit_train=200, limit_calib=60, limit_test=100, max_length=256
-    ),
+    return TruthfulQADataModule(few_shot=False, instruction=False, seed=seed, limit_train=200, limit_calib=60,
+                                limit_test=100, max_length=256)
+
+
+DEMO_LR = 5e-5  # the demo regime keeps the paper's rate
+# Round 2 (benchmarks/round2.sh): both equal-cost baselines, on the wide γ grid.
+ROUND2 = {"cal_baseline": True, "gammas": WIDE_GAMMAS}
+TASKS = {
+    "truthfulqa": Task(zero_shot_truthfulqa),
     # The README demo's regime: instruction + six-shot prompt, all 490 train questions, LR 5e-5.
     # Calib and test are the first 50 / 80 questions of the seed's 163 / 164 (scoring cost on 2 cores).
-    "truthfulqa_demo": lambda seed: TruthfulQADataModule(
-        few_shot=True, instruction=True, seed=seed, limit_calib=50, limit_test=80, max_length=512
-    ),
-    "arc_easy": commonsense("ARC-Easy/test.json", "ARC-Easy/train.json"),
-    "arc_challenge": commonsense("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
-    "boolq": commonsense("boolq/test.json", "boolq/train.json"),
-    "piqa": commonsense("piqa/test.json"),
-    "hellaswag": commonsense("hellaswag/test_approx_tagstripped.json"),
-    # The demo regime on the fresh pool (results/fresh_pool.json; `python benchmarks/grid.py --make-pool`).
-    "truthfulqa_fresh": fresh_demo,
-    # Round 2's equal-cost baselines elsewhere: the zero-shot TruthfulQA cells again (same seeds, so
-    # the same splits), now also scored after epoch 1 + the calibration's cost ...
-    "truthfulqa_equal_cost": lambda seed: TASKS["truthfulqa"](seed),
+    # Trained only to its last evaluated epoch: the 490-step epoch cost 20 min on the first grid's CPU.
+    "truthfulqa_demo": Task(lambda seed: TruthfulQADataModule(
+        few_shot=True, instruction=True, seed=seed, limit_calib=50, limit_test=80, max_length=512),
+        learning_rate=DEMO_LR, plus_one=False),
+    "arc_easy": Task(commonsense("ARC-Easy/test.json", "ARC-Easy/train.json")),
+    "arc_challenge": Task(commonsense("ARC-Challenge/test.json", "ARC-Challenge/train.json")),
+    "boolq": Task(commonsense("boolq/test.json", "boolq/train.json")),
+    "piqa": Task(commonsense("piqa/test.json")),
+    "hellaswag": Task(commonsense("hellaswag/test_approx_tagstripped.json")),
+    # The demo regime on the fresh pool (results/fresh_pool.json; `python benchmarks/grid.py --make-pool`),
+    # with the training-budget curve; epoch 2 is an evaluated epoch (it is the "+1 epoch" of epoch 1).
+    "truthfulqa_fresh": Task(fresh_demo, learning_rate=DEMO_LR, plus_one=False, fractions=(0.25, 0.5), fresh=True,
+                             **ROUND2),
+    # The zero-shot TruthfulQA cells again (same seeds, so the same splits) with both baselines ...
+    "truthfulqa_equal_cost": Task(zero_shot_truthfulqa, **ROUND2),
     # ... and commonsense sets in the demo-like regime.
-    "arc_easy_demo": commonsense_demo("ARC-Easy/test.json", "ARC-Easy/train.json"),
-    "arc_challenge_demo": commonsense_demo("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
-    "boolq_demo": commonsense_demo("boolq/test.json", "boolq/train.json"),
+    "arc_easy_demo": Task(commonsense_demo("ARC-Easy/test.json", "ARC-Easy/train.json"), learning_rate=DEMO_LR, **ROUND2),
+    "arc_challenge_demo": Task(commonsense_demo("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
+                               learning_rate=DEMO_LR, **ROUND2),
+    "boolq_demo": Task(commonsense_demo("boolq/test.json", "boolq/train.json"), learning_rate=DEMO_LR, **ROUND2),
 }
 # The two headline metrics of each task, primary first (calib selection uses the primary one).
 METRICS = {task: HEADLINE_METRICS["truthfulqa" if is_truthfulqa(task) else "choice"] for task in TASKS}
@@ -251,18 +276,6 @@ DETERMINISTIC_INIT = {"ia3"}
 # Raised from the paper's 5e-5 (which the README demo keeps): at 5e-5, 200 zero-shot questions move
 # SmolLM2's test MC2 by 0.04 points -- a warm start too weak to say anything about steering.
 LEARNING_RATE = {"lora": 5e-4, "ia3": 3e-3, "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
-DEMO_REGIME = {"truthfulqa_demo", "truthfulqa_fresh", "arc_easy_demo", "arc_challenge_demo", "boolq_demo"}
-TASK_LEARNING_RATE = {task: 5e-5 for task in DEMO_REGIME}  # the demo regime keeps the paper's rate
-# Cells trained only to their last evaluated epoch: the demo regime's 490-step epoch costs 20 min.
-NO_PLUS_ONE = {"truthfulqa_demo", "truthfulqa_fresh"}
-FRESH = {"truthfulqa_fresh"}
-# The training-budget curve: also scored at these fractions of epoch 1 (epochs 1 and 2 are evaluated
-# epochs), and plain after epoch 1 + the calibration's cost in extra questions.
-BUDGETS = {"truthfulqa_fresh": (0.25, 0.5)}
-# Round-2 tasks: also scored plain after epoch 1 + the calibration's cost ("1+cal"), on the wide γ grid.
-ROUND2 = {"truthfulqa_fresh", "truthfulqa_equal_cost", "arc_easy_demo", "arc_challenge_demo", "boolq_demo"}
-CAL_BASELINE = ROUND2
-GAMMAS_FOR = {task: WIDE_GAMMAS for task in ROUND2}
 
 # (task, adapter, epochs evaluated, seeds) in run order. Every cell trains one epoch past its last
 # evaluated epoch and scores the plain adapter there: epoch e+1 is the equal-cost "+1 epoch" baseline
@@ -409,16 +422,16 @@ def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, 
 
 
 class EpochProbe(L.Callback):
-    """Scores a cell at the end of each evaluated epoch and, for tasks in :data:`BUDGETS`, at
-    fractions of the first epoch (the training-budget curve) and after the equal-cost extra
-    training of :func:`calibration_cost_questions` past epoch 1 (plain only)."""
+    """Scores a cell at the end of each evaluated epoch and, as its :class:`Task` asks, at fractions
+    of the first epoch (the training-budget curve) and after the equal-cost extra training of
+    :func:`calibration_cost_questions` past epoch 1 (plain only)."""
 
     def __init__(self, cell: dict, epochs: set[int], out_dir: Path):
         self.cell, self.epochs, self.out_dir = cell, epochs, out_dir
         # Scored plain only: the "+1 epoch" baseline of the last evaluated epoch (None: not trained).
-        self.plus_one = max(epochs) + 1 if cell["task"] not in NO_PLUS_ONE else None
-        self.fractions = BUDGETS.get(cell["task"], ())
-        self.cal_baseline = cell["task"] in CAL_BASELINE
+        self.task = TASKS[cell["task"]]
+        self.plus_one = max(epochs) + 1 if self.task.plus_one else None
+        self.fractions, self.cal_baseline = self.task.fractions, self.task.cal_baseline
         self.epoch_start = self.probing = 0.0  # probing: seconds of this epoch spent scoring mid-epoch
         self.extra = None  # the +cal baseline's extra training questions (set in epoch 2)
 
@@ -472,7 +485,7 @@ class EpochProbe(L.Callback):
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        gammas = GAMMAS_FOR.get(task, GAMMAS)
+        gammas = self.task.gammas
         if plain_only:
             mus, diag, configs, calib_configs = None, None, None, None
         else:
@@ -522,7 +535,7 @@ class EpochProbe(L.Callback):
             # at most one more epoch (then it is the "+1 epoch" baseline): a cell's epoch 2 holds the probe
             payload["calibration_cost_questions"] = min(calibration_cost_questions(t1 - t0, train_seconds, len(dm.train_set)),
                                                         len(dm.train_set))
-        if task in FRESH:
+        if self.task.fresh:
             payload["fresh"] = True
         if is_truthfulqa(task):  # MC1 per question too (0/1), the other headline number
             payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
@@ -592,18 +605,18 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
 
 
 def probe_labels(task: str, epochs) -> set[str]:
-    """The file labels a finished cell has: its evaluated epochs, its "+1 epoch" baseline, and for
-    :data:`BUDGETS` tasks the fractions of epoch 1 and the "+calibration cost" baseline ("1+cal")."""
+    """The file labels a finished cell has: its evaluated epochs, its "+1 epoch" baseline, the
+    fractions of epoch 1 and the "+calibration cost" baseline ("1+cal") where its task has them."""
     labels = {str(e) for e in set(epochs) | {final_epoch(task, epochs)}}
-    labels |= {f"{f:g}" for f in BUDGETS.get(task, ())}
-    if task in CAL_BASELINE:
+    labels |= {f"{f:g}" for f in TASKS[task].fractions}
+    if TASKS[task].cal_baseline:
         labels.add("1+cal")
     return labels
 
 
 def final_epoch(task: str, epochs) -> int:
     """The last epoch a cell trains: one past its last evaluated epoch (the "+1 epoch" baseline)."""
-    return max(epochs) + (task not in NO_PLUS_ONE)
+    return max(epochs) + TASKS[task].plus_one
 
 
 def checkpoint_dir(out_dir: Path, name: str) -> Path:
@@ -615,9 +628,9 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
                      model: str, limit: int | None, precision: str | None = None) -> None:
     print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
     L.seed_everything(seed, workers=True)
-    learning_rate = TASK_LEARNING_RATE.get(task, LEARNING_RATE[adapter])
+    learning_rate = TASKS[task].learning_rate or LEARNING_RATE[adapter]
     module = SteeringLM(model=model, adapter=adapter, learning_rate=learning_rate, seed=seed)
-    dm = TASKS[task](seed)
+    dm = TASKS[task].data(seed)
     if limit is not None:  # smoke tests
         dm.limits = (limit, limit, limit)
     precision, why = (precision, "set with --precision") if precision else fast_precision("cpu")

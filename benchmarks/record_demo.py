@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent
 COPIED = {"test_per_question.json": "per-question mc1/mc2/... of every variant", "metrics.json": "",
           "steering.json": "", "config.yaml": "", "timings.json": "stage seconds"}
 SETTINGS = ("TruthfulQA MC v1, seed 0, 60/20/20 split (490/164/163), instruction + six-shot QA primer, LoRA r=8 "
-            "alpha=16, LR 5e-5, 1 epoch, batch 1, strength trimmed Fisher alpha=0.3, contrastive gamma = calib "
-            "multiple-choice-loss minimiser over steering.GAMMA_GRID; scoring in fp32")
+            "alpha=16, LR 5e-5, 1 epoch, batch 1, strength {strength} {curvature} alpha={alpha:g}, contrastive gamma = "
+            "calib multiple-choice-loss minimiser over steering.GAMMA_GRID; scoring in fp32")
 
 
 def record(run_dir: Path, out: Path, command: str, threads: str, commit: str | None = None) -> dict:
@@ -52,7 +52,7 @@ def record(run_dir: Path, out: Path, command: str, threads: str, commit: str | N
         "threads": threads,
         "seconds_after_setup": round(timings["total"] - seconds.get("set-up", 0.0)),
         "stage_seconds": {k.replace(" ", "_"): round(v, 1) for k, v in seconds.items() if k != "set-up"},
-        "settings": SETTINGS,
+        "settings": SETTINGS.format(**steering["steering"]),  # the run's own strength settings
         "mu": steering["steering"]["mu"],
         "gamma": steering["steering"]["gamma"],
         "test_table_percent": table,

@@ -107,7 +107,7 @@ def grid_section(cells: dict, rows: list[dict], effects: list[dict]) -> list[str
                   "one seed a CI covers the test questions, not the seed: a single split and init can mislead.", ""]
         for which in (0, 1):
             names = "MC2 / acc" if which == 0 else "MC1 / acc_norm"
-            lines += [f"{names}:", "", "| task · adapter · epoch (test q.) | warm start | " + " | ".join(COMPACT) + " |",
+            lines += [f"{names}:", "", "| task · adapter · epoch (seeds, test q.) | warm start | " + " | ".join(COMPACT) + " |",
                       "|---|---|" + "---|" * len(COMPACT)]
             for key in one_seed:
                 warm = by[(*key, "warm start")]
@@ -117,7 +117,7 @@ def grid_section(cells: dict, rows: list[dict], effects: list[dict]) -> list[str
                     r = by.get((*key, method))
                     cells_.append("" if r is None else
                                   f"{pct(r['by_metric'][metric]['gain'])} {ci_text(r['by_metric'][metric]['ci_low'], r['by_metric'][metric]['ci_high'])}")
-                lines.append(f"| {group_label(warm)} ({warm['questions']}) | {100 * warm['by_metric'][metric]['test']:.2f} | "
+                lines.append(f"| {group_label(warm)} (one seed, {warm['questions']}) | {100 * warm['by_metric'][metric]['test']:.2f} | "
                              + " | ".join(cells_) + " |")
             lines.append("")
     lines += selection_lines(effects)
@@ -194,8 +194,8 @@ def demo_section(demo: Path) -> list[str]:
               f"{boot['mc2_steered_minus_plain']['questions']} test questions (95 %, one run): "
               + "; ".join(f"{b['method']} − warm start {b['metric'].upper()} {b['mean']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}]"
                           for k, b in sorted(boot.items()) if b["reference"] == "plain") + ".", "",
-              "One seed and one split: the grid's demo-regime rows above replicate it over independent seeds on fewer "
-              "questions. The contrastive γ here minimises the calib multiple-choice loss (the grid's \"contrastive "
+              "One seed and one split, and the demo, not a replication: the grid's demo-regime seed 0 is this run's split "
+              "and init; its seeds 1–2 and round 2's fresh-question seeds replicate it. The contrastive γ here minimises the calib multiple-choice loss (the grid's \"contrastive "
               "(choice_nll γ)\" row), not calib accuracy.", "",
               "The aggregates of the same calibration tokens disagree widely, the heavy tail the spec warns about: "
               + ", ".join(f"{k} {v:+.3g}" for k, v in sorted(steering["aggregates"].items()) if k != "tokens")

@@ -1,5 +1,6 @@
 """The benchmark scripts: the grid's variants are package configs, its cells, workers and the report."""
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -166,7 +167,7 @@ SHARED_TRUTHFULQA = BENCH.parent / "../shared/data/truthfulqa/v1_2021/mc_task.js
 def test_grid_truthfulqa_splits_differ_across_seeds():
     assert SHARED_TRUTHFULQA.exists(), f"shared data not found at {SHARED_TRUTHFULQA.resolve()} (CI has ../shared)"
     grid = _load("grid")
-    a, b = _splits(grid.TASKS["truthfulqa"], 0), _splits(grid.TASKS["truthfulqa"], 1)
+    a, b = _splits(grid.TASKS["truthfulqa"].data, 0), _splits(grid.TASKS["truthfulqa"].data, 1)
     for s in (a, b):
         assert not (set(s["train"]) & set(s["calib"]) or set(s["train"]) & set(s["test"]) or set(s["calib"]) & set(s["test"]))
         assert (len(s["train"]), len(s["calib"]), len(s["test"])) == (200, 60, 100)
@@ -422,8 +423,8 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     grid = _load("grid")
     record = grid.fresh_pool(tmp_path / "no-cells", str(SHARED_TRUTHFULQA))
     assert set(record["excluded_by"]) == {"readme_demo_test"}
-    monkeypatch.setitem(grid.TASKS, "truthfulqa_fresh", lambda seed: grid.FreshTruthfulQA(
-        pool=record["pool"], path=str(SHARED_TRUTHFULQA), few_shot=False, instruction=False, seed=seed, max_length=256))
+    monkeypatch.setitem(grid.TASKS, "truthfulqa_fresh", dataclasses.replace(grid.TASKS["truthfulqa_fresh"], data=lambda seed: grid.FreshTruthfulQA(
+        pool=record["pool"], path=str(SHARED_TRUTHFULQA), few_shot=False, instruction=False, seed=seed, max_length=256)))
     out = tmp_path / "grid"
     grid.main(["--model", "tiny-random", "--limit", "8", "--only", "truthfulqa_fresh-lora", "--seeds", "10", "--out", str(out)])
     cells = {label: json.loads((out / f"truthfulqa_fresh-lora-seed10-epoch{label}.json").read_text())
@@ -494,14 +495,14 @@ def test_commonsense_demo_test_questions_are_a_seeded_draw_outside_reported_rows
     assert len(reported) == 150  # round 1's ARC-Easy cells: the test file's first 150 rows
     tests = []
     for seed in (10, 11):
-        dm = grid.TASKS["arc_easy_demo"](seed)
+        dm = grid.TASKS["arc_easy_demo"].data(seed)
         dm.prepare_data()
         train, calib, test = ({ex.index for ex in part} for part in (dm.train_set, dm.calib_set, dm.test_set))
         assert (len(train), len(calib), len(test)) == (490, 60, 150)
         assert not train & calib and not test & reported
         tests.append(test)
     assert tests[0] != tests[1]
-    assert grid.TASK_LEARNING_RATE["arc_easy_demo"] == 5e-5 and grid.probe_labels("arc_easy_demo", (1,)) == {"1", "1+cal", "2"}
+    assert grid.TASKS["arc_easy_demo"].learning_rate == 5e-5 and grid.probe_labels("arc_easy_demo", (1,)) == {"1", "1+cal", "2"}
 
 
 def test_the_default_is_chosen_only_on_calib_questions_outside_the_excluded_rows():
