@@ -33,12 +33,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (  # noqa: E402
-    DEFAULT, FORMAT, _candidates, _row, choose_default, gain_text, in_sample_picks, level_text, load as load_grid,
-    pct, row_rng, ci_text,
+    BOOTSTRAP, DEFAULT, FORMAT, _candidates, _row, choose_default, ci_text, gain_text, in_sample_picks, level_text,
+    pct, row_rng, test_values,
 )
+from report import load as load_grid  # noqa: E402
 
 from svd_lightning.run import atomic_write_text  # noqa: E402
-from svd_lightning.statistics import hierarchical_ci, seed_t_interval  # noqa: E402
+from svd_lightning.statistics import hierarchical_ci, picked_gains, seed_t_interval, selection_ci  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -126,9 +127,10 @@ def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None 
         comparisons = {PLUS_ONE if label == "1" else NEXT: later}
         if label == "1":
             comparisons[PLUS_CAL] = CAL
-        for name, nxt in comparisons.items():
-            if nxt and all(s in labels.get(nxt, {}) for s in seeds):
-                methods[name] = [("plain", labels[nxt][s], seeds[s]) for s in sorted(seeds)]
+        for name, nxt in comparisons.items():  # over the seeds that have the later cell (the row says how many)
+            have = [s for s in sorted(seeds) if s in labels.get(nxt, {})] if nxt else []
+            if have:
+                methods[name] = [("plain", labels[nxt][s], seeds[s]) for s in have]
         for name, picks in methods.items():
             out.append({**_row(key, name, picks, metric, metrics, None), "budget": label})
         calib, test_of = _candidates(ds, "contrastive_", metric)
@@ -141,27 +143,59 @@ def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None 
     return out
 
 
-def worth(labels: dict[str, dict[int, dict]], variant: str) -> dict | None:
-    """Steering at epoch 1 against one more epoch, on the same test questions: the gain of each over
-    the epoch-1 warm start, their paired difference (steered − trained; hierarchical CI and seed
-    t-interval), the ratio of the mean gains (epochs of training the steering is worth) and the
-    calibration's cost as a share of an epoch's training time."""
-    one, two = labels.get("1", {}), labels.get("2", {})
-    seeds = sorted(s for s in one if s in two)
-    if len(seeds) < 2:
+def versus(labels: dict[str, dict[int, dict]], row: dict, baseline: str) -> dict | None:
+    """An epoch-1 steering row minus an equal-cost baseline (the plain adapter at label ``baseline``),
+    paired on the same test questions, primary metric: mean, per seed, hierarchical CI (the selection
+    redone for a calib-selected row) and the seed t-interval, over the row's seeds that have the
+    baseline (None if none has)."""
+    one, later, metric = labels["1"], labels.get(baseline, {}), row["metric"]
+    kept = [(s, v) for s, v in zip(row["seed_ids"], row["picks"]) if s in later]
+    if not kept:
         return None
-    metric = one[seeds[0]]["primary"]
-    steer = [np.asarray(one[s]["per_question"]["test"][metric][variant]) for s in seeds]
-    warm = [np.asarray(one[s]["per_question"]["test"][metric]["plain"]) for s in seeds]
-    trained = [np.asarray(two[s]["per_question"]["test"][metric]["plain"]) for s in seeds]
-    rng = row_rng("worth", variant)
-    diff = hierarchical_ci([a - b for a, b in zip(steer, trained)], rng)
-    gain_steer = hierarchical_ci([a - w for a, w in zip(steer, warm)], rng)
-    gain_train = hierarchical_ci([b - w for b, w in zip(trained, warm)], rng)
-    cost = [one[s]["seconds"]["calibration"] / one[s]["seconds"]["train_epoch"] for s in seeds]
-    return {"variant": variant, "metric": metric, "seeds": seeds, "steer_gain": gain_steer, "train_gain": gain_train,
-            "difference": diff, "difference_t": seed_t_interval([float(np.mean(a - b)) for a, b in zip(steer, trained)]),
-            "epochs_worth": gain_steer[0] / gain_train[0] if gain_train[0] > 0 else None,
+    seeds, picks = [s for s, _ in kept], [v for _, v in kept]
+    base = [test_values(later[s], "plain", metric) for s in seeds]
+    rng = row_rng("versus", row["task"], row["method"], baseline)
+    if row["selection"] == "in-sample":
+        calib, test_of = _candidates([one[s] for s in seeds], "contrastive_", metric)
+        mean, lo, hi = selection_ci(calib, test_of(metric), base, rng, False, n_boot=BOOTSTRAP)
+        per_seed = picked_gains(picks, test_of(metric), base)
+    else:
+        diffs = [test_values(one[s], v, metric) - b for s, v, b in zip(seeds, picks, base)]
+        mean, lo, hi = hierarchical_ci(diffs, rng, n_boot=BOOTSTRAP)
+        per_seed = [float(d.mean()) for d in diffs]
+    return {"baseline": baseline, "metric": metric, "seeds": seeds, "gain": mean, "ci_low": lo, "ci_high": hi, "per_seed_gain": per_seed,
+            "t_ci": list(seed_t_interval(per_seed)[1:]) if len(per_seed) >= 2 else None}
+
+
+VERSUS = (NEW_DEFAULT, OLD_DEFAULT, *list(FIXED)[1:], CONTRASTIVE)  # the steering rows set against the baselines
+
+
+def against_baselines(labels: dict[str, dict[int, dict]], table: list[dict]) -> list[dict]:
+    """Every steering row of epoch 1 against "+1 epoch" (label 2) and "+ the calibration's cost" (1+cal)."""
+    at_one = {r["method"]: r for r in table if r["budget"] == "1"}
+    return [{"method": m, "plus_one": versus(labels, at_one[m], "2"), "plus_cal": versus(labels, at_one[m], CAL)}
+            for m in VERSUS if m in at_one]
+
+
+def worth(labels: dict[str, dict[int, dict]], table: list[dict], method: str) -> dict | None:
+    """What a steering row at epoch 1 is worth in training: its gain, one more epoch's gain (both over
+    the epoch-1 warm start), their paired difference (:func:`versus`), the ratio of the mean gains
+    (epochs of training it is worth) and the calibration's cost as a share of an epoch's training time."""
+    at_one = {r["method"]: r for r in table if r["budget"] == "1"}
+    if method not in at_one or PLUS_ONE not in at_one or at_one[PLUS_ONE]["seeds"] < 2:
+        return None
+    train, one = at_one[PLUS_ONE], labels["1"]
+    pick_of = dict(zip(at_one[method]["seed_ids"], at_one[method]["picks"]))  # a fixed row: one variant
+    seeds = train["seed_ids"]  # the seeds with epoch 2
+    steer = _row((one[seeds[0]]["task"], train["adapter"], "1"), method, [(pick_of[k], one[k], one[k]) for k in seeds],
+                 train["metric"], train["metrics"], None)
+    metric = steer["metric"]
+    s, t = steer["by_metric"][metric], train["by_metric"][metric]
+    cost = [one[k]["seconds"]["calibration"] / one[k]["seconds"]["train_epoch"] for k in steer["seed_ids"]]
+    return {"method": method, "variant": steer["picks"][0], "metric": metric, "seeds": steer["seed_ids"],
+            "steer_gain": [s["gain"], s["ci_low"], s["ci_high"]], "train_gain": [t["gain"], t["ci_low"], t["ci_high"]],
+            "difference": versus(labels, steer, "2"),
+            "epochs_worth": s["gain"] / t["gain"] if t["gain"] > 0 else None,
             "cost_share": float(np.mean(cost)), "cost_share_per_seed": cost}
 
 
@@ -169,14 +203,15 @@ def worth_sentence(w: dict | None) -> str:
     if w is None:
         return "(needs epochs 1 and 2 of two or more seeds)"
     m = w["metric"].upper()
-    s, t, d = w["steer_gain"], w["train_gain"], w["difference"]
+    s, t, diff = w["steer_gain"], w["train_gain"], w["difference"]
+    d = [diff["gain"], diff["ci_low"], diff["ci_high"]]
     # a ratio of two noisy means: only a point estimate, and only when training's own gain is clearly > 0
     epochs = (f"about {w['epochs_worth']:.2f} epochs of training (a ratio of means; the difference's interval is "
               "the evidence)" if w["epochs_worth"] is not None and w["epochs_worth"] > 0 and t[1] > 0
               else "no measurable amount of training")
     return (f"On SmolLM2-135M in this regime, `{w['variant']}` is worth {epochs}, at {100 * w['cost_share']:.0f} % of an "
             f"epoch's cost: at epoch 1 it gains {pct(s[0])} {m} {ci_text(*s[1:])}, one more epoch gains {pct(t[0])} "
-            f"{ci_text(*t[1:])}; steering − training {pct(d[0])} {ci_text(*d[1:])} t{ci_text(*w['difference_t'][1:])} "
+            f"{ci_text(*t[1:])}; steering − training {pct(d[0])} {ci_text(*d[1:])} t{ci_text(*diff['t_ci'])} "
             f"({len(w['seeds'])} seeds, paired on the same test questions).")
 
 
@@ -247,6 +282,14 @@ def markdown(summary: dict, level: str = "#") -> str:
               "| regime | seeds × test q. | method | metric 1 | metric 2 |", "|---|---|---|---|---|"]
     for task, table in tables.items():
         lines += [_line(REGIMES.get(task, task), r) for r in table if r["budget"] == "1"]
+    lines += ["", f"{sub} Steering minus the equal-cost baselines (epoch 1, paired on the same test questions)", "",
+              "Primary metric (MC2 / acc), points: mean (per seed) [95 % hierarchical CI; selection redone for the "
+              "selected row] t[seed t-interval]. Above 0: steering beat the baseline.", "",
+              "| regime | method | − one more epoch | − the calibration's cost in training |", "|---|---|---|---|"]
+    for task, entries in summary["versus"].items():
+        for e in entries:
+            cols = [gain_text(e[k]) if e[k] else "(not run)" for k in ("plus_one", "plus_cal")]
+            lines.append(f"| {REGIMES.get(task, task)} | {e['method']} | {cols[0]} | {cols[1]} |")
     if CURVE in tables:
         lines += ["", f"{sub} The training-budget curve (TruthfulQA, demo regime, fresh questions)", "",
                   f"The +calibration-cost baseline trained {summary['extra_questions'][CURVE]} more questions "
@@ -277,9 +320,12 @@ def summarise(cells: dict, round1: Path) -> dict:
     new = chosen["variant"] if chosen else None
     tables = {task: rows(task, cells[task], new) for task in REGIMES if task in cells}
     tables = {task: table for task, table in tables.items() if table}
-    worths = [w for w in (worth(cells.get(CURVE, {}), v) for v in ([new] if new else []) + [DEFAULT]) if w]
+    curve = tables.get(CURVE, [])
+    worths = [w for w in (worth(cells[CURVE], curve, m) for m in (NEW_DEFAULT, OLD_DEFAULT)) if w] if curve else []
+    versus_rows = {task: against_baselines(cells[task], table) for task, table in tables.items()}
     every = [d for labels in cells.values() for seeds in labels.values() for d in seeds.values()]
-    return {"chosen": chosen, "tables": tables, "worth": worths, "sentences": [worth_sentence(w) for w in worths],
+    return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths,
+            "sentences": [worth_sentence(w) for w in worths],
             "seeds": {task: {b: sorted(cells[task][b]) for b in (*BUDGETS, CAL) if cells[task].get(b)} for task in tables},
             "extra_questions": {task: sorted({d["calibration_cost_questions"] for d in cells[task].get("1", {}).values()})
                                 for task in tables},

@@ -459,7 +459,13 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     assert contrastive["by_metric"][metric]["t_ci"] is None  # one seed: no seed-level interval
     md = budget.markdown(budget.summarise(loaded, tmp_path / "no-round-1"))
     assert "| 0.25 | train to the next budget |" in md and f"trained [{extra}] more questions" in md
-    assert budget.worth(loaded["truthfulqa_fresh"], budget.DEFAULT) is None  # one seed: no paired estimate
+    assert budget.worth(loaded["truthfulqa_fresh"], list(rows.values()), budget.OLD_DEFAULT) is None  # one seed
+    vs = {e["method"]: e for e in budget.against_baselines(loaded["truthfulqa_fresh"], list(rows.values()))}
+    own = cells["1"]["per_question"]["test"][metric]
+    expected = np.mean(np.subtract(own[budget.DEFAULT], cells["1+cal"]["per_question"]["test"][metric]["plain"]))
+    assert vs[budget.OLD_DEFAULT]["plus_cal"]["gain"] == pytest.approx(expected, abs=1e-12)
+    assert vs[budget.CONTRASTIVE]["plus_one"]["per_seed_gain"] == pytest.approx(
+        [np.mean(np.subtract(own[contrastive["picks"][0]], cells["2"]["per_question"]["test"][metric]["plain"]))])
 
 
 def test_a_plain_only_epoch_is_the_plus_one_baseline_not_a_budget_row(tmp_path):
