@@ -22,9 +22,15 @@ in the current ``FORMAT`` are skipped, so an interrupted run resumes; older file
 ``benchmarks/report.py`` turns the files into tables/plots.
 
 Seeds are independent replicates: seed k draws the train/calib/test split (where the split is ours:
-TruthfulQA, PIQA, HellaSwag; for ARC and BoolQ the train file's train/calib split, the test file
-being fixed), the shuffle order, the adapter init and dropout. An adapter whose init does not depend
+TruthfulQA, PIQA, HellaSwag; for round 1's ARC and BoolQ the train file's train/calib split, the
+test file being fixed), the shuffle order, the adapter init and dropout. An adapter whose init does not depend
 on the seed (IA3) is marked ``deterministic_init`` in its cells.
+
+What a task trains and scores is its :class:`Task`. Evidence round 2's tasks (``benchmarks/round2.sh``,
+reported by ``benchmarks/budget.py``) add the equal-cost "+ the calibration's cost" baseline (label
+``1+cal``), the wide γ grid, and for the fresh-question demo regime the training-budget curve
+(labels ``0.25``, ``0.5``) on calib/test questions no earlier result used (``--make-pool``). The
+commonsense "_demo" tasks draw their test questions by seed (``DrawnTestCommonsense``).
 
     python benchmarks/grid.py                       # the committed grid (see GRID below)
     python benchmarks/grid.py --only truthfulqa-lora --seeds 0
@@ -37,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
 import hashlib
 import json
 import math
@@ -46,6 +50,8 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -55,7 +61,7 @@ from svd_lightning import run as run_files
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibrate_pass
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
-from svd_lightning.data.base import ChoiceDataModule
+from svd_lightning.data.base import ChoiceDataModule, seeded_split
 from svd_lightning.decoding import score_choice_variants
 from svd_lightning.metrics import (
     HEADLINE_METRICS,
@@ -151,8 +157,6 @@ class FreshTruthfulQA(TruthfulQADataModule):
         self.pool, self.sizes = set(pool), dict(sizes)
 
     def split_examples(self, examples):
-        from svd_lightning.data.base import seeded_split
-
         pool = [ex for ex in examples if ex.index in self.pool]
         need = self.sizes["calib"] + self.sizes["test"]
         if len(pool) < need:
@@ -175,8 +179,6 @@ class DrawnTestCommonsense(CommonsenseDataModule):
         self.exclude = set(exclude)
 
     def split_examples(self, examples):
-        from svd_lightning.data.base import seeded_split
-
         train, calib, test = super().split_examples(examples)
         test = [ex for ex in test if ex.index not in self.exclude]
         share = min(1.0, (self.limits[2] or len(test)) / len(test))
