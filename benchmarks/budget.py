@@ -109,8 +109,8 @@ def rechoose(round1: Path, exclude: set[int]) -> dict | None:
 
 
 def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None = None) -> list[dict]:
-    """One row per (budget, method) of a task, over the seeds that have the budget (a comparison
-    needs every one of them to have the later cell too)."""
+    """One row per (budget, method) of a task, over the seeds that have the budget (a comparison with
+    a later cell, over those of them that have it)."""
     out = []
     full = [b for b in BUDGETS if labels.get(b) and not any(d["baseline_only"] for d in labels[b].values())]
     for label in full:
