@@ -108,6 +108,26 @@ def rechoose(round1: Path, exclude: set[int]) -> dict | None:
             "old_default_selection_gain": chosen["ranking"][old]["selection_gain"]}
 
 
+def reproduction(round1: Path, labels: dict[str, dict[int, dict]], task: str = "truthfulqa") -> dict | None:
+    """Round 1's cells of ``task`` (LoRA, epoch 1) against their re-run (the same seeds and splits, another
+    CPU and precision): the warm start's test level and the old default's gain, per seed."""
+    r1, _ = load_grid(round1, quiet=True)
+    old, new = r1.get((task, "lora", 1), {}), labels.get("1", {})
+    seeds = sorted(set(old) & set(new))
+    if not seeds:
+        return None
+    metric = new[seeds[0]]["primary"]
+
+    def per_seed(cells: dict, variant: str, minus_plain: bool) -> list[float]:
+        return [float(np.mean(test_values(cells[k], variant, metric) - (test_values(cells[k], "plain", metric) if minus_plain else 0)))
+                for k in seeds]
+
+    return {"seeds": seeds, "metric": metric, "round1_cpu": f"{old[seeds[0]]['cpu']}, {old[seeds[0]]['precision']}",
+            "rerun_cpu": f"{new[seeds[0]]['cpu']}, {new[seeds[0]]['precision']}",
+            "warm": {"round1": per_seed(old, "plain", False), "rerun": per_seed(new, "plain", False)},
+            "old_default_gain": {"round1": per_seed(old, DEFAULT, True), "rerun": per_seed(new, DEFAULT, True)}}
+
+
 def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None = None) -> list[dict]:
     """One row per (budget, method) of a task, over the seeds that have the budget (a comparison with
     a later cell, over those of them that have it)."""
@@ -299,6 +319,14 @@ def markdown(summary: dict, level: str = "#") -> str:
             text = level_text if r["method"] == "warm start" else gain_text
             lines.append(f"| {r['budget']} | {_name(r)} | {text(r['by_metric'][m1])} | {text(r['by_metric'][m2])} |")
     lines += ["", f"{sub} What steering is worth in training", ""] + [f"- {s}" for s in summary["sentences"]]
+    rerun = summary.get("reproduction")
+    if rerun:
+        def seeds_text(pair):
+            return " / ".join(f"{100 * a:.2f} → {100 * b:.2f}" for a, b in zip(pair["round1"], pair["rerun"]))
+        lines += ["", f"{sub} Round 1's zero-shot cells, re-run", "",
+                  f"The same seeds {rerun['seeds']} and splits, round 1 ({rerun['round1_cpu']}) → re-run ({rerun['rerun_cpu']}), "
+                  f"test {rerun['metric'].upper()} per seed: warm start {seeds_text(rerun['warm'])}; the old default's gain "
+                  f"(points) {seeds_text(rerun['old_default_gain'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -323,8 +351,9 @@ def summarise(cells: dict, round1: Path) -> dict:
     curve = tables.get(CURVE, [])
     worths = [w for w in (worth(cells[CURVE], curve, m) for m in (NEW_DEFAULT, OLD_DEFAULT)) if w] if curve else []
     versus_rows = {task: against_baselines(cells[task], table) for task, table in tables.items()}
+    rerun = reproduction(round1, cells["truthfulqa_equal_cost"]) if "truthfulqa_equal_cost" in cells else None
     every = [d for labels in cells.values() for seeds in labels.values() for d in seeds.values()]
-    return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths,
+    return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths, "reproduction": rerun,
             "sentences": [worth_sentence(w) for w in worths],
             "seeds": {task: {b: sorted(cells[task][b]) for b in (*BUDGETS, CAL) if cells[task].get(b)} for task in tables},
             "extra_questions": {task: sorted({d["calibration_cost_questions"] for d in cells[task].get("1", {}).values()})

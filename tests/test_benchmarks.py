@@ -530,3 +530,21 @@ def test_the_default_is_chosen_only_on_calib_questions_outside_the_excluded_rows
     assert report.choose_default(cells, exclude=set())["variant"] == "svd_a"  # with them in view, A would win
     with pytest.raises(ValueError, match="no calib question outside"):
         report.choose_default(cells, exclude={4, 5})
+
+
+def test_the_rerun_of_round_1_is_compared_seed_by_seed(tmp_path):
+    budget = _load("budget")
+
+    def cell(seed, plain, default, cpu):
+        return {"format": 2, "task": "truthfulqa", "adapter": "lora", "epoch": 1, "seed": seed, "primary": "mc2",
+                "cpu": cpu, "precision": "32-true", "per_question": {"test": {"mc2": {"plain": plain, budget.DEFAULT: default}}}}
+
+    (tmp_path / "r1").mkdir()
+    for seed, plain in ((0, [0.5, 0.7]), (1, [0.4, 0.4])):
+        (tmp_path / "r1" / f"c{seed}.json").write_text(json.dumps(cell(seed, plain, [0.6, 0.8], "old")))
+    rerun = {"1": {0: cell(0, [0.5, 0.5], [0.5, 0.7], "new"), 3: cell(3, [0.0, 0.0], [0.0, 0.0], "new")}}
+    out = budget.reproduction(tmp_path / "r1", rerun)
+    assert out["seeds"] == [0] and out["round1_cpu"] == "old, 32-true" and out["rerun_cpu"] == "new, 32-true"
+    assert out["warm"] == {"round1": [pytest.approx(0.6)], "rerun": [pytest.approx(0.5)]}
+    assert out["old_default_gain"] == {"round1": [pytest.approx(0.1)], "rerun": [pytest.approx(0.1)]}
+    assert budget.reproduction(tmp_path / "r1", {"1": {5: rerun["1"][3]}}) is None
