@@ -78,19 +78,16 @@ def load(*dirs: Path) -> dict[str, dict[str, dict[int, dict]]]:
     return out
 
 
-def reported_test_rows(round1: Path, cells: dict) -> set[int]:
+def truthfulqa_reported_rows(round1: Path, cells: dict) -> set[int]:
     """TruthfulQA file rows some result reports as test: every TruthfulQA cell's (round 1 and
     round 2) and the README demo's test split."""
-    from grid import DEMO_SPLIT, split_record
+    from grid import DEMO_SPLIT, committed_cells, reported_test_rows, split_record
 
     from svd_lightning.data import TruthfulQADataModule
 
-    rows = {row for labels in cells.values() for seeds in labels.values() for d in seeds.values()
-            if d["task"].startswith("truthfulqa") for row in d["split"]["test"]}
-    r1, _ = load_grid(round1, quiet=True)
-    rows |= {row for (task, _, _), seeds in r1.items() if task.startswith("truthfulqa")
-             for d in seeds.values() for row in d["split"]["test"]}
-    return rows | set(split_record(TruthfulQADataModule(**DEMO_SPLIT))["test"])
+    every = committed_cells(round1) + [d for labels in cells.values() for seeds in labels.values() for d in seeds.values()]
+    demo = TruthfulQADataModule(**DEMO_SPLIT)
+    return reported_test_rows(demo.path, every) | set(split_record(demo)["test"])
 
 
 def rechoose(round1: Path, exclude: set[int]) -> dict | None:
@@ -287,7 +284,8 @@ def markdown(summary: dict, level: str = "#") -> str:
              "Points vs the same budget's warm start of the same seed: mean (per seed) [95 % hierarchical CI] "
              "t[95 % t-interval over seeds]. Seeds: " + "; ".join(
                  f"{task}: " + ", ".join(f"{b} {seeds}" for b, seeds in summary["seeds"][task].items())
-                 for task in tables) + f". Cells ran on: {'; '.join(summary['cpus'])}.", ""]
+                 for task in tables) + f". Cells ran on: {'; '.join(summary['cpus'])}.", "",
+             f"{sub} In brief (primary metric; the README quotes this table)", "", brief(summary)]
     if chosen:
         top = chosen["ranking"][0]
         lines += [f"{sub} The re-chosen default", "",
@@ -330,6 +328,48 @@ def markdown(summary: dict, level: str = "#") -> str:
     return "\n".join(lines) + "\n"
 
 
+BRIEF_REGIMES = {  # round-2 task -> its short column head in the brief table
+    "truthfulqa_fresh": "TruthfulQA demo regime, fresh q.",
+    "truthfulqa_equal_cost": "TruthfulQA zero-shot",
+    "arc_easy_demo": "ARC-Easy",
+    "arc_challenge_demo": "ARC-Challenge",
+    "boolq_demo": "BoolQ",
+}
+BRIEF_METHODS = (NEW_DEFAULT, OLD_DEFAULT, "SVDecode (choice_nll μ, α=0.1)", "contrastive (choice_nll γ, no mask)",
+                 CONTRASTIVE, PLUS_ONE, PLUS_CAL)
+
+
+def brief(summary: dict) -> str:
+    """The README's round-2 table: methods × regimes at epoch 1, primary metric, ``gain [CI] t[t-interval]``,
+    and the re-chosen default minus one more epoch (paired)."""
+    tasks = [t for t in BRIEF_REGIMES if t in summary["tables"]]
+
+    def at_one(task: str) -> dict[str, dict]:
+        return {r["method"]: r for r in summary["tables"][task] if r["budget"] == "1"}
+
+    def cell(s: dict | None) -> str:
+        if not s:
+            return "not run"
+        t = f" t{ci_text(*s['t_ci'])}" if s.get("t_ci") else ""
+        return f"{pct(s['gain'])} {ci_text(s['ci_low'], s['ci_high'])}{t}"
+
+    head = []
+    for t in tasks:
+        r = at_one(t)["warm start"]
+        head.append(f"{BRIEF_REGIMES[t]} ({r['seeds']} × {max(r['questions_per_seed'])}, {r['metric'].upper()})")
+    lines = ["| epoch 1, points vs the warm start | " + " | ".join(head) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for method in BRIEF_METHODS:
+        cols = []
+        for t in tasks:
+            r = at_one(t).get(method)
+            cols.append(cell(r and r["by_metric"][r["metric"]]) + (f" ({r['edge_picks']}/{r['seeds']} at the edge)"
+                                                                  if r and "edge_picks" in r else ""))
+        lines.append(f"| {method} | " + " | ".join(cols) + " |")
+    versus_new = [next((e["plus_one"] for e in summary["versus"].get(t, []) if e["method"] == NEW_DEFAULT), None) for t in tasks]
+    lines.append(f"| {NEW_DEFAULT} − one more epoch | " + " | ".join(cell(v) for v in versus_new) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _name(r: dict) -> str:
     note = f" ({r['edge_picks']} of {r['seeds']} picks at the grid's edge)" if "edge_picks" in r else ""
     return r["method"] + note
@@ -344,7 +384,7 @@ def _line(regime: str, r: dict) -> str:
 
 def summarise(cells: dict, round1: Path) -> dict:
     """Everything the page and the summary show: the re-chosen default, every task's rows, the sentences."""
-    chosen = rechoose(round1, reported_test_rows(round1, cells))
+    chosen = rechoose(round1, truthfulqa_reported_rows(round1, cells))
     new = chosen["variant"] if chosen else None
     tables = {task: rows(task, cells[task], new) for task in REGIMES if task in cells}
     tables = {task: table for task, table in tables.items() if table}

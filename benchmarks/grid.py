@@ -185,14 +185,15 @@ class DrawnTestCommonsense(CommonsenseDataModule):
         return train, calib, seeded_split(test, (share, 1 - share), self.seed + 1)[0]
 
 
-def reported_test_rows(test_file: str, grid_dir: Path = ROOT / "results" / "grid") -> tuple[int, ...]:
-    """Test rows of ``test_file`` that a committed round-1 cell reported."""
-    rows = set()
-    for path in grid_dir.glob("*-epoch*.json"):
-        cell = json.loads(path.read_text())
-        if cell.get("split_files", {}).get("test") == test_file:
-            rows |= set(cell["split"]["test"])
-    return tuple(sorted(rows))
+def committed_cells(*dirs: Path) -> list[dict]:
+    """Every cell file (``*-epoch*.json``) in ``dirs``."""
+    return [json.loads(path.read_text()) for d in dirs for path in sorted(Path(d).glob("*-epoch*.json"))]
+
+
+def reported_test_rows(test_file: str, cells: list[dict] | None = None) -> set[int]:
+    """Rows of ``test_file`` that ``cells`` (default: the committed round-1 cells) report as test."""
+    cells = committed_cells(ROOT / "results" / "grid") if cells is None else cells
+    return {row for cell in cells if cell.get("split_files", {}).get("test") == test_file for row in cell["split"]["test"]}
 
 
 def commonsense_demo(test: str, train: str, root: str = COMMONSENSE):
@@ -200,7 +201,7 @@ def commonsense_demo(test: str, train: str, root: str = COMMONSENSE):
     ``DEMO_LR``); zero-shot, as these sets ship no fixed few-shot prompt."""
     test_file = f"{root}/{test}"
     return lambda seed: DrawnTestCommonsense(
-        test_path=test_file, train_path=f"{root}/{train}", exclude=reported_test_rows(test_file),
+        test_path=test_file, train_path=f"{root}/{train}", exclude=tuple(sorted(reported_test_rows(test_file))),
         seed=seed, limit_train=490, limit_calib=60, limit_test=150, max_length=256,
     )
 

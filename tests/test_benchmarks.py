@@ -237,6 +237,14 @@ def test_the_results_page_is_what_report_py_generates_from_the_committed_results
         "docs/results.md differs from what benchmarks/report.py generates: run `python benchmarks/report.py`")
 
 
+def test_the_readme_quotes_round_2s_table_from_the_committed_summary():
+    """The README's round-2 table is ``budget.brief`` of the committed summary, not typed by hand."""
+    budget = _load("budget")
+    table = budget.brief(json.loads((BENCH / "results" / "budget_summary.json").read_text()))
+    assert table in (BENCH.parent / "README.md").read_text(encoding="utf-8"), (
+        "README.md's round-2 table differs from benchmarks/results/budget_summary.json: paste `budget.brief`'s table")
+
+
 def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
     """Two IA3 seeds of the real grid code on the tiny model: format 2, disjoint recorded splits that
     differ across seeds, equal init fingerprints (IA3), per-question values that follow the split."""
@@ -459,6 +467,8 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     assert contrastive["by_metric"][metric]["t_ci"] is None  # one seed: no seed-level interval
     md = budget.markdown(budget.summarise(loaded, tmp_path / "no-round-1"))
     assert "| 0.25 | train to the next budget |" in md and f"trained [{extra}] more questions" in md
+    brief = budget.brief(budget.summarise(loaded, tmp_path / "no-round-1"))
+    assert brief in md and f"| {budget.PLUS_ONE} | " in brief and "(1 × 8, MC2)" in brief
     assert budget.worth(loaded["truthfulqa_fresh"], list(rows.values()), budget.OLD_DEFAULT) is None  # one seed
     vs = {e["method"]: e for e in budget.against_baselines(loaded["truthfulqa_fresh"], list(rows.values()))}
     own = cells["1"]["per_question"]["test"][metric]
