@@ -347,7 +347,7 @@ def brief(summary: dict) -> str:
     def at_one(task: str) -> dict[str, dict]:
         return {r["method"]: r for r in summary["tables"][task] if r["budget"] == "1"}
 
-    def cell(s: dict | None) -> str:
+    def text(s: dict | None) -> str:
         if not s:
             return "not run"
         t = f" t{ci_text(*s['t_ci'])}" if s.get("t_ci") else ""
@@ -362,11 +362,11 @@ def brief(summary: dict) -> str:
         cols = []
         for t in tasks:
             r = at_one(t).get(method)
-            cols.append(cell(r and r["by_metric"][r["metric"]]) + (f" ({r['edge_picks']}/{r['seeds']} at the edge)"
-                                                                  if r and "edge_picks" in r else ""))
+            edge = f" ({r['edge_picks']}/{r['seeds']} at the edge)" if r and "edge_picks" in r else ""
+            cols.append(text(r and r["by_metric"][r["metric"]]) + edge)
         lines.append(f"| {method} | " + " | ".join(cols) + " |")
     versus_new = [next((e["plus_one"] for e in summary["versus"].get(t, []) if e["method"] == NEW_DEFAULT), None) for t in tasks]
-    lines.append(f"| {NEW_DEFAULT} − one more epoch | " + " | ".join(cell(v) for v in versus_new) + " |")
+    lines.append(f"| {NEW_DEFAULT} − one more epoch | " + " | ".join(text(v) for v in versus_new) + " |")
     return "\n".join(lines) + "\n"
 
 

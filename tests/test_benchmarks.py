@@ -465,9 +465,10 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     contrastive = rows[("1", budget.CONTRASTIVE)]
     assert contrastive["seeds"] == 1 and 0 <= contrastive["edge_picks"] <= 1
     assert contrastive["by_metric"][metric]["t_ci"] is None  # one seed: no seed-level interval
-    md = budget.markdown(budget.summarise(loaded, tmp_path / "no-round-1"))
+    summary = budget.summarise(loaded, tmp_path / "no-round-1")
+    md = budget.markdown(summary)
     assert "| 0.25 | train to the next budget |" in md and f"trained [{extra}] more questions" in md
-    brief = budget.brief(budget.summarise(loaded, tmp_path / "no-round-1"))
+    brief = budget.brief(summary)
     assert brief in md and f"| {budget.PLUS_ONE} | " in brief and "(1 × 8, MC2)" in brief
     assert budget.worth(loaded["truthfulqa_fresh"], list(rows.values()), budget.OLD_DEFAULT) is None  # one seed
     vs = {e["method"]: e for e in budget.against_baselines(loaded["truthfulqa_fresh"], list(rows.values()))}
