@@ -153,11 +153,24 @@ def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None 
         calib, test_of = _candidates(ds, "contrastive_", metric)
         picks = [(v, d, d) for v, d in zip(in_sample_picks(calib), ds)]
         row = _row(key, CONTRASTIVE, picks, metric, metrics, None, (calib, test_of, False), "in-sample")
-        edge = max(abs(g) for g in ds[0]["gammas"])
-        row["edge_picks"] = sum(abs(float(v.removeprefix("contrastive_g"))) == edge for v, _, _ in picks)
+        row["edge_rise"] = edge_rises(calib, [v for v, _, _ in picks])
+        row["edge_picks"] = len(row["edge_rise"])
         row["budget"] = label
         out.append(row)
     return out
+
+
+def edge_rises(calib: dict[str, list], picks: list[str]) -> list[float]:
+    """For each seed whose γ pick sits at the grid's edge (largest |γ|), how much its calib mean rose
+    from the next γ inward on the same side: ~0 is a plateau, more says the optimum may lie beyond."""
+    gamma = {v: float(v.removeprefix("contrastive_g")) for v in calib}
+    edge = max(abs(g) for g in gamma.values())
+    rises = []
+    for k, v in enumerate(picks):
+        if abs(gamma[v]) == edge:
+            inner = max((u for u in gamma if 0 < gamma[u] * gamma[v] < edge ** 2), key=lambda u: abs(gamma[u]))
+            rises.append(float(np.mean(calib[v][k]) - np.mean(calib[inner][k])))
+    return rises
 
 
 def versus(labels: dict[str, dict[int, dict]], row: dict, baseline: str) -> dict | None:
@@ -371,7 +384,8 @@ def brief(summary: dict) -> str:
 
 
 def _name(r: dict) -> str:
-    note = f" ({r['edge_picks']} of {r['seeds']} picks at the grid's edge)" if "edge_picks" in r else ""
+    rises = "; calib rise from the next γ in: " + ", ".join(pct(x) for x in r["edge_rise"]) if r.get("edge_rise") else ""
+    note = f" ({r['edge_picks']} of {r['seeds']} picks at the grid's edge{rises})" if "edge_picks" in r else ""
     return r["method"] + note
 
 

@@ -237,6 +237,15 @@ def test_the_results_page_is_what_report_py_generates_from_the_committed_results
         "docs/results.md differs from what benchmarks/report.py generates: run `python benchmarks/report.py`")
 
 
+def test_edge_rises_measure_picks_at_the_gamma_grids_edge_only():
+    budget = _load("budget")
+    calib = {"contrastive_g+0": [[0.5], [0.5]], "contrastive_g+10": [[0.6], [0.7]], "contrastive_g+100": [[0.9], [0.7]],
+             "contrastive_g-10": [[0.1], [0.1]], "contrastive_g-100": [[0.2], [0.4]]}
+    # seed 0 picks +100 (0.3 above +10), seed 1 picks -100 (0.3 above -10); a pick inside the grid counts nothing
+    assert budget.edge_rises(calib, ["contrastive_g+100", "contrastive_g-100"]) == pytest.approx([0.3, 0.3])
+    assert budget.edge_rises(calib, ["contrastive_g+10", "contrastive_g+0"]) == []
+
+
 def test_the_readme_quotes_round_2s_table_from_the_committed_summary():
     """The README's round-2 table is ``budget.brief`` of the committed summary, not typed by hand."""
     budget = _load("budget")
