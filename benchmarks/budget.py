@@ -53,7 +53,10 @@ REGIMES = {  # round-2 task -> what it is
     "arc_easy_demo": "ARC-Easy, demo-like (LR 5e-5, 490 train q.)",
     "arc_challenge_demo": "ARC-Challenge, demo-like (LR 5e-5, 490 train q.)",
     "boolq_demo": "BoolQ, demo-like (LR 5e-5, 490 train q.)",
+    "truthfulqa_equal_cost-ia3": "TruthfulQA, zero-shot, IA3, LR 3e-3 (round 1's split), one seed",
+    "truthfulqa_equal_cost-prompt_tuning": "TruthfulQA, zero-shot, prompt tuning, LR 1e-2 (round 1's split), one seed",
 }
+EQUAL_COST = "truthfulqa_equal_cost"  # round 1's zero-shot TruthfulQA cells, re-run with both baselines
 OLD_DEFAULT = "SVDecode, old default (trimmed Fisher, α=0.3)"
 NEW_DEFAULT = "SVDecode, re-chosen default"
 FIXED = {  # no selection among variants on the reported seeds
@@ -67,14 +70,19 @@ PLUS_ONE = "+1 epoch"
 PLUS_CAL = "+ the calibration's cost in training questions"
 
 
+def regime(cell: dict) -> str:
+    """A cell's regime: its task, with its adapter where that is not LoRA."""
+    return cell["task"] if cell["adapter"] == "lora" else f"{cell['task']}-{cell['adapter']}"
+
+
 def load(*dirs: Path) -> dict[str, dict[str, dict[int, dict]]]:
-    """task -> label ("0.25", …, "1+cal") -> seed -> cell, for the current format."""
+    """regime (:func:`regime`) -> label ("0.25", …, "1+cal") -> seed -> cell, for the current format."""
     out: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for directory in dirs:
         for path in sorted(Path(directory).glob("*.json")):
             d = json.loads(path.read_text())
             if d.get("format") == FORMAT and "label" in d:
-                out[d["task"]][d["label"]][d["seed"]] = d
+                out[regime(d)][d["label"]][d["seed"]] = d
     return out
 
 
@@ -105,11 +113,11 @@ def rechoose(round1: Path, exclude: set[int]) -> dict | None:
             "old_default_selection_gain": chosen["ranking"][old]["selection_gain"]}
 
 
-def reproduction(round1: Path, labels: dict[str, dict[int, dict]], task: str = "truthfulqa") -> dict | None:
-    """Round 1's cells of ``task`` (LoRA, epoch 1) against their re-run (the same seeds and splits, another
-    CPU and precision): the warm start's test level and the old default's gain, per seed."""
+def reproduction(round1: Path, labels: dict[str, dict[int, dict]], task: str = "truthfulqa", adapter: str = "lora") -> dict | None:
+    """Round 1's cells of ``task`` and ``adapter`` (epoch 1) against their re-run (the same seeds and splits,
+    maybe another CPU and precision): the warm start's test level and the old default's gain, per seed."""
     r1, _ = load_grid(round1, quiet=True)
-    old, new = r1.get((task, "lora", 1), {}), labels.get("1", {})
+    old, new = r1.get((task, adapter, 1), {}), labels.get("1", {})
     seeds = sorted(set(old) & set(new))
     if not seeds:
         return None
@@ -119,7 +127,7 @@ def reproduction(round1: Path, labels: dict[str, dict[int, dict]], task: str = "
         return [float(np.mean(test_values(cells[k], variant, metric) - (test_values(cells[k], "plain", metric) if minus_plain else 0)))
                 for k in seeds]
 
-    return {"seeds": seeds, "metric": metric, "round1_cpu": f"{old[seeds[0]]['cpu']}, {old[seeds[0]]['precision']}",
+    return {"adapter": adapter, "seeds": seeds, "metric": metric, "round1_cpu": f"{old[seeds[0]]['cpu']}, {old[seeds[0]]['precision']}",
             "rerun_cpu": f"{new[seeds[0]]['cpu']}, {new[seeds[0]]['precision']}",
             "warm": {"round1": per_seed(old, "plain", False), "rerun": per_seed(new, "plain", False)},
             "old_default_gain": {"round1": per_seed(old, DEFAULT, True), "rerun": per_seed(new, DEFAULT, True)}}
@@ -330,14 +338,14 @@ def markdown(summary: dict, level: str = "#") -> str:
             text = level_text if r["method"] == "warm start" else gain_text
             lines.append(f"| {r['budget']} | {_name(r)} | {text(r['by_metric'][m1])} | {text(r['by_metric'][m2])} |")
     lines += ["", f"{sub} What steering is worth in training", ""] + [f"- {s}" for s in summary["sentences"]]
-    rerun = summary.get("reproduction")
-    if rerun:
+    reruns = summary.get("reproduction") or []
+    if reruns:
         def seeds_text(pair):
             return " / ".join(f"{100 * a:.2f} → {100 * b:.2f}" for a, b in zip(pair["round1"], pair["rerun"]))
-        lines += ["", f"{sub} Round 1's zero-shot cells, re-run", "",
-                  f"The same seeds {rerun['seeds']} and splits, round 1 ({rerun['round1_cpu']}) → re-run ({rerun['rerun_cpu']}), "
-                  f"test {rerun['metric'].upper()} per seed: warm start {seeds_text(rerun['warm'])}; the old default's gain "
-                  f"(points) {seeds_text(rerun['old_default_gain'])}."]
+        lines += ["", f"{sub} Round 1's zero-shot cells, re-run", ""]
+        lines += [f"- {r['adapter']}, seeds {r['seeds']} and their splits, round 1 ({r['round1_cpu']}) → re-run "
+                  f"({r['rerun_cpu']}), test {r['metric'].upper()} per seed: warm start {seeds_text(r['warm'])}; the old "
+                  f"default's gain (points) {seeds_text(r['old_default_gain'])}." for r in reruns]
     return "\n".join(lines) + "\n"
 
 
@@ -405,9 +413,10 @@ def summarise(cells: dict, round1: Path) -> dict:
     curve = tables.get(CURVE, [])
     worths = [w for w in (worth(cells[CURVE], curve, m) for m in (NEW_DEFAULT, OLD_DEFAULT)) if w] if curve else []
     versus_rows = {task: against_baselines(cells[task], table) for task, table in tables.items()}
-    rerun = reproduction(round1, cells["truthfulqa_equal_cost"]) if "truthfulqa_equal_cost" in cells else None
+    reruns = [reproduction(round1, labels, adapter=next(d["adapter"] for seeds in labels.values() for d in seeds.values()))
+              for key, labels in cells.items() if key.startswith(EQUAL_COST)]
     every = [d for labels in cells.values() for seeds in labels.values() for d in seeds.values()]
-    return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths, "reproduction": rerun,
+    return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths, "reproduction": [r for r in reruns if r],
             "sentences": [worth_sentence(w) for w in worths],
             "seeds": {task: {b: sorted(cells[task][b]) for b in (*BUDGETS, CAL) if cells[task].get(b)} for task in tables},
             "extra_questions": {task: sorted({d["calibration_cost_questions"] for d in cells[task].get("1", {}).values()})

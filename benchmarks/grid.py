@@ -291,7 +291,8 @@ GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1,
         ("truthfulqa_fresh", "lora", (1, 2), (10, 11, 12, 13, 14))] + [
     (task, adapter, epochs, (seed,)) for seed in (0, 1, 2) for task, adapter, epochs in OTHERS
 ] + [(task, "lora", (1,), (10, 11, 12)) for task in ("arc_easy_demo", "arc_challenge_demo", "boolq_demo")] + [
-    ("truthfulqa_equal_cost", "lora", (1,), (0, 1))]  # round 1's zero-shot seeds: the same splits
+    ("truthfulqa_equal_cost", "lora", (1,), (0, 1))] + [  # round 1's zero-shot seeds: the same splits
+    ("truthfulqa_equal_cost", adapter, (1,), (0,)) for adapter in ("ia3", "prompt_tuning")]  # round 1's one seed
 
 
 def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:

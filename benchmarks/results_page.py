@@ -305,7 +305,7 @@ def round2_section(summary_path: Path, pool_path: Path) -> list[str]:
               "- **Commonsense, demo-like**: LR 5e-5 and 490 training questions as the demo; zero-shot prompts, since "
               "these sets ship no fixed few-shot prompt; 150 test questions drawn by the seed from the test file, "
               "outside the rows round 1 reported. The zero-shot TruthfulQA rows re-run round 1's seeds 0–1 (the same "
-              "splits) with both baselines.",
+              "splits) with both baselines, and round 1's one IA3 and one prompt-tuning seed likewise.",
               "- **γ grid**: 0 and ±10^(k/4) for k = −8…8 (±0.01 … ±100). Picks at its edge: "
               + ", ".join(f"{task} {b}: {n} of {k}" for task, b, n, k in edge) + ". At |γ| = 100 the ranking is "
               "essentially the logit difference's alone. From the next γ in to the edge, the picked seeds' calib "

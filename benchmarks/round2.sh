@@ -3,7 +3,8 @@
 # rerun. Two workers share the cells through lock files -- on 2 cores run two, one thread each:
 #   bash benchmarks/round2.sh & bash benchmarks/round2.sh
 # Fresh-question demo regime, then seeds 10-11 of the commonsense demo-like regime, the zero-shot
-# TruthfulQA equal-cost cells, and the commonsense seed 12 last (the order in which a cut costs least).
+# TruthfulQA equal-cost cells, the commonsense seed 12, and round 1's one-seed IA3 and prompt-tuning
+# cells with both baselines last (the order in which a cut costs least).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -13,3 +14,4 @@ commonsense=(arc_easy_demo-lora arc_challenge_demo-lora boolq_demo-lora)
 "$py" benchmarks/grid.py --only "${commonsense[@]}" --seeds 10 11 --out benchmarks/results/grid_round2
 "$py" benchmarks/grid.py --only truthfulqa_equal_cost-lora --seeds 0 1 --out benchmarks/results/grid_round2
 "$py" benchmarks/grid.py --only "${commonsense[@]}" --seeds 12 --out benchmarks/results/grid_round2
+"$py" benchmarks/grid.py --only truthfulqa_equal_cost-ia3 truthfulqa_equal_cost-prompt_tuning --seeds 0 --out benchmarks/results/grid_round2
