@@ -113,11 +113,15 @@ def rechoose(round1: Path, exclude: set[int]) -> dict | None:
             "old_default_selection_gain": chosen["ranking"][old]["selection_gain"]}
 
 
-def reproduction(round1: Path, labels: dict[str, dict[int, dict]], task: str = "truthfulqa", adapter: str = "lora") -> dict | None:
-    """Round 1's cells of ``task`` and ``adapter`` (epoch 1) against their re-run (the same seeds and splits,
-    maybe another CPU and precision): the warm start's test level and the old default's gain, per seed."""
+def reproduction(round1: Path, labels: dict[str, dict[int, dict]], task: str = "truthfulqa") -> dict | None:
+    """Round 1's cells of ``task`` (epoch 1, the re-run's adapter) against their re-run (the same seeds and
+    splits, maybe another CPU and precision): the warm start's test level and the old default's gain, per seed."""
+    new = labels.get("1", {})
+    if not new:
+        return None
+    adapter = next(iter(new.values()))["adapter"]
     r1, _ = load_grid(round1, quiet=True)
-    old, new = r1.get((task, adapter, 1), {}), labels.get("1", {})
+    old = r1.get((task, adapter, 1), {})
     seeds = sorted(set(old) & set(new))
     if not seeds:
         return None
@@ -413,8 +417,7 @@ def summarise(cells: dict, round1: Path) -> dict:
     curve = tables.get(CURVE, [])
     worths = [w for w in (worth(cells[CURVE], curve, m) for m in (NEW_DEFAULT, OLD_DEFAULT)) if w] if curve else []
     versus_rows = {task: against_baselines(cells[task], table) for task, table in tables.items()}
-    reruns = [reproduction(round1, labels, adapter=next(d["adapter"] for seeds in labels.values() for d in seeds.values()))
-              for key, labels in cells.items() if key.startswith(EQUAL_COST)]
+    reruns = [reproduction(round1, labels) for key, labels in cells.items() if key.startswith(EQUAL_COST)]
     every = [d for labels in cells.values() for seeds in labels.values() for d in seeds.values()]
     return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths, "reproduction": [r for r in reruns if r],
             "sentences": [worth_sentence(w) for w in worths],

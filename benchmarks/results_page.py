@@ -197,7 +197,7 @@ def demo_section(demo: Path) -> list[str]:
               + "; ".join(f"{b['method']} − warm start {b['metric'].upper()} {b['mean']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}]"
                           for k, b in sorted(boot.items()) if b["reference"] == "plain") + ".", "",
               "One seed and one split, and the demo, not a replication: the grid's demo-regime seed 0 is this run's split "
-              "and init; the replications of its regime are the grid's seeds 1–2 and round 2's five fresh-question seeds, where the default gains far less. The contrastive γ here minimises the calib multiple-choice loss (the grid's \"contrastive "
+              "and init; the replications of its regime are the grid's seeds 1–2 and round 2's fresh-question seeds (their gains: Evidence round 2 above). The contrastive γ here minimises the calib multiple-choice loss (the grid's \"contrastive "
               "(choice_nll γ)\" row), not calib accuracy.", "",
               "The aggregates of the same calibration tokens disagree widely, the heavy tail the spec warns about: "
               + ", ".join(f"{k} {v:+.3g}" for k, v in sorted(steering["aggregates"].items()) if k != "tokens")

@@ -565,7 +565,8 @@ def test_the_rerun_of_round_1_is_compared_seed_by_seed(tmp_path):
     rerun = {"1": {0: cell(0, [0.5, 0.5], [0.5, 0.7], "new"), 3: cell(3, [0.0, 0.0], [0.0, 0.0], "new")}}
     out = budget.reproduction(tmp_path / "r1", rerun)
     assert out["seeds"] == [0] and out["round1_cpu"] == "old, 32-true" and out["rerun_cpu"] == "new, 32-true"
-    assert out["adapter"] == "lora" and budget.reproduction(tmp_path / "r1", rerun, adapter="ia3") is None
+    ia3 = {"1": {0: {**rerun["1"][0], "adapter": "ia3"}}}  # round 1 has no IA3 cell of seed 0 here
+    assert out["adapter"] == "lora" and budget.reproduction(tmp_path / "r1", ia3) is None
     assert out["warm"] == {"round1": [pytest.approx(0.6)], "rerun": [pytest.approx(0.5)]}
     assert out["old_default_gain"] == {"round1": [pytest.approx(0.1)], "rerun": [pytest.approx(0.1)]}
     assert budget.reproduction(tmp_path / "r1", {"1": {5: rerun["1"][3]}}) is None
