@@ -72,7 +72,7 @@ from svd_lightning.metrics import (
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import BF16, describe_cpu, fast_precision
 from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
-from svd_lightning.steering import GAMMA_GRID
+from svd_lightning.steering import GAMMA_GRID, ContrastiveLimit
 
 ROOT = Path(__file__).resolve().parent
 ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmasked (policy `none`)
@@ -123,6 +123,8 @@ DEMO_SPLIT = {"seed": 0, "split": (0.6, 0.2, 0.2)}  # configs/truthfulqa/lora.ya
 FRESH_SIZES = {"train": 490, "calib": 50, "test": 80}  # the demo regime's: 490 train, calib / test as its cells
 # Wide, log-spaced γ (0 = warm start): the first grid (±5 at most) had its edge picked in 4 of 5 seeds.
 WIDE_GAMMAS = (0.0,) + tuple(sign * round(10 ** (k / 4), 4) for k in range(-8, 9) for sign in (-1, 1))
+# The wide grid to |γ| = 10⁴, closed by its limits γ = ±∞: its edge picks sat on a plateau toward the limit.
+CLOSED_GAMMAS = (0.0,) + tuple(sign * round(10 ** (k / 4), 4) for k in range(-8, 17) for sign in (-1, 1))
 
 
 def used_rows(grid_dir: Path, data_path: str) -> dict[str, list[int]]:
@@ -231,6 +233,7 @@ class Task:
     cal_baseline: bool = False  # also scored plain after epoch 1 + the calibration's cost ("1+cal")
     fresh: bool = False  # calib and test drawn from the fresh pool
     gammas: tuple[float, ...] = tuple(GAMMAS)  # the contrastive γ grid
+    gamma_limits: bool = False  # the grid closed by its limits γ = ±∞ (TruthfulQA metrics only)
 
 
 def zero_shot_truthfulqa(seed: int) -> TruthfulQADataModule:
@@ -266,6 +269,9 @@ TASKS = {
     "arc_challenge_demo": Task(commonsense_demo("ARC-Challenge/test.json", "ARC-Challenge/train.json"),
                                learning_rate=DEMO_LR, **ROUND2),
     "boolq_demo": Task(commonsense_demo("boolq/test.json", "boolq/train.json"), learning_rate=DEMO_LR, **ROUND2),
+    # The fresh seeds again to epoch 1 (¼, ½, 1), scored on the closed γ grid: the wide grid's edge picks.
+    "truthfulqa_fresh_closed": Task(fresh_demo, learning_rate=DEMO_LR, plus_one=False, fractions=(0.25, 0.5),
+                                    fresh=True, gammas=CLOSED_GAMMAS, gamma_limits=True),
 }
 # The two headline metrics of each task, primary first (calib selection uses the primary one).
 METRICS = {task: HEADLINE_METRICS["truthfulqa" if is_truthfulqa(task) else "choice"] for task in TASKS}
@@ -292,12 +298,20 @@ GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1,
     (task, adapter, epochs, (seed,)) for seed in (0, 1, 2) for task, adapter, epochs in OTHERS
 ] + [(task, "lora", (1,), (10, 11, 12)) for task in ("arc_easy_demo", "arc_challenge_demo", "boolq_demo")] + [
     ("truthfulqa_equal_cost", "lora", (1,), (0, 1))] + [  # round 1's zero-shot seeds: the same splits
-    ("truthfulqa_equal_cost", adapter, (1,), (0,)) for adapter in ("ia3", "prompt_tuning")]  # round 1's one seed
+    ("truthfulqa_equal_cost", adapter, (1,), (0,)) for adapter in ("ia3", "prompt_tuning")] + [  # round 1's one seed
+    ("truthfulqa_fresh_closed", "lora", (1,), (10, 11, 12, 13, 14))]
 
 
-def per_question(task: str, table: dict, score: torch.Tensor) -> dict[str, torch.Tensor]:
+def per_question(task: str, table: dict, score: torch.Tensor, limit: bool = False) -> dict[str, torch.Tensor]:
+    """Both headline metrics' families and the multiple-choice loss per question; a contrastive limit
+    (``limit``) has no finite loss, and only TruthfulQA's metrics (of the raw scores) are its limits."""
     fn = truthfulqa_per_question if is_truthfulqa(task) else choice_accuracy_per_question
     rows = {**table, "score": score}
+    if limit:
+        if not is_truthfulqa(task):
+            raise ValueError(f"{task}: acc_norm's limit is not the limit scores' acc_norm; the γ limits are "
+                             "for TruthfulQA tasks")
+        return fn(**rows)
     return {**fn(**rows), "choice_nll": choice_nll_per_question(**rows)}
 
 
@@ -375,9 +389,14 @@ def strengths(result: CalibrationPass) -> tuple[dict[str, dict[str, float]], dic
     return mus, {"tokens": result.tokens["0.1"].stats.count}
 
 
-def variant_configs(mus: dict[str, dict[str, float]], gammas=GAMMAS) -> dict[str, SteeringConfig]:
-    """Every scoring variant of one epoch as a named :class:`SteeringConfig` (the cell files' names)."""
-    out = {f"contrastive_g{g:+g}": SETTINGS.contrastive(gamma=g) for g in gammas}
+def variant_configs(mus: dict[str, dict[str, float]], gammas=GAMMAS, gamma_limits: bool = False
+                    ) -> dict[str, SteeringConfig | ContrastiveLimit]:
+    """Every scoring variant of one epoch as a named :class:`SteeringConfig` (the cell files' names),
+    and with ``gamma_limits`` the contrastive γ grid's limits ``contrastive_g±inf``."""
+    out: dict[str, SteeringConfig | ContrastiveLimit] = {
+        f"contrastive_g{g:+g}": SETTINGS.contrastive(gamma=g) for g in gammas}
+    if gamma_limits:
+        out.update({f"contrastive_g{limit.gamma:+g}": limit for limit in (ContrastiveLimit(1), ContrastiveLimit(-1))})
     ld = SETTINGS.replace(direction="logit_difference")
     for key, alpha in LD_MASKS.items():
         for strength, mu in mus.get(key, {}).items():
@@ -415,14 +434,16 @@ def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, 
         rows = score_choice_variants(model, batch, configs or {}, with_base=configs is not None)
         rows.pop("num_tokens")
         for name, row_scores in rows.items():
-            if not torch.isfinite(row_scores).all():
+            limit = isinstance((configs or {}).get(name), ContrastiveLimit)  # −∞ off each choice set's top
+            if not (torch.isfinite(row_scores) | (limit & (row_scores == float("-inf")))).all():
                 raise FloatingPointError(f"non-finite scores in variant {name}")
             scores.setdefault(name, []).append(row_scores.double())
         for k in table:
             table[k].append(batch[k])
     table = {k: torch.cat(v) for k, v in table.items()}
     ids = torch.unique(table["question_index"]).tolist()  # the metrics' question order (sorted ids)
-    return {name: per_question(task, table, torch.cat(v)) for name, v in scores.items()}, ids
+    return {name: per_question(task, table, torch.cat(v), isinstance((configs or {}).get(name), ContrastiveLimit))
+            for name, v in scores.items()}, ids
 
 
 class EpochProbe(L.Callback):
@@ -430,8 +451,8 @@ class EpochProbe(L.Callback):
     of the first epoch (the training-budget curve) and after the equal-cost extra training of
     :func:`calibration_cost_questions` past epoch 1 (plain only)."""
 
-    def __init__(self, cell: dict, epochs: set[int], out_dir: Path):
-        self.cell, self.epochs, self.out_dir = cell, epochs, out_dir
+    def __init__(self, cell: dict, epochs: set[int], out_dir: Path, train_only: bool = False):
+        self.cell, self.epochs, self.out_dir, self.train_only = cell, epochs, out_dir, train_only
         # Scored plain only: the "+1 epoch" baseline of the last evaluated epoch (None: not trained).
         self.task = TASKS[cell["task"]]
         self.plus_one = max(epochs) + 1 if self.task.plus_one else None
@@ -441,6 +462,9 @@ class EpochProbe(L.Callback):
 
     def path(self, label: str) -> Path:
         return self.out_dir / f"{self.cell['name']}-epoch{label}.json"
+
+    def is_done(self, label: str) -> bool:
+        return is_current(self.path(label)) or (self.train_only and is_saved(self.out_dir, self.cell["name"], label))
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_start, self.probing = time.perf_counter(), 0.0
@@ -461,7 +485,7 @@ class EpochProbe(L.Callback):
             label = next((f"{f:g}" for f in self.fractions if step == max(1, round(f * steps)) and f < 1), None)
         elif self.extra and self._first_step_past(step, trainer.datamodule.train_batch_size, self.extra):
             label, plain_only = "1+cal", True
-        if label is None or is_current(self.path(label)):
+        if label is None or self.is_done(label):
             return
         start = time.perf_counter()
         self._probe(trainer, pl_module, label, plain_only, self._training_seconds(), step,
@@ -475,87 +499,157 @@ class EpochProbe(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
-        if epoch not in self.epochs | {self.plus_one} or is_current(self.path(str(epoch))):
+        if epoch not in self.epochs | {self.plus_one} or self.is_done(str(epoch)):
             return
         self._probe(trainer, pl_module, str(epoch), epoch == self.plus_one, self._training_seconds(),
                     trainer.num_training_batches, epoch)
 
     def _probe(self, trainer, pl_module, label: str, plain_only: bool, train_seconds: float, step: int,
                epoch: float):
-        """Score the model as trained so far (``epoch``: epochs of training, ``step`` of the current one)."""
-        path = self.path(label)
-        dm, task = trainer.datamodule, self.cell["task"]
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
-        t0 = time.perf_counter()
-        gammas = self.task.gammas
-        if plain_only:
-            mus, diag, configs, calib_configs = None, None, None, None
-        else:
-            result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(gammas),
-                                    desc="Calibration (every variant)")
-            mus, diag = strengths(result)
-            configs = variant_configs(mus, gammas)
-            # choice_nll variants are scored on test only: their μ is fit to the calib questions' loss
-            calib_configs = {name: c for name, c in configs.items() if "choice_nll" not in name}
-        t1 = time.perf_counter()
-        calib, calib_ids = score_split(model, dm.val_dataloader(), task, calib_configs, "Scoring calib")
-        t2 = time.perf_counter()
-        test, test_ids = score_split(model, dm.test_dataloader(), task, configs, "Scoring test")
-        t3 = time.perf_counter()
-        model.train(was_training)
-        split = split_record(dm)
-        for name, ids in (("calib", calib_ids), ("test", test_ids)):  # per-question lists follow `split`
-            if ids != split[name]:
-                raise RuntimeError(f"{name}: the scored question ids are not the split's rows in file order")
-        payload = {
-            "format": FORMAT,
-            **self.cell,
-            "epoch": epoch,
-            "baseline_only": plain_only,
-            "sizes": {"train": len(dm.train_set), "calib": len(dm.calib_set), "test": len(dm.test_set)},
-            "primary": PRIMARY[task],
-            "mu": mus,
-            "calibration": diag,
-            "seconds": {"train_epoch": train_seconds, "calibration": t1 - t0, "score_calib": t2 - t1, "score_test": t3 - t2},
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "calib": {v: {m: float(x.mean()) for m, x in per_q.items()} for v, per_q in calib.items()},
-            "test": {v: {m: float(x.mean()) for m, x in per_q.items()} for v, per_q in test.items()},
-            "test_per_question": {
-                v: [round(float(x), 4) for x in per_q[PRIMARY[task]]] for v, per_q in test.items()
-            },
-            "metrics": list(METRICS[task]),
-            # split -> metric -> variant -> values, questions in the order of `split` (ascending file row)
-            "per_question": {"calib": per_question_lists(task, calib), "test": per_question_lists(task, test)},
-            "split": split,
-            "split_files": split_sources(dm),
-            "gammas": list(gammas),
-        }
-        payload.update(label=label, step=step)
-        if not label.isdigit():  # a budget point or the +calibration-cost baseline (mid-epoch)
-            payload["budget"] = "calibration_cost" if plain_only else "fraction"
-        if label == "1" and self.cal_baseline:  # the equal-cost baseline's extra training, measured here
-            # at most one more epoch (then it is the "+1 epoch" baseline): a cell's epoch 2 holds the probe
-            payload["calibration_cost_questions"] = min(calibration_cost_questions(t1 - t0, train_seconds, len(dm.train_set)),
-                                                        len(dm.train_set))
-        if self.task.fresh:
-            payload["fresh"] = True
-        if is_truthfulqa(task):  # MC1 per question too (0/1), the other headline number
-            payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
-        run_files.write_json(path, payload)
-        head = PRIMARY[task]
-        if mus is None:
-            print(f"[{self.cell['name']} epoch {label}] {head}: plain {payload['test']['plain'][head]:.4f} "
-                  f"({'equal-cost' if label == '1+cal' else '+1 epoch'} baseline; {t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)", flush=True)
+        """Keep the adapter as trained so far (``epoch``: epochs of training, ``step`` of the current one),
+        then score it, unless the grid only trains (``--train-only``: ``--score-saved`` scores it later)."""
+        point = {"label": label, "plain_only": plain_only, "train_seconds": train_seconds, "step": step, "epoch": epoch}
+        save_adapter(self.out_dir, self.cell, point, pl_module.model, trainer.datamodule.limits)
+        if self.train_only:
+            # A scored probe opens these loaders, and each opened loader draws its base seed from the
+            # global RNG that dropout and the next epoch's shuffle use: open them so training goes on
+            # exactly as it would after scoring (tested: --train-only + --score-saved = scoring in place).
+            for loader in ([] if plain_only else [trainer.datamodule.calib_choice_dataloader()]) + [
+                    trainer.datamodule.val_dataloader(), trainer.datamodule.test_dataloader()]:
+                iter(loader)
+            print(f"[{self.cell['name']} epoch {label}] adapter kept ({train_seconds:.0f} s training)", flush=True)
             return
-        print(
-            f"[{self.cell['name']} epoch {label}] {head}: base {payload['test']['base'][head]:.4f} "
-            f"plain {payload['test']['plain'][head]:.4f} exact(α=0.1) "
-            f"{payload['test']['svd_a0.1_mask_generation_only_exact'][head]:.4f} μ={mus['0.1']['exact']:+.4f} "
-            f"({t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)",
-            flush=True,
-        )
+        probe(pl_module.model, trainer.datamodule, self.cell, point, self.path(label))
+
+
+def probe(model, dm, cell: dict, point: dict, path: Path) -> None:
+    """Score a cell's model at one training budget (``point``: its label, epoch, step, training seconds
+    and whether only the plain adapter is scored) and write the cell file ``path``."""
+    label, plain_only, train_seconds, step, epoch = (point[k] for k in ("label", "plain_only", "train_seconds", "step", "epoch"))
+    task = cell["task"]
+    spec = TASKS[task]
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    gammas = spec.gammas
+    if plain_only:
+        mus, diag, configs, calib_configs = None, None, None, None
+    else:
+        result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(gammas),
+                                desc="Calibration (every variant)")
+        mus, diag = strengths(result)
+        configs = variant_configs(mus, gammas, spec.gamma_limits)
+        # choice_nll variants are scored on test only: their μ is fit to the calib questions' loss
+        calib_configs = {name: c for name, c in configs.items() if "choice_nll" not in name}
+    t1 = time.perf_counter()
+    calib, calib_ids = score_split(model, dm.val_dataloader(), task, calib_configs, "Scoring calib")
+    t2 = time.perf_counter()
+    test, test_ids = score_split(model, dm.test_dataloader(), task, configs, "Scoring test")
+    t3 = time.perf_counter()
+    model.train(was_training)
+    split = split_record(dm)
+    for name, ids in (("calib", calib_ids), ("test", test_ids)):  # per-question lists follow `split`
+        if ids != split[name]:
+            raise RuntimeError(f"{name}: the scored question ids are not the split's rows in file order")
+    payload = {
+        "format": FORMAT,
+        **cell,
+        "epoch": epoch,
+        "baseline_only": plain_only,
+        "sizes": {"train": len(dm.train_set), "calib": len(dm.calib_set), "test": len(dm.test_set)},
+        "primary": PRIMARY[task],
+        "mu": mus,
+        "calibration": diag,
+        "seconds": {"train_epoch": train_seconds, "calibration": t1 - t0, "score_calib": t2 - t1, "score_test": t3 - t2},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "calib": {v: {m: float(x.mean()) for m, x in per_q.items()} for v, per_q in calib.items()},
+        "test": {v: {m: float(x.mean()) for m, x in per_q.items()} for v, per_q in test.items()},
+        "test_per_question": {
+            v: [round(float(x), 4) for x in per_q[PRIMARY[task]]] for v, per_q in test.items()
+        },
+        "metrics": list(METRICS[task]),
+        # split -> metric -> variant -> values, questions in the order of `split` (ascending file row)
+        "per_question": {"calib": per_question_lists(task, calib), "test": per_question_lists(task, test)},
+        "split": split,
+        "split_files": split_sources(dm),
+        "gammas": list(gammas),  # finite; "contrastive_g±inf" are the limits where gamma_limits
+        "gamma_limits": spec.gamma_limits,
+    }
+    payload.update(label=label, step=step)
+    if not label.isdigit():  # a budget point or the +calibration-cost baseline (mid-epoch)
+        payload["budget"] = "calibration_cost" if plain_only else "fraction"
+    if label == "1" and spec.cal_baseline:  # the equal-cost baseline's extra training, measured here
+        # at most one more epoch (then it is the "+1 epoch" baseline): a cell's epoch 2 holds the probe
+        payload["calibration_cost_questions"] = min(calibration_cost_questions(t1 - t0, train_seconds, len(dm.train_set)),
+                                                    len(dm.train_set))
+    if spec.fresh:
+        payload["fresh"] = True
+    if is_truthfulqa(task):  # MC1 per question too (0/1), the other headline number
+        payload["test_per_question_mc1"] = {v: [int(x) for x in per_q["mc1"]] for v, per_q in test.items()}
+    run_files.write_json(path, payload)
+    head = PRIMARY[task]
+    if mus is None:
+        print(f"[{cell['name']} epoch {label}] {head}: plain {payload['test']['plain'][head]:.4f} "
+              f"({'equal-cost' if label == '1+cal' else '+1 epoch'} baseline; {t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)", flush=True)
+        return
+    print(
+        f"[{cell['name']} epoch {label}] {head}: base {payload['test']['base'][head]:.4f} "
+        f"plain {payload['test']['plain'][head]:.4f} exact(α=0.1) "
+        f"{payload['test']['svd_a0.1_mask_generation_only_exact'][head]:.4f} μ={mus['0.1']['exact']:+.4f} "
+        f"({t3 - t0:.0f} s scoring, {train_seconds:.0f} s training)",
+        flush=True,
+    )
+
+
+# -- adapters kept per scored point: a grid extended later (a wider γ grid, a new variant) re-scores them
+# without re-training (``--score-saved``). Local only (``.tmp`` is ignored): a LoRA adapter is ~4 MB.
+def saved_dir(out_dir: Path, name: str, label: str) -> Path:
+    return out_dir / ".tmp" / "adapters" / f"{name}-epoch{label}"
+
+
+def is_saved(out_dir: Path, name: str, label: str) -> bool:
+    return (saved_dir(out_dir, name, label) / "point.json").exists()
+
+
+def save_adapter(out_dir: Path, cell: dict, point: dict, model, limits) -> Path:
+    """The adapter (peft ``save_pretrained``) with the cell, the training point it was taken at and the
+    DataModule's split limits (so that scoring it draws the same split)."""
+    target = saved_dir(out_dir, cell["name"], point["label"])
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    run_files.write_json(tmp / "point.json", {"format": FORMAT, "cell": cell, "point": point, "limits": list(limits)})
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # whole or absent: point.json marks it complete
+    return target
+
+
+def score_saved(out_dir: Path, only: list[str] | None = None, seeds: list[int] | None = None) -> None:
+    """Score every kept adapter whose cell file is missing or of an older format (``--score-saved``)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for point_file in sorted((out_dir / ".tmp" / "adapters").glob("*/point.json")):
+        saved = json.loads(point_file.read_text())
+        cell, point = saved["cell"], saved["point"]
+        path = out_dir / f"{cell['name']}-epoch{point['label']}.json"
+        if (only and f"{cell['task']}-{cell['adapter']}" not in only) or (seeds and cell["seed"] not in seeds):
+            continue
+        if is_current(path):
+            continue
+        with claimed(out_dir, f"{cell['name']}-epoch{point['label']}") as mine:
+            if not mine:
+                continue
+            print(f"[{cell['name']} epoch {point['label']}] scoring the kept adapter", flush=True)
+            module = SteeringLM(model=cell["model"], adapter=cell["adapter"], learning_rate=cell["learning_rate"],
+                                seed=cell["seed"])
+            if init_fingerprint(module.model) != cell["init_fingerprint"]:
+                raise RuntimeError(f"{point_file}: the adapter's init differs from the cell's (another peft or torch?)")
+            set_peft_model_state_dict(module.model, load_file(point_file.parent / "adapter_model.safetensors"))
+            dm = TASKS[cell["task"]].data(cell["seed"])
+            dm.limits, dm.tokenizer = tuple(saved["limits"]), module.tokenizer
+            dm.setup("fit")
+            probe(module.model, dm, cell, point, path)
 
 
 @contextlib.contextmanager
@@ -592,10 +686,15 @@ def claimed(out_dir: Path, name: str):
 
 
 def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_dir: Path,
-             model: str = "smollm2-135m", limit: int | None = None, precision: str | None = None) -> None:
+             model: str = "smollm2-135m", limit: int | None = None, precision: str | None = None,
+             train_only: bool = False) -> None:
     name = f"{task}-{adapter}-seed{seed}"
     wanted = set(epochs)
-    done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") for e in probe_labels(task, wanted))  # noqa: E731
+    if train_only and TASKS[task].cal_baseline:
+        raise ValueError(f"{task}: --train-only cannot place the +calibration-cost point (it needs epoch 1's "
+                         "calibration time)")
+    done = lambda: all(is_current(out_dir / f"{name}-epoch{e}.json") or (train_only and is_saved(out_dir, name, e))  # noqa: E731
+                       for e in probe_labels(task, wanted))
     if done():
         print(f"[{name}] done, skipping", flush=True)
         return
@@ -603,7 +702,7 @@ def run_cell(task: str, adapter: str, seed: int, epochs: tuple[int, ...], out_di
         if not mine:
             print(f"[{name}] running in another process, skipping", flush=True)
             return
-        _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit, precision)
+        _train_and_probe(name, task, adapter, seed, wanted, out_dir, model, limit, precision, train_only)
         if done():
             shutil.rmtree(checkpoint_dir(out_dir, name), ignore_errors=True)  # the resume checkpoint (~0.5 GB)
 
@@ -629,7 +728,7 @@ def checkpoint_dir(out_dir: Path, name: str) -> Path:
 
 
 def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[int], out_dir: Path,
-                     model: str, limit: int | None, precision: str | None = None) -> None:
+                     model: str, limit: int | None, precision: str | None = None, train_only: bool = False) -> None:
     print(f"[{name}] start {time.strftime('%H:%M:%S')}", flush=True)
     L.seed_everything(seed, workers=True)
     learning_rate = TASKS[task].learning_rate or LEARNING_RATE[adapter]
@@ -650,7 +749,7 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
         accelerator="cpu", devices=1, max_epochs=final_epoch(task, wanted), precision=precision,
         logger=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, default_root_dir=str(ckpt_dir),
-        callbacks=[EpochProbe(cell, wanted, out_dir), ckpt] + ([] if stderr_is_terminal() else [LogProgressBar()]),
+        callbacks=[EpochProbe(cell, wanted, out_dir, train_only), ckpt] + ([] if stderr_is_terminal() else [LogProgressBar()]),
     )
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
@@ -659,7 +758,7 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "results" / "grid"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", help="these seeds of each cell (default: the grid's)")
     ap.add_argument("--only", nargs="*", help="cells as task-adapter, e.g. truthfulqa-lora")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-random for a smoke test")
     ap.add_argument("--limit", type=int, help="questions per split (smoke tests)")
@@ -669,6 +768,10 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", choices=["32-true", BF16],
                     help="the warm start's (calibration and scoring are fp32 either way); default: bf16-mixed "
                          "where the CPU has native bf16, else 32-true (set it to reproduce a cell)")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train and keep each point's adapter without scoring it (score later with --score-saved)")
+    ap.add_argument("--score-saved", action="store_true", help="score the kept adapters that have no current cell "
+                    "file (after --train-only, or to re-score a grid extended since), then exit")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -679,12 +782,16 @@ def main(argv=None) -> None:
               f"({record['excluded']} used by {len(record['excluded_by'])} sources)")
         return
     torch.set_num_threads(int(os.environ.get("GRID_THREADS", torch.get_num_threads())))
+    if args.score_saved:
+        score_saved(out, args.only, args.seeds)
+        return
     for task, adapter, epochs, seeds in GRID:
         if args.only and f"{task}-{adapter}" not in args.only:
             continue
         for seed in seeds:
-            if seed in args.seeds:
-                run_cell(task, adapter, seed, tuple(args.epochs or epochs), out, args.model, args.limit, args.precision)
+            if args.seeds is None or seed in args.seeds:
+                run_cell(task, adapter, seed, tuple(args.epochs or epochs), out, args.model, args.limit, args.precision,
+                         args.train_only)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,15 @@ from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.config import FORWARD_MODES, ConfigError, ForwardMode, SteeringConfig
 from svd_lightning.log import say
 from svd_lightning.sharding import is_sharded, local_tensor, lockstep
-from svd_lightning.steering import POSITION_CHUNK, PairedLabels, log_probs, masked_delta, steering_vector
+from svd_lightning.steering import (
+    POSITION_CHUNK,
+    ContrastiveLimit,
+    PairedLabels,
+    limit_choice_scores,
+    log_probs,
+    masked_delta,
+    steering_vector,
+)
 
 
 @contextlib.contextmanager
@@ -611,10 +619,13 @@ def score_choices(model, batch: dict, config: SteeringConfig = SteeringConfig(),
 
 
 @torch.no_grad()
-def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringConfig], *, share_prompts: bool = True,
-                          with_base: bool = True, forward_mode: ForwardMode = "auto") -> dict[str, torch.Tensor]:
+def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringConfig | ContrastiveLimit], *,
+                          share_prompts: bool = True, with_base: bool = True, forward_mode: ForwardMode = "auto"
+                          ) -> dict[str, torch.Tensor]:
     """:func:`score_choices` under many configs from one forward: ``{name: [N]}`` per entry of
-    ``variants`` (each a :class:`SteeringConfig` with its μ), plus ``plain``, ``base`` and ``num_tokens``.
+    ``variants`` (each a :class:`SteeringConfig` with its μ, or a :class:`ContrastiveLimit`, whose
+    scores are −∞ outside each choice set's top: see :func:`limit_choice_scores`), plus ``plain``,
+    ``base`` and ``num_tokens``.
 
     The warm and base logits are log-softmaxed once (:class:`svd_lightning.steering.PairedLabels`):
     a masked config costs a top-k over its kept tokens, a policy-``none`` one a softmax per position.
@@ -630,14 +641,28 @@ def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringCon
     if not with_base:
         out["plain"] = per_row(log_probs(warm).gather(-1, y.unsqueeze(-1)).squeeze(-1))
         return {k: v[same_as] for k, v in out.items()}
-    sums = {name: torch.zeros(n, dtype=torch.float32, device=y.device) for name in ("plain", "base", *variants)}
+    limits = {name: v for name, v in variants.items() if isinstance(v, ContrastiveLimit)}
+    sums = {name: torch.zeros(n, dtype=torch.float32, device=y.device) for name in ("plain", "base", *variants)
+            if name not in limits}
+    # a limit's slope and offset, summed in fp64 so that exact-zero slopes stay exact ties
+    slopes = {name: torch.zeros(n, dtype=torch.float64, device=y.device) for name in limits}
+    offsets = {name: torch.zeros(n, dtype=torch.float64, device=y.device) for name in limits}
     for start in range(0, y.numel(), POSITION_CHUNK):  # [chunk, V] tensors stay in cache (measured on CPU)
         part = slice(start, start + POSITION_CHUNK)
         paired, rows = PairedLabels(warm[part], base[part], y[part]), row[part]
         sums["plain"].index_add_(0, rows, paired.plain().float())
         sums["base"].index_add_(0, rows, paired.base().float())
         for name, config in variants.items():
-            sums[name].index_add_(0, rows, paired.log_probs(config).float())
+            if name in limits:
+                slope, offset = paired.limit_terms(config)
+                slopes[name].index_add_(0, rows, slope.double())
+                offsets[name].index_add_(0, rows, offset.double())
+            else:
+                sums[name].index_add_(0, rows, paired.log_probs(config).float())
+    if limits:  # a batch holds whole questions (ChoiceBatch), so each choice set's top is in it
+        _, group = torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1, return_inverse=True)
+        for name in limits:
+            sums[name] = limit_choice_scores(slopes[name], offsets[name], group.to(y.device)).float()
     out.update(sums)
     out = {k: v[same_as] for k, v in out.items()}
     bad = [k for k, v in out.items() if torch.isnan(v).any()]

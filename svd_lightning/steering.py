@@ -349,6 +349,10 @@ class PairedLabels:
             )
         return self._kept[key]
 
+    def limit_terms(self, limit: ContrastiveLimit) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each label's ``(slope, offset)`` ``[M]`` under the contrastive limit (:class:`ContrastiveLimit`)."""
+        return contrastive_limit_terms(self.lp_warm, self.r, self.labels, limit.sign)
+
     def log_probs(self, config: SteeringConfig) -> torch.Tensor:
         """Each label's log-prob ``[M]`` under ``config`` (μ, α, policy, floor, direction), as
         :func:`policy_log_probs` gives it; ``config.mu`` None (not solved) is an error."""
@@ -380,6 +384,50 @@ def contrastive_logits(warm_logits: torch.Tensor, base_logits: torch.Tensor, gam
     """Equal-cost baseline (proxy-tuning / contrastive style): ``z_φ + γ(z_φ − z_θ)``."""
     dtype = _compute_dtype(warm_logits)
     return warm_logits.to(dtype) + gamma * (warm_logits.to(dtype) - base_logits.to(dtype))
+
+
+@dataclass(frozen=True)
+class ContrastiveLimit:
+    """The contrastive baseline in its limit γ → ``sign``·∞, which closes any γ grid.
+
+    With ``d = s·r`` (s = ``sign``), a label token's log-prob ``log_softmax(z_φ + γ r)(y)`` is
+    ``|γ|·slope + offset + o(1)``: ``slope = d(y) − max d ≤ 0`` and ``offset = z_φ(y) −
+    logsumexp(z_φ over the tokens at max d)``. A choice's score sums both; as |γ| grows, the
+    choices of largest slope take all of their set's mass, shared by ``softmax(offset)``
+    (:func:`limit_choice_scores`): the ranking by the logit difference alone.
+    """
+
+    sign: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sign not in (1, -1):
+            raise ValueError(f"ContrastiveLimit: sign must be +1 or -1, got {self.sign!r}")
+
+    @property
+    def gamma(self) -> float:
+        return math.copysign(math.inf, self.sign)
+
+
+def contrastive_limit_terms(lp_warm: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, sign: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each label's ``(slope, offset)`` of :class:`ContrastiveLimit` from the warm log-probs and
+    ``r = log p_φ − log p_θ`` ``[M, V]``; ``labels`` ``[M]``. (Any per-position shift of z_φ or r
+    cancels, so log-probs serve as logits.)"""
+    d = sign * r
+    top = d.max(dim=-1, keepdim=True).values
+    at_top = lp_warm.masked_fill(d != top, float("-inf"))  # the tokens the limit keeps, at their z_φ
+    label = lambda t: t.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    return label(d - top), label(lp_warm) - torch.logsumexp(at_top, dim=-1)
+
+
+def limit_choice_scores(slope: torch.Tensor, offset: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Choice scores ``[N]`` whose metrics are the limits of the metrics of ``|γ|·slope + offset`` as
+    |γ| → ∞ -- for every metric of the raw scores (argmax, normalised mass: MC1, MC2, acc), not for
+    length-normalised ones: in each ``group`` (one choice set of one question) the rows of largest
+    slope keep their offset, the others get −∞. ``slope`` sums exact zeros where every label token
+    is at the top, so those ties are exact."""
+    top = torch.full((int(group.max()) + 1,), float("-inf"), dtype=slope.dtype).scatter_reduce(0, group, slope, "amax")
+    return offset.masked_fill(slope < top[group], float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -297,3 +297,26 @@ def test_repeated_rows_are_scored_once_with_every_rows_scores(tokenizer, model64
         torch.testing.assert_close(once[k], every[k], rtol=0, atol=1e-10)
     unique = {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.ones(1, 2), "labels": torch.tensor([[-100, 2]])}
     assert distinct_rows(unique)[0] is unique  # nothing repeated: the batch itself
+
+
+def test_contrastive_limit_scores_are_the_metrics_limit(tokenizer, model64):
+    """score_choice_variants' contrastive limits give the TruthfulQA metrics of the fp64 scores at a γ
+    so large that only the slope ranks choices (repeated MC1/MC2 rows and both choice sets included)."""
+    from svd_lightning.decoding import paired_label_logits, score_choice_variants
+    from svd_lightning.metrics import truthfulqa_per_question
+    from svd_lightning.steering import ContrastiveLimit, contrastive_log_probs
+
+    batch = _repeating_batch(tokenizer)
+    got = score_choice_variants(model64, batch, {"up": ContrastiveLimit(1), "down": ContrastiveLimit(-1)})
+    warm, base, y, row = paired_label_logits(model64, batch)
+    table = {k: batch[k] for k in ("question_index", "choice_set", "choice_index", "is_true")}
+    n = batch["input_ids"].shape[0]
+    for name, sign in (("up", 1), ("down", -1)):
+        assert torch.isfinite(got[name]).any() and (got[name] == float("-inf")).any()
+        gamma = sign * 1e8  # e^{-γ·Δslope} vanishes for any Δslope > 1e-6; γ·r rounds to ~1e-6 in fp64
+        token = contrastive_log_probs(warm.double(), base.double(), gamma).gather(-1, y[:, None]).squeeze(-1)
+        ref = torch.zeros(n, dtype=torch.float64).index_add_(0, row, token)
+        limit, at_gamma = truthfulqa_per_question(**table, score=got[name]), truthfulqa_per_question(**table, score=ref)
+        assert torch.equal(limit["mc1"], at_gamma["mc1"]) and torch.equal(limit["mc2_paper"], at_gamma["mc2_paper"])
+        # MC2: the fp32 offsets set the share of exactly tied choices
+        torch.testing.assert_close(limit["mc2"], at_gamma["mc2"], rtol=0, atol=1e-5)

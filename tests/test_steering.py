@@ -11,8 +11,10 @@ from svd_lightning.steering import (
     ExactStrengthCache,
     PairedLabels,
     StrengthStats,
+    contrastive_log_probs,
     contrastive_logits,
     kl_divergence,
+    log_probs,
     steer,
     steered_log_probs,
     steering_direction,
@@ -482,3 +484,59 @@ def test_choice_strength_widens_a_grid_that_is_too_narrow():
     rounding = 64 * torch.finfo(torch.float64).eps * max(1.0, abs(f(mu)))
     tolerance = 2 * 1e-8 * max(1.0, 2 * abs(mu)) + math.sqrt(2 * rounding / curvature)
     assert cache.solve(grid=[-1e-3, 0.0, 1e-3]) == pytest.approx(mu, abs=tolerance)
+
+
+# -- the contrastive baseline's limit γ → ±∞ (closes a γ grid) ------------------------------------------
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_contrastive_limit_terms_are_the_large_gamma_asymptote(sign):
+    """log_softmax(z_φ + γr)(y) = |γ|·slope + offset + o(1), against the full fp64 log-softmax."""
+    from svd_lightning.steering import contrastive_limit_terms, log_ratio
+
+    gen = torch.Generator().manual_seed(0)
+    warm, base = (3 * torch.randn(6, 13, dtype=torch.float64, generator=gen) for _ in range(2))
+    labels = torch.randint(0, 13, (6,), generator=gen)
+    lp_warm = log_probs(warm)
+    slope, offset = contrastive_limit_terms(lp_warm, log_ratio(lp_warm, log_probs(base)), labels, sign)
+    assert (slope <= 0).all()
+    for gamma in (1e4, 1e6):
+        full = contrastive_log_probs(warm, base, sign * gamma).gather(-1, labels[:, None]).squeeze(-1)
+        # o(1) = log(1 + Σ e^{−γ·gap}) is below fp64 rounding here (the smallest gap is > 1e-3); the
+        # rounding of γ·r (|r| < 40) bounds the difference
+        gaps = (sign * log_ratio(lp_warm, log_probs(base))).sort(-1, descending=True).values
+        assert (gaps[:, 0] - gaps[:, 1]).min() > 1e-3
+        torch.testing.assert_close(full, gamma * slope + offset, rtol=0, atol=gamma * 40 * 4e-16 + 1e-12)
+
+
+def test_limit_choice_scores_keep_the_top_slope_and_share_exact_ties_by_offset():
+    """A label at the top of r at every token has slope exactly 0: such choices tie and share the set's
+    mass by softmax(offset), which the fp64 metric at a huge γ reproduces."""
+    from svd_lightning.metrics import truthfulqa_per_question
+    from svd_lightning.steering import contrastive_limit_terms, limit_choice_scores, log_ratio
+
+    # one question, set 1 (MC2): three one-token choices; tokens 0 and 1 share the top of r, token 2 is lower
+    lp_warm = log_probs(torch.tensor([[0.5, -0.3, 1.0, 0.0, 0.0]] * 3, dtype=torch.float64))
+    r = torch.tensor([[2.0, 2.0, 1.0, 0.0, -1.0]] * 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2])
+    slope, offset = contrastive_limit_terms(lp_warm, r, labels, 1)
+    assert slope.tolist() == [0.0, 0.0, -1.0]
+    scores = limit_choice_scores(slope, offset, torch.zeros(3, dtype=torch.long))
+    assert scores[2] == float("-inf") and torch.isfinite(scores[:2]).all()
+    table = {"question_index": torch.zeros(6, dtype=torch.long), "choice_set": torch.tensor([0, 0, 0, 1, 1, 1]),
+             "choice_index": torch.tensor([0, 1, 2, 0, 1, 2]), "is_true": torch.tensor([0, 1, 0, 0, 1, 0])}
+    limit = truthfulqa_per_question(**table, score=scores.repeat(2))
+    gamma = 1e4  # e^{-γ·1} (the lower choice's weight) is 0 in fp64; rounding γ·r costs ~γ·2·2.2e-16 per logit
+    at_gamma = torch.log_softmax(lp_warm + gamma * r, -1).gather(-1, labels[:, None]).squeeze(-1)
+    finite = truthfulqa_per_question(**table, score=at_gamma.repeat(2))
+    # the two tied choices share the mass as e^{z_φ}: p(true) = e^{-0.3} / (e^{0.5} + e^{-0.3})
+    assert limit["mc2"].item() == pytest.approx(math.exp(-0.3) / (math.exp(0.5) + math.exp(-0.3)), rel=1e-12)
+    assert limit["mc2"].item() == pytest.approx(finite["mc2"].item(), abs=1e-10)
+    assert limit["mc1"].item() == finite["mc1"].item() == 0.0  # argmax: the first tied choice (higher z_φ)
+
+
+def test_contrastive_limit_sign_is_checked():
+    from svd_lightning.steering import ContrastiveLimit
+
+    assert ContrastiveLimit(-1).gamma == float("-inf") and ContrastiveLimit().gamma == float("inf")
+    with pytest.raises(ValueError, match="sign must be"):
+        ContrastiveLimit(0)
