@@ -570,3 +570,26 @@ def test_the_rerun_of_round_1_is_compared_seed_by_seed(tmp_path):
     assert out["warm"] == {"round1": [pytest.approx(0.6)], "rerun": [pytest.approx(0.5)]}
     assert out["old_default_gain"] == {"round1": [pytest.approx(0.1)], "rerun": [pytest.approx(0.1)]}
     assert budget.reproduction(tmp_path / "r1", {"1": {5: rerun["1"][3]}}) is None
+
+
+def test_train_only_then_score_saved_writes_the_cells_scoring_in_place_writes(tmp_path, monkeypatch):
+    """--train-only keeps each point's adapter and leaves training exactly as a scored probe leaves it
+    (mid-epoch too), so --score-saved writes the same cells -- the contrastive limits included."""
+    grid = _load("grid")
+    monkeypatch.setitem(grid.TASKS, "truthfulqa_fresh_closed", dataclasses.replace(
+        grid.TASKS["truthfulqa_fresh_closed"], data=grid.zero_shot_truthfulqa, fractions=(0.5,), gammas=(0.0, 1.0, -1.0)))
+    args = ["--model", "tiny-random", "--limit", "4", "--only", "truthfulqa_fresh_closed-lora", "--seeds", "10"]
+    grid.main([*args, "--out", str(tmp_path / "in_place")])
+    grid.main([*args, "--out", str(tmp_path / "later"), "--train-only"])
+    assert not list((tmp_path / "later").glob("*.json"))
+    assert {p.name for p in (tmp_path / "later" / ".tmp" / "adapters").iterdir()} == {
+        "truthfulqa_fresh_closed-lora-seed10-epoch0.5", "truthfulqa_fresh_closed-lora-seed10-epoch1"}
+    grid.main([*args, "--out", str(tmp_path / "later"), "--score-saved"])
+    for label in ("0.5", "1"):
+        name = f"truthfulqa_fresh_closed-lora-seed10-epoch{label}.json"
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("in_place", "later"))
+        for cell in (a, b):
+            del cell["seconds"], cell["peak_rss_mb"]
+        assert a == b
+    assert a["gamma_limits"] and {"contrastive_g+inf", "contrastive_g-inf"} <= set(a["test"])
+    assert "choice_nll" not in a["test"]["contrastive_g+inf"]
