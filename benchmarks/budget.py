@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +44,7 @@ from svd_lightning.statistics import hierarchical_ci, picked_gains, seed_t_inter
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-CELL_DIRS = (RESULTS / "grid_fresh", RESULTS / "grid_round2")
+CELL_DIRS = (RESULTS / "grid_fresh", RESULTS / "grid_round2", RESULTS / "grid_closed")
 BUDGETS = ("0.25", "0.5", "1", "2")  # epochs of training, in order
 CAL = "1+cal"  # epoch 1 + the calibration's cost in training questions
 CURVE = "truthfulqa_fresh"  # the task with the training-budget curve
@@ -65,6 +66,7 @@ FIXED = {  # no selection among variants on the reported seeds
     "contrastive (choice_nll γ, no mask)": "ld_none_choice_nll",
 }
 CONTRASTIVE = "contrastive γ (selected on calib, wide grid)"
+CLOSED = "truthfulqa_fresh_closed"  # the fresh seeds re-run to epoch 1, scored on the closed γ grid
 NEXT = "train to the next budget"
 PLUS_ONE = "+1 epoch"
 PLUS_CAL = "+ the calibration's cost in training questions"
@@ -172,17 +174,66 @@ def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None 
     return out
 
 
-def edge_rises(calib: dict[str, list], picks: list[str]) -> list[float]:
-    """For each seed whose γ pick sits at the grid's edge (largest |γ|), how much its calib mean rose
-    from the next γ inward on the same side: ~0 is a plateau, more says the optimum may lie beyond."""
-    gamma = {v: float(v.removeprefix("contrastive_g")) for v in calib}
-    edge = max(abs(g) for g in gamma.values())
+def gamma_of(variant: str) -> float:
+    """γ of a contrastive variant (``contrastive_g+0.5``; ``contrastive_g+inf``: the limit)."""
+    return float(variant.removeprefix("contrastive_g"))
+
+
+def edge_rises(calib: dict[str, list], picks: list[str], edge: float | None = None) -> list[float]:
+    """For each seed whose γ pick sits at the grid's edge (``edge``; default the largest |γ|, ∞ where
+    the grid holds its limits), how much its calib mean rose from the next γ inward on the same side:
+    ~0 is a plateau, more says the optimum may lie beyond."""
+    gamma = {v: gamma_of(v) for v in calib}
+    edge = max(abs(g) for g in gamma.values()) if edge is None else edge
     rises = []
     for k, v in enumerate(picks):
-        if abs(gamma[v]) == edge:
-            inner = max((u for u in gamma if 0 < gamma[u] * gamma[v] < edge ** 2), key=lambda u: abs(gamma[u]))
+        if abs(gamma_of(v)) == edge:
+            inner = max((u for u in gamma if gamma[u] * gamma_of(v) > 0 and abs(gamma[u]) < edge), key=lambda u: abs(gamma[u]))
             rises.append(float(np.mean(calib[v][k]) - np.mean(calib[inner][k])))
     return rises
+
+
+def closed_grid(labels: dict[str, dict[int, dict]], committed: dict[str, dict[int, dict]],
+                new_default: str | None = None) -> list[dict]:
+    """The γ grid closed by its limits, per budget of its re-run (:data:`CLOSED`): contrastive γ selected
+    on calib over the wide grid and over the closed grid of the same cells -- the picks, how many sit
+    at the largest finite |γ| and how many at the limit γ = ±∞, the test gains (selection redone in
+    the CI) -- the defaults' gains, and the re-run's warm starts against the committed cells' (the
+    same seeds and splits, maybe another CPU and precision)."""
+    from grid import WIDE_GAMMAS
+
+    out = []
+    for label in BUDGETS:
+        seeds = labels.get(label)
+        if not seeds:
+            continue
+        ds = [seeds[s] for s in sorted(seeds)]
+        metric, metrics = ds[0]["primary"], list(ds[0]["metrics"])
+        key = (CLOSED, ds[0]["adapter"], label)
+        calib, test_of = _candidates(ds, "contrastive_", metric)
+        grids = []
+        for grid, largest in (("wide", max(WIDE_GAMMAS)), ("closed", math.inf)):
+            names = [v for v in calib if abs(gamma_of(v)) <= largest]
+            sub = {v: calib[v] for v in names}
+            sub_test = lambda m, names=names: {v: x for v, x in test_of(m).items() if v in names}  # noqa: E731
+            picks = in_sample_picks(sub)
+            row = _row(key, f"contrastive γ (selected on calib, {grid} grid)", [(v, d, d) for v, d in zip(picks, ds)],
+                       metric, metrics, None, (sub, sub_test, False), "in-sample")
+            finite = max(abs(gamma_of(v)) for v in names if math.isfinite(gamma_of(v)))
+            row.update(grid=grid, gammas=[gamma_of(v) for v in picks], largest_finite=finite,
+                       at_largest_finite=sum(abs(gamma_of(v)) == finite for v in picks),
+                       at_limit=sum(math.isinf(gamma_of(v)) for v in picks),
+                       largest_finite_rise=edge_rises(sub, picks, finite), limit_rise=edge_rises(sub, picks, math.inf))
+            grids.append(row)
+        defaults = [_row(key, name, [(v, d, d) for d in ds], metric, metrics, None)
+                    for name, v in ((NEW_DEFAULT, new_default), (OLD_DEFAULT, DEFAULT)) if v and all(v in d["test"] for d in ds)]
+        before = committed.get(label, {})
+        warm = {s: (float(np.mean(test_values(before[s], "plain", metric))), float(np.mean(test_values(seeds[s], "plain", metric))))
+                for s in sorted(seeds) if s in before and before[s]["split"] == seeds[s]["split"]}
+        out.append({"budget": label, "seeds": sorted(seeds), "metric": metric, "grids": grids, "defaults": defaults,
+                    "warm": warm, "cpu": f"{ds[0]['cpu']}, {ds[0]['precision']}",
+                    "committed_cpu": f"{before[min(warm)]['cpu']}, {before[min(warm)]['precision']}" if warm else None})
+    return out
 
 
 def versus(labels: dict[str, dict[int, dict]], row: dict, baseline: str) -> dict | None:
@@ -342,6 +393,7 @@ def markdown(summary: dict, level: str = "#") -> str:
             text = level_text if r["method"] == "warm start" else gain_text
             lines.append(f"| {r['budget']} | {_name(r)} | {text(r['by_metric'][m1])} | {text(r['by_metric'][m2])} |")
     lines += ["", f"{sub} What steering is worth in training", ""] + [f"- {s}" for s in summary["sentences"]]
+    lines += closed_grid_lines(summary.get("closed_grid") or [], sub)
     reruns = summary.get("reproduction") or []
     if reruns:
         def seeds_text(pair):
@@ -351,6 +403,40 @@ def markdown(summary: dict, level: str = "#") -> str:
                   f"({r['rerun_cpu']}), test {r['metric'].upper()} per seed: warm start {seeds_text(r['warm'])}; the old "
                   f"default's gain (points) {seeds_text(r['old_default_gain'])}." for r in reruns]
     return "\n".join(lines) + "\n"
+
+
+def gamma_text(g: float) -> str:
+    return ("+∞" if g > 0 else "−∞") if math.isinf(g) else f"{g:+g}"
+
+
+def closed_grid_lines(entries: list[dict], sub: str) -> list[str]:
+    """The closed-grid section of the page (:func:`closed_grid`)."""
+    if not entries:
+        return []
+    first = entries[0]
+    warm = "; ".join(f"{e['budget']}: " + " / ".join(f"{100 * a:.2f} → {100 * b:.2f}" for a, b in e["warm"].values())
+                     for e in entries if e["warm"])
+    lines = ["", f"{sub} The γ grid closed by its limits (the fresh seeds re-run to epoch 1)", "",
+             f"Seeds {first['seeds']} trained again on the same splits ({first['cpu']}; the committed cells: "
+             f"{first['committed_cpu']}) and scored on the *closed* grid: the wide grid, |γ| on to 10⁴, and the "
+             "limits γ = ±∞, where choices rank by the logit difference alone (`ContrastiveLimit`, exact). "
+             "The wide grid's pick is made again on the same cells, so the two grids differ only in their points. "
+             f"Warm-start test {first['metric'].upper()} per seed, committed → re-run: {warm}.", "",
+             "| budget (epochs) | method | γ picked per seed | at the largest finite \|γ\| | at γ = ±∞ | metric 1 | metric 2 |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        for r in e["grids"]:
+            m1, m2 = r["metrics"][0], r["metrics"][1]
+            rise = lambda xs: f" (calib rise from the next γ in: {', '.join(pct(x) for x in xs)})" if xs else ""  # noqa: E731
+            lines.append(f"| {e['budget']} | {r['method']} | {' / '.join(gamma_text(g) for g in r['gammas'])} | "
+                         f"{r['at_largest_finite']} of {r['seeds']} (\|γ\| = {r['largest_finite']:g}){rise(r['largest_finite_rise'])} | "
+                         f"{r['at_limit']} of {r['seeds']}{rise(r['limit_rise'])} | "
+                         f"{m1} {gain_text(r['by_metric'][m1])} | {m2} {gain_text(r['by_metric'][m2])} |")
+        for r in e["defaults"]:
+            m1, m2 = r["metrics"][0], r["metrics"][1]
+            lines.append(f"| {e['budget']} | {r['method']} | | | | {m1} {gain_text(r['by_metric'][m1])} | "
+                         f"{m2} {gain_text(r['by_metric'][m2])} |")
+    return lines
 
 
 BRIEF_REGIMES = {  # round-2 task -> its short column head in the brief table
@@ -419,7 +505,9 @@ def summarise(cells: dict, round1: Path) -> dict:
     versus_rows = {task: against_baselines(cells[task], table) for task, table in tables.items()}
     reruns = [reproduction(round1, labels) for key, labels in cells.items() if key.startswith(EQUAL_COST)]
     every = [d for labels in cells.values() for seeds in labels.values() for d in seeds.values()]
+    closed = closed_grid(cells[CLOSED], cells.get(CURVE, {}), new) if CLOSED in cells else []
     return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths, "reproduction": [r for r in reruns if r],
+            "closed_grid": closed,
             "sentences": [worth_sentence(w) for w in worths],
             "seeds": {task: {b: sorted(cells[task][b]) for b in (*BUDGETS, CAL) if cells[task].get(b)} for task in tables},
             "extra_questions": {task: sorted({d["calibration_cost_questions"] for d in cells[task].get("1", {}).values()})

@@ -624,16 +624,20 @@ def save_adapter(out_dir: Path, cell: dict, point: dict, model, limits) -> Path:
     return target
 
 
-def score_saved(out_dir: Path, only: list[str] | None = None, seeds: list[int] | None = None) -> None:
-    """Score every kept adapter whose cell file is missing or of an older format (``--score-saved``)."""
+def score_saved(out_dir: Path, only: list[str] | None = None, seeds: list[int] | None = None,
+                labels: list[str] | None = None) -> None:
+    """Score every kept adapter whose cell file is missing or of an older format (``--score-saved``);
+    ``labels``: only these points, in this order."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    for point_file in sorted((out_dir / ".tmp" / "adapters").glob("*/point.json")):
-        saved = json.loads(point_file.read_text())
+    kept = [json.loads(p.read_text()) | {"dir": p.parent} for p in (out_dir / ".tmp" / "adapters").glob("*/point.json")]
+    order = {label: k for k, label in enumerate(labels or [])}
+    for saved in sorted(kept, key=lambda x: (order.get(x["point"]["label"], len(order)), x["dir"].name)):
         cell, point = saved["cell"], saved["point"]
         path = out_dir / f"{cell['name']}-epoch{point['label']}.json"
-        if (only and f"{cell['task']}-{cell['adapter']}" not in only) or (seeds and cell["seed"] not in seeds):
+        if ((only and f"{cell['task']}-{cell['adapter']}" not in only) or (seeds and cell["seed"] not in seeds)
+                or (labels and point["label"] not in labels)):
             continue
         if is_current(path):
             continue
@@ -644,8 +648,8 @@ def score_saved(out_dir: Path, only: list[str] | None = None, seeds: list[int] |
             module = SteeringLM(model=cell["model"], adapter=cell["adapter"], learning_rate=cell["learning_rate"],
                                 seed=cell["seed"])
             if init_fingerprint(module.model) != cell["init_fingerprint"]:
-                raise RuntimeError(f"{point_file}: the adapter's init differs from the cell's (another peft or torch?)")
-            set_peft_model_state_dict(module.model, load_file(point_file.parent / "adapter_model.safetensors"))
+                raise RuntimeError(f"{saved['dir']}: the adapter's init differs from the cell's (another peft or torch?)")
+            set_peft_model_state_dict(module.model, load_file(saved["dir"] / "adapter_model.safetensors"))
             dm = TASKS[cell["task"]].data(cell["seed"])
             dm.limits, dm.tokenizer = tuple(saved["limits"]), module.tokenizer
             dm.setup("fit")
@@ -772,6 +776,7 @@ def main(argv=None) -> None:
                     help="train and keep each point's adapter without scoring it (score later with --score-saved)")
     ap.add_argument("--score-saved", action="store_true", help="score the kept adapters that have no current cell "
                     "file (after --train-only, or to re-score a grid extended since), then exit")
+    ap.add_argument("--labels", nargs="+", help="with --score-saved: only these points (e.g. 1 0.5), in this order")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -783,7 +788,7 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(int(os.environ.get("GRID_THREADS", torch.get_num_threads())))
     if args.score_saved:
-        score_saved(out, args.only, args.seeds)
+        score_saved(out, args.only, args.seeds, args.labels)
         return
     for task, adapter, epochs, seeds in GRID:
         if args.only and f"{task}-{adapter}" not in args.only:

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -593,3 +594,37 @@ def test_train_only_then_score_saved_writes_the_cells_scoring_in_place_writes(tm
         assert a == b
     assert a["gamma_limits"] and {"contrastive_g+inf", "contrastive_g-inf"} <= set(a["test"])
     assert "choice_nll" not in a["test"]["contrastive_g+inf"]
+
+
+def _closed_cell(seed: int, calib: dict[str, float], test: dict[str, float], cpu: str = "a CPU") -> dict:
+    """A hand-built TruthfulQA cell: every calib / test question of a variant scores its given value."""
+    per_q = lambda values, n: {m: {v: [x] * n for v, x in values.items()} for m in ("mc2", "mc1")}  # noqa: E731
+    return {"seed": seed, "adapter": "lora", "primary": "mc2", "metrics": ["mc2", "mc1"], "cpu": cpu, "precision": "32-true",
+            "split": {"train": [0], "calib": [1, 2, 3], "test": [4, 5]},
+            "calib": {v: {"mc2": x, "mc1": x} for v, x in calib.items()}, "test": {v: {} for v in test},
+            "per_question": {"calib": per_q(calib, 3), "test": per_q(test, 2)}}
+
+
+def test_the_closed_gamma_grid_counts_picks_at_its_largest_finite_gamma_and_at_its_limits():
+    """Seed 10's calib peaks at γ = +∞: on the wide grid it picks the edge +100, on the closed grid the
+    limit; seed 11 peaks inside both. The gains score those picks' test values."""
+    budget = _load("budget")
+    names = ["plain", "base", "contrastive_g+0", "contrastive_g+1", "contrastive_g+100", "contrastive_g-100",
+             "contrastive_g+10000", "contrastive_g-10000", "contrastive_g+inf", "contrastive_g-inf"]
+    calib10 = dict(zip(names, [0.5, 0.4, 0.5, 0.55, 0.6, 0.3, 0.62, 0.3, 0.72, 0.3]))
+    calib11 = dict(zip(names, [0.5, 0.4, 0.5, 0.7, 0.6, 0.3, 0.6, 0.3, 0.6, 0.3]))
+    test = {10: dict(zip(names, [0.5, 0.4, 0.5, 0.5, 0.7, 0.2, 0.7, 0.2, 0.9, 0.1])),
+            11: dict(zip(names, [0.4, 0.4, 0.4, 0.6, 0.5, 0.2, 0.5, 0.2, 0.5, 0.1]))}
+    cells = {"1": {10: _closed_cell(10, calib10, test[10]), 11: _closed_cell(11, calib11, test[11])}}
+    committed = {"1": {10: _closed_cell(10, calib10, {**test[10], "plain": 0.45}, cpu="another CPU")}}
+    [entry] = budget.closed_grid(cells, committed)
+    wide, closed = entry["grids"]
+    assert wide["gammas"] == [100, 1] and wide["at_largest_finite"] == 1 and wide["at_limit"] == 0
+    assert wide["largest_finite_rise"] == pytest.approx([0.6 - 0.55])  # +100 over the next γ in, +1
+    assert closed["gammas"] == [math.inf, 1] and closed["at_limit"] == 1 and closed["at_largest_finite"] == 0
+    assert closed["largest_finite"] == 10000 and closed["limit_rise"] == pytest.approx([0.72 - 0.62])
+    assert wide["by_metric"]["mc2"]["gain"] == pytest.approx(np.mean([0.7 - 0.5, 0.6 - 0.4]))
+    assert closed["by_metric"]["mc2"]["gain"] == pytest.approx(np.mean([0.9 - 0.5, 0.6 - 0.4]))
+    assert entry["warm"] == {10: pytest.approx((0.45, 0.5))} and entry["committed_cpu"] == "another CPU, 32-true"
+    lines = "\n".join(budget.closed_grid_lines([entry], "###"))
+    assert "| 1 | contrastive γ (selected on calib, closed grid) | +∞ / +1 | 0 of 2 (\\|γ\\| = 10000) | 1 of 2 (calib rise" in lines
