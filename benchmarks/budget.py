@@ -278,10 +278,12 @@ def worth(labels: dict[str, dict[int, dict]], table: list[dict], method: str) ->
     if method not in at_one or PLUS_ONE not in at_one or at_one[PLUS_ONE]["seeds"] < 2:
         return None
     train, one = at_one[PLUS_ONE], labels["1"]
-    pick_of = dict(zip(at_one[method]["seed_ids"], at_one[method]["picks"]))  # a fixed row: one variant
     seeds = train["seed_ids"]  # the seeds with epoch 2
-    steer = _row((one[seeds[0]]["task"], train["adapter"], "1"), method, [(pick_of[k], one[k], one[k]) for k in seeds],
-                 train["metric"], train["metrics"], None)
+    steer = at_one[method]
+    if steer["seed_ids"] != seeds:  # the row again over the seeds that have epoch 2
+        pick_of = dict(zip(steer["seed_ids"], steer["picks"]))  # a fixed row: one variant
+        steer = _row((one[seeds[0]]["task"], train["adapter"], "1"), method, [(pick_of[k], one[k], one[k]) for k in seeds],
+                     train["metric"], train["metrics"], None)
     metric = steer["metric"]
     s, t = steer["by_metric"][metric], train["by_metric"][metric]
     cost = [one[k]["seconds"]["calibration"] / one[k]["seconds"]["train_epoch"] for k in steer["seed_ids"]]
