@@ -14,11 +14,14 @@ Three parts, all from the cell files (``grid.py``), statistics from :mod:`benchm
   calibration's cost" (as many more training questions as the calibration pass took the time of).
 * **The training-budget curve** (the fresh-question demo regime): the same rows at ¼, ½, 1 and 2
   epochs of the same runs, with "train to the next budget"; a plot, and SVDecode's worth in epochs.
+* **The γ grid closed by its limits** (``results/grid_closed``): the fresh seeds trained again to
+  epoch 1 and scored on the wide grid extended to |γ| = 10⁴ plus γ = ±∞; contrastive γ picked on
+  calib over the wide and over the closed grid of the same cells, and where the picks sit.
 
 Rows carry a hierarchical bootstrap CI (seeds, then questions; selection redone for selected rows)
 and, with 2+ seeds, the t-interval over seeds.
 
-    python benchmarks/budget.py    # results/grid_fresh, grid_round2 -> results/budget_summary.{json,md}, budget_curve.png
+    python benchmarks/budget.py    # results/grid_fresh, grid_round2, grid_closed -> results/budget_summary.{json,md}, budget_curve.png
 """
 
 from __future__ import annotations

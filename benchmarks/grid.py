@@ -32,11 +32,22 @@ reported by ``benchmarks/budget.py``) add the equal-cost "+ the calibration's co
 (labels ``0.25``, ``0.5``) on calib/test questions no earlier result used (``--make-pool``). The
 commonsense "_demo" tasks draw their test questions by seed (``DrawnTestCommonsense``).
 
+The γ grid of ``truthfulqa_fresh_closed`` is *closed*: the wide grid on to |γ| = 10⁴ and its limits
+γ = ±∞ (:class:`svd_lightning.steering.ContrastiveLimit`), where the wide grid's edge picks had sat.
+
+Each scored point keeps its adapter (``<out>/.tmp/adapters/<cell>-epoch<label>/``, local), so a grid
+extended later re-scores it without training: ``--score-saved``. ``--train-only`` trains and keeps
+the adapters without scoring (it leaves training exactly as scoring leaves it), so two workers can
+train while scoring waits for a free core.
+
     python benchmarks/grid.py                       # the committed grid (see GRID below)
     python benchmarks/grid.py --only truthfulqa-lora --seeds 0
     GRID_THREADS=1 python benchmarks/grid.py & GRID_THREADS=1 python benchmarks/grid.py   # 2 workers
+    python benchmarks/grid.py --only truthfulqa_fresh_closed-lora --train-only --out results/grid_closed
+    python benchmarks/grid.py --only truthfulqa_fresh_closed-lora --score-saved --labels 1 0.5 --out results/grid_closed
 
-Workers share the grid through a lock file per cell (``results/grid/.tmp/<cell>.lock``).
+Workers share the grid through a lock file per cell (``results/grid/.tmp/<cell>.lock``; per point
+when scoring kept adapters).
 """
 
 from __future__ import annotations

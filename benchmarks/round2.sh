@@ -4,7 +4,8 @@
 #   bash benchmarks/round2.sh & bash benchmarks/round2.sh
 # Fresh-question demo regime, then seeds 10-11 of the commonsense demo-like regime, the zero-shot
 # TruthfulQA equal-cost cells, the commonsense seed 12, and round 1's one-seed IA3 and prompt-tuning
-# cells with both baselines last (the order in which a cut costs least).
+# cells with both baselines last (the order in which a cut costs least). Then the γ grid closed by its
+# limits: the fresh seeds trained again to epoch 1, keeping each point's adapter, then scored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -15,3 +16,5 @@ commonsense=(arc_easy_demo-lora arc_challenge_demo-lora boolq_demo-lora)
 "$py" benchmarks/grid.py --only truthfulqa_equal_cost-lora --seeds 0 1 --out benchmarks/results/grid_round2
 "$py" benchmarks/grid.py --only "${commonsense[@]}" --seeds 12 --out benchmarks/results/grid_round2
 "$py" benchmarks/grid.py --only truthfulqa_equal_cost-ia3 truthfulqa_equal_cost-prompt_tuning --seeds 0 --out benchmarks/results/grid_round2
+"$py" benchmarks/grid.py --only truthfulqa_fresh_closed-lora --train-only --out benchmarks/results/grid_closed
+"$py" benchmarks/grid.py --only truthfulqa_fresh_closed-lora --score-saved --labels 1 0.5 0.25 --out benchmarks/results/grid_closed
