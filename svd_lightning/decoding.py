@@ -633,6 +633,7 @@ def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringCon
     """
     if not with_base and variants:
         raise ValueError("steered variants need the pre-trained logits (with_base=True)")
+    every_row = batch
     batch, same_as = distinct_rows(batch)
     warm, base, y, row = paired_label_logits(model, batch, share_prompts, with_base=with_base, forward_mode=forward_mode)
     n = batch["input_ids"].shape[0]
@@ -659,12 +660,13 @@ def score_choice_variants(model, batch: dict, variants: Mapping[str, SteeringCon
                 offsets[name].index_add_(0, rows, offset.double())
             else:
                 sums[name].index_add_(0, rows, paired.log_probs(config).float())
-    if limits:  # a batch holds whole questions (ChoiceBatch), so each choice set's top is in it
-        _, group = torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1, return_inverse=True)
-        for name in limits:
-            sums[name] = limit_choice_scores(slopes[name], offsets[name], group.to(y.device)).float()
     out.update(sums)
     out = {k: v[same_as] for k, v in out.items()}
+    if limits:  # per choice set of every row (a distinct row can sit in two sets); a batch holds whole questions
+        _, group = torch.unique(torch.stack([every_row["question_index"], every_row["choice_set"]]), dim=1,
+                                return_inverse=True)
+        for name in limits:
+            out[name] = limit_choice_scores(slopes[name][same_as], offsets[name][same_as], group.to(y.device)).float()
     bad = [k for k, v in out.items() if torch.isnan(v).any()]
     if bad:
         settings = "; ".join(f"{k}: mu={variants[k].mu!r}, alpha={variants[k].alpha!r}" for k in bad if k in variants)

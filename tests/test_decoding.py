@@ -306,7 +306,13 @@ def test_contrastive_limit_scores_are_the_metrics_limit(tokenizer, model64):
     from svd_lightning.metrics import truthfulqa_per_question
     from svd_lightning.steering import ContrastiveLimit, contrastive_log_probs
 
-    batch = _repeating_batch(tokenizer)
+    from conftest import CHOICE_EXAMPLES
+
+    # as in TruthfulQA, set 1 (MC2) holds set 0's (MC1) choices and more: rows shared by two sets
+    examples = [ChoiceExample(ex.prompt, [*ex.choices, *ex.choices, " Maybe.", " Nobody knows."],
+                              [*ex.is_true, *ex.is_true, False, True], ex.index,
+                              choice_sets=[0] * len(ex.choices) + [1] * (len(ex.choices) + 2)) for ex in CHOICE_EXAMPLES[:3]]
+    batch = collate_choices(examples, Tokenized(tokenizer, 64))
     got = score_choice_variants(model64, batch, {"up": ContrastiveLimit(1), "down": ContrastiveLimit(-1)})
     warm, base, y, row = paired_label_logits(model64, batch)
     table = {k: batch[k] for k in ("question_index", "choice_set", "choice_index", "is_true")}
