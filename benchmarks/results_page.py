@@ -282,6 +282,18 @@ def lm_eval_section(path: Path) -> list[str]:
     return lines + [""]
 
 
+def closed_grid_bullet(entries: list[dict]) -> list[str]:
+    """Where the closed γ grid's picks sit, per budget (the section "The γ grid closed by its limits")."""
+    if not entries:
+        return []
+    picks = [(e["budget"], g) for e in entries for g in e["grids"] if g["grid"] == "closed"]
+    return ["- **Closed γ grid**: 0, ±10^(k/4) for k = −8…16 (±0.01 … ±10⁴) and the limits γ = ±∞, on the fresh "
+            "seeds trained again (section above). Picks at its largest finite |γ|: "
+            + ", ".join(f"{b}: {g['at_largest_finite']} of {g['seeds']}" for b, g in picks) + "; at γ = ±∞: "
+            + ", ".join(f"{b}: {g['at_limit']} of {g['seeds']}" for b, g in picks) + ". Nothing lies beyond ±∞: a pick "
+            "there is the ranking by the logit difference alone, not a grid cut short."]
+
+
 def round2_section(summary_path: Path, pool_path: Path) -> list[str]:
     """Evidence round 2 (``budget.py``'s summary): the protocol, then its tables and sentences."""
     import budget
@@ -311,6 +323,7 @@ def round2_section(summary_path: Path, pool_path: Path) -> list[str]:
               "essentially the logit difference's alone. From the next γ in to the edge, the picked seeds' calib "
               "primary metric (MC2 / acc) rose by " + ", ".join(pct(x) for x in rises) + " points: near 0 is a plateau "
               "toward that limit, more says the optimum may lie beyond the grid.",
+              *closed_grid_bullet(summary.get("closed_grid") or []),
               "- **The default** was re-chosen by a fixed rule (above) whose only input is round 1's calib questions "
               "outside every reported test; no round-2 test value enters it. The rows name it \"re-chosen default\" "
               "and keep the old one beside it.", ""]
