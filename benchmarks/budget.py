@@ -196,6 +196,18 @@ def edge_rises(calib: dict[str, list], picks: list[str], edge: float | None = No
     return rises
 
 
+def limit_plateau(calib: dict[str, list], picks: list[str]) -> int:
+    """How many finite picks score on calib exactly what the limit γ = ±∞ of their side scores: their
+    optimum is a plateau that runs on to the limit (the pick rule then takes the plateau's first name)."""
+    same = 0
+    for k, v in enumerate(picks):
+        g = gamma_of(v)
+        limit = f"contrastive_g{math.copysign(math.inf, g):+g}"
+        if g != 0 and math.isfinite(g) and limit in calib and np.mean(calib[v][k]) == np.mean(calib[limit][k]):
+            same += 1
+    return same
+
+
 def closed_grid(labels: dict[str, dict[int, dict]], committed: dict[str, dict[int, dict]],
                 new_default: str | None = None) -> list[dict]:
     """The γ grid closed by its limits, per budget of its re-run (:data:`CLOSED`): contrastive γ selected
@@ -226,7 +238,8 @@ def closed_grid(labels: dict[str, dict[int, dict]], committed: dict[str, dict[in
             row.update(grid=grid, gammas=[gamma_of(v) for v in picks], largest_finite=finite,
                        at_largest_finite=sum(abs(gamma_of(v)) == finite for v in picks),
                        at_limit=sum(math.isinf(gamma_of(v)) for v in picks),
-                       largest_finite_rise=edge_rises(sub, picks, finite), limit_rise=edge_rises(sub, picks, math.inf))
+                       largest_finite_rise=edge_rises(sub, picks, finite), limit_rise=edge_rises(sub, picks, math.inf),
+                       on_limit_plateau=limit_plateau(sub, picks) if math.isinf(largest) else None)
             grids.append(row)
         defaults = [_row(key, name, [(v, d, d) for d in ds], metric, metrics, None)
                     for name, v in ((NEW_DEFAULT, new_default), (OLD_DEFAULT, DEFAULT)) if v and all(v in d["test"] for d in ds)]
@@ -427,15 +440,18 @@ def closed_grid_lines(entries: list[dict], sub: str) -> list[str]:
              "limits γ = ±∞, where choices rank by the logit difference alone (`ContrastiveLimit`, exact). "
              "The wide grid's pick is made again on the same cells, so the two grids differ only in their points. "
              f"Warm-start test {first['metric'].upper()} per seed, committed → re-run: {warm}.", "",
+             "A finite pick \"on the limit's plateau\" scores on calib exactly what γ = ±∞ scores: its optimum runs on to "
+             "the limit, and the pick rule (the best calib value, ties first by name) took the plateau's first name.", "",
              "| budget (epochs) | method | γ picked per seed | at the largest finite \|γ\| | at γ = ±∞ | metric 1 | metric 2 |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         for r in e["grids"]:
             m1, m2 = r["metrics"][0], r["metrics"][1]
             rise = lambda xs: f" (calib rise from the next γ in: {', '.join(pct(x) for x in xs)})" if xs else ""  # noqa: E731
+            plateau = lambda r: f"; {r['on_limit_plateau']} more on the limit's plateau" if r.get("on_limit_plateau") else ""  # noqa: E731
             lines.append(f"| {e['budget']} | {r['method']} | {' / '.join(gamma_text(g) for g in r['gammas'])} | "
                          f"{r['at_largest_finite']} of {r['seeds']} (\|γ\| = {r['largest_finite']:g}){rise(r['largest_finite_rise'])} | "
-                         f"{r['at_limit']} of {r['seeds']}{rise(r['limit_rise'])} | "
+                         f"{r['at_limit']} of {r['seeds']}{rise(r['limit_rise'])}{plateau(r)} | "
                          f"{m1} {gain_text(r['by_metric'][m1])} | {m2} {gain_text(r['by_metric'][m2])} |")
         for r in e["defaults"]:
             m1, m2 = r["metrics"][0], r["metrics"][1]

@@ -290,8 +290,10 @@ def closed_grid_bullet(entries: list[dict]) -> list[str]:
     return ["- **Closed γ grid**: 0, ±10^(k/4) for k = −8…16 (±0.01 … ±10⁴) and the limits γ = ±∞, on the fresh "
             "seeds trained again (section above). Picks at its largest finite |γ|: "
             + ", ".join(f"{b}: {g['at_largest_finite']} of {g['seeds']}" for b, g in picks) + "; at γ = ±∞: "
-            + ", ".join(f"{b}: {g['at_limit']} of {g['seeds']}" for b, g in picks) + ". Nothing lies beyond ±∞: a pick "
-            "there is the ranking by the logit difference alone, not a grid cut short."]
+            + ", ".join(f"{b}: {g['at_limit']} of {g['seeds']}" for b, g in picks) + "; finite picks on the limit's plateau "
+            "(their calib value is the limit's): " + ", ".join(f"{b}: {g['on_limit_plateau']} of {g['seeds']}" for b, g in picks)
+            + ". Nothing lies beyond ±∞: a pick there, or on its plateau, is the ranking by the logit difference alone, "
+            "not a grid cut short."]
 
 
 def round2_section(summary_path: Path, pool_path: Path) -> list[str]:

@@ -623,6 +623,9 @@ def test_the_closed_gamma_grid_counts_picks_at_its_largest_finite_gamma_and_at_i
     assert wide["largest_finite_rise"] == pytest.approx([0.6 - 0.55])  # +100 over the next γ in, +1
     assert closed["gammas"] == [math.inf, 1] and closed["at_limit"] == 1 and closed["at_largest_finite"] == 0
     assert closed["largest_finite"] == 10000 and closed["limit_rise"] == pytest.approx([0.72 - 0.62])
+    assert closed["on_limit_plateau"] == 0 and wide["on_limit_plateau"] is None
+    plateau = {"contrastive_g+10": [[0.5]], "contrastive_g+1000": [[0.6]], "contrastive_g+inf": [[0.6]], "contrastive_g-inf": [[0.1]]}
+    assert budget.limit_plateau(plateau, ["contrastive_g+1000"]) == 1 and budget.limit_plateau(plateau, ["contrastive_g+10"]) == 0
     assert wide["by_metric"]["mc2"]["gain"] == pytest.approx(np.mean([0.7 - 0.5, 0.6 - 0.4]))
     assert closed["by_metric"]["mc2"]["gain"] == pytest.approx(np.mean([0.9 - 0.5, 0.6 - 0.4]))
     assert entry["warm"] == {10: pytest.approx((0.45, 0.5))} and entry["committed_cpu"] == "another CPU, 32-true"
