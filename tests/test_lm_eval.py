@@ -120,4 +120,7 @@ def test_repeated_requests_are_scored_once_with_every_requests_answer(run_dir, m
                         lambda self, reqs, *a, **kw: scored.append(len(reqs)) or original(self, reqs, *a, **kw))
     got = backend._loglikelihood_tokens(requests)
     assert scored == [2] and got[0] == got[2] and got[0] != got[1]
-    assert got[:2] == backend._loglikelihood_tokens(requests[:2])
+    again = backend._loglikelihood_tokens(requests[:2])  # another call: the prefix cache and GEMM shapes may differ
+    assert [g for _, g in got[:2]] == [g for _, g in again]
+    # fp32 sums of a few token log-probs: equal to float rounding (seen 1e-7 relative with one thread)
+    assert [ll for ll, _ in got[:2]] == pytest.approx([ll for ll, _ in again], rel=1e-5)
