@@ -284,6 +284,10 @@ TASKS = {
     "truthfulqa_fresh_closed": Task(fresh_demo, learning_rate=DEMO_LR, plus_one=False, fractions=(0.25, 0.5),
                                     fresh=True, gammas=CLOSED_GAMMAS, gamma_limits=True),
 }
+# Checked before any training: acc_norm's limit is not the limit scores' acc_norm (length-normalised).
+for _name, _task in TASKS.items():
+    if _task.gamma_limits and not is_truthfulqa(_name):
+        raise ValueError(f"task {_name}: the γ limits are for TruthfulQA's metrics (of the raw scores) only")
 # The two headline metrics of each task, primary first (calib selection uses the primary one).
 METRICS = {task: HEADLINE_METRICS["truthfulqa" if is_truthfulqa(task) else "choice"] for task in TASKS}
 PRIMARY = {task: metrics[0] for task, metrics in METRICS.items()}
@@ -314,16 +318,11 @@ GRID = [("truthfulqa_demo", "lora", (1,), (0, 1, 2)), ("truthfulqa", "lora", (1,
 
 
 def per_question(task: str, table: dict, score: torch.Tensor, limit: bool = False) -> dict[str, torch.Tensor]:
-    """Both headline metrics' families and the multiple-choice loss per question; a contrastive limit
-    (``limit``) has no finite loss, and only TruthfulQA's metrics (of the raw scores) are its limits."""
+    """Both headline metrics' families and the multiple-choice loss per question (a contrastive
+    ``limit`` has no finite loss)."""
     fn = truthfulqa_per_question if is_truthfulqa(task) else choice_accuracy_per_question
     rows = {**table, "score": score}
-    if limit:
-        if not is_truthfulqa(task):
-            raise ValueError(f"{task}: acc_norm's limit is not the limit scores' acc_norm; the γ limits are "
-                             "for TruthfulQA tasks")
-        return fn(**rows)
-    return {**fn(**rows), "choice_nll": choice_nll_per_question(**rows)}
+    return fn(**rows) if limit else {**fn(**rows), "choice_nll": choice_nll_per_question(**rows)}
 
 
 SPLITS = ("train", "calib", "test")
@@ -441,20 +440,19 @@ def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, 
     """
     table = {k: [] for k in ("question_index", "choice_set", "choice_index", "is_true", "num_chars")}
     scores: dict[str, list] = {}
+    limits = {name for name, c in (configs or {}).items() if isinstance(c, ContrastiveLimit)}  # −∞ off each set's top
     for batch in track(loader, desc, unit="batch"):
         rows = score_choice_variants(model, batch, configs or {}, with_base=configs is not None)
         rows.pop("num_tokens")
         for name, row_scores in rows.items():
-            limit = isinstance((configs or {}).get(name), ContrastiveLimit)  # −∞ off each choice set's top
-            if not (torch.isfinite(row_scores) | (limit & (row_scores == float("-inf")))).all():
+            if not (torch.isfinite(row_scores) | ((name in limits) & (row_scores == float("-inf")))).all():
                 raise FloatingPointError(f"non-finite scores in variant {name}")
             scores.setdefault(name, []).append(row_scores.double())
         for k in table:
             table[k].append(batch[k])
     table = {k: torch.cat(v) for k, v in table.items()}
     ids = torch.unique(table["question_index"]).tolist()  # the metrics' question order (sorted ids)
-    return {name: per_question(task, table, torch.cat(v), isinstance((configs or {}).get(name), ContrastiveLimit))
-            for name, v in scores.items()}, ids
+    return {name: per_question(task, table, torch.cat(v), name in limits) for name, v in scores.items()}, ids
 
 
 class EpochProbe(L.Callback):
