@@ -12,14 +12,15 @@ Three parts, all from the cell files (``grid.py``), statistics from :mod:`benchm
   loss (no selection among variants), contrastive γ selected on calib over the wide grid (with how
   many picks sit at its edge), and the two equal-cost baselines: one more epoch, and "+ the
   calibration's cost" (as many more training questions as the calibration pass took the time of).
-* **The training-budget curve** (the fresh-question demo regime): the same rows at ¼, ½, 1 and 2
+* **The training-budget curve** (six-shot TruthfulQA on fresh questions): the same rows at ¼, ½, 1 and 2
   epochs of the same runs, with "train to the next budget"; a plot, and SVDecode's worth in epochs.
 * **The γ grid closed by its limits** (``results/grid_closed``): the fresh seeds trained again to
   epoch 1 and scored on the wide grid extended to |γ| = 10⁴ plus γ = ±∞; contrastive γ picked on
   calib over the wide and over the closed grid of the same cells, and where the picks sit.
 
-Rows carry a hierarchical bootstrap CI (seeds, then questions; selection redone for selected rows)
-and, with 2+ seeds, the t-interval over seeds.
+Rows carry a bootstrap CI over seeds and questions as crossed factors (seeds share questions; the
+selection redone for selected rows) and, with 2+ seeds, the t-interval over seeds. Every row's label
+states the settings its cells recorded (:func:`settings_text`), never the task table's.
 
     python benchmarks/budget.py    # results/grid_fresh, grid_round2, grid_closed -> results/budget_summary.{json,md}, budget_curve.png
 """
@@ -38,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (  # noqa: E402
     BOOTSTRAP, DEFAULT, FORMAT, _candidates, _row, choose_default, ci_text, gain_text, in_sample_picks, level_text,
-    pct, row_rng, test_values,
+    pct, question_ids, row_rng, settings_text, test_values,
 )
 from report import load as load_grid  # noqa: E402
 
@@ -51,15 +52,18 @@ CELL_DIRS = (RESULTS / "grid_fresh", RESULTS / "grid_round2", RESULTS / "grid_cl
 BUDGETS = ("0.25", "0.5", "1", "2")  # epochs of training, in order
 CAL = "1+cal"  # epoch 1 + the calibration's cost in training questions
 CURVE = "truthfulqa_fresh"  # the task with the training-budget curve
-REGIMES = {  # round-2 task -> what it is
-    "truthfulqa_fresh": "TruthfulQA, demo regime (six-shot, LR 5e-5), fresh questions",
-    "truthfulqa_equal_cost": "TruthfulQA, zero-shot, LR 5e-4 (round 1's splits)",
-    "arc_easy_demo": "ARC-Easy, demo-like (LR 5e-5, 490 train q.)",
-    "arc_challenge_demo": "ARC-Challenge, demo-like (LR 5e-5, 490 train q.)",
-    "boolq_demo": "BoolQ, demo-like (LR 5e-5, 490 train q.)",
-    "truthfulqa_equal_cost-ia3": "TruthfulQA, zero-shot, IA3, LR 3e-3 (round 1's split), one seed",
-    "truthfulqa_equal_cost-prompt_tuning": "TruthfulQA, zero-shot, prompt tuning, LR 1e-2 (round 1's split), one seed",
+REGIMES = {  # round-2 task -> what its data is; the settings in its rows' labels are read from its cells
+    "truthfulqa_fresh": "TruthfulQA, fresh questions",
+    "truthfulqa_equal_cost": "TruthfulQA, round 1's splits",
+    "arc_easy_demo": "ARC-Easy, test drawn outside round 1's",
+    "arc_challenge_demo": "ARC-Challenge, test drawn outside round 1's",
+    "boolq_demo": "BoolQ, test drawn outside round 1's",
+    "truthfulqa_equal_cost-ia3": "TruthfulQA, round 1's split, IA3, one seed",
+    "truthfulqa_equal_cost-prompt_tuning": "TruthfulQA, round 1's split, prompt tuning, one seed",
 }
+def regime_label(task: str, labels: dict[str, dict[int, dict]]) -> str:
+    """A regime's row label: what its data is, then the settings its cells recorded (:func:`settings_text`)."""
+    return f"{REGIMES.get(task, task)} ({settings_text(d for seeds in labels.values() for d in seeds.values())})"
 EQUAL_COST = "truthfulqa_equal_cost"  # round 1's zero-shot TruthfulQA cells, re-run with both baselines
 OLD_DEFAULT = "SVDecode, old default (trimmed Fisher, α=0.3)"
 NEW_DEFAULT = "SVDecode, re-chosen default"
@@ -136,8 +140,9 @@ def reproduction(round1: Path, labels: dict[str, dict[int, dict]], task: str = "
         return [float(np.mean(test_values(cells[k], variant, metric) - (test_values(cells[k], "plain", metric) if minus_plain else 0)))
                 for k in seeds]
 
-    return {"adapter": adapter, "seeds": seeds, "metric": metric, "round1_cpu": f"{old[seeds[0]]['cpu']}, {old[seeds[0]]['precision']}",
-            "rerun_cpu": f"{new[seeds[0]]['cpu']}, {new[seeds[0]]['precision']}",
+    return {"adapter": adapter, "seeds": seeds, "metric": metric,
+            "round1_cpu": f"{old[seeds[0]]['cpu']}; {settings_text(old[k] for k in seeds)}",
+            "rerun_cpu": f"{new[seeds[0]]['cpu']}; {settings_text(new[k] for k in seeds)}",
             "warm": {"round1": per_seed(old, "plain", False), "rerun": per_seed(new, "plain", False)},
             "old_default_gain": {"round1": per_seed(old, DEFAULT, True), "rerun": per_seed(new, DEFAULT, True)}}
 
@@ -247,14 +252,59 @@ def closed_grid(labels: dict[str, dict[int, dict]], committed: dict[str, dict[in
         warm = {s: (float(np.mean(test_values(before[s], "plain", metric))), float(np.mean(test_values(seeds[s], "plain", metric))))
                 for s in sorted(seeds) if s in before and before[s]["split"] == seeds[s]["split"]}
         out.append({"budget": label, "seeds": sorted(seeds), "metric": metric, "grids": grids, "defaults": defaults,
-                    "warm": warm, "cpu": f"{ds[0]['cpu']}, {ds[0]['precision']}",
-                    "committed_cpu": f"{before[min(warm)]['cpu']}, {before[min(warm)]['precision']}" if warm else None})
+                    "warm": warm, "cpu": f"{ds[0]['cpu']}; {settings_text(ds)}", "settings": settings_text(ds),
+                    "committed_cpu": f"{before[min(warm)]['cpu']}; {settings_text(before[k] for k in warm)}" if warm else None})
     return out
+
+
+def gap_rows(round1: Path, cells: dict, new_default: str | None) -> list[dict]:
+    """The open question (issue 41): the defaults' epoch-1 gains on round 1's demo-regime seeds against the
+    fresh seeds, at the fresh cells' own settings and re-run at the demo's (LR and precision matched)."""
+    r1, _ = load_grid(round1, quiet=True)
+    groups = [("round 1's demo seeds, own splits", "truthfulqa_demo", r1.get(("truthfulqa_demo", "lora", 1), {})),
+              ("fresh seeds, re-run", CLOSED, cells.get(CLOSED, {}).get("1", {})),
+              ("fresh seeds", CURVE, cells.get(CURVE, {}).get("1", {}))]
+    out = []
+    for name, task, seeds in groups:
+        if not seeds:
+            continue
+        ds = [seeds[k] for k in sorted(seeds)]
+        metric, metrics = ds[0]["primary"], list(ds[0]["metrics"])
+        rows = {method: _row((task, "lora", "1"), method, [(v, d, d) for d in ds], metric, metrics, None)
+                for method, v in (("warm start", "plain"), (NEW_DEFAULT, new_default), (OLD_DEFAULT, DEFAULT))
+                if v and all(v in d["test"] for d in ds)}
+        out.append({"group": name, "task": task, "settings": settings_text(ds), "rows": rows})
+    return out
+
+
+def gap_lines(entries: list[dict], sub: str) -> list[str]:
+    if not entries:
+        return []
+    methods = [m for m in (NEW_DEFAULT, OLD_DEFAULT) if any(m in e["rows"] for e in entries)]
+    lines = ["", f"{sub} The open question: round 1's demo seeds against the fresh seeds (epoch 1)", ""]
+    matched = [e for e in entries if e["task"] in ("truthfulqa_demo", CLOSED) and NEW_DEFAULT in e["rows"]]
+    if len(matched) == 2 and matched[0]["settings"] == matched[1]["settings"]:
+        (a, b) = (e["rows"][NEW_DEFAULT]["by_metric"]["mc2"] for e in matched)
+        apart = a["t_ci"][0] > b["t_ci"][1] or b["t_ci"][0] > a["t_ci"][1]
+        lines += [f"At the same settings ({matched[0]['settings']}) the re-chosen default gains {pct(a['gain'])} MC2 on "
+                  f"{matched[0]['group']} and {pct(b['gain'])} on the {matched[1]['group']}: {pct(a['gain'] - b['gain'])} points "
+                  f"apart; their seed t-intervals {ci_text(*a['t_ci'])} and {ci_text(*b['t_ci'])} "
+                  + ("do not overlap." if apart else "overlap.") + " What causes the gap is not identified: the gap "
+                  "experiment (`benchmarks/gap.sh`) scores both groups' models on each other's test questions.", ""]
+    lines += ["| seeds (settings read from their cells) | seeds × test q. | warm start MC2 | " + " | ".join(methods) + " |",
+              "|---|---|---|" + "---|" * len(methods)]
+    for e in entries:
+        warm = e["rows"]["warm start"]
+        items = "/".join(str(n) for n in sorted(set(warm["questions_per_seed"])))
+        cols = [gain_text(e["rows"][m]["by_metric"]["mc2"]) if m in e["rows"] else "(not scored)" for m in methods]
+        lines.append(f"| {e['group']} ({e['settings']}) | {warm['seeds']} × {items} | {level_text(warm['by_metric']['mc2'])} | "
+                     + " | ".join(cols) + " |")
+    return lines
 
 
 def versus(labels: dict[str, dict[int, dict]], row: dict, baseline: str) -> dict | None:
     """An epoch-1 steering row minus an equal-cost baseline (the plain adapter at label ``baseline``),
-    paired on the same test questions, primary metric: mean, per seed, hierarchical CI (the selection
+    paired on the same test questions, primary metric: mean, per seed, crossed bootstrap CI (the selection
     redone for a calib-selected row) and the seed t-interval, over the row's seeds that have the
     baseline (None if none has)."""
     one, later, metric = labels["1"], labels.get(baseline, {}), row["metric"]
@@ -264,13 +314,15 @@ def versus(labels: dict[str, dict[int, dict]], row: dict, baseline: str) -> dict
     seeds, picks = [s for s, _ in kept], [v for _, v in kept]
     base = [test_values(later[s], "plain", metric) for s in seeds]
     rng = row_rng("versus", row["task"], row["method"], baseline)
+    ids = [question_ids(one[s], "test") for s in seeds]
     if row["selection"] == "in-sample":
         calib, test_of = _candidates([one[s] for s in seeds], "contrastive_", metric)
-        mean, lo, hi = selection_ci(calib, test_of(metric), base, rng, False, n_boot=BOOTSTRAP)
+        mean, lo, hi = selection_ci(calib, test_of(metric), base, rng, False, n_boot=BOOTSTRAP, questions=ids,
+                                    calib_questions=[question_ids(one[s], "calib") for s in seeds])
         per_seed = picked_gains(picks, test_of(metric), base)
     else:
         diffs = [test_values(one[s], v, metric) - b for s, v, b in zip(seeds, picks, base)]
-        mean, lo, hi = hierarchical_ci(diffs, rng, n_boot=BOOTSTRAP)
+        mean, lo, hi = hierarchical_ci(diffs, rng, n_boot=BOOTSTRAP, questions=ids)
         per_seed = [float(d.mean()) for d in diffs]
     return {"baseline": baseline, "metric": metric, "seeds": seeds, "gain": mean, "ci_low": lo, "ci_high": hi, "per_seed_gain": per_seed,
             "t_ci": list(seed_t_interval(per_seed)[1:]) if len(per_seed) >= 2 else None}
@@ -310,7 +362,19 @@ def worth(labels: dict[str, dict[int, dict]], table: list[dict], method: str) ->
             "cost_share": float(np.mean(cost)), "cost_share_per_seed": cost}
 
 
-def worth_sentence(w: dict | None) -> str:
+def inference_cost(path: Path) -> dict | None:
+    """Steering's recurring cost at inference, from ``cost.py``'s JSON: the one-forward path's median time
+    ratio to the plain model for scoring and for generation (the range over its batch sizes)."""
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    ratios = {r["task"]: r["ratio_vs_plain"]["median"] for r in d["rows"] if r["variant"] == "one_forward" and "ratio_vs_plain" in r}
+    generation = [x for task, x in ratios.items() if task.startswith("generate_")]
+    return {"scoring": ratios["score"], "generation": [min(generation), max(generation)], "device": d["device_name"],
+            "file": path.name}
+
+
+def worth_sentence(w: dict | None, regime: str, cost: dict | None) -> str:
     if w is None:
         return "(needs epochs 1 and 2 of two or more seeds)"
     m = w["metric"].upper()
@@ -319,14 +383,17 @@ def worth_sentence(w: dict | None) -> str:
     # a ratio of two noisy means: only a point estimate, and only when training's own gain is clearly > 0
     epochs = (f"about {w['epochs_worth']:.2f} epochs of training (a ratio of means; the difference's interval is "
               "the evidence)" if w["epochs_worth"] is not None and w["epochs_worth"] > 0 and t[1] > 0
-              else "no measurable amount of training")
-    return (f"On SmolLM2-135M in this regime, `{w['variant']}` is worth {epochs}, at {100 * w['cost_share']:.0f} % of an "
-            f"epoch's cost: at epoch 1 it gains {pct(s[0])} {m} {ci_text(*s[1:])}, one more epoch gains {pct(t[0])} "
-            f"{ci_text(*t[1:])}; steering − training {pct(d[0])} {ci_text(*d[1:])} t{ci_text(*diff['t_ci'])} "
-            f"({len(w['seeds'])} seeds, paired on the same test questions).")
+              else "no measurable amount of training (one more epoch's own gain has an interval reaching 0)")
+    recurring = (f" plus a recurring cost at inference: steered scoring takes ×{cost['scoring']:.2f} and steered generation "
+                 f"×{cost['generation'][0]:.2f}–{cost['generation'][1]:.2f} the plain model's time (one-forward path, "
+                 f"`{cost['file']}`, {cost['device']})" if cost else " (steering's recurring cost at inference not measured)")
+    return (f"On SmolLM2-135M, {regime}: `{w['variant']}` is worth {epochs}. Its cost: a one-off calibration at "
+            f"{100 * w['cost_share']:.0f} % of an epoch's training time{recurring}. At epoch 1 it gains {pct(s[0])} {m} "
+            f"{ci_text(*s[1:])}, one more epoch gains {pct(t[0])} {ci_text(*t[1:])}; steering − training {pct(d[0])} "
+            f"{ci_text(*d[1:])} t{ci_text(*diff['t_ci'])} ({len(w['seeds'])} seeds, paired on the same test questions).")
 
 
-def plot_curve(labels: dict[str, dict[int, dict]], new_default: str | None, path: Path) -> Path | None:
+def plot_curve(labels: dict[str, dict[int, dict]], new_default: str | None, path: Path, regime: str = "") -> Path | None:
     """Test MC2 against training budget: the warm start, and steering on top of it at each budget."""
     seeds = sorted(set.intersection(*(set(labels.get(b, {})) for b in BUDGETS)) if all(labels.get(b) for b in BUDGETS) else set())
     if not seeds:
@@ -362,7 +429,7 @@ def plot_curve(labels: dict[str, dict[int, dict]], new_default: str | None, path
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel("training budget (epochs of 490 questions)")
     ax.set_ylabel(f"test {metric.upper()} (%), mean of {len(seeds)} seeds")
-    ax.set_title(f"SmolLM2-135M LoRA, TruthfulQA demo regime, fresh questions (band: warm start's seed range)", fontsize=9)
+    ax.set_title(f"SmolLM2-135M LoRA, {regime} (band: warm start's seed range)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -375,7 +442,8 @@ def markdown(summary: dict, level: str = "#") -> str:
     sub = level + "#"
     tables, chosen = summary["tables"], summary["chosen"]
     lines = [f"{level} Evidence round 2 (generated by `benchmarks/budget.py`)", "",
-             "Points vs the same budget's warm start of the same seed: mean (per seed) [95 % hierarchical CI] "
+             "Points vs the same budget's warm start of the same seed: mean (per seed) [95 % bootstrap CI, seeds × "
+             "questions crossed] "
              "t[95 % t-interval over seeds]. Seeds: " + "; ".join(
                  f"{task}: " + ", ".join(f"{b} {seeds}" for b, seeds in summary["seeds"][task].items())
                  for task in tables) + f". Cells ran on: {'; '.join(summary['cpus'])}.", "",
@@ -393,17 +461,17 @@ def markdown(summary: dict, level: str = "#") -> str:
     lines += [f"{sub} Equal cost at epoch 1, every round-2 regime", "",
               "| regime | seeds × test q. | method | metric 1 | metric 2 |", "|---|---|---|---|---|"]
     for task, table in tables.items():
-        lines += [_line(REGIMES.get(task, task), r) for r in table if r["budget"] == "1"]
+        lines += [_line(summary["regimes"][task], r) for r in table if r["budget"] == "1"]
     lines += ["", f"{sub} Steering minus the equal-cost baselines (epoch 1, paired on the same test questions)", "",
-              "Primary metric (MC2 / acc), points: mean (per seed) [95 % hierarchical CI; selection redone for the "
+              "Primary metric (MC2 / acc), points: mean (per seed) [95 % crossed bootstrap CI; selection redone for the "
               "selected row] t[seed t-interval]. Above 0: steering beat the baseline.", "",
               "| regime | method | − one more epoch | − the calibration's cost in training |", "|---|---|---|---|"]
     for task, entries in summary["versus"].items():
         for e in entries:
             cols = [gain_text(e[k]) if e[k] else "(not run)" for k in ("plus_one", "plus_cal")]
-            lines.append(f"| {REGIMES.get(task, task)} | {e['method']} | {cols[0]} | {cols[1]} |")
+            lines.append(f"| {summary['regimes'][task]} | {e['method']} | {cols[0]} | {cols[1]} |")
     if CURVE in tables:
-        lines += ["", f"{sub} The training-budget curve (TruthfulQA, demo regime, fresh questions)", "",
+        lines += ["", f"{sub} The training-budget curve ({summary['regimes'][CURVE]})", "",
                   f"The +calibration-cost baseline trained {summary['extra_questions'][CURVE]} more questions "
                   "(`budget_curve.png`).", "", "| budget (epochs) | method | MC2 | MC1 |", "|---|---|---|---|"]
         for r in tables[CURVE]:
@@ -412,6 +480,7 @@ def markdown(summary: dict, level: str = "#") -> str:
             lines.append(f"| {r['budget']} | {_name(r)} | {text(r['by_metric'][m1])} | {text(r['by_metric'][m2])} |")
     lines += ["", f"{sub} What steering is worth in training", ""] + [f"- {s}" for s in summary["sentences"]]
     lines += closed_grid_lines(summary.get("closed_grid") or [], sub)
+    lines += gap_lines(summary.get("gap") or [], sub)
     reruns = summary.get("reproduction") or []
     if reruns:
         def seeds_text(pair):
@@ -461,7 +530,7 @@ def closed_grid_lines(entries: list[dict], sub: str) -> list[str]:
 
 
 BRIEF_REGIMES = {  # round-2 task -> its short column head in the brief table
-    "truthfulqa_fresh": "TruthfulQA demo regime, fresh q.",
+    "truthfulqa_fresh": "TruthfulQA six-shot, fresh q.",
     "truthfulqa_equal_cost": "TruthfulQA zero-shot",
     "arc_easy_demo": "ARC-Easy",
     "arc_challenge_demo": "ARC-Challenge",
@@ -488,7 +557,8 @@ def brief(summary: dict) -> str:
     head = []
     for t in tasks:
         r = at_one(t)["warm start"]
-        head.append(f"{BRIEF_REGIMES[t]} ({r['seeds']} × {max(r['questions_per_seed'])}, {r['metric'].upper()})")
+        head.append(f"{BRIEF_REGIMES[t]} ({r['seeds']} × {max(r['questions_per_seed'])}, {r['metric'].upper()}; "
+                    f"{summary['settings'][t]})")
     lines = ["| epoch 1, points vs the warm start | " + " | ".join(head) + " |", "|---" * (len(tasks) + 1) + "|"]
     for method in BRIEF_METHODS:
         cols = []
@@ -515,7 +585,7 @@ def _line(regime: str, r: dict) -> str:
     return f"| {regime} | {r['seeds']} × {items} | {_name(r)} | {cells} |"
 
 
-def summarise(cells: dict, round1: Path) -> dict:
+def summarise(cells: dict, round1: Path, cost: dict | None = None) -> dict:
     """Everything the page and the summary show: the re-chosen default, every task's rows, the sentences."""
     chosen = rechoose(round1, truthfulqa_reported_rows(round1, cells))
     new = chosen["variant"] if chosen else None
@@ -528,12 +598,15 @@ def summarise(cells: dict, round1: Path) -> dict:
     every = [d for labels in cells.values() for seeds in labels.values() for d in seeds.values()]
     closed = closed_grid(cells[CLOSED], cells.get(CURVE, {}), new) if CLOSED in cells else []
     return {"chosen": chosen, "tables": tables, "versus": versus_rows, "worth": worths, "reproduction": [r for r in reruns if r],
-            "closed_grid": closed,
-            "sentences": [worth_sentence(w) for w in worths],
+            "closed_grid": closed, "gap": gap_rows(round1, cells, new),
+            "sentences": [worth_sentence(w, regime_label(CURVE, cells[CURVE]), cost) for w in worths],
+            "inference_cost": cost,
             "seeds": {task: {b: sorted(cells[task][b]) for b in (*BUDGETS, CAL) if cells[task].get(b)} for task in tables},
             "extra_questions": {task: sorted({d["calibration_cost_questions"] for d in cells[task].get("1", {}).values()})
                                 for task in tables},
-            "cpus": sorted({f"{d['cpu']}, {d['precision']}" for d in every})}
+            "cpus": sorted({f"{d['cpu']}, {d['precision']}" for d in every}),
+            "regimes": {task: regime_label(task, cells[task]) for task in cells},
+            "settings": {task: settings_text(d for seeds in cells[task].values() for d in seeds.values()) for task in cells}}
 
 
 def main(argv=None) -> None:
@@ -541,15 +614,18 @@ def main(argv=None) -> None:
     ap.add_argument("--cells", type=Path, nargs="+", default=list(CELL_DIRS), help="round-2 cell directories")
     ap.add_argument("--round1", type=Path, default=RESULTS / "grid", help="round 1's cells (the default is chosen on them)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--cost", type=Path, default=RESULTS / "cost_smollm2-135m_cpu.json",
+                    help="cost.py's JSON: steering's recurring cost at inference, stated beside what it is worth")
     args = ap.parse_args(argv)
     cells = load(*args.cells)
     if not cells:
         raise SystemExit(f"no round-2 cells in {args.cells}; run `bash benchmarks/round2.sh`")
-    summary = summarise(cells, args.round1)
+    summary = summarise(cells, args.round1, inference_cost(args.cost))
     atomic_write_text(args.out / "budget_summary.json", json.dumps(summary, indent=1, default=float))
     md = markdown(summary)
     atomic_write_text(args.out / "budget_summary.md", md)
-    plot = plot_curve(cells.get(CURVE, {}), summary["chosen"] and summary["chosen"]["variant"], args.out / "budget_curve.png")
+    plot = plot_curve(cells.get(CURVE, {}), summary["chosen"] and summary["chosen"]["variant"], args.out / "budget_curve.png",
+                      summary["regimes"].get(CURVE, CURVE))
     print(md)
     print(f"wrote {args.out / 'budget_summary.md'}, {args.out / 'budget_summary.json'}" + (f", {plot}" if plot else ""))
 

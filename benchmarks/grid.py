@@ -673,7 +673,8 @@ def cross_score(model, dm, cell: dict, point: dict, configs: dict, path: Path) -
     other_task = TASKS[task].cross
     seen = {ex.index for ex in (*dm.train_set, *dm.calib_set)}
     group = group_test_rows(other_task)
-    cross = RowsTruthfulQA([r for r in group if r not in seen], frozenset(ex.prompt for ex in (*dm.train_set, *dm.calib_set)),
+    unseen = [r for r in group if r not in seen][: cell.get("smoke_limit")]  # a smoke test scores a few
+    cross = RowsTruthfulQA(unseen, frozenset(ex.prompt for ex in (*dm.train_set, *dm.calib_set)),
                            path=dm.path, few_shot=dm.few_shot, instruction=dm.instruction, max_length=dm.max_length,
                            batch_size=dm.batch_size, seed=cell["seed"])
     cross.tokenizer = dm.tokenized.tokenizer
@@ -842,6 +843,8 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
             "learning_rate": learning_rate, "precision": precision, "cpu": describe_cpu(),
             "train_batch_size": dm.train_batch_size, "data_seed": dm.seed, "prompt": prompt_of(dm),
             "deterministic_init": adapter in DETERMINISTIC_INIT, "init_fingerprint": init_fingerprint(module.model)}
+    if limit is not None:
+        cell["smoke_limit"] = limit  # questions per split: a smoke test, not a result
     # An end-of-epoch checkpoint lets a killed grid resume this cell at its last finished epoch.
     ckpt_dir = checkpoint_dir(out_dir, name)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True)

@@ -8,8 +8,10 @@ test split only reports. The statistics are the package's (:mod:`svd_lightning.s
 intervals ``fit`` prints). Three things keep the numbers honest:
 
 * **Seeds are replicates.** Each gain is the mean over seeds of the per-seed paired difference to the
-  warm start, shown with the per-seed values beside it. Its 95% CI is a hierarchical bootstrap:
-  resample seeds, then the test questions within each drawn seed (``hierarchical_ci``).
+  warm start, shown with the per-seed values beside it. Its 95% CI is a bootstrap over seeds and
+  questions as *crossed* factors (``hierarchical_ci`` given the questions' ids): seeds share questions
+  (seeded splits of one file overlap; a fixed test file is shared whole), so each replicate draws the
+  seeds and, once for all seeds, the distinct questions (calib and test alike).
 * **Selection is resampled.** For a calib-selected method the bootstrap redoes the selection on
   resampled calib questions in every replicate (``selection_ci``).
 * **The selection effect is measured.** Leave-one-seed-out (``loso_picks``): the variant with the
@@ -102,6 +104,41 @@ def test_values(d: dict, variant: str, metric: str) -> np.ndarray:
     return np.asarray(d["per_question"]["test"][metric][variant], dtype=float)
 
 
+def question_ids(d: dict, split: str) -> list[tuple[str, int]]:
+    """The ids of a cell's ``split`` questions in the order of its per-question values: (file, row)."""
+    return [(d["split_files"][split], row) for row in d["split"][split]]
+
+
+# What a row's label says about how its cells were trained, each read from the cells (never from the task table).
+PRECISION_NAMES = {"32-true": "fp32", "bf16-mixed": "bf16-mixed"}
+SETTINGS = {
+    "prompt": lambda d: d["prompt"],
+    "learning rate": lambda d: f"LR {lr_text(d['learning_rate'])}",
+    "precision": lambda d: f"{PRECISION_NAMES.get(d['precision'], d['precision'])} warm start",
+    "training size": lambda d: f"{d['sizes']['train']} train q.",
+}
+
+
+def lr_text(x: float) -> str:
+    """A learning rate as the papers write it: 5e-5, 2.5e-4."""
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def settings_text(cells) -> str:
+    """``prompt, LR x, precision warm start, n train q.``: the settings every one of ``cells`` recorded.
+    Cells that differ in one cannot share a label: a ValueError names the setting and the cells."""
+    cells = list(cells)
+    parts = []
+    for name, read in SETTINGS.items():
+        values = {read(d) for d in cells}
+        if len(values) != 1:
+            raise ValueError(f"the cells {sorted({d['name'] for d in cells})} differ in {name} ({sorted(values)}): "
+                             "one row cannot describe them")
+        parts.append(values.pop())
+    return ", ".join(parts)
+
+
 def calib_values(d: dict, variant: str, metric: str) -> np.ndarray:
     """Per-question calib values of one variant, in the order of ``d["split"]["calib"]``."""
     return np.asarray(d["per_question"]["calib"][metric][variant], dtype=float)
@@ -153,11 +190,13 @@ def _metric_stats(picks, metric: str, rng, selection: tuple | None = None) -> di
     values = [test_values(src, v, metric) for v, src, _ in picks]
     warm = [test_values(own, "plain", metric) for _, _, own in picks]
     per_seed = [float(np.mean(x - w)) for x, w in zip(values, warm)]
+    ids = [question_ids(own, "test") for _, _, own in picks]
     if selection is None:
-        mean, lo, hi = hierarchical_ci([x - w for x, w in zip(values, warm)], rng, n_boot=BOOTSTRAP)
+        mean, lo, hi = hierarchical_ci([x - w for x, w in zip(values, warm)], rng, n_boot=BOOTSTRAP, questions=ids)
     else:
         calib, prefix_test, loso = selection
-        mean, lo, hi = selection_ci(calib, prefix_test(metric), warm, rng, loso, n_boot=BOOTSTRAP)
+        mean, lo, hi = selection_ci(calib, prefix_test(metric), warm, rng, loso, n_boot=BOOTSTRAP, questions=ids,
+                                    calib_questions=[question_ids(own, "calib") for _, _, own in picks])
     # the seed level alone, beside the bootstrap: a t-interval over the per-seed gains (2+ seeds)
     t_ci = list(seed_t_interval(per_seed)[1:]) if len(per_seed) >= 2 else None
     return {"test": float(np.mean([x.mean() for x in values])), "test_per_seed": [float(x.mean()) for x in values],
@@ -195,7 +234,7 @@ def _row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -
         "test": head["test"], "calib": _calib_mean(picks, metric),
         "gain_vs_warm": head["gain"], "per_seed_gain": head["per_seed_gain"], "ci_low": head["ci_low"], "ci_high": head["ci_high"],
         "by_metric": by_metric, "selection": kind,
-        "ci": "hierarchical (seeds, then questions)" + (", selection redone on resampled calib" if selection else ""),
+        "ci": "crossed bootstrap (seeds × questions)" + (", selection redone on resampled calib" if selection else ""),
         "picks": [v for v, _, _ in picks], "variants": sorted({v for v, _, _ in picks}),
         "mu": [_mu_of(src, v) for v, src, _ in picks] if all(v.startswith("svd_") for v, _, _ in picks) else None,
         "deterministic_init": any(own.get("deterministic_init") for _, _, own in picks),
@@ -268,7 +307,7 @@ def ablation(cells: dict, task: str, adapter: str, rng) -> list[dict]:
             if not v.startswith("svd_") or v not in ds[0]["calib"]:  # choice_nll: not a selection candidate
                 continue
             diffs = [test_values(d, v, metric) - w for d, w in zip(ds, warm)]
-            mean, lo, hi = hierarchical_ci(diffs, rng, n_boot=BOOTSTRAP)
+            mean, lo, hi = hierarchical_ci(diffs, rng, n_boot=BOOTSTRAP, questions=[question_ids(d, "test") for d in ds])
             out.append({
                 "task": task, "adapter": adapter, "epoch": epoch, "variant": v, "seeds": len(ds),
                 "calib_gain": float(np.mean([d["calib"][v][metric] for d in ds])) - warm_calib,
@@ -338,7 +377,10 @@ def recommend_loso(cells: dict, task: str, adapter: str, rng) -> dict | None:
         for m in metrics:
             test = {v: [test_values(d, v, m) for d in ds[e]] for v in names}
             warm = [test_values(d, "plain", m) for d in ds[e]]
-            mean, lo, hi = selection_ci(calib, test, warm, rng, loso=True, n_boot=BOOTSTRAP)
+            mean, lo, hi = selection_ci(calib, test, warm, rng, loso=True, n_boot=BOOTSTRAP,
+                                        questions=[question_ids(d, "test") for d in ds[e]],
+                                        calib_questions=[[q for e2 in epochs for q in question_ids(ds[e2][j], "calib")]
+                                                         for j in range(len(seeds))])
             entry[m] = {"loso": mean, "loso_per_seed": picked_gains(picks, test, warm), "ci_low": lo, "ci_high": hi,
                         "all_seeds_pick": float(np.mean(picked_gains([everyone] * len(seeds), test, warm))),
                         "all_seeds_pick_per_seed": picked_gains([everyone] * len(seeds), test, warm)}
@@ -367,10 +409,12 @@ def ranking(cells: dict, tasks: list[str], rng, adapter: str = "lora") -> list[d
         row = {"variant": v, "tasks": {}}
         for task, ds in per_task.items():
             metric = ds[0]["primary"]
-            by_seed = defaultdict(list)
+            by_seed, ids = defaultdict(list), {}
             for d in ds:
                 by_seed[d["seed"]].append(test_values(d, v, metric) - test_values(d, "plain", metric))
-            mean, lo, hi = hierarchical_ci([np.mean(x, axis=0) for _, x in sorted(by_seed.items())], rng, n_boot=BOOTSTRAP)
+                ids[d["seed"]] = question_ids(d, "test")  # a seed's epochs share its test questions
+            mean, lo, hi = hierarchical_ci([np.mean(x, axis=0) for _, x in sorted(by_seed.items())], rng, n_boot=BOOTSTRAP,
+                                           questions=[q for _, q in sorted(ids.items())])
             calib = float(np.mean([d["calib"][v][metric] - d["calib"]["plain"][metric] for d in ds]))
             row["tasks"][task] = {"calib_gain": calib, "test_gain": mean, "ci_low": lo, "ci_high": hi,
                                   "seeds": len(by_seed), "replicates": len(ds)}
@@ -391,7 +435,10 @@ def _mu_of(d: dict, variant: str) -> float:
 
 
 def pct(x: float) -> str:
-    return f"{100 * x:+.2f}"
+    """Points with a sign; a value that rounds to zero prints as +0.00 (an interval limit of −5.7e-19 is 0,
+    not a limit below it)."""
+    points = round(100 * x, 2)
+    return f"{points + 0.0 if points else 0.0:+.2f}"
 
 
 HEADLINE = [  # the methods of the headline table, in order
@@ -481,10 +528,10 @@ def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, r
     lines = ["# SVDecode benchmark grid (SmolLM2-135M, generated by `benchmarks/report.py`)", ""]
     lines += [
         "Numbers are percentages; `gain` is the paired difference to the warm start of the same seed, averaged",
-        "over seeds, with the per-seed gains beside it and a 95% hierarchical bootstrap CI (seeds, then test",
-        "questions within a seed; for a calib-selected method the selection is redone in every replicate).",
+        "over seeds, with the per-seed gains beside it and a 95% bootstrap CI over seeds and test",
+        "questions as crossed factors (seeds share questions); for a calib-selected method the selection is redone in every replicate).",
         "Every selection uses calibration questions only. Metrics: TruthfulQA MC2 (standard) and MC1;",
-        "commonsense sets: acc and acc_norm. The configs' default was picked on the calib questions of the",
+        "commonsense sets: acc and acc_norm. Round 1's default (α = 0.3; the configs ship α = 0.05 since round 2) was picked on the calib questions of the",
         "format-1 grid, whose every seed used the seed-0 split: in format-2 cells seed 0 is not fresh data",
         "for it (same split), seeds ≥ 1 are.",
         "",
@@ -538,7 +585,7 @@ def markdown(rows: list[dict], abl: dict, perf: dict, rec: dict | None = None, r
         tasks = list(rank_[0]["tasks"])
         lines += [f"## Best three and worst three SVDecode variants by calibration gain ({title})", "",
                   "Ranked by calib gain averaged over tasks, epochs and seeds (test not used). Test gain per task: a",
-                  "seed's epochs averaged, then over seeds; [95% hierarchical bootstrap CI, seeds then questions].", "",
+                  "seed's epochs averaged, then over seeds; [95% bootstrap CI, seeds × questions crossed].", "",
                   "| rank | variant | calib gain | " + " | ".join(f"{t} test gain" for t in tasks) + " |",
                   "|---:|---|---:|" + "---|" * len(tasks)]
         tags = {DEFAULT: " (default)", EXACT: " (exact)", PAPER: " (paper)"}

@@ -201,7 +201,8 @@ def _cell(seed, calib, test, warm, fmt=2):
     return {"format": fmt, "task": "t", "adapter": "lora", "seed": seed, "epoch": 1, "primary": "acc",
             "metrics": ["acc", "acc_norm"], "calib": means["calib"], "test": means["test"], "per_question": per_q,
             "test_per_question": per_q["test"]["acc"], "mu": {"a": {"a": -1.0, "b": -2.0}},
-            "split": {"train": [seed], "calib": [10 + seed, 20 + seed], "test": [30 + seed, 40 + seed]}}
+            "split": {"train": [seed], "calib": [10 + seed, 20 + seed], "test": [30 + seed, 40 + seed]},
+            "split_files": {"train": "t.json", "calib": "t.json", "test": "t.json"}}
 
 
 def test_report_rows_show_both_metrics_per_seed_and_the_loso_row(tmp_path, monkeypatch):
@@ -253,6 +254,49 @@ def test_the_readme_quotes_round_2s_table_from_the_committed_summary():
     table = budget.brief(json.loads((BENCH / "results" / "budget_summary.json").read_text()))
     assert table in (BENCH.parent / "README.md").read_text(encoding="utf-8"), (
         "README.md's round-2 table differs from benchmarks/results/budget_summary.json: paste `budget.brief`'s table")
+
+
+# A row label's settings, as the pages print them: "(<prompt>, LR <x>, <precision> warm start, <n> train q.)".
+SETTINGS_IN_LABEL = re.compile(r"([^|(;\n]+?) \((?:[^();]*; )?([^()]+?), LR ([0-9.e-]+), (fp32|bf16-mixed) warm start, (\d+) train q\.\)")
+
+
+def _recorded_settings() -> dict[str, set[tuple]]:
+    """(task, adapter) -> the (prompt, learning rate, precision, train questions) its committed cells record,
+    read straight from the cell files."""
+    out: dict[str, set[tuple]] = {}
+    for path in (BENCH / "results").glob("grid*/*-epoch*.json"):
+        d = json.loads(path.read_text())
+        key = d["task"] if d["adapter"] == "lora" else f"{d['task']}-{d['adapter']}"
+        out.setdefault(key, set()).add((d["prompt"], d["learning_rate"], d["precision"], d["sizes"]["train"]))
+    return out
+
+
+def test_every_reported_row_label_states_the_settings_its_cells_recorded():
+    """Each label on the results pages and the README that names a prompt, learning rate, precision and
+    training size names those its cells recorded (issue 41: a column said LR 5e-5 for cells run at 5e-4)."""
+    budget, page = _load("budget"), _load("results_page")
+    names = {**{v: k for k, v in budget.REGIMES.items()}, **{v: k for k, v in budget.BRIEF_REGIMES.items()},
+             **{v: k for (k, _, _), v in page.REGIMES.items()},
+             "round 1's demo seeds, own splits": "truthfulqa_demo", "fresh seeds, re-run": budget.CLOSED,
+             "fresh seeds": budget.CURVE}
+    names = {name: (task,) for name, task in names.items()}
+    # the demo's regime, matched: round 1's demo seeds and the fresh seeds' re-run
+    names["At the same settings"] = names["The comparison at the same settings"] = ("truthfulqa_demo", budget.CLOSED)
+    assert not [n for n in names if "LR " in n], "a regime name carries a typed learning rate: it must come from the cells"
+    recorded = _recorded_settings()
+    precision = {"fp32": "32-true", "bf16-mixed": "bf16-mixed"}
+    seen = 0
+    for doc in (BENCH / "results" / "budget_summary.md", BENCH.parent / "docs" / "results.md", BENCH.parent / "README.md"):
+        for match in SETTINGS_IN_LABEL.finditer(doc.read_text(encoding="utf-8")):
+            name, prompt, lr, prec, train = match.groups()
+            name = name.strip(" *-").removeprefix("On SmolLM2-135M, ").removeprefix("On ").strip()
+            tasks = names.get(name)
+            assert tasks is not None, f"{doc.name}: a label names settings for {name!r}, which no regime is"
+            for task in tasks:
+                assert recorded[task] == {(prompt, float(lr), precision[prec], int(train))}, (
+                    f"{doc.name}: {match.group(0)!r} but the cells of {task} record {sorted(recorded[task])}")
+            seen += 1
+    assert seen >= 20  # the round-2 tables, the brief table's heads, the gap table, the round-1 headline
 
 
 def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
@@ -481,7 +525,7 @@ def test_fresh_cell_scores_the_budget_curve_and_the_calibration_cost_baseline(tm
     md = budget.markdown(summary)
     assert "| 0.25 | train to the next budget |" in md and f"trained [{extra}] more questions" in md
     brief = budget.brief(summary)
-    assert brief in md and f"| {budget.PLUS_ONE} | " in brief and "(1 × 8, MC2)" in brief
+    assert brief in md and f"| {budget.PLUS_ONE} | " in brief and "(1 × 8, MC2; " in brief
     assert budget.worth(loaded["truthfulqa_fresh"], list(rows.values()), budget.OLD_DEFAULT) is None  # one seed
     vs = {e["method"]: e for e in budget.against_baselines(loaded["truthfulqa_fresh"], list(rows.values()))}
     own = cells["1"]["per_question"]["test"][metric]
@@ -560,14 +604,17 @@ def test_the_rerun_of_round_1_is_compared_seed_by_seed(tmp_path):
 
     def cell(seed, plain, default, cpu):
         return {"format": 2, "task": "truthfulqa", "adapter": "lora", "epoch": 1, "seed": seed, "primary": "mc2",
-                "cpu": cpu, "precision": "32-true", "per_question": {"test": {"mc2": {"plain": plain, budget.DEFAULT: default}}}}
+                "name": f"truthfulqa-lora-seed{seed}", "cpu": cpu, "precision": "32-true", "learning_rate": 5e-4,
+                "prompt": "zero-shot", "sizes": {"train": 200},
+                "per_question": {"test": {"mc2": {"plain": plain, budget.DEFAULT: default}}}}
 
     (tmp_path / "r1").mkdir()
     for seed, plain in ((0, [0.5, 0.7]), (1, [0.4, 0.4])):
         (tmp_path / "r1" / f"c{seed}.json").write_text(json.dumps(cell(seed, plain, [0.6, 0.8], "old")))
     rerun = {"1": {0: cell(0, [0.5, 0.5], [0.5, 0.7], "new"), 3: cell(3, [0.0, 0.0], [0.0, 0.0], "new")}}
     out = budget.reproduction(tmp_path / "r1", rerun)
-    assert out["seeds"] == [0] and out["round1_cpu"] == "old, 32-true" and out["rerun_cpu"] == "new, 32-true"
+    settings = "zero-shot, LR 5e-4, fp32 warm start, 200 train q."
+    assert out["seeds"] == [0] and out["round1_cpu"] == f"old; {settings}" and out["rerun_cpu"] == f"new; {settings}"
     ia3 = {"1": {0: {**rerun["1"][0], "adapter": "ia3"}}}  # round 1 has no IA3 cell of seed 0 here
     assert out["adapter"] == "lora" and budget.reproduction(tmp_path / "r1", ia3) is None
     assert out["warm"] == {"round1": [pytest.approx(0.6)], "rerun": [pytest.approx(0.5)]}
@@ -602,7 +649,9 @@ def _closed_cell(seed: int, calib: dict[str, float], test: dict[str, float], cpu
     """A hand-built TruthfulQA cell: every calib / test question of a variant scores its given value."""
     per_q = lambda values, n: {m: {v: [x] * n for v, x in values.items()} for m in ("mc2", "mc1")}  # noqa: E731
     return {"seed": seed, "adapter": "lora", "primary": "mc2", "metrics": ["mc2", "mc1"], "cpu": cpu, "precision": "32-true",
-            "split": {"train": [0], "calib": [1, 2, 3], "test": [4, 5]},
+            "name": f"truthfulqa_fresh_closed-lora-seed{seed}", "learning_rate": 5e-5, "prompt": "instruction + six-shot",
+            "sizes": {"train": 490}, "split": {"train": [0], "calib": [1, 2, 3], "test": [4, 5]},
+            "split_files": {"train": "mc_task.json", "calib": "mc_task.json", "test": "mc_task.json"},
             "calib": {v: {"mc2": x, "mc1": x} for v, x in calib.items()}, "test": {v: {} for v in test},
             "per_question": {"calib": per_q(calib, 3), "test": per_q(test, 2)}}
 
@@ -630,6 +679,35 @@ def test_the_closed_gamma_grid_counts_picks_at_its_largest_finite_gamma_and_at_i
     assert budget.limit_plateau(plateau, ["contrastive_g+1000"]) == 1 and budget.limit_plateau(plateau, ["contrastive_g+10"]) == 0
     assert wide["by_metric"]["mc2"]["gain"] == pytest.approx(np.mean([0.7 - 0.5, 0.6 - 0.4]))
     assert closed["by_metric"]["mc2"]["gain"] == pytest.approx(np.mean([0.9 - 0.5, 0.6 - 0.4]))
-    assert entry["warm"] == {10: pytest.approx((0.45, 0.5))} and entry["committed_cpu"] == "another CPU, 32-true"
+    assert entry["warm"] == {10: pytest.approx((0.45, 0.5))}
+    assert entry["committed_cpu"] == "another CPU; instruction + six-shot, LR 5e-5, fp32 warm start, 490 train q."
     lines = "\n".join(budget.closed_grid_lines([entry], "###"))
     assert "| 1 | contrastive γ (selected on calib, closed grid) | +∞ / +1 | 0 of 2 (\\|γ\\| = 10000) | 1 of 2 (calib rise" in lines
+
+
+def test_the_gap_experiment_cross_scores_unseen_questions_without_moving_training(tmp_path, monkeypatch):
+    """A demo-group cell of the gap experiment on the tiny model: fp32 whatever the CPU, LR 5e-5, both
+    baselines, and at each evaluated epoch a cross file scoring the fresh group's test questions the model
+    neither trained nor calibrated on. Cross-scoring leaves training as it was (the same epoch-2 scores
+    as a run without it)."""
+    grid = _load("grid")
+    args = ["--model", "tiny-random", "--limit", "2", "--only", "truthfulqa_gap_demo-lora", "--seeds", "0"]
+    grid.main([*args, "--out", str(tmp_path / "with")])
+    cells = {p.stem.split("-epoch")[1]: json.loads(p.read_text()) for p in (tmp_path / "with").glob("*.json")}
+    assert set(cells) == {"1", "1+cal", "2"}
+    one = cells["1"]
+    assert (one["precision"], one["learning_rate"], one["prompt"]) == ("32-true", 5e-5, "instruction + six-shot")
+    fresh_test = set(grid.group_test_rows("truthfulqa_gap_fresh"))
+    for label in ("1", "2"):
+        cross = json.loads((tmp_path / "with" / "cross" / f"truthfulqa_gap_demo-lora-seed0-epoch{label}-cross.json").read_text())
+        seen = set(cells[label]["split"]["train"]) | set(cells[label]["split"]["calib"])
+        assert cross["rows"] and set(cross["rows"]) <= fresh_test and not set(cross["rows"]) & seen
+        assert cross["cross_task"] == "truthfulqa_gap_fresh" and cross["smoke_limit"] == 2
+        assert set(cross["test"]) == set(cells[label]["test"])  # every variant, μ and γ from the model's own calib
+        assert len(cross["per_question"]["mc2"]["plain"]) == len(cross["rows"])
+    assert not (tmp_path / "with" / "cross" / "truthfulqa_gap_demo-lora-seed0-epoch1+cal-cross.json").exists()
+    monkeypatch.setitem(grid.TASKS, "truthfulqa_gap_demo", dataclasses.replace(grid.TASKS["truthfulqa_gap_demo"], cross=None))
+    grid.main([*args, "--out", str(tmp_path / "without")])
+    without = json.loads((tmp_path / "without" / "truthfulqa_gap_demo-lora-seed0-epoch2.json").read_text())
+    assert without["per_question"] == cells["2"]["per_question"]
+    assert not (tmp_path / "without" / "cross").exists()

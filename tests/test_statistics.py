@@ -64,3 +64,46 @@ def test_seed_t_interval_on_a_hand_built_table():
     assert lo < lo90 < hi90 < hi
     with pytest.raises(ValueError, match="at least 2 seeds"):
         seed_t_interval([1.0])
+
+
+def test_crossed_bootstrap_shares_questions_between_seeds():
+    """Seeds that share their test questions are not independent in them: given the ids, the bootstrap
+    draws the questions once per replicate for every seed (crossed), where nesting redraws them per seed
+    and so shrinks the question level by about √(seeds)."""
+    rng = np.random.default_rng(1)
+    question_effect = rng.normal(0.0, 1.0, 100)
+    diffs = [question_effect + rng.normal(0.0, 0.05, 100) for _ in range(4)]  # 4 seeds, the same 100 questions
+    ids = [list(range(100))] * 4
+    mean, lo, hi = statistics.hierarchical_ci(diffs, np.random.default_rng(0), 4000, questions=ids)
+    _, nlo, nhi = statistics.hierarchical_ci(diffs, np.random.default_rng(0), 4000)
+    alone = statistics.hierarchical_ci([np.mean(diffs, axis=0)], np.random.default_rng(0), 4000)  # one seed, the mean
+    assert mean == pytest.approx(np.mean(diffs))
+    assert hi - lo == pytest.approx(alone[2] - alone[1], rel=0.1)  # the question level of one seed, not of four
+    assert hi - lo > 1.6 * (nhi - nlo)  # nesting: about half as wide
+    # disjoint questions: crossed and nested agree (to Monte-Carlo error)
+    disjoint = [list(range(100 * k, 100 * k + 100)) for k in range(4)]
+    fresh = [rng.normal(0.1 * k, 1.0, 100) for k in range(4)]
+    c = statistics.hierarchical_ci(fresh, np.random.default_rng(0), 4000, questions=disjoint)
+    n = statistics.hierarchical_ci(fresh, np.random.default_rng(0), 4000)
+    assert c[2] - c[1] == pytest.approx(n[2] - n[1], rel=0.15)
+    # one seed: the question bootstrap
+    x = np.r_[np.zeros(50), np.ones(50)]
+    _, lo1, hi1 = statistics.hierarchical_ci([x], np.random.default_rng(0), questions=[[("f", i) for i in range(100)]])
+    assert 0.38 < lo1 < 0.42 and 0.58 < hi1 < 0.62
+    with pytest.raises(ValueError, match="seed 1 has 100 values but 99 question ids"):
+        statistics.hierarchical_ci(diffs[:2], np.random.default_rng(0), questions=[ids[0], ids[0][:99]])
+
+
+def test_crossed_selection_ci_redoes_the_pick_on_shared_draws():
+    calib, test, warm = selection_table()
+    n_calib, n_test = len(calib["a"][0]), len(warm[0])
+    calib_ids = [[("calib", i) for i in range(n_calib)]] * 3  # every seed: the same questions
+    test_ids = [[("test", i) for i in range(n_test)]] * 3
+    for loso in (False, True):
+        nested = statistics.selection_ci(calib, test, warm, np.random.default_rng(0), loso=loso)
+        crossed = statistics.selection_ci(calib, test, warm, np.random.default_rng(0), loso=loso,
+                                          questions=test_ids, calib_questions=calib_ids)
+        assert crossed[0] == nested[0]  # the point estimate is the picks' mean gain either way
+        assert crossed[1] <= crossed[0] <= crossed[2]
+    with pytest.raises(ValueError, match="or neither"):
+        statistics.selection_ci(calib, test, warm, np.random.default_rng(0), loso=False, questions=test_ids)
