@@ -144,7 +144,7 @@ def paired_logits(model, input_ids: torch.Tensor, forward_mode: ForwardMode = "a
     n, T = input_ids.shape
 
     def forward(role: Role, ids: torch.Tensor, extra: dict) -> torch.Tensor:
-        prefix = split_prefix(model, _common_prefix(input_ids, torch.ones_like(input_ids), skip), role)
+        prefix = split_prefix(model, _common_prefix(input_ids, torch.ones_like(input_ids), skip), role, T)
         if prefix is None:
             return _real_logits(model(input_ids=ids, **extra).logits, T)
         L = len(prefix)
@@ -257,14 +257,51 @@ _PREFIXES: "weakref.WeakKeyDictionary[torch.nn.Module, _PrefixStore]" = weakref.
 _announced_prefix: set[int] = set()
 
 
-def split_prefix(model, tokens: torch.Tensor, role: Role) -> SplitPrefix | None:
-    """The cached prefix that ``tokens`` (a batch's common leading tokens) start with, if any.
+def attention_window(model) -> int | None:
+    """The shortest sliding attention window a layer of ``model`` applies (Mistral, Gemma 2/3, Qwen2 with
+    ``use_sliding_window``, Phi-3); None when every layer attends to the whole sequence."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and not any("sliding" in t for t in types):
+        return None
+    return int(window)
+
+
+_announced_window: set[int] = set()
+
+
+def shares_exactly(model, length: int) -> bool:
+    """Whether the shared-work layouts (a cached prefix, shared prompts, trees) are exact for rows of
+    ``length`` tokens. They hand transformers a KV cache or a custom 4D mask, and a custom mask is used as
+    given: no sliding window is applied to it, and a sliding layer's cache keeps only its last window. So
+    a model whose window is shorter than the rows is scored as full rows (exact), said once."""
+    window = attention_window(model)
+    if window is None or length < window:
+        return True
+    if id(model) not in _announced_window:
+        _announced_window.add(id(model))
+        say(f"{type(getattr(model, 'base_model', model)).__name__}: a sliding attention window of {window} tokens, "
+            f"shorter than these rows ({length} tokens): they are scored as full rows, one forward each (exact; "
+            "the shared-prefix and shared-prompt layouts would not apply the window)")
+    return False
+
+
+def split_prefix(model, tokens: torch.Tensor, role: Role, length: int) -> SplitPrefix | None:
+    """The cached prefix that ``tokens`` (a batch's common leading tokens, of rows ``length`` tokens
+    long) start with, if any.
 
     The split's prefix is learnt from the batches: the common part of two consecutive batches'
     leading tokens (≥ :data:`MIN_PREFIX`) is encoded once and kept until the weights change, so a
     split of one primer pays for it once. Training mode and prompt-learning adapters never cache.
     """
-    if model.training or _uses_virtual_tokens(model) or len(tokens) < MIN_PREFIX:
+    if model.training or _uses_virtual_tokens(model) or len(tokens) < MIN_PREFIX or not shares_exactly(model, length):
         return None
     store = _PREFIXES.get(model)
     if store is None:
@@ -355,7 +392,8 @@ class SharedPrompts:
         a custom mask (sdpa, eager), the batch is one tree per prompt, a row each (:meth:`_forest_label_logits`).
         """
         paired = role == "paired"
-        prefix = split_prefix(model, _common_prefix(self.ids, self.mask, int(self.p_len.min()) - 1), role)
+        prefix = split_prefix(model, _common_prefix(self.ids, self.mask, int(self.p_len.min()) - 1), role,
+                              self.ids.shape[1])
         if _custom_masks(model):
             return self._forest_label_logits(model, prefix, role)
         if prefix is None:
@@ -503,7 +541,7 @@ class CommonPrefix:
         expand = torch.zeros(n, dtype=torch.long, device=self.ids.device)
         if paired:
             expand = torch.cat([expand, expand + 1])
-        shared = split_prefix(model, self.ids[0, : self.length], role)
+        shared = split_prefix(model, self.ids[0, : self.length], role, self.ids.shape[1])
         L = len(shared) if shared is not None else self.length
         rest_extra = {}
         rest_ids, rest_mask, labels = self.ids[:, L:], self.mask[:, L:], self.labels[:, L:]
@@ -580,7 +618,8 @@ def paired_label_logits(
     target = labels[:, 1:]
     sel = target != IGNORE_INDEX
     row = sel.nonzero(as_tuple=True)[0]
-    shared = _sharing(ids, mask, labels) if share_prompts and not _uses_virtual_tokens(model) else None
+    shared = (_sharing(ids, mask, labels) if share_prompts and not _uses_virtual_tokens(model)
+              and shares_exactly(model, ids.shape[1]) else None)
     label_logits = shared.label_logits if shared is not None else \
         lambda m, role="warm": _full_label_logits(m, ids, mask, labels, role == "paired")
     if with_base and resolve_forward_mode(model, forward_mode) == "one_forward":

@@ -230,23 +230,14 @@ def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32
 
 ADAPTER_METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 
-_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-_FEEDFORWARD = ["down_proj", "up_proj"]
-
-
 def _default_configs():
-    """method -> (peft config class, the paper's defaults). Plain data; applied by :func:`apply_adapter`."""
+    """method -> (peft config class, the paper's defaults). Plain data; applied by :func:`apply_adapter`.
+    LoRA's and IA3's target modules depend on the model (:mod:`svd_lightning.targets`)."""
     import peft
 
     return {
-        "lora": (
-            peft.LoraConfig,
-            dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(_ATTENTION)),
-        ),
-        "ia3": (
-            peft.IA3Config,
-            dict(target_modules=_ATTENTION + _FEEDFORWARD, feedforward_modules=list(_FEEDFORWARD)),
-        ),
+        "lora": (peft.LoraConfig, dict(r=8, lora_alpha=16, lora_dropout=0.1)),
+        "ia3": (peft.IA3Config, dict()),
         "prompt_tuning": (
             peft.PromptTuningConfig,
             dict(num_virtual_tokens=20, prompt_tuning_init=peft.PromptTuningInit.RANDOM),
@@ -264,8 +255,21 @@ def _default_configs():
     }
 
 
-def adapter_config(method: str, **overrides):
-    """The peft config for ``method`` with the paper's defaults; ``overrides`` replace single fields."""
+_LLAMA_FEED_FORWARD = ("down_proj", "up_proj")  # IA3's feed-forward names when no model says otherwise
+
+
+def _matches(name: str, targets) -> bool:
+    """peft's rule for a list entry: the module name itself, or the end of its dotted name."""
+    return any(name == t or name.endswith("." + t) or t.endswith("." + name) for t in targets)
+
+
+def adapter_config(method: str, model: torch.nn.Module | None = None, **overrides):
+    """The peft config for ``method`` with the paper's defaults; ``overrides`` replace single fields.
+
+    LoRA's and IA3's default targets are the paper's -- the attention projections, and for IA3 also the
+    feed-forward up/down projections -- found in ``model`` by type (:mod:`svd_lightning.targets`), so they
+    hold for any family. Without a model they are left to peft's per-architecture mapping.
+    """
     defaults = _default_configs()
     if method not in defaults:
         raise ValueError(f"Unknown adapter method {method!r}; choose one of {', '.join(ADAPTER_METHODS)}")
@@ -274,25 +278,36 @@ def adapter_config(method: str, **overrides):
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"{config_cls.__name__} has no field(s) {unknown}; valid fields: {sorted(known)}")
+    if method in ("lora", "ia3") and model is not None and "target_modules" not in overrides:
+        from svd_lightning.targets import attention_targets, feed_forward_targets
+
+        kwargs["target_modules"] = attention_targets(model)
+        if method == "ia3":
+            kwargs["feedforward_modules"] = feed_forward_targets(model)
+            kwargs["target_modules"] = kwargs["target_modules"] + kwargs["feedforward_modules"]
     if method == "ia3" and "target_modules" in overrides and "feedforward_modules" not in overrides:
         # peft requires feedforward_modules to be a subset of target_modules: keep only the ones still targeted.
         targets = overrides["target_modules"]
-        kwargs["feedforward_modules"] = [m for m in _FEEDFORWARD if isinstance(targets, str) or m in targets]
+        if model is not None:
+            from svd_lightning.targets import feed_forward_targets
+
+            feed_forward = feed_forward_targets(model)
+        else:
+            feed_forward = list(_LLAMA_FEED_FORWARD)
+        kwargs["feedforward_modules"] = [m for m in feed_forward if isinstance(targets, str) or _matches(m, targets)]
     kwargs.update(overrides)
     kwargs["task_type"] = "CAUSAL_LM"
     return config_cls(**kwargs)
 
 
-def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
-
-
 def _check_target_modules(model: torch.nn.Module, config) -> None:
-    """Raise a ValueError naming the model's Linear layers if a target module is absent.
+    """Raise a ValueError naming the model's candidate modules by type if a target module is absent.
 
     Matching follows peft: a string is a regex over full module names, a list entry matches a
     module name exactly or as its last dotted components.
     """
+    from svd_lightning.targets import candidates
+
     targets = getattr(config, "target_modules", None)
     if targets is None:
         return
@@ -302,9 +317,9 @@ def _check_target_modules(model: torch.nn.Module, config) -> None:
     else:
         missing = [t for t in sorted(targets) if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
+        listed = "; ".join(f"{kind}: {', '.join(found)}" for kind, found in candidates(model).items())
         raise ValueError(
-            f"Target module(s) {missing} not found in {type(model).__name__}. "
-            f"Its Linear layers are named: {', '.join(_linear_leaf_names(model))}. "
+            f"Target module(s) {missing} not found in {type(model).__name__}. Its candidate modules are {listed}. "
             "Pass target_modules=[...] to choose others."
         )
 
@@ -316,7 +331,7 @@ def apply_adapter(model: torch.nn.Module, method: str, **overrides):
     """
     from peft import get_peft_model
 
-    config = adapter_config(method, **overrides)
+    config = adapter_config(method, model, **overrides)
     _check_target_modules(model, config)
     return get_peft_model(model, config)
 

@@ -1,0 +1,208 @@
+"""Any Hugging Face causal LM, exactly: the architecture matrix.
+
+Tiny random models of eleven families (tests/families.py; sliding windows shorter than the prompts, and
+the same families with windows wider than them, so the shared-work layouts run too) × LoRA, IA3, prompt
+tuning and prefix tuning with our default targets × both forward modes × every scoring layout we ship
+(full rows, the tree layout of sdpa/eager, the KV-shared layout that flash-attention users get, the split
+prefix cache) × sdpa and eager where the family has both. Each is held against a slow fp64 reference
+written from the formulas alone (svdecode.md §2): one full forward per row with the adapter on and one
+with it off (peft's ``disable_adapter``), nothing from the package.
+
+Tolerance: the package computes in fp32; a summed log-prob of ≤ 12 tokens then carries ≤ 12 × ~1e-6 of
+rounding per log-softmax, amplified by |μ| ≤ 2 through δz: 1e-4 nats is ~10× that. A layout that drops a
+sliding window is off by whole nats here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from svd_lightning import decoding, models
+from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
+from svd_lightning.calibration import calibrate
+from svd_lightning.config import SteeringConfig
+from svd_lightning.decoding import one_forward_unsupported, score_choices, steered_generate
+
+from families import ATTENTION, FAMILIES, family_model
+
+PRIMER = "Interpret each question literally, and as a question about the real world. "
+QUESTIONS = [
+    ChoiceExample(PRIMER + "Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"],
+                  [True, False, False], 0, answer=" Paris"),
+    ChoiceExample(PRIMER + "Q: Is the sky blue?\nA:", [" Yes", " No, it is green on most days"], [True, False], 1,
+                  answer=" Yes"),
+    ChoiceExample(PRIMER + "Q: What happens if you eat a pomegranate?\nA:", [" Nothing in particular happens.",
+                  " You will die."], [True, False], 2, answer=" Nothing in particular happens."),
+    ChoiceExample(PRIMER + "Q: Is the sky blue?\nA:", [" Yes it is"], [True], 3, answer=" Yes it is"),
+]
+MU, ALPHA = -1.5, 0.1
+TOL, RTOL = 1e-4, 1e-5  # nats, and relative to the score (module doc)
+ADAPTERS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
+WIDE = {f"{family}-wide": family for family in ("mistral", "gemma3")}  # windows wider than every row
+
+
+def adapted(family: str, method: str, tokenizer, attn: str | None = None):
+    """A tiny model of ``family`` with a ``method`` adapter at our defaults, perturbed away from identity."""
+    base = family_model(WIDE.get(family, family), len(tokenizer), attn=attn)
+    if family in WIDE:
+        base.config.sliding_window = 512
+    options = {"num_virtual_tokens": 4} if method in ("prompt_tuning", "prefix_tuning") else {}
+    torch.manual_seed(1)
+    model = models.apply_adapter(base, method, **options)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            elif p.requires_grad:  # prompt / prefix embeddings and their encoders
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _full_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    T = ids.shape[-1]
+    return model(input_ids=ids.unsqueeze(0)).logits[0, -T:]  # prompt tuning prepends its virtual positions
+
+
+def reference_scores(model, batch: dict, mu: float = MU, alpha: float = ALPHA) -> dict[str, torch.Tensor]:
+    """plain / base / steered summed log-probs per row, fp64, one full forward per row and role."""
+    ref = copy.deepcopy(model).double()
+    out = {"plain": [], "base": [], "steered": []}
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = int(mask.sum())
+        ids, labels = ids[:n], labels[:n]
+        warm = torch.log_softmax(_full_logits(ref, ids).double(), -1)
+        with ref.disable_adapter():
+            base = torch.log_softmax(_full_logits(ref, ids).double(), -1)
+        t = (labels[1:] != -100).nonzero().squeeze(1)
+        y = labels[1:][t]
+        w, b = warm[t], base[t]
+        p = w.exp()
+        r = w - b
+        kl = (p * r).sum(-1, keepdim=True)
+        delta = p * (kl - r)
+        keep = p >= alpha * p.max(-1, keepdim=True).values
+        steered = torch.log_softmax(w + mu * torch.where(keep, delta, 0.0), -1)  # masked: δ̂ = 0, warm logits kept
+        for name, lp in (("plain", w), ("base", b), ("steered", steered)):
+            out[name].append(lp.gather(1, y[:, None]).sum())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _modes(model) -> list[str]:
+    return ["two_pass"] if one_forward_unsupported(model) else ["one_forward", "two_pass"]
+
+
+def _batches(tokenizer):
+    tok = Tokenized(tokenizer, 128)
+    return [collate_choices(QUESTIONS[:2], tok), collate_choices(QUESTIONS[2:], tok)]
+
+
+CASES = [(family, method, attn) for family in [*FAMILIES, *WIDE] for method in ADAPTERS
+         for attn in ATTENTION[WIDE.get(family, family)]]
+
+
+@pytest.mark.parametrize("family,method,attn", CASES)
+def test_steered_scores_match_the_fp64_reference_on_every_layout(tokenizer, family, method, attn, monkeypatch):
+    model = adapted(family, method, tokenizer, attn)
+    batches = _batches(tokenizer)
+    expected = [reference_scores(model, b) for b in batches]
+    layouts = {"rows": False, "shared": True}
+    for mode in _modes(model):
+        config = SteeringConfig(mu=MU, alpha=ALPHA, forward_mode=mode)
+        for layout, share in layouts.items():
+            for _ in range(2):  # the second round finds the split prefix cached
+                for batch, ref in zip(batches, expected):
+                    got = score_choices(model, batch, config, share_prompts=share)
+                    for name in ("plain", "base", "steered"):
+                        torch.testing.assert_close(got[name].double(), ref[name], rtol=RTOL, atol=TOL,
+                                                   msg=lambda m: f"{family}/{method}/{attn}/{mode}/{layout} {name}: {m}")
+        # the KV-shared layout (what flash attention gets): no custom mask, the prompt's cache expanded per row
+        with monkeypatch.context() as patch:
+            patch.setattr(decoding, "_custom_masks", lambda m: None)
+            for batch, ref in zip(batches, expected):
+                got = score_choices(model, batch, config, share_prompts=True)
+                torch.testing.assert_close(got["steered"].double(), ref["steered"], rtol=RTOL, atol=TOL,
+                                           msg=lambda m: f"{family}/{method}/{attn}/{mode}/kv-shared: {m}")
+
+
+def reference_strengths(model, batch: dict, alpha: float = ALPHA) -> dict[str, float]:
+    """The per-token strengths μ* of the calib reference answers (fp64) and their mean, median and pooled
+    ratio, identity and Fisher curvature (svdecode.md §2)."""
+    ref = copy.deepcopy(model).double()
+    num, den_i, den_f = [], [], []
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = int(mask.sum())
+        ids, labels = ids[:n], labels[:n]
+        w = torch.log_softmax(_full_logits(ref, ids).double(), -1)
+        with ref.disable_adapter():
+            b = torch.log_softmax(_full_logits(ref, ids).double(), -1)
+        t = (labels[1:] != -100).nonzero().squeeze(1)
+        y = labels[1:][t]
+        w, b = w[t], b[t]
+        p = w.exp()
+        r = w - b
+        delta = p * ((p * r).sum(-1, keepdim=True) - r)
+        keep = p >= alpha * p.max(-1, keepdim=True).values
+        d = torch.where(keep, delta, 0.0)
+        e = torch.nn.functional.one_hot(y, p.shape[-1]).double()
+        num.append(((e - p) * d).sum(-1))
+        den_i.append((d * d).sum(-1))
+        jd = p * d - p * (p * d).sum(-1, keepdim=True)  # J δ̂, J = diag(p) − p pᵀ
+        den_f.append((d * jd).sum(-1))
+    num, den_i, den_f = torch.cat(num), torch.cat(den_i), torch.cat(den_f)
+    ok = den_i.sqrt() >= 1e-12
+    num, den_i, den_f = num[ok], den_i[ok], den_f[ok]
+    mu_i, mu_f = num / (den_i + 1e-12), num / (den_f + 1e-12)
+    return {"mean_identity": mu_i.mean().item(), "median_identity": mu_i.quantile(0.5).item(),
+            "pooled_identity": (num.sum() / (den_i + 1e-12).sum()).item(), "mean_fisher": mu_f.mean().item(),
+            "pooled_fisher": (num.sum() / (den_f + 1e-12).sum()).item()}
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *WIDE])
+def test_calibration_statistics_match_the_fp64_reference(tokenizer, family):
+    from svd_lightning.batch import collate_lm
+
+    model = adapted(family, "lora", tokenizer)
+    batch = collate_lm(QUESTIONS, Tokenized(tokenizer, 128))
+    expected = reference_strengths(model, batch)
+    for mode in _modes(model):
+        summary = calibrate(model, [batch], SteeringConfig(alpha=ALPHA, forward_mode=mode), progress=False).stats.summary()
+        for key, value in expected.items():
+            # fp32 numerators and denominators: relative 1e-4, and absolute for strengths near 0
+            assert summary[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{family}/{mode} {key}"
+
+
+def reference_greedy(model, ids: torch.Tensor, steps: int, mu: float = MU, alpha: float = ALPHA) -> list[int]:
+    """Greedy steered decoding from the formulas: full forwards, masked tokens −∞ after scaling."""
+    ref = copy.deepcopy(model).double()
+    ids = ids.clone()
+    for _ in range(steps):
+        w = _full_logits(ref, ids)[-1].double()
+        with ref.disable_adapter():
+            b = _full_logits(ref, ids)[-1].double()
+        lw, lb = torch.log_softmax(w, -1), torch.log_softmax(b, -1)
+        p = lw.exp()
+        r = lw - lb
+        delta = p * ((p * r).sum() - r)
+        keep = p >= alpha * p.max()
+        steered = torch.where(keep, w + mu * delta, float("-inf"))
+        ids = torch.cat([ids, steered.argmax().view(1)])
+    return ids.tolist()
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *WIDE])
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+def test_greedy_generation_matches_the_fp64_reference(tokenizer, family, method):
+    model = adapted(family, method, tokenizer)
+    prompt = torch.tensor(tokenizer(PRIMER + "Q: Is the sky blue?\nA:")["input_ids"])
+    expected = reference_greedy(model, prompt, steps=6)
+    for mode in _modes(model):
+        out = steered_generate(model, prompt[None], torch.ones_like(prompt)[None],
+                               SteeringConfig(mu=MU, alpha=ALPHA, forward_mode=mode), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+        assert out[0].tolist() == expected, f"{family}/{method}/{mode}"
