@@ -148,7 +148,7 @@ class Tokenized:
 
 def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long, device="cpu")
 
 
 def _rows_to_batch(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> LMBatch:
@@ -183,12 +183,12 @@ def collate_choices(examples: Sequence[ChoiceExample], tok: Tokenized) -> Choice
     batch = _rows_to_batch(pairs, tok.pad_id)
     q, j, s, t, n, r = zip(*meta)
     batch.update(
-        question_index=torch.tensor(q, dtype=torch.long),
-        choice_index=torch.tensor(j, dtype=torch.long),
-        choice_set=torch.tensor(s, dtype=torch.long),
-        is_true=torch.tensor(t, dtype=torch.bool),
-        num_chars=torch.tensor(n, dtype=torch.long),
-        is_reference=torch.tensor(r, dtype=torch.bool),
+        question_index=torch.tensor(q, dtype=torch.long, device="cpu"),
+        choice_index=torch.tensor(j, dtype=torch.long, device="cpu"),
+        choice_set=torch.tensor(s, dtype=torch.long, device="cpu"),
+        is_true=torch.tensor(t, dtype=torch.bool, device="cpu"),
+        num_chars=torch.tensor(n, dtype=torch.long, device="cpu"),
+        is_reference=torch.tensor(r, dtype=torch.bool, device="cpu"),
     )
     return batch  # type: ignore[return-value]
 

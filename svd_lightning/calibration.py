@@ -250,7 +250,7 @@ class _TokenStatistics:
         self.configs = configs
         self.stats = {name: StrengthStats() for name in configs}
         self.caches = {name: ExactStrengthCache() for name in configs}
-        self.sums = {name: torch.zeros(4, dtype=torch.float64) for name in configs}  # KL, kept, ‖δz‖, positions
+        self.sums = {name: torch.zeros(4, dtype=torch.float64, device="cpu") for name in configs}  # KL, kept, ‖δz‖, positions
 
     def update(self, paired: PairedLabels, ref: torch.Tensor) -> None:
         """One batch's reference positions ``ref`` (per label position) of its ``paired`` logits."""
@@ -264,7 +264,7 @@ class _TokenStatistics:
             self.caches[name].update(warm, delta, keep, labels)
             self.sums[name] += torch.stack([kl, keep.sum(-1).double().sum().cpu() / keep.shape[-1],
                                             delta.norm(dim=-1).sum().double().cpu(),
-                                            torch.tensor(float(labels.numel()), dtype=torch.float64)])
+                                            torch.tensor(float(labels.numel()), dtype=torch.float64, device="cpu")])
 
     def finish(self, reduce: Reduce, gather: Gather, device, step: int, seconds: float) -> dict[str, CalibrationResult]:
         results = {}
@@ -292,7 +292,7 @@ class _GridLosses:
             raise ValueError(f"the strength grid needs at least 2 finite points, got {self.mus}")
         self.config = config
         self.configs = [config.replace(mu=mu) for mu in self.mus]
-        self.losses = torch.zeros(len(self.mus), dtype=torch.float64)
+        self.losses = torch.zeros(len(self.mus), dtype=torch.float64, device="cpu")
 
     def row_scores(self, scores: torch.Tensor, paired: PairedLabels, row: torch.Tensor) -> None:
         """Add some label positions' steered log-probs to the batch's per-row sums ``scores [K, N]``."""
@@ -346,7 +346,7 @@ def calibrate_pass(
     cache_configs = {**({CHOICE_NLL: config} if needs.choice_cache else {}), **needs.choice_caches}
     caches = {name: ChoiceStrengthCache(c.scoring_policy, c.floor) for name, c in cache_configs.items()}
     grids = {name: _GridLosses(mus, _grid_config(config, name)) for name, mus in needs.grids.items()}
-    counts = torch.zeros(4, dtype=torch.float64)  # batches, questions without a reference row, choice sets, rows
+    counts = torch.zeros(4, dtype=torch.float64, device="cpu")  # batches, questions without a reference row, choice sets, rows
     began = time.perf_counter()
     with lockstep(model):  # sharded: a rank with fewer batches keeps the others' forwards company
         for batch, same_as, parts in _label_logits(model, batches, forward_mode=config.forward_mode, device=device,
@@ -363,7 +363,7 @@ def calibrate_pass(
                                      "got a teacher-forced batch; see svd_lightning.batch")
                 counts[2] += torch.unique(torch.stack([batch["question_index"], batch["choice_set"]]), dim=1).shape[1]
                 counts[3] += batch["input_ids"].shape[0]
-            grid_scores = {name: torch.zeros(len(g.mus), n, dtype=torch.float64) for name, g in grids.items()}
+            grid_scores = {name: torch.zeros(len(g.mus), n, dtype=torch.float64, device="cpu") for name, g in grids.items()}
             # POSITION_CHUNK positions at a time (their [chunk, V] tensors stay in cache): per-position
             # work, accumulated in order, so the numbers do not change.
             for warm, base, labels, row in parts:
@@ -388,7 +388,7 @@ def calibrate_pass(
     choice_counts = {"choice_sets": float(counts[2]), "choice_rows": float(counts[3])}
     choice_results = {}
     for name, cache in caches.items():
-        own = torch.tensor([cache.usable_groups(), cache.tokens.count], dtype=torch.float64)
+        own = torch.tensor([cache.usable_groups(), cache.tokens.count], dtype=torch.float64, device="cpu")
         usable, choice_tokens = reduce(own.to(device)).cpu().tolist()
         choice_results[name] = ChoiceCalibration(cache, {**choice_counts, "usable_choice_sets": usable,
                                                          "choice_tokens": choice_tokens}, step, seconds)

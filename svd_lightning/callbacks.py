@@ -536,8 +536,8 @@ def paired_gains(per_question: dict, family: str) -> dict:
     for method in (v for v in STEERED if v in per_question):
         for other in REFERENCES:
             for m in HEADLINE_METRICS[family]:
-                diff = (torch.tensor(per_question[method][m], dtype=torch.float64)
-                        - torch.tensor(per_question[other][m], dtype=torch.float64))
+                diff = (torch.tensor(per_question[method][m], dtype=torch.float64, device="cpu")
+                        - torch.tensor(per_question[other][m], dtype=torch.float64, device="cpu"))
                 out[f"{m}_{method}_minus_{other}"] = dict(
                     zip(("mean", "ci_low", "ci_high"), paired_bootstrap(diff)),
                     metric=m, method=method, reference=other, questions=int(diff.numel()),

@@ -33,7 +33,7 @@ def _prepare(question_index, choice_set, choice_index, is_true, score, num_chars
     """Deduplicated table on CPU (float64 scores), sorted by (question, set, choice)."""
     n = score.numel()
     if num_chars is None:
-        num_chars = torch.ones(n, dtype=torch.long)
+        num_chars = torch.ones(n, dtype=torch.long, device="cpu")
     # .long()/.bool(): after a DDP sync an empty rank may have contributed float states.
     t = {
         "question_index": question_index.detach().cpu().long().reshape(-1),
@@ -51,12 +51,12 @@ def _prepare(question_index, choice_set, choice_index, is_true, score, num_chars
         raise ValueError("the score table contains NaN scores")
     # Lexicographic sort by (question, set, choice) as three stable sorts, least significant key
     # first; stability keeps duplicates in their original order, so the first occurrence survives.
-    order = torch.arange(n)
+    order = torch.arange(n, device="cpu")
     for key in ("choice_index", "choice_set", "question_index"):
         order = order[torch.sort(t[key][order], stable=True).indices]
     t = {k: v[order] for k, v in t.items()}
     keys = torch.stack([t["question_index"], t["choice_set"], t["choice_index"]], 1)
-    first = torch.ones(n, dtype=torch.bool)
+    first = torch.ones(n, dtype=torch.bool, device="cpu")
     first[1:] = (keys[1:] != keys[:-1]).any(1)
     return {k: v[first] for k, v in t.items()}
 
@@ -67,7 +67,7 @@ def _select_set(t: dict[str, Tensor], choice_set: int) -> tuple[dict[str, Tensor
     if rows["score"].numel() == 0:
         raise ValueError(f"the score table has no rows with choice_set == {choice_set}")
     questions, group = torch.unique(rows["question_index"], return_inverse=True)
-    n_true = torch.zeros(len(questions), dtype=torch.long).index_add_(0, group, rows["is_true"].long())
+    n_true = torch.zeros(len(questions), dtype=torch.long, device=group.device).index_add_(0, group, rows["is_true"].long())
     if (n_true == 0).any():
         raise ValueError(f"questions {questions[n_true == 0].tolist()} have no true choice in choice_set {choice_set}")
     return rows, group
@@ -76,13 +76,13 @@ def _select_set(t: dict[str, Tensor], choice_set: int) -> tuple[dict[str, Tensor
 def _argmax_is_true(rows: dict[str, Tensor], group: Tensor, value: Tensor) -> Tensor:
     """Per question: is the argmax of ``value`` a true choice (ties -> first by choice_index)?"""
     q = int(group.max()) + 1
-    best = torch.full((q,), -torch.inf, dtype=value.dtype).scatter_reduce(0, group, value, "amax")
+    best = torch.full((q,), -torch.inf, dtype=value.dtype, device=value.device).scatter_reduce(0, group, value, "amax")
     at_max = value == best[group]
     big = torch.iinfo(torch.long).max
     idx = torch.where(at_max, rows["choice_index"], big)
-    first = torch.full((q,), big).scatter_reduce(0, group, idx, "amin")
+    first = torch.full((q,), big, device=idx.device).scatter_reduce(0, group, idx, "amin")
     winner = at_max & (rows["choice_index"] == first[group])  # exactly one row per question
-    return torch.zeros(q, dtype=torch.bool).index_put_((group[winner],), rows["is_true"][winner])
+    return torch.zeros(q, dtype=torch.bool, device=group.device).index_put_((group[winner],), rows["is_true"][winner])
 
 
 def _true_mass(rows: dict[str, Tensor], group: Tensor) -> Tensor:
@@ -91,10 +91,10 @@ def _true_mass(rows: dict[str, Tensor], group: Tensor) -> Tensor:
     s = rows["score"]
     # Shift by the per-question max (log-sum-exp trick): the best choice gets weight 1, so the
     # denominator is >= 1 even for scores like -1000, where a plain exp() underflows to 0/0.
-    best = torch.full((q,), -torch.inf, dtype=s.dtype).scatter_reduce(0, group, s, "amax")
+    best = torch.full((q,), -torch.inf, dtype=s.dtype, device=s.device).scatter_reduce(0, group, s, "amax")
     w = torch.exp(s - best[group])
-    total = torch.zeros(q, dtype=s.dtype).index_add_(0, group, w)
-    true = torch.zeros(q, dtype=s.dtype).index_add_(0, group, w * rows["is_true"])
+    total = torch.zeros(q, dtype=s.dtype, device=s.device).index_add_(0, group, w)
+    true = torch.zeros(q, dtype=s.dtype, device=s.device).index_add_(0, group, w * rows["is_true"])
     return true / total
 
 
@@ -161,7 +161,7 @@ def choice_nll_per_question(question_index, choice_set, is_true, score, **_) -> 
     nll = choice_set_nll(score.double(), group, is_true.bool(), group_ids.shape[1])
     nll = torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll))
     questions, per_q = torch.unique(group_ids[0], return_inverse=True)
-    return torch.zeros(len(questions), dtype=torch.float64).index_add(0, per_q, nll)
+    return torch.zeros(len(questions), dtype=torch.float64, device=nll.device).index_add(0, per_q, nll)
 
 
 HEADLINE_METRICS = {"truthfulqa": ("mc2", "mc1"), "choice": ("acc", "acc_norm")}
@@ -190,7 +190,7 @@ class MultipleChoiceScores(Metric):
     def update(self, batch_meta, score: Tensor) -> None:
         """Add rows: ``batch_meta`` holds the five batch keys, ``score`` the [N] log-likelihoods."""
         score = score.detach().reshape(-1)  # keeps its dtype; the pure functions upcast to float64
-        cols = {k: score if k == "score" else torch.as_tensor(batch_meta[k]).reshape(-1) for k in TABLE_KEYS}
+        cols = {k: score if k == "score" else torch.as_tensor(batch_meta[k], device=score.device).reshape(-1) for k in TABLE_KEYS}
         for key, value in cols.items():  # check every column before appending any (no half-updates)
             if value.numel() != score.numel():
                 raise ValueError(f"batch_meta[{key!r}] has {value.numel()} rows but score has {score.numel()}")

@@ -123,9 +123,9 @@ class SteeringLM(L.LightningModule):
         # (otherwise the adapter's dropout would silently be off during the warm start).
         self.model.train()
         # μ̄ lives in a buffer so Lightning checkpoints carry it; NaN means "not solved yet".
-        self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64, device="cpu"))
         # The contrastive baseline's γ (callbacks.ContrastiveBaseline), scored next to SVDecode; NaN: none.
-        self.register_buffer("contrastive_gamma", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("contrastive_gamma", torch.tensor(float("nan"), dtype=torch.float64, device="cpu"))
         if strength is not None:
             self.set_strength(strength)
         elif run_dir is not None and reuse_strength:
@@ -266,7 +266,7 @@ class SteeringLM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints written before the contrastive baseline existed have no γ: none solved yet.
-        checkpoint.get("state_dict", {}).setdefault("contrastive_gamma", torch.tensor(float("nan"), dtype=torch.float64))
+        checkpoint.get("state_dict", {}).setdefault("contrastive_gamma", torch.tensor(float("nan"), dtype=torch.float64, device="cpu"))
         state = checkpoint.get("svd_lightning_rng")
         if state is not None:
             torch.set_rng_state(state["torch"])

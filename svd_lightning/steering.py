@@ -426,12 +426,17 @@ def limit_choice_scores(slope: torch.Tensor, offset: torch.Tensor, group: torch.
     length-normalised ones: in each ``group`` (one choice set of one question) the rows of largest
     slope keep their offset, the others get −∞. ``slope`` sums exact zeros where every label token
     is at the top, so those ties are exact."""
-    top = torch.full((int(group.max()) + 1,), float("-inf"), dtype=slope.dtype).scatter_reduce(0, group, slope, "amax")
+    top = torch.full((int(group.max()) + 1,), float("-inf"), dtype=slope.dtype, device=slope.device).scatter_reduce(0, group, slope, "amax")
     return offset.masked_fill(slope < top[group], float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------------
 # Global strength μ̄ from calibration tokens.
+
+
+def _host_accumulator() -> torch.Tensor:
+    """An empty fp64 accumulator on the host: statistics gather there, whatever device computed them."""
+    return torch.zeros(0, dtype=torch.float64, device="cpu")
 
 
 @dataclass
@@ -443,9 +448,9 @@ class StrengthStats:
     vectors from every rank (:meth:`to_tensor` / :meth:`from_tensor`) and merge.
     """
 
-    num: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    den_identity: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    den_fisher: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    num: torch.Tensor = field(default_factory=_host_accumulator)
+    den_identity: torch.Tensor = field(default_factory=_host_accumulator)
+    den_fisher: torch.Tensor = field(default_factory=_host_accumulator)
 
     @property
     def count(self) -> int:
@@ -535,12 +540,12 @@ class ExactStrengthCache:
     affine one), so safeguarded Newton finds the global minimum without another pass over the data.
     """
 
-    rest_lse: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    label_logit: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    label_delta: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    kept_logit: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    kept_delta: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    segment: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    rest_lse: torch.Tensor = field(default_factory=_host_accumulator)
+    label_logit: torch.Tensor = field(default_factory=_host_accumulator)
+    label_delta: torch.Tensor = field(default_factory=_host_accumulator)
+    kept_logit: torch.Tensor = field(default_factory=_host_accumulator)
+    kept_delta: torch.Tensor = field(default_factory=_host_accumulator)
+    segment: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long, device="cpu"))
 
     @property
     def count(self) -> int:
@@ -567,16 +572,16 @@ class ExactStrengthCache:
         """Total NLL and its first two derivatives in μ (sums over tokens: all-reducible)."""
         n = self.count
         logits = self.kept_logit + mu * self.kept_delta
-        seg_max = torch.full((n,), float("-inf"), dtype=torch.float64).scatter_reduce(
+        seg_max = torch.full((n,), float("-inf"), dtype=torch.float64, device=self.segment.device).scatter_reduce(
             0, self.segment, logits, "amax"
         )
         top = torch.maximum(seg_max, self.rest_lse)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         w = (logits - top[self.segment]).exp()
-        z = torch.zeros(n, dtype=torch.float64)
+        z = torch.zeros(n, dtype=torch.float64, device=self.segment.device)
         mass = z.index_add(0, self.segment, w) + (self.rest_lse - top).exp()
-        m1 = torch.zeros(n, dtype=torch.float64).index_add(0, self.segment, w * self.kept_delta) / mass
-        m2 = torch.zeros(n, dtype=torch.float64).index_add(0, self.segment, w * self.kept_delta**2) / mass
+        m1 = torch.zeros(n, dtype=torch.float64, device=self.segment.device).index_add(0, self.segment, w * self.kept_delta) / mass
+        m2 = torch.zeros(n, dtype=torch.float64, device=self.segment.device).index_add(0, self.segment, w * self.kept_delta**2) / mass
         lse = top + mass.log()
         loss = (lse - self.label_logit - mu * self.label_delta).sum()
         grad = (m1 - self.label_delta).sum()
@@ -593,7 +598,7 @@ class ExactStrengthCache:
         """Newton with backtracking on the convex calibration NLL; ``reduce`` sums across ranks (DDP)."""
 
         def evaluate(mu: float) -> tuple[float, float, float]:
-            vals = torch.tensor(self.loss_grad_hess(mu) if self.count else (0.0, 0.0, 0.0), dtype=torch.float64)
+            vals = torch.tensor(self.loss_grad_hess(mu) if self.count else (0.0, 0.0, 0.0), dtype=torch.float64, device="cpu")
             if reduce is not None:
                 vals = reduce(vals)
             return tuple(float(v) for v in vals)  # type: ignore[return-value]
@@ -627,9 +632,9 @@ class ExactStrengthCache:
 
 def _segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
     """log Σ exp(values) per segment id in ``[0, n)``; −∞ for empty or all −∞ segments."""
-    top = torch.full((n,), float("-inf"), dtype=values.dtype).scatter_reduce(0, segment, values, "amax")
+    top = torch.full((n,), float("-inf"), dtype=values.dtype, device=values.device).scatter_reduce(0, segment, values, "amax")
     safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    mass = torch.zeros(n, dtype=values.dtype).index_add(0, segment, (values - safe[segment]).exp())
+    mass = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, segment, (values - safe[segment]).exp())
     return safe + mass.log()
 
 
@@ -678,11 +683,11 @@ class ChoiceStrengthCache:
     policy: ScoringPolicy = "mask_generation_only"
     floor: float = -20.0
     tokens: ExactStrengthCache = field(default_factory=ExactStrengthCache)
-    label_kept: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    token_row: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # token -> scored row
-    row_scored: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # row -> scored row
-    row_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    row_true: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    label_kept: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool, device="cpu"))
+    token_row: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long, device="cpu"))  # token -> scored row
+    row_scored: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long, device="cpu"))  # row -> scored row
+    row_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long, device="cpu"))
+    row_true: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool, device="cpu"))
     groups: dict = field(default_factory=dict)  # (question_index, choice_set) -> group id
 
     scored_rows: int = 0  # rows whose tokens are cached (a repeated row reads its first copy's)
@@ -720,8 +725,8 @@ class ChoiceStrengthCache:
         """The batch's rows, after all of its tokens (:meth:`add_tokens`); ``same_as``: see :meth:`update`."""
         keys = zip(question_index.tolist(), choice_set.tolist())
         ids = [self.groups.setdefault(k, len(self.groups)) for k in keys]
-        same_as = torch.arange(len(ids)) if same_as is None else same_as.cpu()
-        self.row_group = torch.cat([self.row_group, torch.tensor(ids, dtype=torch.long)])
+        same_as = torch.arange(len(ids), device="cpu") if same_as is None else same_as.cpu()
+        self.row_group = torch.cat([self.row_group, torch.tensor(ids, dtype=torch.long, device="cpu")])
         self.row_true = torch.cat([self.row_true, is_true.bool().cpu()])
         self.row_scored = torch.cat([self.row_scored, same_as + self.scored_rows])
         self.scored_rows += int(same_as.max()) + 1 if same_as.numel() else 0
@@ -733,12 +738,12 @@ class ChoiceStrengthCache:
         kept_lse = _segment_logsumexp(t.kept_logit + mu * t.kept_delta, t.segment, t.count)
         token = compact_label_log_probs(t.label_logit + mu * t.label_delta, kept_lse, t.rest_lse, self.label_kept,
                                         self.policy, self.floor)
-        return torch.zeros(self.scored_rows, dtype=torch.float64).index_add(0, self.token_row, token)[self.row_scored]
+        return torch.zeros(self.scored_rows, dtype=torch.float64, device=token.device).index_add(0, self.token_row, token)[self.row_scored]
 
     def losses(self, mus) -> torch.Tensor:
         """This cache's summed choice-set NLL at every μ of ``mus`` (``[K]`` float64: all-reducible)."""
         n = len(self.groups)
-        out = torch.zeros(len(mus), dtype=torch.float64)
+        out = torch.zeros(len(mus), dtype=torch.float64, device="cpu")
         for k, mu in enumerate(mus):
             nll = choice_set_nll(self.row_scores(float(mu)), self.row_group, self.row_true, n)
             out[k] = nll[torch.isfinite(nll)].sum()

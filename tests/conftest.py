@@ -157,16 +157,16 @@ def tiny_trainer(tmp_path, callbacks, **kw):
     return L.Trainer(callbacks=callbacks, **kw)
 
 
-def cli_tiny_fit(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
-    """`svd-lightning fit` of configs/tiny.yaml on synthetic data, from tmp_path; returns the run and the
-    arguments that point later commands at the same data and root."""
+def cli_tiny_fit(tmp_path, monkeypatch, *extra: str) -> tuple[Path, list[str]]:
+    """`svd-lightning fit` of configs/tiny.yaml on synthetic data, from tmp_path, with ``extra`` arguments;
+    returns the run and the arguments that point later commands at the same data and root."""
     data = write_truthfulqa(tmp_path / "mc.json")
     monkeypatch.chdir(tmp_path)
     common = ["--data.init_args.path", str(data), "--trainer.default_root_dir", str(tmp_path / "runs" / "tiny"),
               "--trainer.enable_progress_bar", "false"]
     from svd_lightning.cli import main  # imports the CLI only where a test runs it
 
-    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common])
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *common, *extra])
     return tmp_path / "runs/tiny/version_0", common
 
 

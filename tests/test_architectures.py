@@ -206,3 +206,25 @@ def test_greedy_generation_matches_the_fp64_reference(tokenizer, family, method)
                                SteeringConfig(mu=MU, alpha=ALPHA, forward_mode=mode), max_new_tokens=6, do_sample=False,
                                pad_token_id=0, eos_token_id=None)
         assert out[0].tolist() == expected, f"{family}/{method}/{mode}"
+
+
+@pytest.mark.parametrize("family,method", [(f, "lora") for f in FAMILIES] + [("phi3", "ia3"), ("gpt2", "ia3")])
+def test_fit_runs_on_every_family_with_the_shipped_tiny_config(tmp_path, monkeypatch, tokenizer, family, method):
+    """`svd-lightning fit --config configs/tiny.yaml` on a saved tiny model of each family: no hand-written
+    target_modules, the run's adapter wraps the family's attention projections, and μ̄ is finite."""
+    import json
+
+    from conftest import cli_tiny_fit
+
+    folder = tmp_path / family
+    family_model(family, len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run, _ = cli_tiny_fit(tmp_path, monkeypatch, "--model.model", str(folder), "--model.adapter", method,
+                          *(["--model.adapter_options", "{}"] if method == "ia3" else []),
+                          "--data.init_args.limit_train", "4", "--data.init_args.limit_calib", "4",
+                          "--data.init_args.limit_test", "4")
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    base = family_model(family, len(tokenizer))
+    assert sorted(adapter["target_modules"]) == sorted(models.adapter_config(method, base).target_modules)
+    steering = json.loads((run / "steering.json").read_text())["steering"]
+    assert torch.isfinite(torch.tensor(steering["mu"]))

@@ -58,3 +58,58 @@ def test_trainer_accelerator_runs_the_tiny_fit(tmp_path, device):
     trainer.fit(module, dm)
     assert module.mu is not None and torch.isfinite(torch.tensor(module.mu))
     assert next(module.parameters()).device.type == device
+
+
+# -- every tensor the package creates names its device ---------------------------------------------------------
+FACTORIES = {"full", "zeros", "ones", "arange", "tensor", "as_tensor", "empty", "eye", "randn", "rand", "randint", "linspace"}
+
+
+def test_no_tensor_is_created_without_a_device():
+    """A factory call without ``device=`` lands on the default device (the CPU): on a GPU it then meets a
+    CUDA tensor and fails, or moves data behind the user's back. Host-side accumulators say "cpu"."""
+    import ast
+    from pathlib import Path
+
+    import svd_lightning
+
+    found = []
+    for path in sorted(Path(svd_lightning.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                    and not any(k.arg == "device" for k in node.keywords)):
+                found.append(f"{path.name}:{node.lineno} torch.{node.func.attr}")
+    assert not found, f"tensors created without a device: {found}"
+
+
+def test_the_hot_paths_run_with_the_meta_device_as_default(tokenizer):
+    """A proxy for a GPU without one: with ``torch.device("meta")`` as the default, a tensor the package
+    creates without naming a device is a meta tensor, and meeting the CPU data fails. Scoring (every
+    variant kind, the γ limits), the calibration pass with every solver, and the generation processor."""
+    from svd_lightning.calibration import CalibrationNeeds, calibrate_pass
+    from svd_lightning.decoding import SteeringLogitsProcessor, score_choice_variants
+    from svd_lightning.steering import ContrastiveLimit
+
+    from conftest import CHOICE_EXAMPLES
+
+    model = perturbed_lora()
+    batch = collate_choices(CHOICE_EXAMPLES, Tokenized(tokenizer, 64))
+    settings = SteeringConfig(floor=-20.0)
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    with torch.device("meta"):
+        for mode in ("one_forward", "two_pass"):
+            variants = {"svd": settings.replace(mu=-1.0, forward_mode=mode), "floor": settings.replace(
+                mu=-1.0, scoring_policy="floor", forward_mode=mode), "contrastive": settings.contrastive(gamma=0.5),
+                "limit": ContrastiveLimit(1)}
+            scores = score_choice_variants(model, batch, variants, forward_mode=mode)
+            assert all(v.device.type == "cpu" for v in scores.values())
+        needs = CalibrationNeeds(statistics={"a": settings.replace(alpha=0.1)}, choice_caches={"a": settings.replace(alpha=0.1)},
+                                 grids={"contrastive": (0.0, 0.5, 1.0)})
+        result = calibrate_pass(model, [batch], settings, needs, progress=False)
+        summary = result.tokens["a"].stats.summary()
+        solved = [result.tokens["a"].cache.solve(), result.choice_caches["a"].cache.solve(), result.grids["contrastive"].best()]
+        assert all(torch.isfinite(torch.tensor(x, device="cpu")) for x in [*summary.values(), *solved])
+        processor = SteeringLogitsProcessor(model, settings.replace(mu=-1.0), mask)
+        warm = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        steered = processor(ids, warm)
+        assert steered.device.type == "cpu" and torch.isfinite(steered.max(-1).values).all()

@@ -69,12 +69,14 @@ def test_disable_adapter_gives_the_original_logits_exactly(model_and_inputs, met
     assert _logits(peft_model, inputs).shape[1] == inputs["input_ids"].shape[1] + models.virtual_token_count(peft_model)
 
 
-def test_adapter_config_defaults():
-    lora = models.adapter_config("lora")
+def test_adapter_config_defaults(model_and_inputs):
+    model, _ = model_and_inputs
+    lora = models.adapter_config("lora", model)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (8, 16, 0.1)
-    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # the paper's, found in the model
     assert lora.task_type == peft.TaskType.CAUSAL_LM
-    ia3 = models.adapter_config("ia3")
+    assert models.adapter_config("lora").target_modules is None  # no model: peft's mapping decides
+    ia3 = models.adapter_config("ia3", model)
     assert set(ia3.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "up_proj"}
     assert set(ia3.feedforward_modules) == {"down_proj", "up_proj"}
     pt = models.adapter_config("prompt_tuning")
@@ -114,8 +116,9 @@ def test_missing_target_modules_lists_linear_layers(model_and_inputs):
         models.apply_adapter(model, "lora", target_modules=["query", "v_proj"])
     message = str(err.value)
     assert "query" in message
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"):
         assert name in message
+    assert "Linear: " in message and "Embedding: " in message  # candidates by type
     assert not isinstance(model, peft.PeftModel)
 
 
