@@ -5,7 +5,8 @@
 #
 # 1. installs this repo into the machine's own Python, keeping its CUDA torch (`--no-deps`; missing
 #    dependencies come from the registry if it is reachable, or from wheels in ./.whl);
-# 2. runs the tests that take a device (tests/test_device.py, test_one_forward.py: CUDA where present);
+# 2. runs the tests that take a device (tests/test_device.py, test_one_forward.py: CUDA where present) and
+#    the architecture matrix on the device (tests/test_architectures.py, SVD_TEST_DEVICE; fp64 reference on CPU);
 # 3. the cost benchmark on the tiny model and on SmolLM2-135M (when it can be had offline or fetched),
 #    on the device in the precision it runs fast (bf16 on GPUs that have it);
 # 4. `fit` of configs/tiny.yaml with strategy=ddp, devices=1 on the device;
@@ -50,6 +51,8 @@ export -f do_install
 step install 120 bash -c do_install
 if [ "$DEVICE" = cuda ]; then
   step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_one_forward.py
+  step matrix 150 env SVD_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_architectures.py \
+    -k "steered_scores or calibration_statistics or greedy"
   ACCEL=gpu
 else
   step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py

@@ -98,6 +98,12 @@ TARGETS = {
     "8b": Shape(layers=32, hidden=4096, ffn=14336, heads=32, kv_heads=8, vocab=128256, tied=False),
     "70b": Shape(layers=80, hidden=8192, ffn=28672, heads=64, kv_heads=8, vocab=128256, tied=False),
 }
+# The paper's models (configs/paper/), by hub id: their published configs' shapes.
+PAPER_MODELS = {
+    "Qwen/Qwen2.5-1.5B": Shape(layers=28, hidden=1536, ffn=8960, heads=12, kv_heads=2, vocab=151936, tied=True),
+    "Qwen/Qwen2.5-7B": Shape(layers=28, hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064, tied=False),
+    "meta-llama/Llama-3.1-8B": TARGETS["8b"],
+}
 
 
 def build_model(shape: Shape, seed: int = 0):

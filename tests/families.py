@@ -16,6 +16,7 @@ FAMILIES = {
     "llama-tied": (tf.LlamaConfig, dict(tie_word_embeddings=True)),
     "qwen2": (tf.Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0,
                                    layer_types=["sliding_attention", "full_attention"])),
+    "qwen2-tied": (tf.Qwen2Config, dict(tie_word_embeddings=True)),  # Qwen2.5-1.5B ties its embeddings
     "qwen3": (tf.Qwen3Config, dict(head_dim=8)),
     "mistral": (tf.MistralConfig, dict(sliding_window=WINDOW)),
     "gemma2": (tf.Gemma2Config, dict(head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8)),

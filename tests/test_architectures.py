@@ -16,6 +16,7 @@ sliding window is off by whole nats here.
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import one_forward_unsupported, score_choices, steered_generate
 
 from families import ATTENTION, FAMILIES, family_model
+
+# The device the package runs on (benchmarks/gpu_check.sh sets cuda); the fp64 reference stays on the CPU.
+DEVICE = __import__("os").environ.get("SVD_TEST_DEVICE", "cpu")
 
 PRIMER = "Interpret each question literally, and as a question about the real world. "
 QUESTIONS = [
@@ -61,7 +65,7 @@ def adapted(family: str, method: str, tokenizer, attn: str | None = None):
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
             elif p.requires_grad:  # prompt / prefix embeddings and their encoders
                 p.copy_(torch.randn(p.shape, generator=g))
-    return model.eval()
+    return model.eval().to(DEVICE)
 
 
 def _full_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -71,9 +75,9 @@ def _full_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def reference_scores(model, batch: dict, mu: float = MU, alpha: float = ALPHA) -> dict[str, torch.Tensor]:
     """plain / base / steered summed log-probs per row, fp64, one full forward per row and role."""
-    ref = copy.deepcopy(model).double()
+    ref = copy.deepcopy(model).cpu().double()
     out = {"plain": [], "base": [], "steered": []}
-    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+    for ids, mask, labels in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["labels"].cpu()):
         n = int(mask.sum())
         ids, labels = ids[:n], labels[:n]
         warm = torch.log_softmax(_full_logits(ref, ids).double(), -1)
@@ -99,7 +103,7 @@ def _modes(model) -> list[str]:
 
 def _batches(tokenizer):
     tok = Tokenized(tokenizer, 128)
-    return [collate_choices(QUESTIONS[:2], tok), collate_choices(QUESTIONS[2:], tok)]
+    return [{k: v.to(DEVICE) for k, v in collate_choices(part, tok).items()} for part in (QUESTIONS[:2], QUESTIONS[2:])]
 
 
 CASES = [(family, method, attn) for family in [*FAMILIES, *WIDE] for method in ADAPTERS
@@ -119,21 +123,21 @@ def test_steered_scores_match_the_fp64_reference_on_every_layout(tokenizer, fami
                 for batch, ref in zip(batches, expected):
                     got = score_choices(model, batch, config, share_prompts=share)
                     for name in ("plain", "base", "steered"):
-                        torch.testing.assert_close(got[name].double(), ref[name], rtol=RTOL, atol=TOL,
+                        torch.testing.assert_close(got[name].double().cpu(), ref[name], rtol=RTOL, atol=TOL,
                                                    msg=lambda m: f"{family}/{method}/{attn}/{mode}/{layout} {name}: {m}")
         # the KV-shared layout (what flash attention gets): no custom mask, the prompt's cache expanded per row
         with monkeypatch.context() as patch:
             patch.setattr(decoding, "_custom_masks", lambda m: None)
             for batch, ref in zip(batches, expected):
                 got = score_choices(model, batch, config, share_prompts=True)
-                torch.testing.assert_close(got["steered"].double(), ref["steered"], rtol=RTOL, atol=TOL,
+                torch.testing.assert_close(got["steered"].double().cpu(), ref["steered"], rtol=RTOL, atol=TOL,
                                            msg=lambda m: f"{family}/{method}/{attn}/{mode}/kv-shared: {m}")
 
 
 def reference_strengths(model, batch: dict, alpha: float = ALPHA) -> dict[str, float]:
     """The per-token strengths μ* of the calib reference answers (fp64) and their mean, median and pooled
     ratio, identity and Fisher curvature (svdecode.md §2)."""
-    ref = copy.deepcopy(model).double()
+    ref = copy.deepcopy(model).cpu().double()
     num, den_i, den_f = [], [], []
     for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
         n = int(mask.sum())
@@ -170,6 +174,7 @@ def test_calibration_statistics_match_the_fp64_reference(tokenizer, family):
     model = adapted(family, "lora", tokenizer)
     batch = collate_lm(QUESTIONS, Tokenized(tokenizer, 128))
     expected = reference_strengths(model, batch)
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
     for mode in _modes(model):
         summary = calibrate(model, [batch], SteeringConfig(alpha=ALPHA, forward_mode=mode), progress=False).stats.summary()
         for key, value in expected.items():
@@ -179,7 +184,7 @@ def test_calibration_statistics_match_the_fp64_reference(tokenizer, family):
 
 def reference_greedy(model, ids: torch.Tensor, steps: int, mu: float = MU, alpha: float = ALPHA) -> list[int]:
     """Greedy steered decoding from the formulas: full forwards, masked tokens −∞ after scaling."""
-    ref = copy.deepcopy(model).double()
+    ref = copy.deepcopy(model).cpu().double()
     ids = ids.clone()
     for _ in range(steps):
         w = _full_logits(ref, ids)[-1].double()
@@ -202,10 +207,10 @@ def test_greedy_generation_matches_the_fp64_reference(tokenizer, family, method)
     prompt = torch.tensor(tokenizer(PRIMER + "Q: Is the sky blue?\nA:")["input_ids"])
     expected = reference_greedy(model, prompt, steps=6)
     for mode in _modes(model):
-        out = steered_generate(model, prompt[None], torch.ones_like(prompt)[None],
+        out = steered_generate(model, prompt[None].to(DEVICE), torch.ones_like(prompt)[None].to(DEVICE),
                                SteeringConfig(mu=MU, alpha=ALPHA, forward_mode=mode), max_new_tokens=6, do_sample=False,
                                pad_token_id=0, eos_token_id=None)
-        assert out[0].tolist() == expected, f"{family}/{method}/{mode}"
+        assert out[0].cpu().tolist() == expected, f"{family}/{method}/{mode}"
 
 
 @pytest.mark.parametrize("family,method", [(f, "lora") for f in FAMILIES] + [("phi3", "ia3"), ("gpt2", "ia3")])
@@ -228,3 +233,61 @@ def test_fit_runs_on_every_family_with_the_shipped_tiny_config(tmp_path, monkeyp
     assert sorted(adapter["target_modules"]) == sorted(models.adapter_config(method, base).target_modules)
     steering = json.loads((run / "steering.json").read_text())["steering"]
     assert torch.isfinite(torch.tensor(steering["mu"]))
+
+
+# -- the paper's models as configs ---------------------------------------------------------------------------------
+PAPER = {  # config -> the tiny family standing in for its model (same family, tied or untied as the real one)
+    "paper/qwen2.5-1.5b-lora.yaml": "qwen2-tied", "paper/qwen2.5-1.5b-ia3.yaml": "qwen2-tied",
+    "paper/qwen2.5-7b-prompt_tuning.yaml": "qwen2", "paper/llama-3.1-8b-lora.yaml": "llama",
+}
+
+
+@pytest.mark.parametrize("config", sorted(PAPER))
+def test_paper_configs_hold_the_papers_protocol_and_fit_one_80gb_gpu(config, capsys):
+    import importlib.util
+    import json
+
+    import yaml
+
+    from svd_lightning.cli import main
+
+    from conftest import ROOT
+
+    with pytest.raises(SystemExit):  # the merged settings, as the CLI parses them
+        main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
+    settings = yaml.safe_load(capsys.readouterr().out)
+    model, trainer, data = settings["model"], settings["trainer"], settings["data"]["init_args"]
+    assert (model["learning_rate"], model["alpha"], trainer["max_epochs"]) == (5e-5, 0.1, 1)
+    assert (data["train_batch_size"], data["max_length"], data["split"]) == (1, 512, [0.6, 0.2, 0.2])
+    assert (settings["steering"]["strength"], settings["steering"]["curvature"]) == ("mean", "identity")
+    assert "/" in model["model"] and trainer["precision"] == "bf16-mixed" and trainer["devices"] == 1
+    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
+    scale = sys.modules["scale"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(scale)
+    coef = json.loads((ROOT / "benchmarks/results/scale_cpu.json").read_text())["memory_model"]
+    # fp32 weights (scoring stays exact), one 80 GB GPU, no sharding: the memory model's prediction
+    fit = scale.predict(scale.PAPER_MODELS[model["model"]], 1, False, coef, dtype_bytes=4)
+    assert fit["fits"] and fit["train_tokens_per_gpu"] >= data["max_length"], fit
+
+
+@pytest.mark.parametrize("config", sorted(PAPER))
+def test_paper_configs_run_end_to_end_on_a_tiny_model_of_their_family(config, tmp_path, monkeypatch, tokenizer):
+    import json
+
+    from svd_lightning.cli import main
+
+    from conftest import ROOT, write_truthfulqa
+
+    family = PAPER[config]
+    folder = tmp_path / family
+    family_model(family, len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_truthfulqa(tmp_path / "mc.json")
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs" / config), "--model.model", str(folder),
+          "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.init_args.path", str(data),
+          "--data.init_args.instruction", "false", "--data.init_args.few_shot", "false",
+          "--data.init_args.limit_train", "4", "--data.init_args.limit_calib", "4", "--data.init_args.limit_test", "4"])
+    steering = json.loads((tmp_path / "runs/version_0/steering.json").read_text())["steering"]
+    assert steering["strength"] == "mean" and torch.isfinite(torch.tensor(steering["mu"]))
