@@ -309,7 +309,7 @@ def split_prefix(model, tokens: torch.Tensor, role: Role, length: int) -> SplitP
     weights = store.weights_state(model)
     if store.weights != weights:  # new weights: nothing cached holds
         store.weights, store.entries = weights, {}
-    key, tokens = store.key(role), tuple(tokens.tolist())
+    key, tokens = store.key(role), tuple(tokens.tolist())  # host sync: once per batch, a prefix's few tokens
     entry = store.entries.get(key)
     if entry is not None and tokens[: len(entry)] == entry.tokens:
         return entry
@@ -327,6 +327,19 @@ def split_prefix(model, tokens: torch.Tensor, role: Role, length: int) -> SplitP
         say(f"the prompts' shared prefix ({common} tokens) is encoded once per weights and reused "
             f"({entry.nbytes / 2**20:.1f} MB cached per distribution set)")
     return entry
+
+
+def groups_in_order(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(group [N], first [G])``: equal rows of ``keys`` [N, K] share a group id, numbered in order of
+    first appearance, and ``first[g]`` is group g's first row. On the keys' device, one host sync (the
+    number of groups), where a per-row ``.tolist()`` would sync N times."""
+    n = keys.shape[0]
+    distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    rows = torch.arange(n, device=keys.device)
+    first = torch.full((distinct.shape[0],), n, device=keys.device).scatter_reduce(0, inverse, rows, "amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=keys.device))
+    return rank[inverse], first[order]
 
 
 def _common_prefix(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> torch.Tensor:
@@ -349,15 +362,9 @@ class SharedPrompts:
         right_padded = mask.bool() == (torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1))
         # Sharing needs the contract's layout: real tokens first, a prompt before every continuation.
         self.usable = bool(right_padded.all()) and bool((starts > 0).all())
-        groups: dict[tuple, int] = {}
-        self.group = torch.tensor(
-            [groups.setdefault(tuple(ids[i, : starts[i]].tolist()), len(groups)) for i in range(ids.shape[0])],
-            device=ids.device,
-        )
-        # Groups are numbered in order of first appearance: the first row of group g is where it starts.
-        first_row = torch.full((len(groups),), ids.shape[0], device=ids.device).scatter_reduce(
-            0, self.group, torch.arange(ids.shape[0], device=ids.device), "amin"
-        )
+        # A row's prompt: its tokens before the first continuation token, the rest blanked (-1).
+        prompts = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) >= starts.unsqueeze(1), -1)
+        self.group, first_row = groups_in_order(prompts)  # the first row of group g is where it starts
         p_len = starts[first_row]
         self.ids, self.mask, self.first_row, self.p_len, self.pad_id = ids, mask, first_row, p_len, pad_id
         P, A = int(p_len.max()), int((lengths - starts).max())
@@ -441,6 +448,7 @@ class SharedPrompts:
 
 
     def _forest(self, skip: int) -> tuple[torch.Tensor, ...]:
+        # Host syncs: the layout is built on the host from a few per-prompt lengths, once per batch.
         """The batch after its first ``skip`` tokens as one tree per distinct prompt, a row each:
         the prompt's rest, then each of its rows' continuations, right padded.
         ``(ids [G, T], position [G, T], allowed [G, T, T], tree [M], place [M])``: ``allowed[g, a, b]``
@@ -587,13 +595,10 @@ def distinct_rows(batch: dict) -> tuple[dict, torch.Tensor]:
     ~40 % of its rows). Per-row values of ``distinct`` are the batch's after ``[same_as]``.
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    n, seen = ids.shape[0], {}
-    keys = zip(ids.tolist(), mask.tolist(), labels.tolist())
-    same_as = torch.tensor([seen.setdefault((tuple(a), tuple(b), tuple(c)), len(seen)) for a, b, c in keys],
-                           device=ids.device)
-    if len(seen) == n:
+    n = ids.shape[0]
+    same_as, first = groups_in_order(torch.cat([ids, mask.to(ids.dtype), labels.to(ids.dtype)], dim=1))
+    if first.shape[0] == n:
         return batch, same_as
-    first = torch.full((len(seen),), n, device=ids.device).scatter_reduce(0, same_as, torch.arange(n, device=ids.device), "amin")
     return {k: v[first] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
             for k, v in batch.items()}, same_as
 

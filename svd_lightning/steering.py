@@ -335,7 +335,8 @@ class PairedLabels:
         key = (direction, alpha)
         if key not in self._kept:
             keep, delta = self.mask(alpha), self.direction(direction)
-            # keep ⇔ z_φ ≥ max z_φ + log α: the kept set is the top of z_φ, so one top-k finds it.
+            # keep ⇔ z_φ ≥ max z_φ + log α: the kept set is the top of z_φ, so one top-k finds it. Its size
+            # is data (not bounded by α): one host sync per (direction, α) and chunk of positions.
             k = max(int(keep.sum(-1).max()), 1) if keep.numel() else 1
             values, index = self.warm.topk(min(k, self.warm.shape[-1]), dim=-1)
             kept = keep.gather(-1, index)
