@@ -68,9 +68,10 @@ def _upcast_inputs(module, args):
 def head_in_fp32(model):
     """bf16 weights, but the final norm and the LM head in fp32 (their inputs upcast)."""
     base = model.get_base_model()
-    norm = base.model.norm
-    norm.float().register_forward_pre_hook(_upcast_inputs)
-    base.lm_head.float().register_forward_pre_hook(_upcast_inputs)
+    base.model.norm.float().register_forward_pre_hook(_upcast_inputs)
+    # an fp32 copy of the head: SmolLM2 ties it to the input embeddings, which stay bf16
+    base.lm_head.weight = torch.nn.Parameter(base.lm_head.weight.detach().float().clone(), requires_grad=False)
+    base.lm_head.register_forward_pre_hook(_upcast_inputs)
     return model
 
 
@@ -114,6 +115,7 @@ def measure(args) -> dict:
     ref_mc1 = {k: mc1(batches, v) for k, v in reference.items()}
     rows = []
     for name, (dtype, autocast, hook) in VARIANTS.items():
+        print(f"scoring: {name}", flush=True)
         m = copy.deepcopy(model).to(dtype)
         if hook:
             m = hook(m)

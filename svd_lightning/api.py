@@ -27,6 +27,7 @@ import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import ConfigError, Method, SteeringConfig
+from svd_lightning.precision import check_steering_precision
 from svd_lightning.decoding import (MODES, SteeringLogitsProcessor, generate_answers, score_choices,
                                     steering_decoding_loop)
 from svd_lightning.run import METRICS_FILE, RunError, RunWriter, SteeringRun, adapter_kind, load_run
@@ -60,6 +61,7 @@ class SteeredModel:
             raise ConfigError(f"SteeredModel{f' (run {self.run_dir})' if self.run_dir else ''}: config.mu is None; "
                               "a steered model needs a strength")
         self.model.eval()
+        check_steering_precision(self.model, self.config.mu, f"SteeredModel{f' ({self.run_dir})' if self.run_dir else ''}")
 
     @classmethod
     def from_run_dir(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -70,7 +72,8 @@ class SteeredModel:
         ``dtype`` (default float32): the weights' dtype. float32 is the rule of ``svd-lightning``'s
         own scoring whatever the warm start's precision: a steered distribution adds μ̄·δ, δ the
         difference of two almost equal distributions, and bf16 logits' rounding moves it by nats
-        at the μ̄ this method solves. Pass ``dtype="bfloat16"`` to trade that for speed and memory.
+        at the μ̄ this method solves. ``dtype="bfloat16"`` trades that for speed and memory, with a
+        :class:`~svd_lightning.precision.SteeringPrecisionWarning` that states the measured error at μ̄.
         """
         model, tokenizer, run = load_run(path)
         config = run.steering.replace(**overrides)

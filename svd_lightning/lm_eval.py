@@ -28,6 +28,7 @@ from lm_eval.models.huggingface import HFLM
 from svd_lightning.api import SteeredModel
 from svd_lightning.config import FORWARD_MODES, METHODS
 from svd_lightning.decoding import paired_logits, steered_generate
+from svd_lightning.precision import check_steering_precision
 from svd_lightning.steering import steered_log_probs
 from svd_lightning.progress import say
 
@@ -64,6 +65,8 @@ class SteeredHFLM(HFLM):
         self._first_scored = 0  # see _loglikelihood_tokens
         super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
                          max_length=max_length, **kwargs)
+        check_steering_precision(self.steered.model, self.steering_config.mu, f"lm-eval svd backend ({run_dir})",
+                                 autocast=self.mixed_precision_dtype)
 
     def _loglikelihood_tokens(self, requests, *args, **kwargs):
         # Identical (context, continuation) tokens are scored once: TruthfulQA's MC1 choices recur in

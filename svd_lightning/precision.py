@@ -8,6 +8,8 @@ Log-probabilities are computed in fp32 either way (:func:`svd_lightning.steering
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BF16 = "bf16-mixed"
@@ -73,3 +75,72 @@ def describe_cpu() -> str:
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
     have = [f for f in wanted if f in flags]
     return f"{model} ({', '.join(have) or 'no AVX2/AVX512 flags'}; oneDNN bf16: {cpu_has_fast_bf16()})"
+
+
+# -- steering in a low precision -----------------------------------------------------------------------------
+# Steered scores add μ̄·δz, δz a difference of two nearly equal distributions, so a low-precision forward
+# pass's rounding is amplified by |μ̄|. Measured by benchmarks/precision.py on SmolLM2-135M + LoRA against
+# fp64 weights (benchmarks/results/precision.json; tests/test_precision.py keeps these equal to it):
+# kind -> |μ| -> (median, max) error of a row's steered score, nats.
+MEASURED_STEERING_ERROR: dict[str, dict[float, tuple[float, float]]] = {}
+STEERING_ERROR_BOUND = 0.01  # nats: a steered score may err by this much before we say so (fp32 stays below it)
+_LOW = {torch.bfloat16: "bf16 weights", torch.float16: "fp16 weights"}
+
+
+class SteeringPrecisionWarning(UserWarning):
+    """Steered scores computed in a precision whose measured error exceeds :data:`STEERING_ERROR_BOUND`."""
+
+
+def steering_error(kind: str, mu: float) -> tuple[float, float]:
+    """The measured (median, max) error at |μ| for ``kind`` (a key of :data:`MEASURED_STEERING_ERROR`):
+    interpolated in log |μ| between measured points, held at the smallest below it, and grown in proportion
+    to |μ| past the largest (the error is |μ| times the rounding of δz there)."""
+    table = MEASURED_STEERING_ERROR[kind]
+    points = sorted(table)
+    m = abs(float(mu))
+    if m <= points[0]:
+        return table[points[0]]
+    if m >= points[-1]:
+        scale = m / points[-1]
+        return table[points[-1]][0] * scale, table[points[-1]][1] * scale
+    hi = next(p for p in points if p >= m)
+    lo = points[points.index(hi) - 1]
+    t = (math.log(m) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return tuple((1 - t) * a + t * b for a, b in zip(table[lo], table[hi]))
+
+
+def steering_precision(model: torch.nn.Module, autocast: torch.dtype | None = None) -> str | None:
+    """Which measured low-precision kind ``model`` steers in (None: fp32 or better)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype in _LOW:
+        return _LOW[dtype]
+    if autocast in (torch.bfloat16, torch.float16) and dtype == torch.float32:
+        return f"{'bf16' if autocast == torch.bfloat16 else 'fp16'} autocast over fp32 weights"
+    return None
+
+
+def check_steering_precision(model: torch.nn.Module, mu: float | None, where: str,
+                             autocast: torch.dtype | None = None) -> str | None:
+    """Warn (:class:`SteeringPrecisionWarning`) when ``model`` steers at ``mu`` in a precision whose measured
+    error exceeds :data:`STEERING_ERROR_BOUND`, with that error and the setting that fixes it; returns the
+    message (None: within the bound). Never silent, never a change to the user's model."""
+    import warnings
+
+    kind = steering_precision(model, autocast)
+    if kind is None or mu is None or mu == 0 or kind not in MEASURED_STEERING_ERROR:
+        if kind is not None and kind not in MEASURED_STEERING_ERROR and mu:
+            message = (f"{where}: steering in {kind}, a precision whose error is not measured (benchmarks/precision.py); "
+                       "load the model in float32 for scores within "
+                       f"{STEERING_ERROR_BOUND:g} nats")
+            warnings.warn(message, SteeringPrecisionWarning, stacklevel=3)
+            return message
+        return None
+    median, worst = steering_error(kind, mu)
+    if worst <= STEERING_ERROR_BOUND:
+        return None
+    message = (f"{where}: steering in {kind} at |μ̄| = {abs(mu):.3g}: steered scores err by about {median:.2g} nats "
+               f"(up to {worst:.2g}) against fp32/fp64, measured on SmolLM2-135M (benchmarks/results/precision.md); the "
+               f"bound is {STEERING_ERROR_BOUND:g} nats. Load the model in float32 for exact scores: "
+               "SteeredModel.from_run_dir(..., dtype='float32'); lm-eval: leave mixed_precision_dtype unset")
+    warnings.warn(message, SteeringPrecisionWarning, stacklevel=3)
+    return message

@@ -213,6 +213,55 @@ def test_greedy_generation_matches_the_fp64_reference(tokenizer, family, method)
         assert out[0].cpu().tolist() == expected, f"{family}/{method}/{mode}"
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "phi3", "gpt2"])
+def test_every_generation_entry_point_matches_the_fp64_reference(tokenizer, family):
+    """``SteeredModel.generate``, ``custom_generate`` and ``logits_processor`` on a user's own generate call."""
+    from transformers import LogitsProcessorList
+
+    from svd_lightning.api import SteeredModel
+
+    model = adapted(family, "lora", tokenizer)
+    text = PRIMER + "Q: Is the sky blue?\nA:"
+    prompt = torch.tensor(tokenizer(text)["input_ids"])
+    expected = reference_greedy(model, prompt, steps=6)
+    sm = SteeredModel(model, tokenizer, SteeringConfig(mu=MU, alpha=ALPHA))
+    enc = {"input_ids": prompt[None].to(DEVICE), "attention_mask": torch.ones_like(prompt)[None].to(DEVICE)}
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    own = sm.model.generate(**enc, custom_generate=sm.custom_generate, **kw)
+    processed = sm.model.generate(**enc, logits_processor=LogitsProcessorList([sm.logits_processor(enc["attention_mask"])]), **kw)
+    for name, out in (("custom_generate", own), ("logits_processor", processed)):
+        assert out[0].cpu().tolist() == expected, f"{family}: {name}"
+    [answer] = sm.generate([text], max_new_tokens=6, eos_token_id=None)
+    assert answer == tokenizer.decode(expected[len(prompt):], skip_special_tokens=True), family
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "qwen2", "mistral-wide"])
+def test_the_lm_eval_backends_logits_match_full_rows(tokenizer, family):
+    """lm-eval's ``_model_call`` path (``paired_logits`` with the split prefix): warm and base logits of rows
+    sharing a primer equal one full forward per row, windows shorter or longer than the rows."""
+    from svd_lightning.decoding import paired_logits
+
+    model = adapted(family, "lora", tokenizer)
+    rows = [tokenizer(q.prompt + q.choices[0])["input_ids"] for q in QUESTIONS[:2]]
+    width = min(map(len, rows))
+    ids = torch.tensor([r[:width] for r in rows], device=DEVICE)
+    skip = len(tokenizer(PRIMER)["input_ids"]) - 1
+    ref = copy.deepcopy(model).cpu().double()
+    with torch.no_grad():
+        warm_ref = torch.stack([_full_logits(ref, r.cpu()) for r in ids])
+        plain_fp32 = torch.stack([_full_logits(model, r) for r in ids]).double().cpu()
+        with ref.disable_adapter():
+            base_ref = torch.stack([_full_logits(ref, r.cpu()) for r in ids])
+    # as exact as a plain fp32 forward of each row: twice its own distance to fp64
+    floor = 2 * (plain_fp32 - warm_ref).abs().max().item() + 1e-6
+    for mode in _modes(model):
+        for _ in range(2):  # the second call finds the primer cached
+            warm, base = paired_logits(model, ids, mode, skip=skip)
+            n = warm.shape[1]
+            torch.testing.assert_close(warm.double().cpu(), warm_ref[:, -n:], rtol=0, atol=floor)
+            torch.testing.assert_close(base.double().cpu(), base_ref[:, -n:], rtol=0, atol=floor)
+
+
 @pytest.mark.parametrize("family,method", [(f, "lora") for f in FAMILIES] + [("phi3", "ia3"), ("gpt2", "ia3")])
 def test_fit_runs_on_every_family_with_the_shipped_tiny_config(tmp_path, monkeypatch, tokenizer, family, method):
     """`svd-lightning fit --config configs/tiny.yaml` on a saved tiny model of each family: no hand-written
