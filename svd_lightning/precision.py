@@ -82,7 +82,11 @@ def describe_cpu() -> str:
 # pass's rounding is amplified by |μ̄|. Measured by benchmarks/precision.py on SmolLM2-135M + LoRA against
 # fp64 weights (benchmarks/results/precision.json; tests/test_precision.py keeps these equal to it):
 # kind -> |μ| -> (median, max) error of a row's steered score, nats.
-MEASURED_STEERING_ERROR: dict[str, dict[float, tuple[float, float]]] = {}
+MEASURED_STEERING_ERROR: dict[str, dict[float, tuple[float, float]]] = {
+    "bf16 weights": {1: (0.113, 0.49), 3: (0.138, 0.603), 10: (0.26, 2.04), 30: (0.894, 6.06), 100: (3.3, 20.9)},
+    "fp16 weights": {1: (0.0122, 0.0698), 3: (0.0162, 0.101), 10: (0.0414, 0.273), 30: (0.128, 0.747), 100: (0.439, 2.37)},
+    "bf16 autocast over fp32 weights": {1: (0.095, 0.45), 3: (0.124, 0.591), 10: (0.231, 1.95), 30: (0.726, 6.32), 100: (2.45, 20.6)},
+}
 STEERING_ERROR_BOUND = 0.01  # nats: a steered score may err by this much before we say so (fp32 stays below it)
 _LOW = {torch.bfloat16: "bf16 weights", torch.float16: "fp16 weights"}
 

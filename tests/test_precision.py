@@ -83,3 +83,85 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     assert precision.resolve_precision("bf16-mixed", "cpu") == ("bf16-mixed", "set explicitly")
     assert precision.resolve_precision("32-true", "cpu") == ("32-true", "set explicitly")
+
+
+# -- steering in a low precision: a measured policy ------------------------------------------------------------
+def test_the_policys_numbers_are_the_committed_measurement():
+    """svd_lightning.precision.MEASURED_STEERING_ERROR is benchmarks/results/precision.json, to its rounding."""
+    import json
+
+    measured = json.loads((ROOT / "benchmarks" / "results" / "precision.json").read_text())
+    expected = {}
+    for row in measured["rows"]:
+        if row["mu_abs"] is not None and row["variant"] in precision.MEASURED_STEERING_ERROR:
+            expected.setdefault(row["variant"], {})[row["mu_abs"]] = (row["median_error"], row["max_error"])
+    assert set(expected) == set(precision.MEASURED_STEERING_ERROR) and expected
+    for kind, table in expected.items():
+        assert set(table) == set(precision.MEASURED_STEERING_ERROR[kind])
+        for mu, (median, worst) in table.items():
+            assert precision.MEASURED_STEERING_ERROR[kind][mu] == pytest.approx((median, worst), rel=0.01), (kind, mu)
+    fp32 = [r for r in measured["rows"] if r["variant"] == "fp32 weights" and r["mu_abs"] is not None]
+    assert max(r["max_error"] for r in fp32) <= precision.STEERING_ERROR_BOUND  # the bound fp32 keeps
+
+
+def test_steering_error_interpolates_in_log_mu_and_grows_past_the_table():
+    kind = next(iter(precision.MEASURED_STEERING_ERROR))
+    table = precision.MEASURED_STEERING_ERROR[kind]
+    points = sorted(table)
+    assert precision.steering_error(kind, -points[0] / 10) == table[points[0]]
+    assert precision.steering_error(kind, points[1]) == pytest.approx(table[points[1]])
+    mid = (points[1] * points[2]) ** 0.5  # halfway in log |μ|
+    assert precision.steering_error(kind, mid) == pytest.approx(
+        tuple((a + b) / 2 for a, b in zip(table[points[1]], table[points[2]])))
+    assert precision.steering_error(kind, 2 * points[-1]) == pytest.approx(tuple(2 * x for x in table[points[-1]]))
+
+
+@pytest.mark.parametrize("dtype,warns", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)])
+def test_a_steered_model_in_a_low_precision_says_its_measured_error(dtype, warns):
+    from svd_lightning.api import SteeredModel
+    from svd_lightning.config import SteeringConfig
+
+    from conftest import perturbed_lora
+    from svd_lightning.tiny import tiny_model_and_tokenizer
+
+    model = perturbed_lora().to(dtype)
+    with pytest.warns(precision.SteeringPrecisionWarning) if warns else _no_warning(precision.SteeringPrecisionWarning) as record:
+        SteeredModel(model, tiny_model_and_tokenizer()[1], SteeringConfig(mu=-30.0))
+    if warns:
+        message = str(record[0].message)
+        kind = precision.steering_precision(model)
+        median, worst = precision.steering_error(kind, 30.0)
+        assert f"{median:.2g} nats" in message and f"up to {worst:.2g}" in message and "dtype='float32'" in message
+    # μ = 0 steers nothing: no warning, whatever the precision
+    with _no_warning(precision.SteeringPrecisionWarning):
+        SteeredModel(model, tiny_model_and_tokenizer()[1], SteeringConfig(mu=0.0))
+
+
+def test_bf16_autocast_over_fp32_weights_is_its_own_measured_kind():
+    from conftest import perturbed_lora
+
+    model = perturbed_lora()
+    assert precision.steering_precision(model) is None
+    kind = precision.steering_precision(model, autocast=torch.bfloat16)
+    assert kind == "bf16 autocast over fp32 weights" and kind in precision.MEASURED_STEERING_ERROR
+    with pytest.warns(precision.SteeringPrecisionWarning, match="bf16 autocast"):
+        precision.check_steering_precision(model, -10.0, "here", autocast=torch.bfloat16)
+
+
+class _no_warning:
+    """``pytest.warns``' opposite: fails if ``category`` is warned inside."""
+
+    def __init__(self, category):
+        self.category = category
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self.record = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self.record
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        assert not [w for w in self.record if issubclass(w.category, self.category)]
