@@ -73,10 +73,10 @@ def _full_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.unsqueeze(0)).logits[0, -T:]  # prompt tuning prepends its virtual positions
 
 
-def reference_scores(model, batch: dict, mu: float = MU, alpha: float = ALPHA) -> dict[str, torch.Tensor]:
-    """plain / base / steered summed log-probs per row, fp64, one full forward per row and role."""
+def reference_rows(model, batch: dict):
+    """Per row: fp64 warm and pre-trained log-probs at its labelled positions, their labels, the
+    steering vector δz and the α mask -- one full forward per row with the adapter on, one with it off."""
     ref = copy.deepcopy(model).cpu().double()
-    out = {"plain": [], "base": [], "steered": []}
     for ids, mask, labels in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["labels"].cpu()):
         n = int(mask.sum())
         ids, labels = ids[:n], labels[:n]
@@ -84,13 +84,17 @@ def reference_scores(model, batch: dict, mu: float = MU, alpha: float = ALPHA) -
         with ref.disable_adapter():
             base = torch.log_softmax(_full_logits(ref, ids).double(), -1)
         t = (labels[1:] != -100).nonzero().squeeze(1)
-        y = labels[1:][t]
         w, b = warm[t], base[t]
         p = w.exp()
         r = w - b
-        kl = (p * r).sum(-1, keepdim=True)
-        delta = p * (kl - r)
-        keep = p >= alpha * p.max(-1, keepdim=True).values
+        delta = p * ((p * r).sum(-1, keepdim=True) - r)  # p ⊙ (KL − r)
+        yield w, b, labels[1:][t], delta, p >= ALPHA * p.max(-1, keepdim=True).values
+
+
+def reference_scores(model, batch: dict, mu: float = MU) -> dict[str, torch.Tensor]:
+    """plain / base / steered summed log-probs per row (fp64)."""
+    out = {"plain": [], "base": [], "steered": []}
+    for w, b, y, delta, keep in reference_rows(model, batch):
         steered = torch.log_softmax(w + mu * torch.where(keep, delta, 0.0), -1)  # masked: δ̂ = 0, warm logits kept
         for name, lp in (("plain", w), ("base", b), ("steered", steered)):
             out[name].append(lp.gather(1, y[:, None]).sum())
@@ -134,24 +138,12 @@ def test_steered_scores_match_the_fp64_reference_on_every_layout(tokenizer, fami
                                            msg=lambda m: f"{family}/{method}/{attn}/{mode}/kv-shared: {m}")
 
 
-def reference_strengths(model, batch: dict, alpha: float = ALPHA) -> dict[str, float]:
+def reference_strengths(model, batch: dict) -> dict[str, float]:
     """The per-token strengths μ* of the calib reference answers (fp64) and their mean, median and pooled
     ratio, identity and Fisher curvature (svdecode.md §2)."""
-    ref = copy.deepcopy(model).cpu().double()
     num, den_i, den_f = [], [], []
-    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
-        n = int(mask.sum())
-        ids, labels = ids[:n], labels[:n]
-        w = torch.log_softmax(_full_logits(ref, ids).double(), -1)
-        with ref.disable_adapter():
-            b = torch.log_softmax(_full_logits(ref, ids).double(), -1)
-        t = (labels[1:] != -100).nonzero().squeeze(1)
-        y = labels[1:][t]
-        w, b = w[t], b[t]
+    for w, _, y, delta, keep in reference_rows(model, batch):
         p = w.exp()
-        r = w - b
-        delta = p * ((p * r).sum(-1, keepdim=True) - r)
-        keep = p >= alpha * p.max(-1, keepdim=True).values
         d = torch.where(keep, delta, 0.0)
         e = torch.nn.functional.one_hot(y, p.shape[-1]).double()
         num.append(((e - p) * d).sum(-1))
