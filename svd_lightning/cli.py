@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
@@ -53,6 +54,8 @@ class SteeringCLI(LightningCLI):
         if self._get(self.config, "test_after_fit") and isinstance(self.datamodule, ChoiceDataModule):
             try:  # fit ends by scoring test: an empty test split fails now, not after training
                 self.datamodule.check_splits("test")
+            except InputError:  # the data itself (a missing file, a bad row): its own message says what fixes it
+                raise
             except ValueError as err:
                 raise ValueError(f"{err} (fit ends by scoring it; --test_after_fit false skips that)") from None
 
@@ -119,6 +122,37 @@ class SteeringCLI(LightningCLI):
         return self._instantiate_trainer({**config, "precision": precision, "callbacks": own}, extra)
 
 
+def config_names() -> list[str]:
+    """The configs the package ships, by name: ``tiny``, ``truthfulqa/lora``, ``paper/llama-3.1-8b-lora``, …"""
+    from importlib.resources import files
+
+    root = Path(str(files("svd_lightning") / "configs"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if p.parent.name != "_base")
+
+
+def packaged_configs(argv: list[str]) -> list[str]:
+    """``--config NAME`` (or ``-c NAME``) with a shipped config's name instead of a file: that file, found
+    with importlib.resources, as litgpt finds its recipes. A path that exists always wins."""
+    from importlib.resources import files
+
+    out, take = [], False
+    for arg in argv:
+        value, prefix = arg, ""
+        if arg.startswith("--config="):
+            prefix, value = "--config=", arg[len("--config="):]
+        if (take or prefix) and not Path(value).exists():
+            name = value.removesuffix(".yaml").removeprefix("configs/")
+            shipped = Path(str(files("svd_lightning") / "configs")) / f"{name}.yaml"
+            if shipped.is_file():
+                value = str(shipped)
+            elif "/" not in value and "." not in value:
+                raise InputError(f"--config {value}: no such file and no shipped config of that name "
+                                 f"(shipped: {', '.join(config_names())})")
+        out.append(prefix + value)
+        take = arg in ("--config", "-c")
+    return out
+
+
 def main(args=None) -> None:
     """``svd-lightning fit|validate|test|predict`` (LightningCLI), ``svd-lightning generate`` (a run
     directory answers a JSONL of prompts, plain and steered; see :mod:`svd_lightning.generate`) and
@@ -137,6 +171,11 @@ def main(args=None) -> None:
             raise SystemExit(f"svd-lightning eval needs lm-eval: pip install -e '.[lm-eval]' ({err})") from None
         evaluate(argv[1:], prog="svd-lightning eval")
         return
+    try:
+        argv = [*argv[:1], *packaged_configs(argv[1:])]
+    except InputError as err:
+        say(f"error: {err}")
+        raise SystemExit(2) from None
     global _STARTED
     _STARTED = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _terminated)  # Lightning keeps it in its own SIGTERM handler
@@ -149,7 +188,7 @@ def main(args=None) -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"default_env": True, "epilog": "Generation from a run directory: svd-lightning generate "
                                                          "--help; lm-eval tasks: svd-lightning eval --help"},
-            args=args,
+            args=argv,
         )
     except InputError as err:
         say(f"error: {err}")

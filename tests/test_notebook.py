@@ -1,6 +1,7 @@
 """notebooks/walkthrough.ipynb runs top to bottom on the tiny model and shows what it claims to show.
 
-Needs the TruthfulQA file at ../shared/data (as CI has it); without it the notebook fails loudly.
+Needs the TruthfulQA file at ../shared/data (as CI has it; SVD_LIGHTNING_DATA points there); without it
+the notebook fails loudly.
 """
 
 import math
@@ -36,6 +37,7 @@ def test_notebook_is_saved_without_outputs():
 @pytest.mark.slow
 def test_walkthrough_runs_on_the_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's run directory (tempfile.mkdtemp) lands here
+    monkeypatch.setenv("SVD_LIGHTNING_DATA", str(NOTEBOOKS.parents[1] / "shared" / "data"))  # the kernel runs in notebooks/
     nb = nbformat.read(WALKTHROUGH, as_version=4)
     # execute() raises CellExecutionError (with the traceback) as soon as a cell errors.
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()

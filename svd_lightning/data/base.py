@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -26,9 +27,12 @@ from svd_lightning.logger import start_run
 from svd_lightning.metrics import MetricFamily
 from svd_lightning.progress import say
 
-# svd_lightning/data/base.py -> the project root, so relative data paths also work from notebooks/
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = "../shared/data"
+# Data paths resolve without looking at where the package is installed: as given (relative to the working
+# directory), else under the data root SVD_LIGHTNING_DATA (a folder laid out like this project's
+# ../shared/data, whose prefix a path may keep), else a sample shipped in the package ("package:NAME").
+DATA_ENV = "SVD_LIGHTNING_DATA"
+SHARED_DATA = "../shared/data"  # the layout's prefix in the shipped configs (this repository's checkout)
+PACKAGE_DATA = "package:"
 SKIPPED_FILE = "skipped_rows.jsonl"  # in the run directory, when bad_rows: skip dropped any
 BadRows = Literal["error", "skip"]
 Overlap = Literal["drop", "error", "keep"]
@@ -54,17 +58,39 @@ class DataError(InputError):
         return DataError(self.path, f"{self.reason} (set bad_rows: skip to drop such rows)", self.row, self.field)
 
 
+class DataFileNotFound(InputError, FileNotFoundError):
+    """A data file that is not where its setting points (the CLI prints it as one line, exit 2)."""
+
+
 def resolve_path(path: str | Path) -> Path:
-    """``path`` as given (relative to the working directory), else relative to the project root."""
-    p = Path(path).expanduser()
+    """A data file's path: ``package:NAME`` (a sample shipped in the package), else ``path`` as given
+    (relative to the working directory), else under ``$SVD_LIGHTNING_DATA`` (its ``../shared/data/`` prefix
+    dropped). A missing file is a :class:`DataFileNotFound` naming every place looked at and the settings."""
+    text = str(path)
+    if text.startswith(PACKAGE_DATA):
+        from importlib.resources import files
+
+        sample = files("svd_lightning.data") / "samples" / text[len(PACKAGE_DATA):]
+        if sample.is_file():
+            return Path(str(sample))
+        shipped = sorted(p.name for p in (files("svd_lightning.data") / "samples").iterdir() if p.name.endswith(".json"))
+        raise DataFileNotFound(f"data file {text!r}: the package ships no such sample (it ships {', '.join(shipped)})")
+    p = Path(text).expanduser()
     if p.exists():
         return p
-    if not p.is_absolute() and (PROJECT_ROOT / p).exists():
-        return PROJECT_ROOT / p
-    tried = str(p) if p.is_absolute() else f"{Path.cwd() / p} and {PROJECT_ROOT / p}"
-    raise FileNotFoundError(
-        f"data file {str(path)!r} not found (looked at {tried}). The shared data is expected at "
-        f"{SHARED_DATA} relative to the project root; see {SHARED_DATA}/SOURCES.md"
+    tried = [str(p if p.is_absolute() else Path.cwd() / p)]
+    root = os.environ.get(DATA_ENV)
+    if root and not p.is_absolute():
+        rest = text[len(SHARED_DATA) + 1:] if text.startswith(SHARED_DATA + "/") else text
+        candidate = Path(root).expanduser() / rest
+        if candidate.exists():
+            return candidate
+        tried.append(f"{candidate} (${DATA_ENV})")
+    raise DataFileNotFound(
+        f"data file {text!r} not found (looked at {' and '.join(tried)}). Point the DataModule's path at it "
+        f"(e.g. --data.init_args.path FILE), or set {DATA_ENV} to a folder laid out like shared/data "
+        f"(truthfulqa/v1_2021/mc_task.json, commonsense/...); `package:truthfulqa_mc_40.json` is a 40-question sample"
+        + ("" if root else f" ({DATA_ENV} is not set)")
     )
 
 
