@@ -23,7 +23,7 @@ import torch
 
 from svd_lightning import decoding, models
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
-from svd_lightning.calibration import calibrate
+from svd_lightning.calibration import CalibrationNeeds, calibrate, calibrate_pass
 from svd_lightning.config import SteeringConfig
 from svd_lightning.decoding import one_forward_unsupported, score_choices, steered_generate
 
@@ -154,9 +154,66 @@ def reference_strengths(model, batch: dict) -> dict[str, float]:
     ok = den_i.sqrt() >= 1e-12
     num, den_i, den_f = num[ok], den_i[ok], den_f[ok]
     mu_i, mu_f = num / (den_i + 1e-12), num / (den_f + 1e-12)
+
+    def trimmed(mu: torch.Tensor, trim: float = 0.1) -> float:  # drop int(trim·n) at each tail
+        k = int(trim * mu.numel())
+        return mu.sort().values[k: mu.numel() - k].mean().item()
+
     return {"mean_identity": mu_i.mean().item(), "median_identity": mu_i.quantile(0.5).item(),
+            "trimmed_identity": trimmed(mu_i), "trimmed_fisher": trimmed(mu_f),
             "pooled_identity": (num.sum() / (den_i + 1e-12).sum()).item(), "mean_fisher": mu_f.mean().item(),
             "pooled_fisher": (num.sum() / (den_f + 1e-12).sum()).item()}
+
+
+def _row_log_probs(model, batch: dict):
+    """``f(mus) -> [len(mus), rows]``: each row's summed steered label log-prob at every μ (fp64)."""
+    rows = list(reference_rows(model, batch))
+    w = torch.cat([r[0] for r in rows])
+    d = torch.cat([torch.where(r[4], r[3], 0.0) for r in rows])  # δ̂
+    y = torch.cat([r[2] for r in rows])
+    row = torch.cat([torch.full((len(r[2]),), i) for i, r in enumerate(rows)])
+
+    def f(mus: torch.Tensor) -> torch.Tensor:
+        lp = torch.log_softmax(w + mus.view(-1, 1, 1) * d, -1).gather(2, y.view(1, -1, 1).expand(len(mus), -1, 1))[..., 0]
+        return torch.zeros(len(mus), len(rows), dtype=torch.float64).index_add(1, row, lp)
+    return f
+
+
+def _minimise(loss) -> float:
+    """The minimiser of a smooth 1-D loss (``loss(mus [K]) -> [K]``): a log-spaced scan over 0, ±0.01 … ±1000,
+    then golden section between the best point's neighbours."""
+    side = torch.logspace(-2, 3, 81, dtype=torch.float64)
+    grid = torch.cat([-side.flip(0), torch.zeros(1, dtype=torch.float64), side])
+    values = loss(grid)
+    i = int(values.argmin())
+    a, b = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)])
+    g = (5 ** 0.5 - 1) / 2
+    for _ in range(80):
+        c, d = b - g * (b - a), a + g * (b - a)
+        lc, ld = loss(torch.tensor([c, d], dtype=torch.float64)).tolist()
+        a, b = (a, d) if lc < ld else (c, b)
+    return (a + b) / 2
+
+
+def reference_exact(model, batch: dict) -> float:
+    """``exact``: the μ minimising the calib NLL of the reference answers' tokens, −Σ log softmax(z_φ + μ δ̂)[y]."""
+    f = _row_log_probs(model, batch)
+    return _minimise(lambda mus: -f(mus).sum(1))
+
+
+def reference_choice_nll(model, batch: dict) -> float:
+    """``choice_nll``: the μ minimising the calib multiple-choice loss, −Σ_sets log Σ_true softmax(S_c(μ))."""
+    f = _row_log_probs(model, batch)
+    sets = {}
+    for i, key in enumerate(zip(batch["question_index"].tolist(), batch["choice_set"].tolist())):
+        sets.setdefault(key, []).append(i)
+    true = batch["is_true"].bool()
+    groups = [(torch.tensor(m), true[m]) for m in sets.values() if true[m].any()]
+
+    def loss(mus: torch.Tensor) -> torch.Tensor:
+        s = f(mus)
+        return -sum(torch.logsumexp(s[:, m][:, t], 1) - torch.logsumexp(s[:, m], 1) for m, t in groups)
+    return _minimise(loss)
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, *WIDE])
@@ -167,11 +224,21 @@ def test_calibration_statistics_match_the_fp64_reference(tokenizer, family):
     batch = collate_lm(QUESTIONS, Tokenized(tokenizer, 128))
     expected = reference_strengths(model, batch)
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    choices = collate_choices(QUESTIONS, Tokenized(tokenizer, 128))
+    exact, choice = reference_exact(model, batch), reference_choice_nll(model, choices)
+    choices = {k: v.to(DEVICE) for k, v in choices.items()}
+    settings = SteeringConfig(alpha=ALPHA)
     for mode in _modes(model):
-        summary = calibrate(model, [batch], SteeringConfig(alpha=ALPHA, forward_mode=mode), progress=False).stats.summary()
+        result = calibrate(model, [batch], settings.replace(forward_mode=mode), progress=False)
+        summary = result.stats.summary()
         for key, value in expected.items():
             # fp32 numerators and denominators: relative 1e-4, and absolute for strengths near 0
             assert summary[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{family}/{mode} {key}"
+        # the solved strengths: minimisers of fp32 losses, flat near their minimum -- 1e-3 relative
+        assert result.cache.solve() == pytest.approx(exact, rel=1e-3, abs=1e-3), f"{family}/{mode} exact"
+        needs = CalibrationNeeds(choice_caches={"c": settings.replace(forward_mode=mode)})
+        solved = calibrate_pass(model, [choices], settings.replace(forward_mode=mode), needs, progress=False)
+        assert solved.choice_caches["c"].cache.solve() == pytest.approx(choice, rel=1e-3, abs=1e-3), f"{family}/{mode} choice_nll"
 
 
 def reference_greedy(model, ids: torch.Tensor, steps: int, mu: float = MU, alpha: float = ALPHA) -> list[int]:
