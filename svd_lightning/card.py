@@ -14,16 +14,15 @@ from svd_lightning.config import VARIANT_LABELS as _VARIANTS
 from svd_lightning.metrics import variant_table
 
 CARD_FILE = "README.md"
-# The aliases of svd_lightning.models, by the Hub model they are.
-_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def _base_model(model: str) -> str | None:
-    """The Hub id of the run's base model, where the source names one."""
-    if model in _HUB_IDS:
-        return _HUB_IDS[model]
-    looks_like_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not model.endswith(".gguf")
-    return model if looks_like_id else None
+    """The Hub id of the run's base model, where the source names one (our aliases: the model they stand for)."""
+    from svd_lightning.models import portable_base
+
+    name = portable_base(model)[0]
+    looks_like_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf")
+    return name if looks_like_id else None
 
 
 def _num(value: Any, digits: int = 4) -> str:
