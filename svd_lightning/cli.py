@@ -176,6 +176,8 @@ def main(args=None) -> None:
     except InputError as err:
         say(f"error: {err}")
         raise SystemExit(2) from None
+    if args is None:  # the console script: LightningCLI reads sys.argv (and warns when given both)
+        sys.argv[1:] = argv
     global _STARTED
     _STARTED = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _terminated)  # Lightning keeps it in its own SIGTERM handler
@@ -188,7 +190,7 @@ def main(args=None) -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"default_env": True, "epilog": "Generation from a run directory: svd-lightning generate "
                                                          "--help; lm-eval tasks: svd-lightning eval --help"},
-            args=argv,
+            args=None if args is None else argv,
         )
     except InputError as err:
         say(f"error: {err}")
