@@ -296,9 +296,9 @@ class _GridLosses:
 
     def row_scores(self, scores: torch.Tensor, paired: PairedLabels, row: torch.Tensor) -> None:
         """Add some label positions' steered log-probs to the batch's per-row sums ``scores [K, N]``."""
-        row = row.cpu()
-        for i, config in enumerate(self.configs):
-            scores[i].index_add_(0, row, paired.log_probs(config).double().cpu())
+        # one device-to-host copy for the whole grid (not one per grid point)
+        values = torch.stack([paired.log_probs(config) for config in self.configs]).double().cpu()
+        scores.index_add_(1, row.cpu(), values)
 
     def add(self, batch, scores: torch.Tensor) -> None:
         """The batch's choice-set losses at every grid point, from its per-row sums."""
