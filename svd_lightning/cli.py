@@ -26,6 +26,7 @@ from svd_lightning.logger import RunLogger, SaveRunConfig, finish_run, hold
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import resolve_precision
 from svd_lightning.progress import LogProgressBar, say, stderr_is_terminal
+from svd_lightning.recipes import packaged_configs
 
 
 # The steering callbacks every command gets (LightningCLI's always-on callbacks): a config sets their
@@ -120,37 +121,6 @@ class SteeringCLI(LightningCLI):
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             extra.append(ScoreWriter())  # predict writes its scores into the run directory
         return self._instantiate_trainer({**config, "precision": precision, "callbacks": own}, extra)
-
-
-def config_names() -> list[str]:
-    """The configs the package ships, by name: ``tiny``, ``truthfulqa/lora``, ``paper/llama-3.1-8b-lora``, …"""
-    from importlib.resources import files
-
-    root = Path(str(files("svd_lightning") / "configs"))
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if p.parent.name != "_base")
-
-
-def packaged_configs(argv: list[str]) -> list[str]:
-    """``--config NAME`` (or ``-c NAME``) with a shipped config's name instead of a file: that file, found
-    with importlib.resources, as litgpt finds its recipes. A path that exists always wins."""
-    from importlib.resources import files
-
-    out, take = [], False
-    for arg in argv:
-        value, prefix = arg, ""
-        if arg.startswith("--config="):
-            prefix, value = "--config=", arg[len("--config="):]
-        if (take or prefix) and not Path(value).exists():
-            name = value.removesuffix(".yaml").removeprefix("configs/")
-            shipped = Path(str(files("svd_lightning") / "configs")) / f"{name}.yaml"
-            if shipped.is_file():
-                value = str(shipped)
-            elif "/" not in value and "." not in value:
-                raise InputError(f"--config {value}: no such file and no shipped config of that name "
-                                 f"(shipped: {', '.join(config_names())})")
-        out.append(prefix + value)
-        take = arg in ("--config", "-c")
-    return out
 
 
 def main(args=None) -> None:

@@ -129,3 +129,17 @@ def test_cli_adds_the_steering_callbacks_and_a_configs_own_list_replaces_them_by
     assert "trainer.callbacks has its own StrengthSolver: the default one is not added" in capsys.readouterr().err
     per_question = json.loads((tmp_path / "own/version_0/test_per_question.json").read_text())
     assert set(per_question) == {"plain", "base", "steered"}  # no contrastive column
+
+
+def test_help_says_what_the_tool_is_and_lists_its_commands_without_importing_torch():
+    """`svd-lightning --help` answers at once: no torch, Lightning or transformers imported for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from svd_lightning.entry import main; main(['--help']); "
+            "print('heavy:', sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("svd-lightning: Steering Vector Decoding")
+    for command in ("fit,validate,test,predict", "generate", "eval", "--config NAME", "tiny", "paper/llama-3.1-8b-lora"):
+        assert command in out, command
+    assert out.rstrip().endswith("heavy: []")
