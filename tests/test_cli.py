@@ -143,3 +143,16 @@ def test_help_says_what_the_tool_is_and_lists_its_commands_without_importing_tor
     for command in ("fit,validate,test,predict", "generate", "eval", "--config NAME", "tiny", "paper/llama-3.1-8b-lora"):
         assert command in out, command
     assert out.rstrip().endswith("heavy: []")
+
+
+def test_fit_takes_a_load_dataset_spec_as_the_data(tmp_path, monkeypatch):
+    """`--data.init_args.path '{path: json, data_files: ..., split: train}'`: datasets loads it (a hub id where
+    a hub is reachable), and the run records the spec it read."""
+    from conftest import cli_tiny_fit
+
+    data = write_truthfulqa(tmp_path / "questions.json")
+    spec = {"path": "json", "data_files": str(data), "split": "train"}
+    run, _ = cli_tiny_fit(tmp_path, monkeypatch, "--data.init_args.path", json.dumps(spec))
+    assert json.loads((run / "steering.json").read_text())["steering"]["mu"] is not None
+    config = (run / "config.yaml").read_text()
+    assert "data_files" in config and str(data) in config

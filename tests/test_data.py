@@ -512,3 +512,36 @@ def test_data_paths_resolve_under_the_data_root_or_the_packaged_sample(tmp_path,
     dm = TruthfulQADataModule(path="package:truthfulqa_mc_40.json", limit_train=24, limit_calib=8, limit_test=8)
     dm.prepare_data()
     assert (len(dm.train_set), len(dm.calib_set), len(dm.test_set)) == (24, 8, 8)
+
+
+def test_your_datasets_as_you_have_them(tmp_path):
+    """A datasets.Dataset, a one-split DatasetDict and a load_dataset spec give the questions the file gives;
+    the Hub's {choices, labels} layout of truthful_qa too; errors name the dataset, row and field."""
+    import datasets
+
+    from svd_lightning.log import InputError
+
+    path = write_truthfulqa(tmp_path / "mc.json", n=10)
+    rows = json.loads(path.read_text())
+    from_file = TruthfulQADataModule(path=str(path)).load_examples()
+
+    def hub_layout(row):  # truthfulqa/truthful_qa, config multiple_choice
+        return {"question": row["question"], **{k: {"choices": list(v), "labels": list(v.values())}
+                                               for k, v in row.items() if k.endswith("_targets")}}
+    sources = {
+        "Dataset": datasets.Dataset.from_list([hub_layout(r) for r in rows]),
+        "DatasetDict": datasets.DatasetDict({"validation": datasets.Dataset.from_list([hub_layout(r) for r in rows])}),
+        "spec": {"path": "json", "data_files": str(path), "split": "train"},
+    }
+    for name, source in sources.items():
+        got = TruthfulQADataModule(path=source).load_examples()
+        assert [(e.prompt, e.choices, e.is_true, e.choice_sets) for e in got] == \
+               [(e.prompt, e.choices, e.is_true, e.choice_sets) for e in from_file], name
+    two = datasets.DatasetDict({"train": sources["Dataset"], "test": sources["Dataset"]})
+    with pytest.raises(InputError, match=r"splits \['test', 'train'\]: give one split"):
+        TruthfulQADataModule(path=two).load_examples()
+    broken = datasets.Dataset.from_list([hub_layout(r) for r in rows[:3]] + [{"question": "", "mc1_targets": None, "mc2_targets": None}])
+    with pytest.raises(DataError, match=r"datasets.Dataset\(in memory, 4 rows\), row 3, field 'question'"):
+        TruthfulQADataModule(path=broken).load_examples()
+    with pytest.raises(InputError, match="load_dataset spec"):
+        TruthfulQADataModule(path={"data_files": str(path)}).load_examples()

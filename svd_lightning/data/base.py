@@ -156,6 +156,54 @@ def read_records(path: str | Path) -> list:
     return rows
 
 
+# Where a DataModule's rows come from: a file path (str / Path), a ``datasets.Dataset`` or one-split
+# ``DatasetDict`` (Python), or a ``datasets.load_dataset`` spec: {path, name, split, data_files, ...} (YAML).
+DataSource = Any
+_SPEC_KEYS = {"path", "name", "split", "data_files", "data_dir", "revision"}
+
+
+def source_rows(source: DataSource) -> tuple[Path, list]:
+    """``(label, rows)`` of a data source: rows as plain dicts, and what names the source in every error
+    (the file, or a description of the dataset) -- so a bad row names its source, row and field."""
+    if isinstance(source, (str, Path)):
+        path = resolve_path(source)
+        return path, read_records(path)
+    import datasets
+
+    if isinstance(source, dict) and not isinstance(source, datasets.DatasetDict):
+        unknown = sorted(set(source) - _SPEC_KEYS)
+        if "path" not in source or unknown:
+            raise InputError(f"a data source given as a mapping is a datasets.load_dataset spec: keys {sorted(_SPEC_KEYS)}, "
+                             f"'path' required; got {sorted(source)}" + (f" (unknown: {unknown})" if unknown else ""))
+        label = Path("load_dataset(" + ", ".join(f"{k}={v!r}" for k, v in source.items()) + ")")
+        try:
+            loaded = datasets.load_dataset(**source)
+        except Exception as err:  # offline, a missing file or config: name the spec
+            raise DataError(label, f"datasets could not load it: {type(err).__name__}: {err}") from None
+        return source_rows_of_dataset(loaded, label)
+    return source_rows_of_dataset(source, None)
+
+
+def source_rows_of_dataset(dataset: Any, label: Path | None) -> tuple[Path, list]:
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if len(dataset) != 1:
+            raise InputError(f"a DatasetDict with splits {sorted(dataset)}: give one split, e.g. dataset[{sorted(dataset)[0]!r}] "
+                             "(or 'split' in the load_dataset spec); svd-lightning draws train/calib/test from it itself")
+        (name, dataset), = dataset.items()
+    if not isinstance(dataset, datasets.Dataset):
+        raise InputError(f"a data source must be a file path, a datasets.Dataset / DatasetDict or a load_dataset spec, "
+                         f"got {type(dataset).__name__}")
+    if label is None:
+        name = dataset.info.dataset_name or "in memory"
+        label = Path(f"datasets.Dataset({name}, {dataset.num_rows} rows)")
+    rows = [dict(row) for row in dataset]
+    if not rows:
+        raise DataError(label, "the dataset has no rows")
+    return label, rows
+
+
 def _read_csv(path: Path) -> list[dict]:
     # utf-8-sig: TruthfulQA's v1 CSV starts with a BOM that would otherwise end up in the first header
     with io.StringIO(_read_text(path, "utf-8-sig"), newline="") as f:
@@ -346,10 +394,11 @@ class ChoiceDataModule(L.LightningDataModule):
         """All questions of the task that are kept, validated, with ``index`` = position in the file."""
         raise NotImplementedError
 
-    def parse_file(self, path: str | Path, parse: Callable[[Path, int, dict], ChoiceExample]) -> list[ChoiceExample]:
-        """``parse(path, row_number, row)`` over the file's rows; a row's ``DataError`` follows ``bad_rows``."""
-        path = resolve_path(path)
-        rows = read_records(path)
+    def parse_file(self, path: DataSource, parse: Callable[[Path, int, dict], ChoiceExample]) -> list[ChoiceExample]:
+        """``parse(source, row_number, row)`` over the rows of ``path`` -- a file, a ``datasets.Dataset`` (or a
+        one-split ``DatasetDict``), or a ``load_dataset`` spec (:func:`source_rows`); a row's ``DataError``
+        follows ``bad_rows``."""
+        path, rows = source_rows(path)
         kept, skipped = [], []
         for i, row in enumerate(rows):
             try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from svd_lightning.batch import ChoiceExample
 from svd_lightning.data.base import ChoiceDataModule, DataError, check_example, seeded_split
@@ -138,8 +138,8 @@ class CommonsenseDataModule(ChoiceDataModule):
 
     def __init__(
         self,
-        test_path: str,
-        train_path: str | None = None,
+        test_path: str | dict[str, Any],
+        train_path: str | dict[str, Any] | None = None,
         calib_fraction: float = 0.2,
         scoring: Scoring = "option_text",
         **kwargs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import string
 from pathlib import Path
+from typing import Any
 
 from svd_lightning.batch import ChoiceExample
 from svd_lightning.data.base import ChoiceDataModule, DataError, check_example
@@ -27,7 +28,7 @@ class GenericChoiceDataModule(ChoiceDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | dict[str, Any],
         template: str = "{question}",
         choices_field: str = "choices",
         label_field: str = "label",

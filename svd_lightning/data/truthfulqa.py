@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from svd_lightning.batch import ChoiceExample
 from svd_lightning.data.base import ChoiceDataModule, DataError, check_example
 
@@ -46,7 +48,10 @@ class TruthfulQADataModule(ChoiceDataModule):
     TruthfulQA has no train split, so train/calib/test are the seeded split of the 817 questions.
 
     Args:
-        path: ``mc_task.json``; the default is the Oct-2021 v1 file most published MC1/MC2 numbers use.
+        path: ``mc_task.json``; the default is the Oct-2021 v1 file most published MC1/MC2 numbers use. Also a
+            ``datasets.Dataset`` (Python) or a ``load_dataset`` spec (YAML: ``{path: truthfulqa/truthful_qa,
+            name: multiple_choice, split: validation}``); rows in upstream's ``{answer: 0/1}`` or the Hub's
+            ``{choices, labels}`` layout.
         instruction: put the paper's instruction before the six-shot QA primer.
         few_shot: include the six-shot QA primer (off: zero-shot ``Q: ...\nA:``, ~10x fewer prompt tokens).
         **kwargs: see :class:`ChoiceDataModule`.
@@ -55,7 +60,8 @@ class TruthfulQADataModule(ChoiceDataModule):
     metric = "truthfulqa"
 
     def __init__(
-        self, path: str = "../shared/data/truthfulqa/v1_2021/mc_task.json", instruction: bool = True, few_shot: bool = True, **kwargs
+        self, path: str | dict[str, Any] = "../shared/data/truthfulqa/v1_2021/mc_task.json", instruction: bool = True,
+        few_shot: bool = True, **kwargs
     ):
         super().__init__(**kwargs)
         self.path, self.instruction, self.few_shot = path, instruction, few_shot
@@ -70,6 +76,11 @@ class TruthfulQADataModule(ChoiceDataModule):
         choices, is_true, sets = [], [], []
         for s, field in enumerate(SETS):
             targets = row.get(field)
+            if isinstance(targets, dict) and set(targets) == {"choices", "labels"}:  # the Hub's truthful_qa layout
+                if not isinstance(targets["choices"], list) or not isinstance(targets["labels"], list) or \
+                        len(targets["choices"]) != len(targets["labels"]):
+                    raise DataError(path, "'choices' and 'labels' must be lists of one length", i, field)
+                targets = dict(zip(targets["choices"], targets["labels"]))
             if not isinstance(targets, dict) or not targets:
                 raise DataError(path, "expected a non-empty {answer: 0 or 1} object (no choices)", i, field)
             for text, value in targets.items():
