@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
+from svd_lightning.data.protocol import check_datamodule
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, variant_table
 from svd_lightning.statistics import paired_bootstrap
@@ -51,21 +52,24 @@ from svd_lightning.steering import GAMMA_GRID
 Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]  # = config.SOLVED_STRENGTHS
 
 
-def _datamodule_loader(trainer: L.Trainer, method: str, who: str, what: str):
-    dm = trainer.datamodule
-    if dm is None or not hasattr(dm, method):
-        raise RuntimeError(f"{who} need a DataModule with a `{method}()` method ({what}, see svd_lightning.batch)")
-    return getattr(dm, method)()
-
-
 def calibration_loader(trainer: L.Trainer):
-    return _datamodule_loader(trainer, "calib_dataloader", "the steering callbacks",
-                              "teacher-forced prompt + answer batches")
+    """The DataModule's teacher-forced calibration batches (the contract: :mod:`svd_lightning.data.protocol`)."""
+    check_datamodule(trainer.datamodule, None)
+    return trainer.datamodule.calib_dataloader()
 
 
-def choice_calibration_loader(trainer: L.Trainer):
-    return _datamodule_loader(trainer, "calib_choice_dataloader", "strength 'choice_nll' and its callbacks",
-                              "the calibration questions as choice batches")
+def choices_needed_by(needs: CalibrationNeeds) -> str | None:
+    """What in ``needs`` scores the calibration choices (for an error that names it), or None."""
+    who = (["strength 'choice_nll'"] if needs.choice_cache or needs.choice_caches else []) + [
+        "the contrastive baseline's γ (contrastive_baseline: false skips it)" if name == "contrastive"
+        else f"the {name} strength grid" for name in needs.grids]
+    return " and ".join(who) or None
+
+
+def choice_calibration_loader(trainer: L.Trainer, needs: CalibrationNeeds):
+    """The calibration questions as choice batches, for what in ``needs`` scores them."""
+    check_datamodule(trainer.datamodule, choices_needed_by(needs) or "scoring the calibration choices")
+    return trainer.datamodule.calib_choice_dataloader()
 
 
 def _my_batches(trainer: L.Trainer, loader, limit: int | None):
@@ -119,7 +123,7 @@ def calibration_pass(trainer: L.Trainer, pl_module, needs: CalibrationNeeds, who
         step=trainer.global_step,
     )
     model, config = pl_module.model, pl_module.steering_config
-    loader = choice_calibration_loader(trainer) if wanted.choices else calibration_loader(trainer)
+    loader = choice_calibration_loader(trainer, wanted) if wanted.choices else calibration_loader(trainer)
     try:
         mine, count = _my_batches(trainer, loader, wanted.limit_batches)
         result = calibrate_pass(model, mine, config, wanted, total=count, **options)
@@ -230,7 +234,7 @@ class StrengthSolver(L.Callback):
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" or pl_module.mu is None:
             check_calibration_set(trainer)
-            if self.strength == "choice_nll" and len(choice_calibration_loader(trainer)) == 0:
+            if self.strength == "choice_nll" and len(choice_calibration_loader(trainer, self.needs)) == 0:
                 raise ValueError("strength 'choice_nll': calib_choice_dataloader() yields no batches")
             pl_module.steering_state.needs.add(self.needs, type(self).__name__)
 
@@ -340,7 +344,7 @@ class ContrastiveBaseline(L.Callback):
 
     def setup(self, trainer, pl_module, stage):
         if stage != "predict":
-            if len(choice_calibration_loader(trainer)) == 0:
+            if len(choice_calibration_loader(trainer, self.needs)) == 0:
                 raise ValueError("ContrastiveBaseline: calib_choice_dataloader() yields no batches")
             pl_module.steering_state.needs.add(self.needs, type(self).__name__)
 

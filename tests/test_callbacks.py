@@ -151,3 +151,39 @@ def test_a_checkpoint_from_before_the_contrastive_baseline_still_loads():
     module.on_load_checkpoint(old)  # Lightning calls it before load_state_dict
     module.load_state_dict(old["state_dict"])
     assert module.mu == -1.0 and module.gamma is None
+
+
+def test_a_datamodule_without_the_contracts_choice_batches_is_named_with_what_needs_them(tmp_path):
+    """Any LightningDataModule with the contract's methods works; one that lacks calib_choice_dataloader is
+    refused before calibration with the method and what needs it (here the contrastive baseline's γ, not
+    choice_nll: the strength is exact), and works once nothing needs the choices."""
+    import lightning as L
+
+    from svd_lightning.data import SteeringDataModule
+    from svd_lightning.log import InputError
+
+    data = write_truthfulqa(tmp_path / "mc.json", n=12)
+
+    class OwnData(L.LightningDataModule):  # a user's own: the choice-set loaders only where it has them
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_datamodule(data, limit_train=4, limit_calib=2, limit_test=2)
+
+        def setup(self, stage=None):
+            self.inner.tokenizer = self.trainer.lightning_module.tokenizer
+            self.inner.setup(stage)
+
+        def train_dataloader(self):
+            return self.inner.train_dataloader()
+
+        def calib_dataloader(self):
+            return self.inner.calib_dataloader()
+
+    dm = OwnData()
+    assert not isinstance(dm, SteeringDataModule) and isinstance(tiny_datamodule(data), SteeringDataModule)
+    module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
+    with pytest.raises(InputError, match=r"OwnData lacks calib_choice_dataloader\(\) for the contrastive baseline's γ"):
+        tiny_trainer(tmp_path, [StrengthSolver("exact"), ContrastiveBaseline()], limit_val_batches=0).fit(module, dm)
+    module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05, adapter_options={"r": 4})
+    tiny_trainer(tmp_path / "without", [StrengthSolver("exact")], limit_val_batches=0).fit(module, OwnData())
+    assert module.mu is not None

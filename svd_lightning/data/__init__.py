@@ -3,6 +3,7 @@
 from svd_lightning.data.base import ChoiceDataModule, DataError
 from svd_lightning.data.commonsense import CommonsenseDataModule
 from svd_lightning.data.generic import GenericChoiceDataModule
+from svd_lightning.data.protocol import SteeringDataModule, check_datamodule
 from svd_lightning.data.truthfulqa import TruthfulQADataModule
 
 __all__ = [
@@ -10,5 +11,7 @@ __all__ = [
     "CommonsenseDataModule",
     "DataError",
     "GenericChoiceDataModule",
+    "SteeringDataModule",
     "TruthfulQADataModule",
+    "check_datamodule",
 ]
