@@ -239,8 +239,20 @@ def test_csv_and_json_labels_mean_the_same(tmp_path):
         examples = GenericChoiceDataModule(str(tmp_path / name)).load_examples()
         assert [ex.is_true for ex in examples] == [[False, True, False], [False, True], [True, False, True]], name
     write_json(tmp_path / "digits.json", [{"question": "q", "choices": ["1", "2", "3"], "label": "3"}])
-    with pytest.raises(DataError, match=r"label \[3\] is outside the 3 choices .*digits are always read as an index"):
+    with pytest.raises(DataError, match=r"row 0, field 'label': label \[3\] is outside the 3 choices .*reads digits as an "
+                                        r"index: set label_kind: text"):
         GenericChoiceDataModule(str(tmp_path / "digits.json")).load_examples()
+    # numeric answers held as text: the declared setting reads them so, and a mismatch names the row
+    write_json(tmp_path / "numbers.json", [{"question": "q", "choices": ["100", "9"], "label": "9"},
+                                           {"question": "r", "choices": ["7", "8"], "label": 8}])
+    examples = GenericChoiceDataModule(str(tmp_path / "numbers.json"), label_kind="text").load_examples()
+    assert [ex.is_true for ex in examples] == [[False, True], [False, True]]
+    write_json(tmp_path / "numbers.json", [{"question": "q", "choices": ["100", "9"], "label": "10"}])
+    with pytest.raises(DataError, match=r"row 0, field 'label': '10' is not a choice's text.*set label_kind: index"):
+        GenericChoiceDataModule(str(tmp_path / "numbers.json"), label_kind="text").load_examples()
+    with pytest.raises(DataError, match=r"row 0, field 'label': 'nine' is not an index \(label_kind: index"):
+        write_json(tmp_path / "numbers.json", [{"question": "q", "choices": ["100", "9"], "label": "nine"}])
+        GenericChoiceDataModule(str(tmp_path / "numbers.json"), label_kind="index").load_examples()
 
 
 def test_empty_split_fails_before_training(tmp_path):

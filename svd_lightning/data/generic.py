@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from svd_lightning.batch import ChoiceExample
 from svd_lightning.data.base import ChoiceDataModule, DataError, check_example
@@ -19,9 +19,11 @@ class GenericChoiceDataModule(ChoiceDataModule):
         template: ``str.format`` template over the row's fields, giving the prompt.
         choices_field: a list of strings, or (CSV) one ``;``-separated string.
         label_field: index of the true choice (0-based), a list of indices (several true), or the
-            true choice's text. One rule for every format: an integer -- or a string of digits, as
-            CSV stores it (``"1"``, ``"0;2"`` for several) -- is an index; any other string is a
-            choice's text. So CSV ``choices=1;2;3, label=1`` and JSON ``"label": 1`` both mean "2".
+            true choice's text, as ``label_kind`` says.
+        label_kind: ``index``: integers, or digit strings as CSV stores them (``"1"``, ``"0;2"`` for
+            several); ``text``: the true choice's text (``"100"`` is the choice "100", not position 100);
+            ``auto`` (default): digits are an index, any other string a choice's text (so CSV
+            ``choices=1;2;3, label=1`` and JSON ``"label": 1`` both mean "2").
         continuation_prefix: put before each choice (the usual leading space of a continuation).
         **kwargs: see :class:`ChoiceDataModule`.
     """
@@ -32,10 +34,14 @@ class GenericChoiceDataModule(ChoiceDataModule):
         template: str = "{question}",
         choices_field: str = "choices",
         label_field: str = "label",
+        label_kind: Literal["auto", "index", "text"] = "auto",
         continuation_prefix: str = " ",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if label_kind not in ("auto", "index", "text"):
+            raise ValueError(f"label_kind must be 'auto', 'index' or 'text', got {label_kind!r}")
+        self.label_kind = label_kind
         self.path, self.template = path, template
         self.choices_field, self.label_field, self.continuation_prefix = choices_field, label_field, continuation_prefix
 
@@ -69,24 +75,35 @@ class GenericChoiceDataModule(ChoiceDataModule):
         return check_example(ex, path, set_fields=(self.choices_field,), prompt_field="template")
 
     def _truth(self, label, choices: list[str], path: Path, i: int) -> list[bool]:
-        field = self.label_field
+        field, kind = self.label_field, self.label_kind
+        fix = {"index": "set label_kind: text if the column holds the answer's text",
+               "text": "set label_kind: index if the column holds positions"}
+        if kind == "text" or (kind == "auto" and isinstance(label, str) and not _digits(label)):
+            text = str(label).strip()
+            if text not in choices:
+                what = "is not a choice's text" if kind == "text" else "is neither a choice's text nor an index"
+                raise DataError(path, f"{label!r} {what}; choices: {choices}" + (f" ({fix['text']})" if kind == "text" else ""),
+                                i, field)
+            return [c == text for c in choices]
         if isinstance(label, str):
             cells = [x.strip() for x in label.split(";")]
-            if all(x.isdigit() for x in cells):  # CSV stores indices as strings: "1" or "0;2"
-                label = [int(x) for x in cells]
-            elif label.strip() in choices:  # the true choice's text
-                return [c == label.strip() for c in choices]
-            else:
-                msg = f"{label!r} is neither a choice's text nor an index; choices: {choices}"
-                raise DataError(path, msg, i, field)
+            if not _digits(label):
+                raise DataError(path, f"{label!r} is not an index (label_kind: index; {fix['index']})", i, field)
+            label = [int(x) for x in cells]
         indices = label if isinstance(label, list) else [label]
         if not indices or not all(isinstance(k, int) and not isinstance(k, bool) for k in indices):
             raise DataError(path, f"expected an int index, a list of them or a choice's text, got {label!r}", i, field)
         bad = [k for k in indices if not 0 <= k < len(choices)]
         if bad:
-            raise DataError(path, f"label {bad} is outside the {len(choices)} choices (labels are 0-based "
-                                  "indices; digits are always read as an index)", i, field)
+            raise DataError(path, f"label {bad} is outside the {len(choices)} choices (labels are 0-based indices"
+                                  + ("" if kind == "index" else "; label_kind: auto reads digits as an index: "
+                                     f"{fix['index']}") + ")", i, field)
         return [k in indices for k in range(len(choices))]
+
+
+def _digits(label: str) -> bool:
+    """``"1"`` or ``"0;2"``: indices as CSV stores them."""
+    return all(x.strip().isdigit() for x in label.split(";"))
 
 
 def _template_fields(template: str) -> list[str]:
