@@ -607,8 +607,28 @@ class LogitSnapshot(L.Callback):
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
+SCORED = ("plain", "base", "steered", "contrastive")
+
+
+def with_text(row: dict, example) -> dict:
+    """A question's prediction row with what a reader needs: the prompt, each choice's text, and each
+    variant's pick (the best-scored choice of the first choice set: MC1's for TruthfulQA)."""
+    if example is not None:
+        row = {"question_index": row["question_index"], "prompt": example.prompt, "choices": [
+            {**c, "text": example.choices[c["choice_index"]]} for c in row["choices"]]}
+    first = min(c.get("choice_set", 0) for c in row["choices"])
+    candidates = [c for c in row["choices"] if c.get("choice_set", 0) == first]
+    picks = {}
+    for variant in (v for v in SCORED if all(v in c for c in candidates)):
+        best = max(candidates, key=lambda c: (c[variant], -c["choice_index"]))  # ties: the first choice
+        picks[variant] = {"choice_index": best["choice_index"], **({"text": best["text"]} if "text" in best else {}),
+                          "is_true": best.get("is_true")}
+    return {**row, "picks": picks}
+
+
 class ScoreWriter(BasePredictionWriter):
-    """``predict``: one JSON line per question with every choice's plain / base / steered (/ contrastive) log-likelihood.
+    """``predict``: one JSON line per question: its prompt, every choice's text and plain / base / steered
+    (/ contrastive) log-likelihood, and each variant's pick (:func:`with_text`).
 
     Args:
         out: the JSONL file (default: ``predictions.jsonl`` in the run). It is written once, whole, at
@@ -637,7 +657,9 @@ class ScoreWriter(BasePredictionWriter):
             raise IsADirectoryError(f"ScoreWriter(out={self.out!r}) is a directory; give a .jsonl file name")
 
     def on_predict_end(self, trainer, pl_module):
-        text = "".join(json.dumps({**row, "mu": pl_module.mu}) + "\n" for _, row in sorted(self.rows.items()))
+        examples = {ex.index: ex for ex in getattr(trainer.datamodule, "test_set", None) or []}
+        rows = [with_text(row, examples.get(q)) for q, row in sorted(self.rows.items())]
+        text = "".join(json.dumps({**row, "mu": pl_module.mu}) + "\n" for row in rows)
         writer = run_writer(trainer)
         if self.out:  # the user's own file, outside the run
             path = atomic_write_text(self.out, text)

@@ -222,7 +222,15 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
 
     expected = TruthfulQADataModule(path=str(data), instruction=False, limit_test=8).describe()["test"]
     assert len(rows) == expected and rows[0]["mu"] == SteeringRun.load(run).steering.mu
-    assert {"plain", "base", "steered", "is_true", "choice_set", "choice_index"} <= set(rows[0]["choices"][0])
+    assert {"plain", "base", "steered", "is_true", "choice_set", "choice_index", "text"} <= set(rows[0]["choices"][0])
+    questions = {ex.index: ex for ex in TruthfulQADataModule(path=str(data), instruction=False, limit_test=8).load_examples()}
+    for row in rows:  # the prompt, the choices' texts and each variant's pick: the best of the first choice set
+        ex = questions[row["question_index"]]
+        assert row["prompt"] == ex.prompt and [c["text"] for c in row["choices"]] == [ex.choices[c["choice_index"]] for c in row["choices"]]
+        for variant in ("plain", "base", "steered"):
+            mc1 = [c for c in row["choices"] if c["choice_set"] == 0]
+            best = max(mc1, key=lambda c: c[variant])
+            assert row["picks"][variant]["text"] == best["text"] and row["picks"][variant]["is_true"] == best["is_true"]
     assert not (tmp_path / "adapter").exists()  # nothing lands in the working directory
 
 
