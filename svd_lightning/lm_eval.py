@@ -183,11 +183,23 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
             for task_name in results["configs"]:
                 tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
         say(f"lm-eval results written under {Path(args.output_path).resolve()}")
+    from lm_eval.utils import make_table
+
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
              for task, metrics in results["results"].items()}
-    print(json.dumps(table, indent=1))
+    print(make_table(results))  # lm-eval's own table, as `lm_eval` prints it
+    if results.get("groups"):
+        print(make_table(results, "groups"))
     if args.out:
         from svd_lightning.run import atomic_write_text
 
         atomic_write_text(args.out, json.dumps({"results": table, "config": results.get("config", {})}, indent=1,
                                                default=str))
+
+
+if __name__ == "__main__":
+    # `python -m svd_lightning.lm_eval run --model svd --model_args run_dir=RUN --tasks ...`: lm-eval's own
+    # command line (its flags, table and results files), with the `svd` model registered by this module.
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -69,7 +69,9 @@ def test_registered_name_and_cli(run_dir, monkeypatch, tmp_path, capsys):
     cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include-path", str(TASKS),
               "--batch-size", "1", "--out", str(tmp_path / "r.json")])
     assert "acc,none" in json.loads((tmp_path / "r.json").read_text())["results"]["svd_tiny_mc"]
-    assert f"reading run {run_dir}" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"reading run {run_dir}" in captured.err
+    assert "Tasks" in captured.out and "svd_tiny_mc" in captured.out and "|acc" in captured.out.replace(" ", "")  # make_table
     with pytest.raises(ValueError, match="mu must be a finite number"):
         _evaluate(run_dir, ["svd_tiny_mc"], mu=float("nan"))
 
@@ -124,3 +126,18 @@ def test_repeated_requests_are_scored_once_with_every_requests_answer(run_dir, m
     assert [g for _, g in got[:2]] == [g for _, g in again]
     # fp32 sums of a few token log-probs: equal to float rounding (seen 1e-7 relative with one thread)
     assert [ll for ll, _ in got[:2]] == pytest.approx([ll for ll, _ in again], rel=1e-5)
+
+
+
+@pytest.mark.slow
+def test_python_m_svd_lightning_lm_eval_is_lm_evals_own_cli_with_svd_registered(run_dir, tmp_path):
+    """lm-eval's command line itself (its flags and its table), with the `svd` model available."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "svd_lightning.lm_eval", "run", "--model", "svd", "--model_args",
+                          f"run_dir={run_dir}", "--tasks", "svd_tiny_mc", "--include_path", str(TASKS), "--batch_size", "1",
+                          "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "svd_tiny_mc" in out.stdout and "acc" in out.stdout and "|" in out.stdout
