@@ -503,8 +503,10 @@ class SharedPrompts:
             extra["adapter_names"] = _adapter_rows(model, G)
             ids, position, mask = _twice(ids), _twice(position), _twice(mask)
         mask = mask.unsqueeze(1)
-        if _custom_masks(model) == "eager":  # additive: 0 where attended, the dtype's minimum elsewhere
-            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        if _custom_masks(model) == "eager":  # additive, in the attention scores' dtype: 0 where attended, its minimum elsewhere
+            dtype = model.get_input_embeddings().weight.dtype
+            dtype = torch.get_autocast_dtype(mask.device.type) if torch.is_autocast_enabled(mask.device.type) else dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         past = None
         if prefix is not None:
             past = prefix.cache(torch.arange(ids.shape[0], device=ids.device) // G if paired else tree.new_zeros(G))

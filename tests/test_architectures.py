@@ -160,6 +160,7 @@ def reference_strengths(model, batch: dict) -> dict[str, float]:
         return mu.sort().values[k: mu.numel() - k].mean().item()
 
     return {"mean_identity": mu_i.mean().item(), "median_identity": mu_i.quantile(0.5).item(),
+            "median_fisher": mu_f.quantile(0.5).item(),
             "trimmed_identity": trimmed(mu_i), "trimmed_fisher": trimmed(mu_f),
             "pooled_identity": (num.sum() / (den_i + 1e-12).sum()).item(), "mean_fisher": mu_f.mean().item(),
             "pooled_fisher": (num.sum() / (den_f + 1e-12).sum()).item()}
