@@ -160,9 +160,10 @@ class SteeredModel:
 
     @property
     def custom_generate(self):
-        """A callable for ``model.generate(..., custom_generate=...)`` on :attr:`model`: generate's
-        own decoding loop (greedy, sampling, beam search) with SVDecode's processor in it. Every
-        generate option applies on top of the steered distribution."""
+        """A callable for ``model.generate(..., custom_generate=...)`` on :attr:`model`, or on your own model
+        that carries this run's adapter (e.g. ``PeftModel.from_pretrained(base, RUN/adapter)``; checked by
+        the adapter weights' hash): generate's own decoding loop (greedy, sampling, beam search) with SVDecode's
+        processor in it. Every generate option applies on top of the steered distribution."""
         return steering_decoding_loop(self.model, self.config)
 
     @property

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import weakref
 from typing import Iterator, Mapping
@@ -49,13 +50,44 @@ from svd_lightning.steering import (
 )
 
 
+def _tuner_layers(model) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
 def adapter_disabled(model) -> Iterator[None]:
-    """The pre-trained model from the same weights: peft's ``disable_adapter`` (no copy)."""
-    if not hasattr(model, "disable_adapter"):
+    """The pre-trained model from the same weights: peft's ``disable_adapter`` (no copy); on a model whose
+    adapter layers peft injected but that is not the ``PeftModel`` itself (what ``generate`` hands a
+    ``custom_generate``), those layers switched off and back."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+        return
+    layers = _tuner_layers(model)
+    if not layers:
         raise TypeError(f"{type(model).__name__} has no adapter to disable; wrap it with peft first")
-    with model.disable_adapter():
+    was = [layer.disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
         yield
+    finally:
+        for layer, disabled in zip(layers, was):
+            layer.enable_adapters(not disabled)
+
+
+def adapter_fingerprint(model) -> str:
+    """SHA-256 of the adapter weights injected in ``model`` (in module order): equal for two models that
+    carry the same adapter, whether wrapped by ``PeftModel`` or not."""
+    h = hashlib.sha256()
+    for layer in _tuner_layers(model):
+        for name, p in layer.named_parameters():
+            if not name.startswith("base_layer."):  # the adapter's own weights, not the wrapped layer's
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def leaves_no_hooks(fn):
@@ -898,16 +930,21 @@ def steering_decoding_loop(steered_model, config: SteeringConfig):
     (greedy, sampling or beam search) with SVDecode's two-pass processor put where a user's
     ``logits_processor`` goes (after ``generate``'s own, before the sampling warpers), so every
     option of ``generate`` applies on top of the steered distribution. ``steered_model`` is the
-    peft model whose adapter is switched off for the pre-trained pass; ``generate`` must be called
-    on it (or on its inner model)."""
+    peft model whose adapter is switched off for the pre-trained pass; ``generate`` may be called on
+    it, its inner model, or any model that carries the same adapter weights (:func:`adapter_fingerprint`;
+    then that model's own adapter is switched off), and refuses any other."""
     config = _generation_config(config)
 
     def custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
                         synced_gpus: bool = False, streamer=None, **model_kwargs):
-        if not any(model is m for m in steered_model.modules()):
-            raise ValueError(f"custom_generate steers {type(steered_model).__name__}'s own adapter: call generate on "
-                             f"that model, not on another {type(model).__name__}")
-        processor = SteeringLogitsProcessor(steered_model, config, attention_mask=model_kwargs.get("attention_mask"))
+        steering = steered_model
+        if not any(model is m for m in steered_model.modules()):  # the user's own model: the run's adapter?
+            if not _tuner_layers(model) or adapter_fingerprint(model) != adapter_fingerprint(steered_model):
+                raise ValueError(f"custom_generate steers with the run's adapter, and this {type(model).__name__} "
+                                 "carries another one (or none): load the run's adapter/ into it "
+                                 "(PeftModel.from_pretrained(base, RUN/adapter)), or call generate on the run's model")
+            steering = model
+        processor = SteeringLogitsProcessor(steering, config, attention_mask=model_kwargs.get("attention_mask"))
         processors = list(logits_processor)
         at = next((i for i, p in enumerate(processors) if _runs_last(p)), len(processors))
         processors.insert(at, processor)

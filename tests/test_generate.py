@@ -260,3 +260,31 @@ def test_cli_refuses_bad_options_before_loading_the_model(tmp_path, run_dir, cap
         main(["--run-dir", str(run_dir[0]), "--prompts", str(src), "--out", str(out), *flags])
     assert err.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_custom_generate_steers_a_users_own_model_carrying_the_runs_adapter(tmp_path):
+    """custom_generate on the user's own PeftModel, loaded from the run's adapter/: the same steered tokens as
+    on the run's own model; another adapter is refused with what to do."""
+    from peft import PeftModel
+
+    from svd_lightning import SteeredModel
+    from svd_lightning.tiny import tiny_model_and_tokenizer
+
+    from conftest import tiny_run
+
+    run_dir, _ = tiny_run(tmp_path, mu=-2.0)
+    sm = SteeredModel.from_run_dir(run_dir)
+    tok = sm.tokenizer
+    enc = tok(["Q: What is the capital of France?\nA:"], return_tensors="pt")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = sm.model.generate(**enc, custom_generate=sm.custom_generate, **kw)
+    own = PeftModel.from_pretrained(tiny_model_and_tokenizer(0)[0], str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        before = own(**enc).logits
+    assert torch.equal(own.generate(**enc, custom_generate=sm.custom_generate, **kw), expected)
+    with torch.no_grad():
+        assert torch.equal(own(**enc).logits, before)  # its adapter is switched back on after the pre-trained pass
+    other, _ = tiny_run(tmp_path, name="other", mu=-2.0, seed=1)
+    stranger = PeftModel.from_pretrained(tiny_model_and_tokenizer(0)[0], str(other / "adapter")).eval()
+    with pytest.raises(ValueError, match="carries another one"):
+        stranger.generate(**enc, custom_generate=sm.custom_generate, **kw)
