@@ -55,13 +55,37 @@ def _results(metrics: dict | None) -> list[str]:
     return lines
 
 
+def card_data(run, metrics: dict | None, base: str | None):
+    """The card's metadata, as the Hub reads it (``huggingface_hub.ModelCardData``): library, base model, tags
+    and, where the command scored a split, its plain and steered headline metrics as eval results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    history = (metrics or {}).get("history") or []
+    scored = [h for h in history if any(k.startswith(f"{h.get('stage')}/") for k in h)]
+    results = []
+    if scored:
+        last = scored[-1]
+        stage = last["stage"]
+        for name, values in variant_table(last, stage).items():
+            if name not in ("plain", "steered"):
+                continue
+            for metric in ("mc1", "mc2", "acc", "acc_norm"):
+                if metric in values:
+                    results.append(EvalResult(
+                        task_type="multiple-choice", dataset_type=f"svd-lightning/{stage}-split",
+                        dataset_name=f"the run's {stage} split", metric_type=metric, metric_value=float(values[metric]),
+                        metric_name=f"{metric} ({_VARIANTS.get(name, name)})"))
+    return ModelCardData(library_name="peft", base_model=base, tags=["svd-lightning", "svdecode", "steering", run.adapter],
+                         model_name=f"SVDecode {run.adapter} on {run.model}" if results else None,
+                         eval_results=results or None)
+
+
 def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run") -> str:
     """The card of ``run`` (a :class:`~svd_lightning.run.SteeringRun`), with ``metrics`` (a run's
     ``metrics.json``) when given; ``name`` is what the loading snippet loads (a directory or a repo id)."""
     s = run.steering
     base = _base_model(run.model)
-    front = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []),
-             "tags:", "- svd-lightning", "- svdecode", "- steering", f"- {run.adapter}", "---", ""]
+    front = card_data(run, metrics, base).to_yaml()
     d = run.diagnostics or {}
     h = run.hparams or {}
     strength = s.strength + (f" ({s.curvature} curvature" + (f", trim {s.trim}" if s.strength == "trimmed" else "")
@@ -81,7 +105,7 @@ def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run")
     ]
     versions = ", ".join(f"{k} {v}" for k, v in sorted((run.versions or {}).items()))
     lines = [
-        *front,
+        "---", front, "---", "",
         f"# SVDecode run: {run.adapter} on {run.model}",
         "",
         "A warm-started peft adapter and the steering strength solved for it: Steering Vector Decoding (SVDecode, "

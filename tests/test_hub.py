@@ -50,6 +50,13 @@ def test_save_pretrained_writes_a_run_with_a_card_that_loads_back(steered, tmp_p
                  "| mc1 | 20.00 | 25.00 | 50.00 |", "| mc1 | +SVDecode − warm start | +25.00 | [-5.00, +50.00] | 8 |",
                  'SteeredModel.from_pretrained("path/to/this/run")'):
         assert fact in card, fact
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(saved / "README.md").data  # the metadata as the Hub reads it
+    assert data.library_name == "peft" and "svdecode" in data.tags and data.base_model is None  # tiny-random: no hub id
+    results = {(r.metric_type, r.metric_name): r.metric_value for r in data.eval_results}
+    assert results == {("mc1", "mc1 (warm start)"): 0.25, ("mc1", "mc1 (+SVDecode)"): 0.5}
+    assert {r.dataset_name for r in data.eval_results} == {"the run's test split"}
     again = SteeredModel.from_pretrained(saved)
     assert again.config == steered.config and _same_model(again, steered)
     # A second save never writes into the finished run: it takes the next free name.
