@@ -97,9 +97,14 @@ class SteeringCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        if config.get("logger") in (None, True):
-            # The run directory is <default_root_dir>/version_N, with CSV metrics in it, written whole.
-            config["logger"] = RunLogger(save_dir=config.get("default_root_dir") or "runs", name="")
+        # The run directory is <default_root_dir>/version_N, with CSV metrics in it, written whole -- whatever
+        # loggers the user adds: theirs log beside ours (TensorBoard, W&B, ...), the run stays where it is.
+        logger = config.get("logger")
+        if logger is not False:
+            theirs = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+            if not any(isinstance(lg, RunLogger) for lg in theirs):
+                theirs.insert(0, RunLogger(save_dir=config.get("default_root_dir") or "runs", name=""))
+            config["logger"] = theirs if len(theirs) > 1 else theirs[0]
         # `precision` left unset (null) means "what this machine runs fast"; an explicit value wins.
         precision, why = resolve_precision(config.get("precision"), config.get("accelerator"))
         say(f"precision {precision} ({why})")

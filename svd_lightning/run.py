@@ -233,15 +233,12 @@ class RunWriter:
         fault_point(f"write:{ADAPTER_DIR}")
         final = self.directory() / ADAPTER_DIR
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{ADAPTER_DIR}."))
-        configs = getattr(model, "peft_config", {}) if base_name is not None else {}
-        loaded = {name: config.base_model_name_or_path for name, config in configs.items()}
-        try:
-            for config in configs.values():
-                config.base_model_name_or_path = base_name
-            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-        finally:  # the live model keeps what it was loaded with
-            for name, value in loaded.items():
-                configs[name].base_model_name_or_path = value
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        if base_name is not None:  # set in the file, after saving: peft looks a base name up on the Hub when it saves
+            config_file = tmp / "adapter_config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = base_name
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty template: the run's README.md is its one card
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -156,3 +156,15 @@ def test_fit_takes_a_load_dataset_spec_as_the_data(tmp_path, monkeypatch):
     assert json.loads((run / "steering.json").read_text())["steering"]["mu"] is not None
     config = (run / "config.yaml").read_text()
     assert "data_files" in config and str(data) in config
+
+
+def test_the_run_stays_where_it_is_whatever_loggers_the_user_adds(tmp_path, monkeypatch):
+    """`--trainer.logger TensorBoardLogger` (any logger list) logs beside ours; the run stays at
+    <default_root_dir>/version_N, written whole."""
+    from conftest import cli_tiny_fit
+
+    run, _ = cli_tiny_fit(tmp_path, monkeypatch, "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                          "--trainer.logger.save_dir", str(tmp_path / "tb"))
+    assert run == tmp_path / "runs/tiny/version_0" and (run / "steering.json").exists() and (run / "metrics.csv").exists()
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "TensorBoard logged beside the run"
+    assert not (tmp_path / "runs/tiny/runs").exists()
