@@ -607,9 +607,6 @@ class LogitSnapshot(L.Callback):
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
-SCORED = ("plain", "base", "steered", "contrastive")
-
-
 def with_text(row: dict, example) -> dict:
     """A question's prediction row with what a reader needs: the prompt, each choice's text, and each
     variant's pick (the best-scored choice of the first choice set: MC1's for TruthfulQA)."""
@@ -619,7 +616,7 @@ def with_text(row: dict, example) -> dict:
     first = min(c.get("choice_set", 0) for c in row["choices"])
     candidates = [c for c in row["choices"] if c.get("choice_set", 0) == first]
     picks = {}
-    for variant in (v for v in SCORED if all(v in c for c in candidates)):
+    for variant in (v for v in VARIANT_LABELS if all(v in c for c in candidates)):
         best = max(candidates, key=lambda c: (c[variant], -c["choice_index"]))  # ties: the first choice
         picks[variant] = {"choice_index": best["choice_index"], **({"text": best["text"]} if "text" in best else {}),
                           "is_true": best.get("is_true")}

@@ -29,13 +29,18 @@ def _num(value: Any, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def _results(metrics: dict | None) -> list[str]:
-    """The last scored split of ``metrics.json``: a table per variant and the paired gains with CIs."""
+def _last_scored(metrics: dict | None) -> dict | None:
+    """The last entry of ``metrics.json``'s history that scored a split (None: none did)."""
     history = (metrics or {}).get("history") or []
     scored = [h for h in history if any(k.startswith(f"{h.get('stage')}/") for k in h)]
-    if not scored:
+    return scored[-1] if scored else None
+
+
+def _results(metrics: dict | None) -> list[str]:
+    """The last scored split of ``metrics.json``: a table per variant and the paired gains with CIs."""
+    last = _last_scored(metrics)
+    if last is None:
         return ["No split was scored by the command that wrote this run."]
-    last = scored[-1]
     table = variant_table(last, last["stage"])
     names = sorted({n for values in table.values() for n in values})
     lines = [f"Scored on the **{last['stage']}** split after warm-start step {last.get('step')} (percent):", "",
@@ -60,11 +65,9 @@ def card_data(run, metrics: dict | None, base: str | None):
     and, where the command scored a split, its plain and steered headline metrics as eval results."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    history = (metrics or {}).get("history") or []
-    scored = [h for h in history if any(k.startswith(f"{h.get('stage')}/") for k in h)]
+    last = _last_scored(metrics)
     results = []
-    if scored:
-        last = scored[-1]
+    if last is not None:
         stage = last["stage"]
         for name, values in variant_table(last, stage).items():
             if name not in ("plain", "steered"):

@@ -131,20 +131,19 @@ def check_steering_precision(model: torch.nn.Module, mu: float | None, where: st
     import warnings
 
     kind = steering_precision(model, autocast)
-    if kind is None or mu is None or mu == 0 or kind not in MEASURED_STEERING_ERROR:
-        if kind is not None and kind not in MEASURED_STEERING_ERROR and mu:
-            message = (f"{where}: steering in {kind}, a precision whose error is not measured (benchmarks/precision.py); "
-                       "load the model in float32 for scores within "
-                       f"{STEERING_ERROR_BOUND:g} nats")
-            warnings.warn(message, SteeringPrecisionWarning, stacklevel=3)
-            return message
+    if kind is None or not mu:
         return None
-    median, worst = steering_error(kind, mu)
-    if worst <= STEERING_ERROR_BOUND:
-        return None
-    message = (f"{where}: steering in {kind} at |μ̄| = {abs(mu):.3g}: steered scores err by about {median:.2g} nats "
-               f"(up to {worst:.2g}) against fp32/fp64, measured on SmolLM2-135M (benchmarks/results/precision.md); the "
-               f"bound is {STEERING_ERROR_BOUND:g} nats. Load the model in float32 for exact scores: "
-               "SteeredModel.from_run_dir(..., dtype='float32'); lm-eval: leave mixed_precision_dtype unset")
+    fix = ("Load the model in float32 for exact scores: SteeredModel.from_run_dir(..., dtype='float32'); lm-eval: "
+           "leave mixed_precision_dtype unset")
+    if kind not in MEASURED_STEERING_ERROR:
+        message = (f"{where}: steering in {kind}, a precision whose error is not measured (benchmarks/precision.py); "
+                   f"the bound is {STEERING_ERROR_BOUND:g} nats. {fix}")
+    else:
+        median, worst = steering_error(kind, mu)
+        if worst <= STEERING_ERROR_BOUND:
+            return None
+        message = (f"{where}: steering in {kind} at |μ̄| = {abs(mu):.3g}: steered scores err by about {median:.2g} nats "
+                   f"(up to {worst:.2g}) against fp32/fp64, measured on SmolLM2-135M (benchmarks/results/precision.md); "
+                   f"the bound is {STEERING_ERROR_BOUND:g} nats. {fix}")
     warnings.warn(message, SteeringPrecisionWarning, stacklevel=3)
     return message
