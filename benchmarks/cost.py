@@ -33,7 +33,7 @@ import torch
 from svd_lightning.batch import collate_lm
 from svd_lightning.calibration import calibrate
 from svd_lightning.config import SteeringConfig
-from svd_lightning.data import TruthfulQADataModule
+from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits, score_choices, steered_generate
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.precision import describe_cpu, resolve_precision
@@ -124,7 +124,7 @@ def build(args):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.01)
     dm = TruthfulQADataModule(batch_size=1, train_batch_size=1, calib_batch_size=args.calib_batch_size, max_length=512,
-                              limit_train=args.train_steps, limit_calib=args.calib_questions, limit_test=args.score_questions)
+                              limit_train=args.train_steps, limit_calib=args.calib_questions, limit_test=args.score_questions, split=PAPER_SPLIT)
     dm.tokenizer = tok
     dm.setup()
     zero_shot = [f"Q: {ex.prompt.rsplit('Q: ', 1)[-1]}" for ex in dm.test_set + dm.calib_set + dm.train_set]

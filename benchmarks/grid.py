@@ -72,7 +72,7 @@ from svd_lightning import run as run_files
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibrate_pass
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
-from svd_lightning.data.base import ChoiceDataModule, seeded_split
+from svd_lightning.data.base import PAPER_SPLIT, ChoiceDataModule, seeded_split
 from svd_lightning.decoding import score_choice_variants
 from svd_lightning.metrics import (
     HEADLINE_METRICS,
@@ -121,7 +121,7 @@ def commonsense(test: str, train: str | None = None, root: str = COMMONSENSE):
     """
     return lambda seed: CommonsenseDataModule(
         test_path=f"{root}/{test}", train_path=train and f"{root}/{train}",
-        seed=seed, limit_train=200, limit_calib=60, limit_test=150, max_length=256,
+        seed=seed, limit_train=200, limit_calib=60, limit_test=150, max_length=256, split=PAPER_SPLIT, val_fraction=0.0,
     )
 
 
@@ -130,7 +130,7 @@ def commonsense(test: str, train: str | None = None, root: str = COMMONSENSE):
 # test rows (the format-1 split is seed 0's zero-shot split, which those cells include) and the README
 # demo's test split. Fresh seeds draw calib and test only from the rest; training may use any other row.
 FRESH_POOL = ROOT / "results" / "fresh_pool.json"
-DEMO_SPLIT = {"seed": 0, "split": (0.6, 0.2, 0.2)}  # configs/truthfulqa/lora.yaml: the demo's test split
+DEMO_SPLIT = {"seed": 0, "split": PAPER_SPLIT}  # configs/truthfulqa/lora.yaml: the demo's test split
 FRESH_SIZES = {"train": 490, "calib": 50, "test": 80}  # the demo regime's: 490 train, calib / test as its cells
 # Wide, log-spaced γ (0 = warm start): the first grid (±5 at most) had its edge picked in 4 of 5 seeds.
 WIDE_GAMMAS = (0.0,) + tuple(sign * round(10 ** (k / 4), 4) for k in range(-8, 9) for sign in (-1, 1))
@@ -194,7 +194,7 @@ class DrawnTestCommonsense(CommonsenseDataModule):
     def split_examples(self, examples):
         train, calib, test = super().split_examples(examples)
         test = [ex for ex in test if ex.index not in self.exclude]
-        share = min(1.0, (self.limits[2] or len(test)) / len(test))
+        share = min(1.0, (self.limits[-1] or len(test)) / len(test))
         return train, calib, seeded_split(test, (share, 1 - share), self.seed + 1)[0]
 
 
@@ -215,14 +215,15 @@ def commonsense_demo(test: str, train: str, root: str = COMMONSENSE):
     test_file = f"{root}/{test}"
     return lambda seed: DrawnTestCommonsense(
         test_path=test_file, train_path=f"{root}/{train}", exclude=tuple(sorted(reported_test_rows(test_file))),
-        seed=seed, limit_train=490, limit_calib=60, limit_test=150, max_length=256,
+        seed=seed, limit_train=490, limit_calib=60, limit_test=150, max_length=256, val_fraction=0.0,
     )
 
 
 def demo_truthfulqa(seed: int) -> TruthfulQADataModule:
     """The README demo's regime: instruction + six-shot prompt, all 490 train questions; calib and test
     are the first 50 / 80 questions of the seed's 163 / 164 (scoring cost on 2 cores)."""
-    return TruthfulQADataModule(few_shot=True, instruction=True, seed=seed, limit_calib=50, limit_test=80, max_length=512)
+    return TruthfulQADataModule(few_shot=True, instruction=True, seed=seed, limit_calib=50, limit_test=80, max_length=512,
+                                split=PAPER_SPLIT)
 
 
 def fresh_demo(seed: int):
@@ -258,7 +259,7 @@ class Task:
 def zero_shot_truthfulqa(seed: int) -> TruthfulQADataModule:
     # Zero-shot prompts keep the grid within 2 CPU cores; the README demo uses the six-shot prompt.
     return TruthfulQADataModule(few_shot=False, instruction=False, seed=seed, limit_train=200, limit_calib=60,
-                                limit_test=100, max_length=256)
+                                limit_test=100, max_length=256, split=PAPER_SPLIT)
 
 
 DEMO_LR = 5e-5  # the demo regime keeps the paper's rate

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from svd_lightning.config import SteeringConfig
-from svd_lightning.data import TruthfulQADataModule
+from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
 from svd_lightning.decoding import score_choice_variants
 from svd_lightning.metrics import truthfulqa_per_question
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
@@ -105,7 +105,7 @@ def mc1(batches, score: np.ndarray) -> np.ndarray:
 def measure(args) -> dict:
     tokenizer = load_tokenizer(args.model)
     dm = TruthfulQADataModule(few_shot=False, instruction=False, seed=0, limit_train=args.steps, limit_test=args.questions,
-                              max_length=256, batch_size=4)
+                              max_length=256, batch_size=4, split=PAPER_SPLIT)
     dm.tokenizer = tokenizer
     dm.setup("fit")
     batches = list(dm.test_dataloader())

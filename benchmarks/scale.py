@@ -159,11 +159,11 @@ def _batches(rank: int, device):
     """This rank's questions: training batches of 1 and 4, a calibration batch of 4, a scoring batch
     of 2 and 4 generation prompts, all zero-shot TruthfulQA."""
     from svd_lightning.batch import collate_choices, collate_lm
-    from svd_lightning.data import TruthfulQADataModule
+    from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
     from svd_lightning.models import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
-    dm = TruthfulQADataModule(instruction=False, few_shot=False, max_length=256)
+    dm = TruthfulQADataModule(instruction=False, few_shot=False, max_length=256, split=PAPER_SPLIT)
     dm.tokenizer = tok
     dm.setup()
     start = 16 * rank  # every rank its own questions

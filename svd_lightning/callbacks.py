@@ -34,7 +34,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
@@ -102,6 +102,16 @@ def _gather_ragged(trainer: L.Trainer, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[r, :, : sizes[r]] for r in range(len(sizes))], dim=-1)
 
 
+def log_steering(trainer: L.Trainer, pl_module, name: str, value: float) -> None:
+    """``pl_module.log`` from the hooks that allow it; at the end of a fit (where Lightning refuses
+    ``self.log``: :class:`CheckpointWeights` solving again) straight to the loggers, from rank zero."""
+    if not pl_module.steering_state.fit_ended:  # every rank logs the same merged value (see SteeringLM._eval_epoch_end)
+        pl_module.log(name, value, sync_dist=True)
+    elif trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics({name: value}, step=trainer.global_step)
+
+
 def calibration_pass(trainer: L.Trainer, pl_module, needs: CalibrationNeeds, who: str) -> CalibrationPass:
     """The one calibration pass of the current weights, with all that the solvers declared and ``needs``.
 
@@ -143,7 +153,7 @@ def calibration_pass(trainer: L.Trainer, pl_module, needs: CalibrationNeeds, who
     diagnostics = {**(result.tokens["alpha"].diagnostics if result.tokens and "alpha" in result.tokens else {}),
                    **result.diagnostics}
     for k, v in diagnostics.items():
-        pl_module.log(f"steer/{k}", float(v), rank_zero_only=True)
+        log_steering(trainer, pl_module, f"steer/{k}", float(v))
     return result
 
 
@@ -265,7 +275,7 @@ class StrengthSolver(L.Callback):
             "calibration_seconds": calibration.seconds + time.perf_counter() - start,
             "global_step": trainer.global_step,
         }
-        pl_module.log("steer/mu", mu, rank_zero_only=True)
+        log_steering(trainer, pl_module, "steer/mu", mu)
         rank_zero_info(f"SVDecode strength μ̄ = {mu:+.4f} ({key}; all aggregates: "
                        + ", ".join(f"{k}={v:+.3g}" for k, v in summary.items() if k != "tokens") + ")")
         self._write(trainer, pl_module)
@@ -358,7 +368,7 @@ class ContrastiveBaseline(L.Callback):
         self.solution = {"gamma": gamma, "losses": dict(zip(map(str, result.mus), result.losses.tolist())),
                          "diagnostics": result.diagnostics, "seconds": result.seconds, "global_step": trainer.global_step}
         pl_module.steering_state.contrastive = self.solution
-        pl_module.log("steer/contrastive_gamma", gamma, rank_zero_only=True)
+        log_steering(trainer, pl_module, "steer/contrastive_gamma", gamma)
         edge = " -- at the grid's edge: the loss may keep falling beyond it (pass wider `gammas`)" if result.at_edge() else ""
         rank_zero_info(f"contrastive baseline γ = {gamma:+g} (calib multiple-choice loss, best of "
                        f"{len(self.gammas)} grid points){edge}")
@@ -381,6 +391,64 @@ class ContrastiveBaseline(L.Callback):
 
     def load_state_dict(self, state_dict):
         self.solution = state_dict.get("solution")
+
+
+Weights = Literal["best", "last"]
+
+
+def monitoring_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The ``ModelCheckpoint`` that ranks checkpoints by a monitored metric, if the trainer has one."""
+    return next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+
+
+class CheckpointWeights(L.Callback):
+    """Which warm-start weights a fit's run is calibrated on, written with and tested: ``best`` (the
+    default) takes the best checkpoint of a ``ModelCheckpoint`` that monitors a metric -- what
+    ``trainer.test(ckpt_path="best")`` would score -- and the last weights where there is none (or it
+    saved nothing); ``last`` always takes the last (e.g. after EarlyStopping's patience ran out).
+
+    At the end of ``fit`` it loads that checkpoint's weights into the module and solves μ̄ (and γ) on them
+    again (one calibration pass: the run's record is the calibration of those weights), before the module
+    writes the run. ``steering.json`` records the choice under ``weights``.
+    """
+
+    def __init__(self, weights: Weights = "best"):
+        if weights not in ("best", "last"):
+            raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+        self.weights = weights
+        self.chosen: dict = {"from": "last"}
+
+    def on_train_end(self, trainer, pl_module):  # before the module's on_train_end writes the run
+        checkpoint = monitoring_checkpoint(trainer)
+        self.chosen = {"from": "last", "global_step": trainer.global_step}
+        best = checkpoint.best_model_path if checkpoint is not None and self.weights == "best" else ""
+        if best:
+            saved = trainer.strategy.load_checkpoint(best)
+            self.chosen = {"from": "best", "checkpoint": Path(best).name, "monitor": checkpoint.monitor,
+                           "mode": checkpoint.mode, "score": float(checkpoint.best_model_score),
+                           "global_step": int(saved["global_step"])}
+            if self.chosen["global_step"] != trainer.global_step:
+                trainer.strategy.load_model_state_dict(saved)
+                rank_zero_info(f"the run takes the best checkpoint's weights ({checkpoint.monitor} = "
+                               f"{self.chosen['score']:.4f}, step {self.chosen['global_step']} of {trainer.global_step}; "
+                               "weights: last keeps the last)")
+                self._solve_again(trainer, pl_module)
+        state = pl_module.steering_state
+        if state.run is not None:
+            state.run = dataclasses.replace(state.run, weights=dict(self.chosen),
+                                            global_step=self.chosen["global_step"])
+
+    @staticmethod
+    def _solve_again(trainer, pl_module) -> None:
+        state = pl_module.steering_state
+        state.calibration, state.run, state.contrastive, state.fit_ended = None, None, None, True
+        pl_module.steering_strength.fill_(float("nan"))
+        pl_module.contrastive_gamma.fill_(float("nan"))
+        for solver in (c for kind in (StrengthSolver, ContrastiveBaseline) for c in trainer.callbacks if isinstance(c, kind)):
+            solver.solve(trainer, pl_module)
+
+    def state_dict(self):
+        return {"chosen": self.chosen}
 
 
 class StageTimes(L.Callback):
@@ -507,7 +575,7 @@ class SteeredValidation(L.Callback):
         if paired:
             self.history[-1]["paired_bootstrap"] = paired
         if self.print_table:
-            split = "the calib split, which μ̄ was solved on" if stage == "val" else "the test split"
+            split = "the val split (not the questions μ̄ was solved on)" if stage == "val" else "the test split"
             print(f"{'validation' if stage == 'val' else 'test'} on {split} (step {trainer.global_step}):")
             print(format_table(metrics, stage))
             for line in format_paired(paired):

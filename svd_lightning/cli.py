@@ -13,12 +13,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from svd_lightning.callbacks import (
+    CheckpointWeights,
     ContrastiveBaseline,
     ScoreWriter,
     StageTimes,
     SteeredValidation,
     SteeringExtraction,
     StrengthSolver,
+    Weights,
 )
 from svd_lightning.data import ChoiceDataModule
 from svd_lightning.log import InputError
@@ -48,7 +50,12 @@ class SteeringCLI(LightningCLI):
         )
         parser.add_argument(
             "--test_after_fit", type=bool, default=True,
-            help="fit only: score the test split with the finished run (validation scores the calib split)",
+            help="fit only: score the test split with the finished run (validation scores the val split)",
+        )
+        parser.add_argument(
+            "--weights", type=Weights, default="best",
+            help="fit only: the warm-start weights the run is calibrated on, written with and tested: best (a "
+                 "ModelCheckpoint that monitors a metric: its best checkpoint; else the last) or last",
         )
 
     def before_fit(self) -> None:
@@ -61,7 +68,7 @@ class SteeringCLI(LightningCLI):
                 raise ValueError(f"{err} (fit ends by scoring it; --test_after_fit false skips that)") from None
 
     def after_fit(self) -> None:
-        # Validation scores the calib split, which μ̄ was solved on; the number to report is test's.
+        # The number to report is test's (validation scores the val split, which selection may have used).
         if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)  # our table is printed
 
@@ -123,6 +130,8 @@ class SteeringCLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not stderr_is_terminal() and not any(isinstance(c, ProgressBar) for c in callbacks):
             extra.append(LogProgressBar())
+        if self.subcommand == "fit" and not any(isinstance(c, CheckpointWeights) for c in callbacks):
+            extra.append(CheckpointWeights(self._get(self.config, "weights")))
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             extra.append(ScoreWriter())  # predict writes its scores into the run directory
         return self._instantiate_trainer({**config, "precision": precision, "callbacks": own}, extra)

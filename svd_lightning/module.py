@@ -40,6 +40,8 @@ class SteeringState:
     contrastive: dict | None = None  # ContrastiveBaseline's last γ solution (γ, losses, seconds, step)
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation / test epoch's metrics
     per_question: dict[str, dict[str, list]] = field(default_factory=dict)  # ... and every question's scores
+    fit_ended: bool = False  # past the fit's last epoch (CheckpointWeights): no more self.log
+
 
     def calibration_at(self, step: int, needs: CalibrationNeeds | None = None) -> CalibrationPass | None:
         """The pass over the weights after warm-start step ``step`` (with all of ``needs``), or None."""
@@ -232,8 +234,9 @@ class SteeringLM(L.LightningModule):
             results[f"{stage}/mu"] = self.mu
         if "contrastive" in per_question:
             results[f"{stage}/gamma"] = self.gamma
-        # Values are already synced across ranks by torchmetrics.
-        self.log_dict(results, rank_zero_only=False, sync_dist=False)
+        # torchmetrics synced the values already: every rank logs the same ones, and sync_dist=True (a mean
+        # of equal values) is how Lightning is told an epoch-level metric holds for all ranks.
+        self.log_dict(results, sync_dist=True)
         self.steering_state.metrics = results
 
     def validation_step(self, batch, batch_idx):
@@ -272,6 +275,7 @@ class SteeringLM(L.LightningModule):
             torch.set_rng_state(state["torch"])
 
     def setup(self, stage: str) -> None:
+        self.steering_state.fit_ended = False
         # The task declares how it is scored (a DataModule's `metric`; plain loaders: acc / acc_norm).
         family = getattr(self.trainer.datamodule, "metric", "choice")
         if family != self.metric_family:

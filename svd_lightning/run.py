@@ -333,6 +333,7 @@ class SteeringRun:
     diagnostics: dict = field(default_factory=dict)
     calibration_seconds: float | None = None
     global_step: int | None = None
+    weights: dict = field(default_factory=dict)  # which warm-start weights (callbacks.CheckpointWeights)
     hparams: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -141,7 +141,7 @@ def run_worker(tmp_path: Path, data: Path, name: str, *args: str, timeout: float
     except subprocess.TimeoutExpired as e:  # a rank-0-only collective deadlocks instead of failing
         pytest.fail(f"{name} timed out (collective mismatch?)\n{(e.stderr or b'')[-4000:]}")
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "stderr": proc.stderr}
 
 
 def tiny_datamodule(path, **kw):

@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit-train", type=int, default=4)
     p.add_argument("--limit-calib", type=int, default=5)
     p.add_argument("--limit-test", type=int, default=7)
+    p.add_argument("--split", type=float, nargs="+", default=[0.4, 0.2, 0.2, 0.2], help="train/calib/val/test")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--train-batch-size", type=int, default=2)
     p.add_argument("--strength", default="choice_nll", help="choice_nll also reports exact and every token aggregate")
@@ -93,6 +94,7 @@ def main(argv=None) -> None:
         path=args.data, instruction=False, batch_size=args.batch_size, train_batch_size=args.train_batch_size,
         calib_batch_size=args.train_batch_size,
         max_length=128, limit_train=args.limit_train, limit_calib=args.limit_calib, limit_test=args.limit_test,
+        split=tuple(args.split),
     )
     if args.in_order:  # Lightning's own DistributedSampler always shuffles the training set
         def in_order():

@@ -168,3 +168,38 @@ def test_the_run_stays_where_it_is_whatever_loggers_the_user_adds(tmp_path, monk
     assert run == tmp_path / "runs/tiny/version_0" and (run / "steering.json").exists() and (run / "metrics.csv").exists()
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "TensorBoard logged beside the run"
     assert not (tmp_path / "runs/tiny/runs").exists()
+
+
+@pytest.mark.parametrize("weights", ["best", "last"])
+def test_a_monitoring_checkpoint_decides_the_weights_the_run_carries(weights, tmp_path, monkeypatch):
+    """EarlyStopping stops after epoch 2; a ModelCheckpoint ranks epoch 1's weights best (monitor: step, mode
+    min). ``weights: best`` calibrates, writes and tests those, ``last`` the last ones."""
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "monitor": "step", "mode": "min", "save_top_k": 1}},
+        {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+         "init_args": {"monitor": "train/loss", "mode": "min", "min_delta": 100.0, "patience": 1}},
+    ]
+    run, _ = cli_tiny_fit(tmp_path, monkeypatch, "--trainer.max_epochs", "5", "--trainer.enable_checkpointing", "true",
+                          "--trainer.callbacks", json.dumps(callbacks), "--weights", weights)
+    record = json.loads((run / "steering.json").read_text())
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    val = [h for h in history if h["stage"] == "val"]
+    assert len(val) == 2  # EarlyStopping ended the fit after the second epoch
+    [best_file] = (tmp_path / "ckpt").glob("*.ckpt")
+    saved = torch.load(best_file, map_location="cpu", weights_only=False)
+    chosen = val[0] if weights == "best" else val[1]
+    assert record["weights"]["from"] == weights and record["global_step"] == chosen["step"]
+    if weights == "best":
+        assert record["weights"]["checkpoint"] == best_file.name and record["weights"]["monitor"] == "step"
+    # μ̄ solved again on the chosen weights is the μ̄ validation solved on them; test scored with it
+    assert record["steering"]["mu"] == pytest.approx(chosen["val/mu"], rel=1e-6)
+    assert history[-1]["stage"] == "test" and history[-1]["test/mu"] == record["steering"]["mu"]
+    from safetensors.torch import load_file
+
+    written = load_file(run / "adapter" / "adapter_model.safetensors")
+    lora = {k: v for k, v in saved["state_dict"].items() if "lora_" in k}
+    assert written and len(lora) == len(written)
+    same = [torch.equal(written[name], next(v for k, v in lora.items() if k.endswith(name.replace(".weight", ".default.weight"))))
+            for name in written]
+    assert all(same) if weights == "best" else not any(same)

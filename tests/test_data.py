@@ -18,7 +18,7 @@ from svd_lightning.data import (
     GenericChoiceDataModule,
     TruthfulQADataModule,
 )
-from svd_lightning.data.base import seeded_split
+from svd_lightning.data.base import PAPER_SPLIT, seeded_split
 from svd_lightning.data.truthfulqa import INSTRUCTION, QA_PRIMER
 from svd_lightning.tiny import tiny_tokenizer
 
@@ -69,24 +69,45 @@ def test_split_sizes_determinism_and_disjointness(tmp_path):
     path = write_json(tmp_path / "qa.json", qa_rows(20))
     dm = GenericChoiceDataModule(str(path), seed=0)
     sizes = dm.describe()
-    assert [sizes[k] for k in ("questions", "train", "calib", "test", "test_rows")] == [20, 12, 4, 4, 8]
-    parts = [indices(s) for s in (dm.train_set, dm.calib_set, dm.test_set)]
+    # the default: train / calib / val / test = 60/10/10/20
+    assert [sizes[k] for k in ("questions", "train", "calib", "val", "test", "test_rows")] == [20, 12, 2, 2, 4, 8]
+    sets = lambda d: (d.train_set, d.calib_set, d.val_set, d.test_set)  # noqa: E731
+    parts = [indices(s) for s in sets(dm)]
     assert sorted(sum(parts, [])) == list(range(20))  # disjoint and complete
 
     again = GenericChoiceDataModule(str(path), seed=0)
     again.describe()
-    assert [indices(s) for s in (again.train_set, again.calib_set, again.test_set)] == parts
+    assert [indices(s) for s in sets(again)] == parts
     other = GenericChoiceDataModule(str(path), seed=1)
     other.describe()
-    assert [indices(s) for s in (other.train_set, other.calib_set, other.test_set)] != parts
+    assert [indices(s) for s in sets(other)] != parts
 
-    limited = GenericChoiceDataModule(str(path), split=(0.5, 0.25, 0.25), limit_train=3, limit_calib=2, limit_test=1)
-    assert [limited.describe()[k] for k in ("train", "calib", "test")] == [3, 2, 1]
+    limited = GenericChoiceDataModule(str(path), split=(0.4, 0.2, 0.2, 0.2), limit_train=3, limit_calib=2, limit_val=1,
+                                      limit_test=3)
+    assert [limited.describe()[k] for k in ("train", "calib", "val", "test")] == [3, 2, 1, 3]
+    # three fractions (the paper's 60/20/20): train / calib / test, no validation split
+    paper = GenericChoiceDataModule(str(path), split=PAPER_SPLIT)
+    assert [paper.describe()[k] for k in ("train", "calib", "val", "test")] == [12, 4, 0, 4]
 
 
 def test_split_argument_is_checked():
     with pytest.raises(ValueError, match="sum"):
         GenericChoiceDataModule("x.json", split=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="three or four"):
+        GenericChoiceDataModule("x.json", split=(0.5, 0.5))
+
+
+def test_validation_scores_a_split_of_its_own_or_none(tmp_path, tok):
+    """Validation never scores μ̄'s calibration questions: the val split; with a three-way split there is
+    none (no loader: Lightning skips validation) and `validate` says how to get one."""
+    path = write_json(tmp_path / "qa.json", qa_rows(20))
+    dm = ready(GenericChoiceDataModule(str(path), batch_size=1), tok)
+    scored = [int(b["question_index"][0]) for b in dm.val_dataloader()]
+    assert scored == indices(dm.val_set) and not set(scored) & set(indices(dm.calib_set) + indices(dm.test_set))
+    three = ready(GenericChoiceDataModule(str(path), split=PAPER_SPLIT), tok)
+    assert three.val_dataloader() == []
+    with pytest.raises(ValueError, match=r"the val split is empty .*give split four fractions, train/calib/val/test"):
+        three.check_splits("validate")
 
 
 # --- TruthfulQA ------------------------------------------------------------------------------------
@@ -129,9 +150,9 @@ def check_labels_are_the_suffix(batch):
 
 def test_dataloaders_follow_the_contract(tmp_path, tok):
     path = write_json(tmp_path / "mc_task.json", tqa_rows(10))
-    dm = TruthfulQADataModule(str(path), batch_size=2, train_batch_size=3, split=(0.4, 0.2, 0.4), max_length=2048)
+    dm = TruthfulQADataModule(str(path), batch_size=2, train_batch_size=3, split=(0.4, 0.2, 0.2, 0.2), max_length=2048)
     ready(dm, tok)
-    by_index = {ex.index: ex for ex in dm.train_set + dm.calib_set + dm.test_set}
+    by_index = {ex.index: ex for ex in dm.train_set + dm.calib_set + dm.val_set + dm.test_set}
 
     for loader in (dm.train_dataloader(), dm.calib_dataloader()):
         batch = next(iter(loader))
@@ -141,8 +162,8 @@ def test_dataloaders_follow_the_contract(tmp_path, tok):
         assert all(continuation_text(tok, batch, r) in answers for r in range(batch["input_ids"].shape[0]))
     assert len(dm.calib_dataloader()) == 1 and len(dm.train_dataloader()) == 2
 
-    splits = [(dm.val_dataloader(), dm.calib_set), (dm.test_dataloader(), dm.test_set), (dm.predict_dataloader(), dm.test_set)]
-    for loader, split in splits:  # validation scores the calib split, never the test questions
+    splits = [(dm.val_dataloader(), dm.val_set), (dm.test_dataloader(), dm.test_set), (dm.predict_dataloader(), dm.test_set)]
+    for loader, split in splits:  # validation scores its own split: neither μ̄'s questions nor the test ones
         batches = list(loader)
         assert len(batches) == len(split) // 2  # 2 questions per batch
         for batch in batches:
@@ -190,7 +211,7 @@ def test_long_prompt_is_truncated_from_the_left(tmp_path, tok):
 def test_tokenizer_comes_from_the_trainers_module(tmp_path, tok):
     from types import SimpleNamespace
 
-    dm = GenericChoiceDataModule(str(write_json(tmp_path / "qa.json", qa_rows(5))))
+    dm = GenericChoiceDataModule(str(write_json(tmp_path / "qa.json", qa_rows(10))))
     dm.tokenizer = "not this one"
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tok))
     dm.setup("validate")
@@ -280,11 +301,15 @@ def test_commonsense_label(tmp_path, task):
     assert ex.answer == " " + row["answer"] and ex.is_true == [label == row["answer"] for label in labels]
 
 
-def test_commonsense_train_file_gives_train_and_calib(tmp_path, tok):
+def test_commonsense_train_file_gives_train_calib_and_val(tmp_path, tok):
     test = write_json(tmp_path / "test.json", [ARC] * 3)
     train = write_json(tmp_path / "train.json", [BOOLQ] * 10)
     dm = CommonsenseDataModule(str(test), train_path=str(train), calib_fraction=0.3, overlap="keep")  # repeated rows
-    assert [dm.describe()[k] for k in ("train", "calib", "test")] == [7, 3, 3]
+    assert [dm.describe()[k] for k in ("train", "calib", "val", "test")] == [6, 3, 1, 3]
+    no_val = CommonsenseDataModule(str(test), train_path=str(train), calib_fraction=0.3, val_fraction=0, overlap="keep")
+    assert [no_val.describe()[k] for k in ("train", "calib", "val", "test")] == [7, 3, 0, 3]
+    with pytest.raises(ValueError, match="sum below 1"):
+        CommonsenseDataModule(str(test), calib_fraction=0.5, val_fraction=0.5)
     assert indices(dm.test_set) == [0, 1, 2]
     batch = next(iter(ready(dm, tok).train_dataloader()))
     assert continuation_text(tok, batch, 0) == " true"
@@ -509,9 +534,9 @@ def test_data_paths_resolve_under_the_data_root_or_the_packaged_sample(tmp_path,
     assert len(json.loads(sample.read_text())) == 40
     with pytest.raises(DataFileNotFound, match="truthfulqa_mc_40.json"):
         resolve_path("package:nope.json")
-    dm = TruthfulQADataModule(path="package:truthfulqa_mc_40.json", limit_train=24, limit_calib=8, limit_test=8)
+    dm = TruthfulQADataModule(path="package:truthfulqa_mc_40.json", split=(0.5, 0.2, 0.1, 0.2))  # the tiny config's
     dm.prepare_data()
-    assert (len(dm.train_set), len(dm.calib_set), len(dm.test_set)) == (24, 8, 8)
+    assert (len(dm.train_set), len(dm.calib_set), len(dm.val_set), len(dm.test_set)) == (20, 8, 4, 8)
 
 
 def test_your_datasets_as_you_have_them(tmp_path):

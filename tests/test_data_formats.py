@@ -262,13 +262,14 @@ def test_empty_split_fails_before_training(tmp_path):
     module = SteeringLM("tiny-random")
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     dm = GenericChoiceDataModule(str(path), split=(0.5, 0.0, 0.5))
-    with pytest.raises(ValueError, match=r"the calib split is empty \(train 1, calib 0, test 1 of 2 questions"):
+    with pytest.raises(ValueError, match=r"the calib split is empty \(train 1, calib 0, val 0, test 1 of 2 questions.*fit needs it"):
         trainer.fit(module, dm)
     assert module.global_step == 0
     # the CLI's fit ends with the test split, so an empty one fails before training too
     args = ["fit", "--model.model", "tiny-random", "--data", "svd_lightning.data.GenericChoiceDataModule",
-            "--data.path", str(path), "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false"]
-    with pytest.raises(ValueError, match=r"the test split is empty \(train 1, calib 1, test 0 of 2 .*--test_after_fit false"):
+            "--data.path", str(path), "--data.split", "[0.5, 0.5, 0.0]", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--trainer.logger", "false"]
+    with pytest.raises(ValueError, match=r"the test split is empty \(train 1, calib 1, val 0, test 0 of 2 .*--test_after_fit false"):
         main(args)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("steering.json"))
 

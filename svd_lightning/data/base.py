@@ -35,6 +35,11 @@ SHARED_DATA = "../shared/data"  # the layout's prefix in the shipped configs (th
 PACKAGE_DATA = "package:"
 SKIPPED_FILE = "skipped_rows.jsonl"  # in the run directory, when bad_rows: skip dropped any
 BadRows = Literal["error", "skip"]
+# train / calib / val / test: the paper's 60 % train and 20 % test, its 20 % calib shared with a validation
+# split of its own (steered validation scores questions μ̄ was not fitted on).
+DEFAULT_SPLIT = (0.6, 0.1, 0.1, 0.2)
+PAPER_SPLIT = (0.6, 0.2, 0.2)  # train / calib / test (svdecode.md §4): no validation split
+SPLITS = ("train", "calib", "val", "test")
 Overlap = Literal["drop", "error", "keep"]
 
 
@@ -317,9 +322,11 @@ class ChoiceDataModule(L.LightningDataModule):
     tokenizer comes from the attached LightningModule (``module.tokenizer``) or from
     ``dm.tokenizer = tok`` when used standalone.
 
-    Splits: ``train`` warm-starts the adapter; ``calib`` solves μ̄ and is what ``validate`` (and
-    validation during ``fit``) scores -- selection data, never the test questions; ``test`` is
-    scored by ``test`` / ``predict``.
+    Splits: ``train`` warm-starts the adapter; ``calib`` solves μ̄ (and the contrastive γ); ``val`` is
+    what ``validate`` and validation during ``fit`` score -- questions μ̄ was not fitted on, and never
+    the test questions (what a ``ModelCheckpoint`` or ``EarlyStopping`` monitors); ``test`` is scored
+    by ``test`` / ``predict``. With a three-way ``split`` there is no ``val`` split: ``fit`` does not
+    validate, and ``validate`` is an error.
 
     Args:
         batch_size: questions per choice batch (val/test/predict); each question yields one row per choice.
@@ -328,9 +335,10 @@ class ChoiceDataModule(L.LightningDataModule):
             batches when a solver needs the choices). No gradients are kept there, so it can be
             larger than ``train_batch_size``; μ̄ does not depend on it.
         max_length: token budget per row; longer prompts are cut from the left, the answer is kept.
-        split: train/calib/test fractions of the questions (seeded).
+        split: train/calib/val/test fractions of the questions (seeded; default 60/10/10/20), or
+            train/calib/test (e.g. :data:`PAPER_SPLIT`, 60/20/20: no validation split).
         seed: seeds the split and the train shuffling.
-        limit_train, limit_calib, limit_test: keep only the first k questions of each split.
+        limit_train, limit_calib, limit_val, limit_test: keep only the first k questions of each split.
         num_workers: DataLoader workers.
         bad_rows: ``error`` (default): a row that does not parse stops the run, naming file, row and
             field. ``skip``: such rows are dropped and counted; the first few are printed and all of
@@ -351,11 +359,12 @@ class ChoiceDataModule(L.LightningDataModule):
         train_batch_size: int = 1,
         calib_batch_size: int = 8,
         max_length: int = 512,
-        split: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        split: tuple[float, ...] = DEFAULT_SPLIT,
         seed: int = 0,
         limit_train: int | None = None,
         limit_calib: int | None = None,
         limit_test: int | None = None,
+        limit_val: int | None = None,
         num_workers: int = 0,
         bad_rows: BadRows = "error",
         overlap: Overlap = "drop",
@@ -366,8 +375,9 @@ class ChoiceDataModule(L.LightningDataModule):
         if overlap not in ("drop", "error", "keep"):
             raise ValueError(f"overlap must be 'drop', 'error' or 'keep', got {overlap!r}")
         split = tuple(float(f) for f in split)
-        if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-            raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
+        if len(split) not in (3, 4) or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+            raise ValueError(f"split must be train/calib/val/test (or train/calib/test) fractions: three or four "
+                             f"non-negative numbers summing to 1, got {split}")
         sizes = {"batch_size": batch_size, "train_batch_size": train_batch_size,
                  "calib_batch_size": calib_batch_size, "max_length": max_length}
         for name, value in sizes.items():
@@ -377,7 +387,7 @@ class ChoiceDataModule(L.LightningDataModule):
         self.batch_size, self.train_batch_size, self.max_length = batch_size, train_batch_size, max_length
         self.calib_batch_size = calib_batch_size
         self.split, self.seed, self.num_workers = split, seed, num_workers
-        self.limits = (limit_train, limit_calib, limit_test)
+        self.limits = (limit_train, limit_calib, limit_val, limit_test)
         self.bad_rows, self.overlap = bad_rows, overlap
         self._lengths_checked = False
         self.skipped: list[DataError] = []  # rows dropped by bad_rows: skip, in file order
@@ -385,6 +395,7 @@ class ChoiceDataModule(L.LightningDataModule):
         self.tokenized: Tokenized | None = None
         self.train_set: list[ChoiceExample] | None = None
         self.calib_set: list[ChoiceExample] = []
+        self.val_set: list[ChoiceExample] = []
         self.test_set: list[ChoiceExample] = []
         self.num_examples = 0
 
@@ -417,10 +428,10 @@ class ChoiceDataModule(L.LightningDataModule):
             raise DataError(path, f"no usable rows: all {len(rows)} were bad")
         return kept
 
-    def split_examples(self, examples: list[ChoiceExample]) -> tuple[list, list, list]:
-        """Seeded train/calib/test partition of ``examples``; override when a task ships its own files."""
-        train, calib, test = seeded_split(examples, self.split, self.seed)
-        return train, calib, test
+    def split_examples(self, examples: list[ChoiceExample]) -> tuple[list, ...]:
+        """Seeded (train, calib, val, test) -- or (train, calib, test) for a three-way ``split`` -- partition
+        of ``examples``; override when a task ships its own files (either shape)."""
+        return tuple(seeded_split(examples, self.split, self.seed))
 
     # --- Lightning hooks ------------------------------------------------------------------------
 
@@ -451,7 +462,7 @@ class ChoiceDataModule(L.LightningDataModule):
             return
         self._lengths_checked = True
         tok, budget = self.tokenized.tokenizer, self.max_length
-        for split in (self.train_set, self.calib_set, self.test_set):
+        for split in (self.train_set, self.calib_set, self.val_set, self.test_set):
             for ex in list(split):
                 lengths = [len(ids) for ids in tok(list(ex.choices), add_special_tokens=False)["input_ids"]]
                 too_long = [j for j, n in enumerate(lengths) if n >= budget]
@@ -470,14 +481,16 @@ class ChoiceDataModule(L.LightningDataModule):
     def check_splits(self, stage: str | None) -> None:
         """An empty split the stage needs is an error now, not a silent no-op after training."""
         self._ensure_splits()
-        needs = {"fit": ("train", "calib"), "validate": ("calib",), "test": ("test",), "predict": ("test",)}
-        sizes = {"train": len(self.train_set), "calib": len(self.calib_set), "test": len(self.test_set)}
+        needs = {"fit": ("train", "calib"), "validate": ("calib", "val"), "test": ("test",), "predict": ("test",)}
+        sizes = dict(zip(SPLITS, map(len, (self.train_set, self.calib_set, self.val_set, self.test_set))))
         for name in needs.get(stage, ()):
             if sizes[name] == 0:
                 given = ", ".join(f"{k} {v}" for k, v in sizes.items())
+                fix = (" (a three-way split has none: give split four fractions, train/calib/val/test)"
+                       if name == "val" and len(self.split) == 3 else "")
                 raise ValueError(
                     f"{type(self).__name__}: the {name} split is empty ({given} of {self.num_examples} questions; "
-                    f"split={list(self.split)}, limits={list(self.limits)}); {stage} needs it"
+                    f"split={list(self.split)}, limits={list(self.limits)}); {getattr(stage, 'value', stage)} needs it{fix}"
                 )
 
     def _record_skipped(self) -> None:
@@ -496,16 +509,18 @@ class ChoiceDataModule(L.LightningDataModule):
         if not examples:
             raise ValueError(f"{type(self).__name__}.load_examples() returned no questions")
         self.num_examples = len(examples)
-        parts = self.split_examples(examples)
+        parts = list(self.split_examples(examples))
+        if len(parts) == 3:  # no validation split
+            parts.insert(2, [])
         limited = [part if k is None else part[:k] for part, k in zip(parts, self.limits)]
-        self.train_set, self.calib_set, self.test_set = self._without_overlap(*limited)
+        self.train_set, self.calib_set, self.val_set, self.test_set = self._without_overlap(*limited)
 
-    def _without_overlap(self, train: list, calib: list, test: list) -> tuple[list, list, list]:
-        """Apply ``overlap`` to calib questions also in train and test questions also in train or calib."""
+    def _without_overlap(self, train: list, *later: list) -> list[list]:
+        """Apply ``overlap`` to a calib, val or test question also in an earlier split."""
         key = lambda ex: (ex.prompt, tuple(ex.contexts), tuple(ex.choices))  # noqa: E731
         seen = {key(ex): ("train", ex) for ex in train}
         kept = []
-        for name, split in (("calib", calib), ("test", test)):
+        for name, split in zip(SPLITS[1:], later):
             repeats = [(ex, seen[key(ex)]) for ex in split if key(ex) in seen]
             if repeats and self.overlap != "keep":
                 ex, (earlier, first) = repeats[0]
@@ -522,7 +537,7 @@ class ChoiceDataModule(L.LightningDataModule):
                 say(f"overlap: keep -- {len(repeats)} {name} question(s) are also in an earlier split")
             kept.append(split)
             seen.update({key(ex): (name, ex) for ex in split if key(ex) not in seen})
-        return train, kept[0], kept[1]
+        return [train, *kept]
 
     def _loader(self, examples: list, collate, batch_size: int, shuffle: bool = False) -> DataLoader:
         if self.tokenized is None:
@@ -549,9 +564,12 @@ class ChoiceDataModule(L.LightningDataModule):
         give μ̄'s token statistics."""
         return self._loader(self.calib_set, collate_choices, self.calib_batch_size)
 
-    def val_dataloader(self) -> DataLoader:
-        """The calib split, scored: validation never sees the test questions."""
-        return self._loader(self.calib_set, collate_choices, self.batch_size)
+    def val_dataloader(self) -> DataLoader | list:
+        """The val split, scored: neither μ̄'s calibration questions nor the test questions. None (a
+        three-way ``split``): no loader, so Lightning skips validation."""
+        if not self.val_set:
+            return []
+        return self._loader(self.val_set, collate_choices, self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, collate_choices, self.batch_size)
@@ -568,6 +586,7 @@ class ChoiceDataModule(L.LightningDataModule):
             "skipped": len(self.skipped),
             "train": len(self.train_set),
             "calib": len(self.calib_set),
+            "val": len(self.val_set),
             "test": len(self.test_set),
             "test_rows": sum(len(ex.choices) for ex in self.test_set),
         }

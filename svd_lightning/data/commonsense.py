@@ -125,10 +125,11 @@ class CommonsenseDataModule(ChoiceDataModule):
 
     Args:
         test_path: the task's ``test.json``.
-        train_path: the task's ``train.json``; if given, train and calib come from it (split by
-            ``calib_fraction``) and the whole test file is the test split. Otherwise the test file is
-            split three ways by ``split``.
+        train_path: the task's ``train.json``; if given, train, calib and val come from it (split by
+            ``calib_fraction`` and ``val_fraction``) and the whole test file is the test split. Otherwise
+            the test file is split by ``split``.
         calib_fraction: calib share of the train file.
+        val_fraction: val share of the train file (0: no validation split).
         scoring: ``"label"`` scores the paper's label words (``... the correct answer is`` + `` answer1``)
             under the LLM-Adapters prompt; ``"option_text"`` scores the options' own text under an
             lm-eval style prompt (``Question: ...\\nAnswer:``; WinoGrande: partial evaluation),
@@ -141,16 +142,18 @@ class CommonsenseDataModule(ChoiceDataModule):
         test_path: str | dict[str, Any],
         train_path: str | dict[str, Any] | None = None,
         calib_fraction: float = 0.2,
+        val_fraction: float = 0.1,
         scoring: Scoring = "option_text",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if scoring not in ("label", "option_text"):
             raise ValueError(f"scoring must be 'label' or 'option_text', got {scoring!r}")
-        if not 0.0 <= calib_fraction < 1.0:
-            raise ValueError(f"calib_fraction must be in [0, 1), got {calib_fraction}")
+        if not (0.0 <= calib_fraction and 0.0 <= val_fraction and calib_fraction + val_fraction < 1.0):
+            raise ValueError(f"calib_fraction and val_fraction must be >= 0 with a sum below 1, got {calib_fraction} "
+                             f"and {val_fraction}")
         self.test_path, self.train_path = test_path, train_path
-        self.calib_fraction, self.scoring = calib_fraction, scoring
+        self.calib_fraction, self.val_fraction, self.scoring = calib_fraction, val_fraction, scoring
 
     def _load(self, path: str | Path) -> list[ChoiceExample]:
         return self.parse_file(path, lambda p, i, row: parse_row(row, self.scoring, p, i))
@@ -158,9 +161,9 @@ class CommonsenseDataModule(ChoiceDataModule):
     def load_examples(self) -> list[ChoiceExample]:
         return self._load(self.test_path)
 
-    def split_examples(self, examples: list[ChoiceExample]) -> tuple[list, list, list]:
+    def split_examples(self, examples: list[ChoiceExample]) -> tuple[list, ...]:
         if self.train_path is None:
             return super().split_examples(examples)
-        fractions = (1 - self.calib_fraction, self.calib_fraction)
-        train, calib = seeded_split(self._load(self.train_path), fractions, self.seed)
-        return train, calib, examples
+        fractions = (1 - self.calib_fraction - self.val_fraction, self.calib_fraction, self.val_fraction)
+        train, calib, val = seeded_split(self._load(self.train_path), fractions, self.seed)
+        return train, calib, val, examples
