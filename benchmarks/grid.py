@@ -192,7 +192,7 @@ class DrawnTestCommonsense(CommonsenseDataModule):
         self.exclude = set(exclude)
 
     def split_examples(self, examples):
-        train, calib, test = super().split_examples(examples)
+        train, calib, _, test = super().split_examples(examples)  # val_fraction=0: no val split
         test = [ex for ex in test if ex.index not in self.exclude]
         share = min(1.0, (self.limits[-1] or len(test)) / len(test))
         return train, calib, seeded_split(test, (share, 1 - share), self.seed + 1)[0]
@@ -554,7 +554,7 @@ class EpochProbe(L.Callback):
             # global RNG that dropout and the next epoch's shuffle use: open them so training goes on
             # exactly as it would after scoring (tested: --train-only + --score-saved = scoring in place).
             for loader in ([] if plain_only else [trainer.datamodule.calib_choice_dataloader()]) + [
-                    trainer.datamodule.val_dataloader(), trainer.datamodule.test_dataloader()]:
+                    trainer.datamodule.choice_dataloader("calib"), trainer.datamodule.test_dataloader()]:
                 iter(loader)
             print(f"[{self.cell['name']} epoch {label}] adapter kept ({train_seconds:.0f} s training)", flush=True)
             return
@@ -581,7 +581,7 @@ def probe(model, dm, cell: dict, point: dict, path: Path) -> None:
         # choice_nll variants are scored on test only: their μ is fit to the calib questions' loss
         calib_configs = {name: c for name, c in configs.items() if "choice_nll" not in name}
     t1 = time.perf_counter()
-    calib, calib_ids = score_split(model, dm.val_dataloader(), task, calib_configs, "Scoring calib")
+    calib, calib_ids = score_split(model, dm.choice_dataloader("calib"), task, calib_configs, "Scoring calib")
     t2 = time.perf_counter()
     test, test_ids = score_split(model, dm.test_dataloader(), task, configs, "Scoring test")
     t3 = time.perf_counter()
@@ -707,6 +707,12 @@ def is_saved(out_dir: Path, name: str, label: str) -> bool:
     return (saved_dir(out_dir, name, label) / "point.json").exists()
 
 
+def four_limits(limits) -> tuple:
+    """A DataModule's (train, calib, val, test) limits; adapters saved before the val split recorded three."""
+    limits = tuple(limits)
+    return limits if len(limits) == 4 else (*limits[:2], None, limits[2])
+
+
 def save_adapter(out_dir: Path, cell: dict, point: dict, model, limits) -> Path:
     """The adapter (peft ``save_pretrained``) with the cell, the training point it was taken at and the
     DataModule's split limits (so that scoring it draws the same split)."""
@@ -747,7 +753,7 @@ def score_saved(out_dir: Path, only: list[str] | None = None, seeds: list[int] |
                 raise RuntimeError(f"{saved['dir']}: the adapter's init differs from the cell's (another peft or torch?)")
             set_peft_model_state_dict(module.model, load_file(saved["dir"] / "adapter_model.safetensors"))
             dm = TASKS[cell["task"]].data(cell["seed"])
-            dm.limits, dm.tokenizer = tuple(saved["limits"]), module.tokenizer
+            dm.limits, dm.tokenizer = four_limits(saved["limits"]), module.tokenizer
             dm.setup("fit")
             probe(module.model, dm, cell, point, path)
 
@@ -835,7 +841,7 @@ def _train_and_probe(name: str, task: str, adapter: str, seed: int, wanted: set[
     module = SteeringLM(model=model, adapter=adapter, learning_rate=learning_rate, seed=seed)
     dm = TASKS[task].data(seed)
     if limit is not None:  # smoke tests
-        dm.limits = (limit, limit, limit)
+        dm.limits = (limit, limit, None, limit)
     fixed = TASKS[task].precision
     precision, why = ((precision, "set with --precision") if precision else (fixed, "the task's") if fixed
                       else fast_precision("cpu"))

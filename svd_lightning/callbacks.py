@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
 from svd_lightning.data.protocol import check_datamodule
+from svd_lightning.figures import CALIBRATION_FIGURE, calibration_figure, questions_figure, questions_figure_name, strength_grid
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, variant_table
 from svd_lightning.statistics import paired_bootstrap
@@ -267,6 +268,7 @@ class StrengthSolver(L.Callback):
         if not math.isfinite(mu):
             raise FloatingPointError(f"the {key} strength is not finite ({mu}); see steer/* logs")
         pl_module.set_strength(mu)
+        curve = self.curve(result, calibration, mu, summary["exact"], allreduce)
         self.solution = {
             "steering": pl_module.steering_config.replace(strength=self.strength, curvature=self.curvature,
                                                           trim=self.trim).to_dict(),
@@ -275,11 +277,29 @@ class StrengthSolver(L.Callback):
             "calibration_seconds": calibration.seconds + time.perf_counter() - start,
             "global_step": trainer.global_step,
         }
+        writer = run_writer(trainer)
+        if writer is not None:  # rank zero
+            writer.write_json(CALIBRATION_CURVE_FILE, curve)
+            writer.write_bytes(CALIBRATION_FIGURE, calibration_figure(
+                curve["mu"], curve["token_nll"], mu, key, curve.get("choice_loss")))
         log_steering(trainer, pl_module, "steer/mu", mu)
         rank_zero_info(f"SVDecode strength μ̄ = {mu:+.4f} ({key}; all aggregates: "
                        + ", ".join(f"{k}={v:+.3g}" for k, v in summary.items() if k != "tokens") + ")")
         self._write(trainer, pl_module)
         return mu
+
+    def curve(self, result: CalibrationResult, calibration: CalibrationPass, mu: float, exact: float, allreduce) -> dict:
+        """The calibration losses along μ (all ranks' tokens and questions): mean NLL per reference token,
+        and the multiple-choice loss per choice set when ``choice_nll`` was solved (its cache is there)."""
+        mus = strength_grid(mu, exact)
+        token = allreduce(torch.tensor([*(result.cache.loss_grad_hess(m)[0] for m in mus), result.cache.count],
+                                       dtype=torch.float64, device="cpu"))
+        curve = {"mu": mus, "token_nll": (token[:-1] / token[-1].clamp_min(1)).tolist(), "strength": mu}
+        if self.strength == "choice_nll":
+            cache = calibration.choices.cache
+            choice = allreduce(torch.cat([cache.losses(mus), torch.tensor([cache.usable_groups()], dtype=torch.float64, device="cpu")]))
+            curve["choice_loss"] = (choice[:-1] / choice[-1].clamp_min(1)).tolist()
+        return curve
 
     def _write(self, trainer, pl_module) -> None:
         """Hand the run to the module (``fit`` writes it after the adapter, at the end); a μ̄
@@ -553,6 +573,7 @@ class StageTimes(L.Callback):
 
 
 TIMINGS_FILE = "timings.json"
+CALIBRATION_CURVE_FILE = "calibration_curve.json"  # the losses calibration.png draws
 
 
 class SteeredValidation(L.Callback):
@@ -583,6 +604,9 @@ class SteeredValidation(L.Callback):
         writer.write_json(METRICS_FILE, {"history": self.history})
         if state.per_question:
             writer.write_json(f"{stage}_per_question.json", state.per_question)
+            png = questions_figure(state.per_question, pl_module.metric_family, stage, pl_module.mu)
+            if png is not None:
+                writer.write_bytes(questions_figure_name(stage), png)
 
     def on_validation_end(self, trainer, pl_module):
         self._report(trainer, pl_module, "val")

@@ -8,6 +8,7 @@ the command scored a split, ``metrics.json`` (the headline numbers and their pai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from svd_lightning.config import VARIANT_LABELS as _VARIANTS
@@ -83,9 +84,24 @@ def card_data(run, metrics: dict | None, base: str | None):
                          eval_results=results or None)
 
 
-def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run") -> str:
+FIGURE_CAPTIONS = {"calibration.png": "the strength solve: calibration loss along μ, μ̄ marked",
+                   "val_questions.png": "validation, per question: +SVDecode against the warm start",
+                   "test_questions.png": "test, per question: +SVDecode against the warm start"}
+
+
+def _figures(figures) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for name in figures:
+        lines += [f"![{FIGURE_CAPTIONS.get(name, name)}]({name})", "", f"*{FIGURE_CAPTIONS.get(name, name)}* (`{name}`)", ""]
+    return lines
+
+
+def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run", figures: Sequence[str] = ()) -> str:
     """The card of ``run`` (a :class:`~svd_lightning.run.SteeringRun`), with ``metrics`` (a run's
-    ``metrics.json``) when given; ``name`` is what the loading snippet loads (a directory or a repo id)."""
+    ``metrics.json``) when given; ``name`` is what the loading snippet loads (a directory or a repo id);
+    ``figures``: the run's PNG files (:mod:`svd_lightning.figures`), shown under the results."""
     s = run.steering
     base = _base_model(run.model)
     front = card_data(run, metrics, base).to_yaml()
@@ -121,6 +137,7 @@ def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run")
         "",
         *_results(metrics),
         "",
+        *_figures(figures),
         "## Use",
         "",
         "```python",

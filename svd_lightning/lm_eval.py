@@ -125,13 +125,22 @@ class SteeredHFLM(HFLM):
 def evaluate(run_dir: str, tasks: list[str], include_path: str | None = None, limit: int | None = None,
              batch_size: int = 8, mu: float | None = None, forward_mode: str = "auto", method: str = "svdecode",
              **kwargs) -> dict:
-    """``lm_eval.simple_evaluate`` with the ``svd`` backend on ``run_dir``."""
+    """``lm_eval.simple_evaluate(model="svd", model_args={"run_dir": run_dir, ...})``: lm-eval builds the backend
+    itself, and its results record the model and its arguments as for any other."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    model = SteeredHFLM(run_dir, mu=mu, forward_mode=forward_mode, method=method, batch_size=batch_size)
+    model_args = {"run_dir": str(run_dir), "forward_mode": forward_mode, "method": method} | ({} if mu is None else {"mu": mu})
     manager = TaskManager(include_path=include_path) if include_path else None
-    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit, **kwargs)
+    return lm_eval.simple_evaluate(model="svd", model_args=model_args, batch_size=batch_size, tasks=tasks,
+                                   task_manager=manager, limit=limit, **kwargs)
+
+
+def run_name(run_dir: str | Path) -> str:
+    """What lm-eval's results folder is named after (it would draw a random name: ``run_dir`` is no key it
+    knows): the run's root and version, e.g. ``truthfulqa-lora/version_0`` (sanitized to ``__`` by lm-eval)."""
+    path = Path(run_dir).resolve()
+    return f"{path.parent.name}/{path.name}"
 
 
 def _seeds(value: str) -> list[int | None]:
@@ -178,11 +187,16 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
                        numpy_random_seed=numpy_seed, torch_random_seed=torch_seed, fewshot_random_seed=fewshot_seed)
     samples = results.pop("samples", None)
     if tracker is not None:
+        from lm_eval.utils import sanitize_model_name
+
+        names = tracker.general_config_tracker
+        names.model_name = run_name(args.run_dir)
+        names.model_name_sanitized = sanitize_model_name(names.model_name)
         tracker.save_results_aggregated(results=results, samples=samples if args.log_samples else None)
         if args.log_samples:
             for task_name in results["configs"]:
                 tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-        say(f"lm-eval results written under {Path(args.output_path).resolve()}")
+        say(f"lm-eval results written under {Path(args.output_path).resolve() / names.model_name_sanitized}")
     from lm_eval.utils import make_table
 
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

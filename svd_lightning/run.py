@@ -101,6 +101,11 @@ def _follow_umask(root: Path) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``path`` whole (a temporary sibling renamed over it), with the umask's permissions."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """:func:`atomic_write_text` for bytes (a figure)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name to write")
@@ -108,8 +113,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: others could not read a shared run
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -210,6 +215,10 @@ class RunWriter:
         fault_point(f"write:{name}")
         return atomic_write_text(self.directory() / name, text)
 
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        fault_point(f"write:{name}")
+        return atomic_write_bytes(self.directory() / name, data)
+
     def write_json(self, name: str, payload: Any) -> Path:
         fault_point(f"write:{name}")
         return write_json(self.directory() / name, payload)
@@ -281,7 +290,8 @@ class RunWriter:
 
             metrics = staging / METRICS_FILE
             payload = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
-            self.write_text(CARD_FILE, model_card(self.run, payload))
+            figures = sorted(p.name for p in staging.glob("*.png"))
+            self.write_text(CARD_FILE, model_card(self.run, payload, figures=figures))
         _follow_umask(staging)
         _fsync_dir(staging)
         target = self.target

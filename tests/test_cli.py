@@ -40,6 +40,14 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     assert min(timings["seconds"].values()) >= 0 and timings["other"] >= 0
     assert sum(timings["seconds"].values()) + timings["other"] == pytest.approx(timings["total"], abs=1e-6)
     assert "stage times of this fit (also in the run's timings.json):" in out and "calibration" in out
+    # The figures a reader looks at, referenced from the card; the curve is the objective `exact` minimised.
+    for figure in ("calibration.png", "val_questions.png", "test_questions.png"):
+        assert (run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert f"]({figure})" in (run / "README.md").read_text()
+    curve = json.loads((run / "calibration_curve.json").read_text())
+    lowest = min(range(len(curve["mu"])), key=curve["token_nll"].__getitem__)
+    assert abs(curve["mu"][lowest] - steering["mu"]) <= curve["mu"][1] - curve["mu"][0]
+    assert curve["strength"] == steering["mu"]
     per_question = json.loads((run / "test_per_question.json").read_text())
     for m in ("mc1", "mc2"):  # the printed gain is the mean of the per-question differences, inside its CI
         gain = fit_metrics["test"]["paired_bootstrap"][f"{m}_steered_minus_plain"]

@@ -94,10 +94,14 @@ def test_eval_takes_lm_evals_flags_and_writes_its_results_format(run_dir, monkey
     out = tmp_path / "lm_eval_out"
     cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include-path", str(TASKS),
               "--batch-size", "1", "--num_fewshot", "1", "--output_path", str(out), "--log_samples", "--seed", "3"])
-    results = sorted(out.rglob("results_*.json"))
-    samples = sorted(out.rglob("samples_svd_tiny_mc_*.jsonl"))
-    assert len(results) == 1 and len(samples) == 1
+    folder = out / f"{run_dir.parent.name}__{run_dir.name}"  # named after the run, not a random id
+    results = sorted(folder.glob("results_*.json"))
+    samples = sorted(folder.glob("samples_svd_tiny_mc_*.jsonl"))
+    assert len(results) == 1 and len(samples) == 1 and sorted(p.name for p in out.iterdir()) == [folder.name]
     payload = json.loads(results[0].read_text())
+    # the model recorded as for any lm-eval model: its registered name and arguments
+    assert payload["config"]["model"] == "svd" and payload["config"]["model_args"]["run_dir"] == str(run_dir)
+    assert payload["model_name"] == f"{run_dir.parent.name}/{run_dir.name}"
     assert "acc,none" in payload["results"]["svd_tiny_mc"]
     assert payload["n-shot"]["svd_tiny_mc"] == 1 and payload["config"]["random_seed"] == 3
     assert payload["config"]["svd_mu"] == 10.0  # the run's settings, from get_model_info

@@ -179,7 +179,7 @@ def test_empty_calibration_set_fails_before_training(tmp_path):
     dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=0)
     module = SteeringLM("tiny-random", adapter="lora", learning_rate=0.05)
     before = [p.detach().clone() for p in module.model.parameters() if p.requires_grad]
-    with pytest.raises(ValueError, match=r"the calib split is empty \(train 6, calib 0, test 2 of 10 questions"):
+    with pytest.raises(ValueError, match=r"the calib split is empty \(train 6, calib 0, val 1, test 2 of 10 questions"):
         tiny_trainer(tmp_path, [SteeringExtraction(), StrengthSolver()]).fit(module, dm)
     after = [p for p in module.model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(before, after)) and module.global_step == 0

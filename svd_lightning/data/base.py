@@ -453,6 +453,9 @@ class ChoiceDataModule(L.LightningDataModule):
         self.tokenized = Tokenized(tokenizer, self.max_length)
         self._check_lengths()
         self.check_splits(stage)
+        if getattr(stage, "value", stage) == "fit" and not self.val_set:
+            say(f"{type(self).__name__}: no val split (split={list(self.split)}): fit does not validate; give split "
+                "four fractions, train/calib/val/test, to score a val split each epoch")
         self._record_skipped()
 
     def _check_lengths(self) -> None:
@@ -564,18 +567,22 @@ class ChoiceDataModule(L.LightningDataModule):
         give μ̄'s token statistics."""
         return self._loader(self.calib_set, collate_choices, self.calib_batch_size)
 
+    def choice_dataloader(self, split: str) -> DataLoader:
+        """The questions of ``split`` (train, calib, val or test) as choice batches of ``batch_size``, in order."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self._loader(getattr(self, f"{split}_set"), collate_choices, self.batch_size)
+
     def val_dataloader(self) -> DataLoader | list:
         """The val split, scored: neither μ̄'s calibration questions nor the test questions. None (a
         three-way ``split``): no loader, so Lightning skips validation."""
-        if not self.val_set:
-            return []
-        return self._loader(self.val_set, collate_choices, self.batch_size)
+        return self.choice_dataloader("val") if self.val_set else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, collate_choices, self.batch_size)
+        return self.choice_dataloader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, collate_choices, self.batch_size)
+        return self.choice_dataloader("test")
 
     def describe(self) -> dict:
         self._ensure_splits()
