@@ -29,7 +29,7 @@ from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import ConfigError, Method, SteeringConfig
 from svd_lightning.precision import check_steering_precision
 from svd_lightning.decoding import (MODES, SteeringLogitsProcessor, generate_answers, score_choices,
-                                    steering_decoding_loop)
+                                    model_with_adapter, steering_decoding_loop)
 from svd_lightning.run import METRICS_FILE, RunError, RunWriter, SteeringRun, adapter_kind, load_run
 
 # SteeredModel.generate's own options (decoding.decoding_kwargs); any other keyword goes to generate.
@@ -151,12 +151,15 @@ class SteeredModel:
             return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message))
 
     # -- steering from plain transformers -------------------------------------------------------------
-    def logits_processor(self, attention_mask: torch.Tensor | None = None, method: Method = "svdecode"):
-        """A ``LogitsProcessor`` for your own ``generate`` call on :attr:`model`: SVDecode's steered
-        log-probs from the adapter's scores and a pre-trained pass it runs alongside (two-pass path).
+    def logits_processor(self, attention_mask: torch.Tensor | None = None, method: Method = "svdecode", model=None):
+        """A ``LogitsProcessor`` for your own ``generate`` call: SVDecode's steered log-probs from the adapter's
+        scores and a pre-trained pass it runs alongside (two-pass path). ``model``: the model that generates
+        when it is not :attr:`model` -- your own that carries this run's adapter (checked by the adapter weights'
+        hash); its adapter is switched off for the pre-trained pass, and no second copy is needed.
 
         Give the prompts' ``attention_mask`` (left-padded batches); make a new one per call."""
-        return SteeringLogitsProcessor(self.model, self.config.method(method), attention_mask=attention_mask)
+        steering = self.model if model is None else model_with_adapter(model, self.model, "logits_processor")
+        return SteeringLogitsProcessor(steering, self.config.method(method), attention_mask=attention_mask)
 
     @property
     def custom_generate(self):

@@ -925,6 +925,19 @@ def _runs_last(processor) -> bool:
     return name.endswith("LogitsWarper") or "Watermark" in name or name == "LogitNormalization"
 
 
+def model_with_adapter(model, steered_model, who: str):
+    """The model whose adapter is switched off for the pre-trained pass when ``model`` generates:
+    ``steered_model`` when ``model`` is it or inside it, else ``model`` itself if it carries the same adapter
+    weights (:func:`adapter_fingerprint`); any other model is refused (its scores are not the run's)."""
+    if any(model is m for m in steered_model.modules()):
+        return steered_model
+    if not _tuner_layers(model) or adapter_fingerprint(model) != adapter_fingerprint(steered_model):
+        raise ValueError(f"{who} steers with the run's adapter, and this {type(model).__name__} carries another one "
+                         "(or none): load the run's adapter/ into it (PeftModel.from_pretrained(base, RUN/adapter)), "
+                         "or generate with the run's model")
+    return model
+
+
 def steering_decoding_loop(steered_model, config: SteeringConfig):
     """A ``custom_generate`` callable for transformers' ``generate``: its usual decoding loop
     (greedy, sampling or beam search) with SVDecode's two-pass processor put where a user's
@@ -937,13 +950,7 @@ def steering_decoding_loop(steered_model, config: SteeringConfig):
 
     def custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
                         synced_gpus: bool = False, streamer=None, **model_kwargs):
-        steering = steered_model
-        if not any(model is m for m in steered_model.modules()):  # the user's own model: the run's adapter?
-            if not _tuner_layers(model) or adapter_fingerprint(model) != adapter_fingerprint(steered_model):
-                raise ValueError(f"custom_generate steers with the run's adapter, and this {type(model).__name__} "
-                                 "carries another one (or none): load the run's adapter/ into it "
-                                 "(PeftModel.from_pretrained(base, RUN/adapter)), or call generate on the run's model")
-            steering = model
+        steering = model_with_adapter(model, steered_model, "custom_generate")
         processor = SteeringLogitsProcessor(steering, config, attention_mask=model_kwargs.get("attention_mask"))
         processors = list(logits_processor)
         at = next((i for i, p in enumerate(processors) if _runs_last(p)), len(processors))

@@ -262,9 +262,9 @@ def test_cli_refuses_bad_options_before_loading_the_model(tmp_path, run_dir, cap
     assert message in capsys.readouterr().err
 
 
-def test_custom_generate_steers_a_users_own_model_carrying_the_runs_adapter(tmp_path):
-    """custom_generate on the user's own PeftModel, loaded from the run's adapter/: the same steered tokens as
-    on the run's own model; another adapter is refused with what to do."""
+def test_custom_generate_and_the_processor_steer_a_users_own_model_carrying_the_runs_adapter(tmp_path):
+    """custom_generate and logits_processor(model=...) on the user's own PeftModel, loaded from the run's
+    adapter/: the same steered tokens as on the run's own model; another adapter is refused with what to do."""
     from peft import PeftModel
 
     from svd_lightning import SteeredModel
@@ -288,3 +288,10 @@ def test_custom_generate_steers_a_users_own_model_carrying_the_runs_adapter(tmp_
     stranger = PeftModel.from_pretrained(tiny_model_and_tokenizer(0)[0], str(other / "adapter")).eval()
     with pytest.raises(ValueError, match="carries another one"):
         stranger.generate(**enc, custom_generate=sm.custom_generate, **kw)
+    from transformers import LogitsProcessorList
+
+    processed = own.generate(**enc, logits_processor=LogitsProcessorList([
+        sm.logits_processor(enc["attention_mask"], model=own)]), **kw)
+    assert torch.equal(processed, expected)
+    with pytest.raises(ValueError, match="logits_processor steers with the run's adapter, and this PeftModel carries another"):
+        sm.logits_processor(enc["attention_mask"], model=stranger)
