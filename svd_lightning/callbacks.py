@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
-from svd_lightning.data.protocol import check_datamodule
+from svd_lightning.data.protocol import check_datamodule, datasets_of
 from svd_lightning.figures import CALIBRATION_FIGURE, calibration_figure, questions_figure, questions_figure_name, strength_grid
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, variant_table
@@ -311,6 +311,7 @@ class StrengthSolver(L.Callback):
             adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(pl_module.tokenizer),
             aggregates=sol["aggregates"], diagnostics=sol["diagnostics"],
             calibration_seconds=sol["calibration_seconds"], global_step=sol["global_step"], hparams=dict(h),
+            datasets=datasets_of(trainer.datamodule),
         )
         if trainer.state.fn == "fit":
             return

@@ -26,6 +26,33 @@ def _base_model(model: str) -> str | None:
     return name if looks_like_id else None
 
 
+def base_license(model: str) -> str | None:
+    """The base model's license as its own model card states it, read where the card is on this machine (a
+    local model folder's README.md, or the Hub cache; nothing is fetched); None where it is not."""
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    from svd_lightning.models import SMOLLM2_HUB_ID, SMOLLM2_LICENSE, portable_base
+
+    name = portable_base(model)[0]
+    if name == SMOLLM2_HUB_ID:
+        return SMOLLM2_LICENSE
+    card = Path(model).expanduser() / "README.md"
+    if not card.is_file():
+        try:
+            cached = try_to_load_from_cache(name, "README.md")
+        except ValueError:  # not a repo id
+            cached = None
+        card = Path(cached) if isinstance(cached, str) else None
+    if card is None:
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # an unreadable card: no license stated
+        return None
+
+
 def _num(value: Any, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
@@ -79,7 +106,8 @@ def card_data(run, metrics: dict | None, base: str | None):
                         task_type="multiple-choice", dataset_type=f"svd-lightning/{stage}-split",
                         dataset_name=f"the run's {stage} split", metric_type=metric, metric_value=float(values[metric]),
                         metric_name=f"{metric} ({_VARIANTS.get(name, name)})"))
-    return ModelCardData(library_name="peft", base_model=base, tags=["svd-lightning", "svdecode", "steering", run.adapter],
+    return ModelCardData(library_name="peft", base_model=base, license=base_license(run.model), datasets=run.datasets or None,
+                         tags=["svd-lightning", "svdecode", "steering", run.adapter],
                          model_name=f"SVDecode {run.adapter} on {run.model}" if results else None,
                          eval_results=results or None)
 

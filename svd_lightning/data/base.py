@@ -314,6 +314,13 @@ class ResumableLoader(DataLoader):
         self._resume = dict(state)
 
 
+def hub_dataset_id(source: DataSource) -> str | None:
+    """The Hugging Face Hub dataset a ``load_dataset`` spec names (``{path: owner/name, ...}``), else None."""
+    path = source.get("path") if isinstance(source, dict) else None
+    looks_like_id = isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    return path if looks_like_id and not Path(path).exists() else None
+
+
 class ChoiceDataModule(L.LightningDataModule):
     """Base for multiple-choice tasks.
 
@@ -352,6 +359,7 @@ class ChoiceDataModule(L.LightningDataModule):
     """
 
     metric: ClassVar[MetricFamily] = "choice"
+    hub_dataset: ClassVar[str | None] = None  # the Hub dataset the task's questions are (the model card's `datasets`)
 
     def __init__(
         self,
@@ -391,6 +399,7 @@ class ChoiceDataModule(L.LightningDataModule):
         self.bad_rows, self.overlap = bad_rows, overlap
         self._lengths_checked = False
         self.skipped: list[DataError] = []  # rows dropped by bad_rows: skip, in file order
+        self._read_from: set[str | None] = set()  # Hub datasets of the load_dataset specs read (datasets())
         self.tokenizer = None  # set by the user for standalone use; a trainer's module takes precedence
         self.tokenized: Tokenized | None = None
         self.train_set: list[ChoiceExample] | None = None
@@ -398,6 +407,10 @@ class ChoiceDataModule(L.LightningDataModule):
         self.val_set: list[ChoiceExample] = []
         self.test_set: list[ChoiceExample] = []
         self.num_examples = 0
+
+    def datasets(self) -> list[str]:
+        """Hub ids of the datasets the questions came from: the task's own and any ``load_dataset`` spec's."""
+        return sorted({d for d in [self.hub_dataset, *self._read_from] if d})
 
     # --- what a task implements ---------------------------------------------------------------
 
@@ -409,6 +422,7 @@ class ChoiceDataModule(L.LightningDataModule):
         """``parse(source, row_number, row)`` over the rows of ``path`` -- a file, a ``datasets.Dataset`` (or a
         one-split ``DatasetDict``), or a ``load_dataset`` spec (:func:`source_rows`); a row's ``DataError``
         follows ``bad_rows``."""
+        self._read_from.add(hub_dataset_id(path))
         path, rows = source_rows(path)
         kept, skipped = [], []
         for i, row in enumerate(rows):

@@ -28,6 +28,12 @@ class SteeringDataModule(Protocol):
     def calib_choice_dataloader(self): ...
 
 
+def datasets_of(datamodule) -> list[str]:
+    """The Hub datasets a DataModule says its questions came from (``datasets()``; none when it does not say)."""
+    said = getattr(datamodule, "datasets", None)
+    return list(said()) if callable(said) else []
+
+
 def check_datamodule(datamodule, choices_for: str | None) -> None:
     """Raise an :class:`InputError` naming every method ``datamodule`` lacks for this fit; ``choices_for``
     names what needs the calibration choice batches (None: nothing does)."""

@@ -58,6 +58,7 @@ class TruthfulQADataModule(ChoiceDataModule):
     """
 
     metric = "truthfulqa"
+    hub_dataset = "truthfulqa/truthful_qa"
 
     def __init__(
         self, path: str | dict[str, Any] = "../shared/data/truthfulqa/v1_2021/mc_task.json", instruction: bool = True,
