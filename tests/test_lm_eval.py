@@ -66,9 +66,8 @@ def test_registered_name_and_cli(run_dir, monkeypatch, tmp_path, capsys):
 
     assert get_model("svd").__name__ == "SteeredHFLM"
     monkeypatch.chdir(ROOT)
-    cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include-path", str(TASKS),
-              "--batch-size", "1", "--out", str(tmp_path / "r.json")])
-    assert "acc,none" in json.loads((tmp_path / "r.json").read_text())["results"]["svd_tiny_mc"]
+    cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include_path", str(TASKS),
+              "--batch_size", "1"])
     captured = capsys.readouterr()
     assert f"reading run {run_dir}" in captured.err
     assert "Tasks" in captured.out and "svd_tiny_mc" in captured.out and "|acc" in captured.out.replace(" ", "")  # make_table
@@ -88,27 +87,31 @@ def test_an_unknown_model_arg_is_an_error_not_ignored(run_dir):
 
 @pytest.mark.slow
 def test_eval_takes_lm_evals_flags_and_writes_its_results_format(run_dir, monkeypatch, tmp_path):
-    """--num_fewshot, --output_path, --log_samples and --seed as lm-eval takes them; the files are
-    lm-eval's own (EvaluationTracker): results_<time>.json and samples_<task>_<time>.jsonl."""
+    """`svd-lightning eval` is lm-eval's own `run` with the run as the model: its flags (--num_fewshot,
+    --output_path, --log_samples, --seed, ... any of them), its results files (results_<time>.json,
+    samples_<task>_<time>.jsonl) under a folder named after the run, the model and its arguments recorded."""
+    from lm_eval.utils import sanitize_model_name
+
     monkeypatch.chdir(ROOT)
     out = tmp_path / "lm_eval_out"
-    cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include-path", str(TASKS),
-              "--batch-size", "1", "--num_fewshot", "1", "--output_path", str(out), "--log_samples", "--seed", "3"])
-    folder = out / f"{run_dir.parent.name}__{run_dir.name}"  # named after the run, not a random id
+    cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include_path", str(TASKS),
+              "--batch_size", "1", "--num_fewshot", "1", "--output_path", str(out), "--log_samples", "--seed", "3",
+              "--write_out"])  # one of lm-eval's flags svd-lightning does not know: handed to lm-eval as it is
+    folder = out / sanitize_model_name(str(run_dir))  # named after the run (lm-eval's `pretrained`), not a random id
     results = sorted(folder.glob("results_*.json"))
     samples = sorted(folder.glob("samples_svd_tiny_mc_*.jsonl"))
     assert len(results) == 1 and len(samples) == 1 and sorted(p.name for p in out.iterdir()) == [folder.name]
     payload = json.loads(results[0].read_text())
     # the model recorded as for any lm-eval model: its registered name and arguments
-    assert payload["config"]["model"] == "svd" and payload["config"]["model_args"]["run_dir"] == str(run_dir)
-    assert payload["model_name"] == f"{run_dir.parent.name}/{run_dir.name}"
+    assert payload["config"]["model"] == "svd" and payload["config"]["model_args"]["pretrained"] == str(run_dir)
+    assert payload["model_name"] == str(run_dir)
     assert "acc,none" in payload["results"]["svd_tiny_mc"]
     assert payload["n-shot"]["svd_tiny_mc"] == 1 and payload["config"]["random_seed"] == 3
     assert payload["config"]["svd_mu"] == 10.0  # the run's settings, from get_model_info
     rows = [json.loads(line) for line in samples[0].read_text().splitlines()]
     assert len(rows) == len(DOCS) and all("resps" in r for r in rows)
     with pytest.raises(SystemExit):
-        cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--log_samples"])
+        cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--model", "hf"])
 
 
 def test_repeated_requests_are_scored_once_with_every_requests_answer(run_dir, monkeypatch):
