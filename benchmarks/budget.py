@@ -43,7 +43,7 @@ from report import (  # noqa: E402
 )
 from report import load as load_grid  # noqa: E402
 
-from svd_lightning.run import atomic_write_text  # noqa: E402
+from svd_lightning.files import atomic_write_text  # noqa: E402
 from svd_lightning.statistics import hierarchical_ci, picked_gains, seed_t_interval, selection_ci  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent

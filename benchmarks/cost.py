@@ -37,7 +37,7 @@ from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
 from svd_lightning.decoding import paired_label_logits, score_choices, steered_generate
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.precision import describe_cpu, resolve_precision
-from svd_lightning.run import portable_path
+from svd_lightning.files import portable_path
 from svd_lightning.steering import log_probs
 
 ROOT = Path(__file__).resolve().parent

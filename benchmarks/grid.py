@@ -68,7 +68,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from svd_lightning import run as run_files
+from svd_lightning import files as run_files
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibrate_pass
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule

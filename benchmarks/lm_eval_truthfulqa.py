@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from svd_lightning import SteeredModel
-from svd_lightning.run import portable_path, write_json
+from svd_lightning.files import portable_path, write_json
 from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.metrics import truthfulqa_scores
 

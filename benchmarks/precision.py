@@ -34,7 +34,7 @@ from svd_lightning.decoding import score_choice_variants
 from svd_lightning.metrics import truthfulqa_per_question
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.precision import describe_cpu
-from svd_lightning.run import atomic_write_text
+from svd_lightning.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 MUS = (1.0, 3.0, 10.0, 30.0, 100.0)  # |μ|; steered at −|μ|, the sign SVDecode's μ̄ usually has

@@ -21,7 +21,7 @@ from pathlib import Path
 from svd_lightning.config import VARIANT_LABELS as VARIANTS
 from svd_lightning.metrics import variant_table
 from svd_lightning.precision import describe_cpu, fast_precision
-from svd_lightning.run import atomic_write_text
+from svd_lightning.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 COPIED = {"test_per_question.json": "per-question mc1/mc2/... of every variant", "metrics.json": "",

@@ -11,7 +11,7 @@ and accumulates what the solvers of that warm-start state declared in :class:`Ca
 
 Choice batches (:func:`svd_lightning.batch.collate_choices`) carry all three: their
 ``is_reference`` rows are the reference rows. Teacher-forced batches (:func:`collate_lm`) carry the
-token statistics only. :func:`calibrate`, :func:`calibrate_alphas`, :func:`calibrate_choices` and
+token statistics only. :func:`calibrate`, :func:`calibrate_choices` and
 :func:`calibrate_choice_grid` are the single-purpose forms. The Lightning callbacks
 (:mod:`svd_lightning.callbacks`) are thin wrappers that pass in their rank's batches and the
 collectives of their strategy; ``benchmarks/`` call it directly.
@@ -31,6 +31,7 @@ from svd_lightning.decoding import distinct_rows, paired_label_logits
 from svd_lightning.progress import track
 from svd_lightning.sharding import lockstep
 from svd_lightning.steering import (
+    best_grid_point,
     ChoiceStrengthCache,
     ExactStrengthCache,
     POSITION_CHUNK,
@@ -134,10 +135,7 @@ class ChoiceGridCalibration:
 
     def best(self) -> float:
         """The grid point with the smallest loss; ties prefer the smaller |μ|."""
-        finite = [i for i, v in enumerate(self.losses.tolist()) if math.isfinite(v)]
-        if not finite:
-            raise FloatingPointError("the choice loss is not finite at any point of the grid")
-        return self.mus[min(finite, key=lambda i: (float(self.losses[i]), abs(self.mus[i])))]
+        return self.mus[best_grid_point(self.mus, self.losses.tolist())]
 
     def at_edge(self) -> bool:
         """The best point is the grid's largest or smallest: the loss may keep falling beyond it."""
@@ -409,18 +407,6 @@ def calibrate(model, batches: Iterable[dict], config: SteeringConfig = SteeringC
     see :func:`calibrate_pass`; choice batches work too (their reference rows are used).
     """
     return calibrate_pass(model, batches, config, CalibrationNeeds(tokens=True), **kwargs).tokens["alpha"]
-
-
-def calibrate_alphas(model, batches: Iterable[dict], alphas: dict[str, float],
-                     config: SteeringConfig = SteeringConfig(), **kwargs) -> dict[str, CalibrationResult]:
-    """:func:`calibrate` for several mask thresholds from one pass over the model: ``{name: result}``.
-
-    ``config.direction``: the steering vector the statistics are of (see
-    :func:`svd_lightning.steering.steering_direction`); the ``kl_mean`` diagnostic is the same for both.
-    """
-    masked = config.replace(scoring_policy="mask_generation_only")  # the threshold is α as given
-    statistics = {name: masked.replace(alpha=alpha) for name, alpha in alphas.items()}
-    return calibrate_pass(model, batches, config, CalibrationNeeds(statistics=statistics), **kwargs).tokens
 
 
 def calibrate_choices(model, batches: Iterable[dict], config: SteeringConfig = SteeringConfig(), *,

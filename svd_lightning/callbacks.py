@@ -46,11 +46,11 @@ from svd_lightning.statistics import paired_bootstrap
 from svd_lightning.logger import run_writer
 from svd_lightning.progress import say
 from svd_lightning.sharding import full_adapter_state, lockstep
-from svd_lightning.run import METRICS_FILE, SteeringRun, atomic_write_text, tokenizer_hash
-from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, VARIANT_LABELS, Curvature, SteeringConfig
+from svd_lightning.run import METRICS_FILE, SteeringRun, tokenizer_hash
+from svd_lightning.files import atomic_write_text
+from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, VARIANT_LABELS, Curvature, SolvedStrength, SteeringConfig
 from svd_lightning.steering import GAMMA_GRID
 
-Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]  # = config.SOLVED_STRENGTHS
 
 
 def calibration_loader(trainer: L.Trainer):
@@ -225,7 +225,7 @@ class StrengthSolver(L.Callback):
 
     def __init__(
         self,
-        strength: Strength = "exact",
+        strength: SolvedStrength = "exact",
         curvature: Curvature = "identity",
         trim: float = 0.1,
         limit_batches: int | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer

@@ -27,15 +27,16 @@ from svd_lightning.log import InputError
 ScoringPolicy = Literal["mask_generation_only", "none", "floor", "mask"]
 Direction = Literal["kl_gradient", "logit_difference"]
 ForwardMode = Literal["auto", "one_forward", "two_pass"]
-Strength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll", "fixed"]
+SolvedStrength = Literal["exact", "mean", "median", "trimmed", "pooled", "choice_nll"]  # what StrengthSolver solves
+Strength = Literal[SolvedStrength, "fixed"]  # a run's record: ``fixed`` was set by hand
 Curvature = Literal["identity", "fisher"]
 Method = Literal["svdecode", "contrastive"]
 
 SCORING_POLICIES: tuple[str, ...] = get_args(ScoringPolicy)
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
 FORWARD_MODES: tuple[str, ...] = get_args(ForwardMode)
-STRENGTHS: tuple[str, ...] = get_args(Strength)
-SOLVED_STRENGTHS = STRENGTHS[:-1]  # ``fixed``: set by hand, nothing to solve
+SOLVED_STRENGTHS: tuple[str, ...] = get_args(SolvedStrength)
+STRENGTHS: tuple[str, ...] = (*SOLVED_STRENGTHS, "fixed")
 CURVATURES: tuple[str, ...] = get_args(Curvature)
 METHODS: tuple[str, ...] = get_args(Method)
 # Every scored variant as tables, cards and the results page name it, in their column order.
@@ -169,7 +170,7 @@ class SteeringConfig:
         return config
 
     def save(self, path: str | os.PathLike) -> Path:
-        from svd_lightning.run import write_json
+        from svd_lightning.files import write_json
 
         return write_json(path, self.to_dict())
 
@@ -184,3 +185,25 @@ class SteeringConfig:
 
 def _not_number(value) -> bool:
     return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+
+
+def _finite_number(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def add_override_arguments(parser) -> None:
+    """The flags with which a command that reads a run overrides its decode settings (argparse):
+    ``--mu``, ``--method``, ``--forward-mode`` (``svd-lightning generate`` and ``eval``)."""
+    parser.add_argument("--mu", type=_finite_number, help="steering strength (default: μ̄ from steering.json)")
+    parser.add_argument("--method", choices=METHODS, default="svdecode",
+                        help="svdecode, or contrastive: z_φ + γ(z_φ − z_θ) with the run's γ")
+    parser.add_argument("--forward-mode", "--forward_mode", choices=FORWARD_MODES, default="auto",
+                        help="auto: warm and pre-trained rows in one forward pass where the adapter allows (LoRA)")

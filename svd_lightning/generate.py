@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
-from svd_lightning.config import FORWARD_MODES, METHODS
+from svd_lightning.config import add_override_arguments
 from svd_lightning.decoding import MODES, decoding_kwargs, generate_answers
 from svd_lightning.log import say
-from svd_lightning.run import SteeringRun, atomic_write_text, load_run
+from svd_lightning.run import SteeringRun, load_run
+from svd_lightning.files import atomic_write_text
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The ``prompt`` of every non-blank JSONL line; errors name the file and line."""
@@ -58,16 +58,6 @@ def check_output(path: str | os.PathLike) -> None:
         raise ValueError(f"--out {path}: {parent} is not a writable directory")
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
-
-
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -86,13 +76,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     parser.add_argument("--temperature", type=float, help="--mode sample only; > 0")
     parser.add_argument("--top-k", type=int, help="--mode sample only; ≥ 1")
     parser.add_argument("--top-p", type=float, help="--mode sample only; in (0, 1]")
-    parser.add_argument("--mu", type=_finite, help="steering strength (default: μ̄ from steering.json)")
-    parser.add_argument("--method", choices=METHODS, default="svdecode",
-                        help="svdecode, or contrastive: z_φ + γ(z_φ − z_θ) with the run's γ (the `steered` answer)")
+    add_override_arguments(parser)  # --mu, --method (its answer is the `steered` one), --forward-mode
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--forward-mode", choices=FORWARD_MODES, default="auto",
-                        help="auto: warm and pre-trained rows in one forward pass where the adapter allows (LoRA)")
     args = parser.parse_args(argv)
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

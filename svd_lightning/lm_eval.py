@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from svd_lightning.api import SteeredModel
-from svd_lightning.config import FORWARD_MODES, METHODS
+from svd_lightning.config import add_override_arguments
 from svd_lightning.decoding import paired_logits, steered_generate
 from svd_lightning.precision import check_steering_precision
 from svd_lightning.steering import steered_log_probs
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
         epilog="Every other flag is lm-eval's own (lm-eval run --help): --tasks, --include_path, --num_fewshot, --limit, "
                "--batch_size, --device, --gen_kwargs, --apply_chat_template, --output_path, --log_samples, --seed, ...")
     parser.add_argument("--run-dir", "--run_dir", required=True, help="a run directory, or a Hub repo id of one")
-    parser.add_argument("--mu", type=float, help="override μ̄ (finite)")
-    parser.add_argument("--forward-mode", "--forward_mode", choices=FORWARD_MODES)
-    parser.add_argument("--method", choices=METHODS, help="svdecode, or contrastive: z_φ + γ(z_φ − z_θ) with the run's γ")
+    add_override_arguments(parser)  # --mu, --method, --forward-mode
     ours, theirs = parser.parse_known_args(argv)
     if any(a in ("--model", "-M") or a.startswith("--model=") for a in theirs):
         parser.error("the model is the run: give --run-dir (extra backend options go in --model_args)")

@@ -27,11 +27,11 @@ from typing import Callable, Literal
 
 import torch
 
+from svd_lightning.batch import IGNORE_INDEX
 from svd_lightning.config import DIRECTIONS, NO_MASK_ALPHA, Curvature, Direction, ScoringPolicy, SteeringConfig  # noqa: F401
 
 Aggregate = Literal["mean", "median", "trimmed", "pooled", "exact"]
 
-IGNORE_INDEX = -100
 EPS = 1e-12
 # log-probs are floored here before taking differences: a token with p_θ = 0 (−inf logit) then
 # contributes a large but finite r. e^-1000 is exactly 0 in fp64, so no representable p changes.
@@ -661,6 +661,14 @@ def strength_grid(lo: float = 1e-3, hi: float = 1e3, per_decade: int = 4) -> lis
     return [-m for m in reversed(mags)] + [0.0] + mags
 
 
+def best_grid_point(mus: list[float], losses: list[float]) -> int:
+    """The index of the grid point with the smallest finite loss; ties prefer the smaller |μ|."""
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    if not finite:
+        raise FloatingPointError("the loss is not finite at any point of the grid")
+    return min(finite, key=lambda i: (losses[i], abs(mus[i])))
+
+
 @dataclass
 class ChoiceStrengthCache:
     """Per-question cache to fit μ to the calibration set's multiple-choice loss, in closed form per μ.
@@ -778,7 +786,7 @@ class ChoiceStrengthCache:
             raise FloatingPointError("the choice loss is not finite at any μ of the grid")
 
         def best() -> int:
-            return min(range(len(mus)), key=lambda i: (values[i], abs(mus[i])))
+            return best_grid_point(mus, values)
 
         i = best()
         for _ in range(12):  # the minimum may lie beyond the grid: widen it outward

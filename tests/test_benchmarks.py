@@ -328,7 +328,7 @@ def test_grid_cells_record_split_init_and_per_question_calib(tmp_path):
 def test_committed_results_record_no_machine_paths():
     """Result files are read on other machines: a run is named relative to the repository, never by an
     absolute path (no JSON string of any committed result starts with "/")."""
-    from svd_lightning.run import portable_path
+    from svd_lightning.files import portable_path
 
     assert portable_path("/home/me/svd/runs/truthfulqa-lora/version_0") == "runs/truthfulqa-lora/version_0"
     assert portable_path("runs/x/version_1") == "runs/x/version_1"

@@ -1,9 +1,6 @@
 """svd_lightning.calibration: one pass over the calibration questions for every solver, against the
 single-purpose passes and the scores steered scoring gives (float64 references)."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from svd_lightning.callbacks import StrengthSolver
 from svd_lightning.cli import main
 from svd_lightning.module import SteeringLM
 

@@ -14,7 +14,7 @@ from svd_lightning.decoding import generate_answers
 from svd_lightning.generate import main as generate_main
 from svd_lightning.module import SteeringLM
 from svd_lightning.run import load_run
-from svd_lightning.run import RUN_FILE, RunError, SteeringRun, adapter_hash, write_run
+from svd_lightning.run import RUN_FILE, RunError, SteeringRun, adapter_hash
 
 from conftest import (ROOT, as_older_format, cli_tiny_fit, perturbed_lora, tiny_datamodule, tiny_run, tiny_trainer,
                       write_truthfulqa)
@@ -236,7 +236,8 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
 
 # -- the run owner: a run is written whole, never into a finished one ------------------------------------------
 from svd_lightning.logger import RunLogger  # noqa: E402
-from svd_lightning.run import FAULT_ENV, InjectedFault, RunWriter  # noqa: E402
+from svd_lightning.run import RunWriter  # noqa: E402
+from svd_lightning.files import FAULT_ENV, InjectedFault  # noqa: E402
 
 
 def _snapshot(root):
