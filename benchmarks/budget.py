@@ -447,7 +447,7 @@ def markdown(summary: dict, level: str = "#") -> str:
              "t[95 % t-interval over seeds]. Seeds: " + "; ".join(
                  f"{task}: " + ", ".join(f"{b} {seeds}" for b, seeds in summary["seeds"][task].items())
                  for task in tables) + f". Cells ran on: {'; '.join(summary['cpus'])}.", "",
-             f"{sub} In brief (primary metric; the README quotes this table)", "", brief(summary)]
+             f"{sub} In brief (primary metric; docs/findings.md quotes this table)", "", brief(summary)]
     if chosen:
         top = chosen["ranking"][0]
         lines += [f"{sub} The re-chosen default", "",

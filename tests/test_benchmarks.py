@@ -248,12 +248,12 @@ def test_edge_rises_measure_picks_at_the_gamma_grids_edge_only():
     assert budget.edge_rises(calib, ["contrastive_g+10", "contrastive_g+0"]) == []
 
 
-def test_the_readme_quotes_round_2s_table_from_the_committed_summary():
-    """The README's round-2 table is ``budget.brief`` of the committed summary, not typed by hand."""
+def test_the_findings_quote_round_2s_table_from_the_committed_summary():
+    """docs/findings.md's round-2 table is ``budget.brief`` of the committed summary, not typed by hand."""
     budget = _load("budget")
     table = budget.brief(json.loads((BENCH / "results" / "budget_summary.json").read_text()))
-    assert table in (BENCH.parent / "README.md").read_text(encoding="utf-8"), (
-        "README.md's round-2 table differs from benchmarks/results/budget_summary.json: paste `budget.brief`'s table")
+    assert table in (BENCH.parent / "docs" / "findings.md").read_text(encoding="utf-8"), (
+        "docs/findings.md's round-2 table differs from benchmarks/results/budget_summary.json: paste `budget.brief`'s table")
 
 
 # A row label's settings, as the pages print them: "(<prompt>, LR <x>, <precision> warm start, <n> train q.)".
@@ -286,7 +286,8 @@ def test_every_reported_row_label_states_the_settings_its_cells_recorded():
     recorded = _recorded_settings()
     precision = {"fp32": "32-true", "bf16-mixed": "bf16-mixed"}
     seen = 0
-    for doc in (BENCH / "results" / "budget_summary.md", BENCH.parent / "docs" / "results.md", BENCH.parent / "README.md"):
+    docs = BENCH.parent / "docs"
+    for doc in (BENCH / "results" / "budget_summary.md", docs / "results.md", docs / "findings.md", BENCH.parent / "README.md"):
         for match in SETTINGS_IN_LABEL.finditer(doc.read_text(encoding="utf-8")):
             name, prompt, lr, prec, train = match.groups()
             name = name.strip(" *-").removeprefix("On SmolLM2-135M, ").removeprefix("On ").strip()

@@ -187,17 +187,32 @@ def test_steered_model_scores_and_generates_like_the_package(tmp_path, tokenizer
     assert [r["plain"] for r in both] == [r["plain"] for r in ref_rows]
 
 
-@pytest.mark.parametrize("section", ["## Five lines of Python", "## Use it from Python"])
-def test_readme_python_snippets_run(tmp_path, monkeypatch, capsys, section):
-    """The README's Python blocks, on a tiny run directory where they expect the demo's."""
+def test_the_readmes_five_lines_run_on_the_run_the_quick_start_writes(tmp_path, monkeypatch, capsys):
+    """The README's quick start command, then its five lines of Python as they are, on the run it wrote."""
     readme = (ROOT / "README.md").read_text()
-    block = readme.split(section, 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    command = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0].splitlines()[-1]
+    assert command.split("#")[0].split() == [".venv/bin/svd-lightning", "fit", "--config", "tiny"]
+    block = readme.split("## Five lines of Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    from svd_lightning.cli import main
+
+    main(["fit", "--config", "tiny", "--trainer.enable_progress_bar", "false"])
+    capsys.readouterr()
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert "'steered':" in capsys.readouterr().out and namespace["sm"].run_dir.endswith("runs/tiny/version_0")
+
+
+def test_the_usage_pages_python_block_runs(tmp_path, monkeypatch, capsys):
+    """docs/usage.md's Python block, on a tiny run directory where it expects the demo's."""
+    usage = (ROOT / "docs" / "usage.md").read_text()
+    block = usage.split("## Use it from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     path, _ = tiny_run(tmp_path, gamma=0.5)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "truthfulqa-lora").mkdir(parents=True)
     (tmp_path / "runs" / "truthfulqa-lora" / "version_0").symlink_to(path)
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "usage.md", "exec"), namespace)
     assert "'steered':" in capsys.readouterr().out
     if "scores" in namespace:
         assert set(namespace["scores"]) == {"plain", "base", "steered", "contrastive"}
