@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
 from svd_lightning.batch import collate_lm  # noqa: E402
-from svd_lightning.callbacks import ContrastiveBaseline, SteeredValidation, SteeringExtraction, StrengthSolver  # noqa: E402
+from svd_lightning.callbacks import (CheckpointWeights, ContrastiveBaseline, SteeredValidation, SteeringExtraction,  # noqa: E402
+                                     StrengthSolver)
 from svd_lightning.data import TruthfulQADataModule  # noqa: E402
 from svd_lightning.data.base import ResumableLoader  # noqa: E402
 from svd_lightning.decoding import generate_answers  # noqa: E402
@@ -83,6 +84,8 @@ def main(argv=None) -> None:
     p.add_argument("--forward-mode", default="auto")
     p.add_argument("--generate", type=int, default=0, help="greedy new tokens for the test prompts (0: none)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop the warm start early, with a checkpoint")
+    p.add_argument("--best-of-epochs", type=int, default=0,
+                   help="train this many epochs; a ModelCheckpoint ranks the first best and CheckpointWeights takes it")
     p.add_argument("--ckpt-path", default=None, help="resume the fit from this checkpoint")
     p.add_argument("--in-order", action="store_true",
                    help="train in file order: batch k of one process holds the questions of step k of N ranks")
@@ -108,16 +111,18 @@ def main(argv=None) -> None:
     tables = ScoreTables()
     checkpoints = [L.pytorch.callbacks.ModelCheckpoint(Path(args.root) / "checkpoints", every_n_train_steps=1,
                                                        save_top_k=-1)] if args.max_steps > 0 else []
+    best = [L.pytorch.callbacks.ModelCheckpoint(Path(args.root) / "best", monitor="step", mode="min", save_top_k=1),
+            CheckpointWeights()] if args.best_of_epochs else []
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy=args.strategy if args.devices > 1 else "auto",
-        max_epochs=1,
+        max_epochs=max(1, args.best_of_epochs),
         max_steps=args.max_steps,
         logger=RunLogger(args.root, name="ddp", version=0),
         # an interrupted warm start (--max-steps) is only its checkpoints: a half-trained adapter need not solve
-        callbacks=checkpoints or [extraction, solver, ContrastiveBaseline(), report, tables],
-        enable_checkpointing=bool(checkpoints),
+        callbacks=checkpoints or [extraction, solver, ContrastiveBaseline(), report, tables, *best],
+        enable_checkpointing=bool(checkpoints or best),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -154,6 +159,8 @@ def main(argv=None) -> None:
             "gamma": module.gamma,
             "contrastive_losses": module.steering_state.contrastive["losses"],
             "calibration_passes": module.steering_state.calibration_passes,
+            "weights": module.steering_state.run.weights if module.steering_state.run else None,
+            "global_step": trainer.global_step,
             "aggregates": sol["aggregates"],
             "diagnostics": sol["diagnostics"],
             "stats_count": extraction.result.stats.count,

@@ -105,3 +105,17 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     # the paired CIs come from the per-question values gathered over ranks (padding deduplicated)
     for key, gain in one["history"][-1]["paired_bootstrap"].items():
         assert ddp["history"][-1]["paired_bootstrap"][key] == pytest.approx(gain, abs=TOL), key
+
+
+@pytest.mark.slow
+def test_ddp_takes_the_best_checkpoints_weights_as_one_process_does(tmp_path):
+    """Two epochs; a ModelCheckpoint ranks the first best: CheckpointWeights loads it on every rank and solves
+    μ̄ and γ again (its collectives on both ranks), to the single process's values."""
+    data = write_truthfulqa(tmp_path / "mc.json", n=35)
+    one = run_worker(tmp_path, data, "best1", "--devices", "1", "--best-of-epochs", "2")
+    ddp = run_worker(tmp_path, data, "best2", "--devices", "2", "--best-of-epochs", "2")
+    for run in (one, ddp):
+        assert run["weights"]["from"] == "best" and run["weights"]["global_step"] == run["global_step"] // 2
+        assert run["calibration_passes"] == 3  # each epoch's validation, and the best weights' own
+    assert ddp["mu"] == pytest.approx(one["mu"], abs=TOL) and ddp["gamma"] == one["gamma"]
+    assert "sync_dist=True" not in ddp["stderr"]
