@@ -39,7 +39,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult, calibrate_pass
 from svd_lightning.data.protocol import check_datamodule, datasets_of
-from svd_lightning.figures import CALIBRATION_FIGURE, calibration_figure, questions_figure, questions_figure_name, strength_grid
+from svd_lightning.figures import (CALIBRATION_FIGURE, calibration_figure, questions_figure, questions_figure_name,
+                                   strength_grid)
 from svd_lightning.decoding import paired_label_logits
 from svd_lightning.metrics import HEADLINE_METRICS, variant_table
 from svd_lightning.statistics import paired_bootstrap
@@ -297,7 +298,8 @@ class StrengthSolver(L.Callback):
         curve = {"mu": mus, "token_nll": (token[:-1] / token[-1].clamp_min(1)).tolist(), "strength": mu}
         if self.strength == "choice_nll":
             cache = calibration.choices.cache
-            choice = allreduce(torch.cat([cache.losses(mus), torch.tensor([cache.usable_groups()], dtype=torch.float64, device="cpu")]))
+            sets = torch.tensor([cache.usable_groups()], dtype=torch.float64, device="cpu")
+            choice = allreduce(torch.cat([cache.losses(mus), sets]))
             curve["choice_loss"] = (choice[:-1] / choice[-1].clamp_min(1)).tolist()
         return curve
 
@@ -465,8 +467,9 @@ class CheckpointWeights(L.Callback):
         state.calibration, state.run, state.contrastive, state.fit_ended = None, None, None, True
         pl_module.steering_strength.fill_(float("nan"))
         pl_module.contrastive_gamma.fill_(float("nan"))
-        for solver in (c for kind in (StrengthSolver, ContrastiveBaseline) for c in trainer.callbacks if isinstance(c, kind)):
-            solver.solve(trainer, pl_module)
+        for kind in (StrengthSolver, ContrastiveBaseline):  # μ̄, then γ, as validation solves them
+            for solver in (c for c in trainer.callbacks if isinstance(c, kind)):
+                solver.solve(trainer, pl_module)
 
     def state_dict(self):
         return {"chosen": self.chosen}

@@ -106,8 +106,8 @@ def card_data(run, metrics: dict | None, base: str | None):
                         task_type="multiple-choice", dataset_type=f"svd-lightning/{stage}-split",
                         dataset_name=f"the run's {stage} split", metric_type=metric, metric_value=float(values[metric]),
                         metric_name=f"{metric} ({_VARIANTS.get(name, name)})"))
-    return ModelCardData(library_name="peft", base_model=base, license=base_license(run.model), datasets=run.datasets or None,
-                         tags=["svd-lightning", "svdecode", "steering", run.adapter],
+    return ModelCardData(library_name="peft", base_model=base, license=base_license(run.model),
+                         datasets=run.datasets or None, tags=["svd-lightning", "svdecode", "steering", run.adapter],
                          model_name=f"SVDecode {run.adapter} on {run.model}" if results else None,
                          eval_results=results or None)
 
