@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (  # noqa: E402
-    BOOTSTRAP, DEFAULT, FORMAT, _candidates, _row, choose_default, ci_text, gain_text, in_sample_picks, level_text,
-    pct, question_ids, row_rng, settings_text, test_values,
+    BOOTSTRAP, DEFAULT, FORMAT, choose_default, ci_text, gain_row, gain_text, in_sample_picks, level_text, pct,
+    question_ids, row_rng, selection_candidates, settings_text, test_values,
 )
 from report import load as load_grid  # noqa: E402
 
@@ -171,10 +171,10 @@ def rows(task: str, labels: dict[str, dict[int, dict]], new_default: str | None 
             if have:
                 methods[name] = [("plain", labels[nxt][s], seeds[s]) for s in have]
         for name, picks in methods.items():
-            out.append({**_row(key, name, picks, metric, metrics, None), "budget": label})
-        calib, test_of = _candidates(ds, "contrastive_", metric)
+            out.append({**gain_row(key, name, picks, metric, metrics, None), "budget": label})
+        calib, test_of = selection_candidates(ds, "contrastive_", metric)
         picks = [(v, d, d) for v, d in zip(in_sample_picks(calib), ds)]
-        row = _row(key, CONTRASTIVE, picks, metric, metrics, None, (calib, test_of, False), "in-sample")
+        row = gain_row(key, CONTRASTIVE, picks, metric, metrics, None, (calib, test_of, False), "in-sample")
         row["edge_rise"] = edge_rises(calib, [v for v, _, _ in picks])
         row["edge_picks"] = len(row["edge_rise"])
         row["budget"] = label
@@ -230,14 +230,14 @@ def closed_grid(labels: dict[str, dict[int, dict]], committed: dict[str, dict[in
         ds = [seeds[s] for s in sorted(seeds)]
         metric, metrics = ds[0]["primary"], list(ds[0]["metrics"])
         key = (CLOSED, ds[0]["adapter"], label)
-        calib, test_of = _candidates(ds, "contrastive_", metric)
+        calib, test_of = selection_candidates(ds, "contrastive_", metric)
         grids = []
         for grid, largest in (("wide", max(WIDE_GAMMAS)), ("closed", math.inf)):
             names = [v for v in calib if abs(gamma_of(v)) <= largest]
             sub = {v: calib[v] for v in names}
             sub_test = lambda m, names=names: {v: x for v, x in test_of(m).items() if v in names}  # noqa: E731
             picks = in_sample_picks(sub)
-            row = _row(key, f"contrastive γ (selected on calib, {grid} grid)", [(v, d, d) for v, d in zip(picks, ds)],
+            row = gain_row(key, f"contrastive γ (selected on calib, {grid} grid)", [(v, d, d) for v, d in zip(picks, ds)],
                        metric, metrics, None, (sub, sub_test, False), "in-sample")
             finite = max(abs(gamma_of(v)) for v in names if math.isfinite(gamma_of(v)))
             row.update(grid=grid, gammas=[gamma_of(v) for v in picks], largest_finite=finite,
@@ -246,7 +246,7 @@ def closed_grid(labels: dict[str, dict[int, dict]], committed: dict[str, dict[in
                        largest_finite_rise=edge_rises(sub, picks, finite), limit_rise=edge_rises(sub, picks, math.inf),
                        on_limit_plateau=limit_plateau(sub, picks) if math.isinf(largest) else None)
             grids.append(row)
-        defaults = [_row(key, name, [(v, d, d) for d in ds], metric, metrics, None)
+        defaults = [gain_row(key, name, [(v, d, d) for d in ds], metric, metrics, None)
                     for name, v in ((NEW_DEFAULT, new_default), (OLD_DEFAULT, DEFAULT)) if v and all(v in d["test"] for d in ds)]
         before = committed.get(label, {})
         warm = {s: (float(np.mean(test_values(before[s], "plain", metric))), float(np.mean(test_values(seeds[s], "plain", metric))))
@@ -270,7 +270,7 @@ def gap_rows(round1: Path, cells: dict, new_default: str | None) -> list[dict]:
             continue
         ds = [seeds[k] for k in sorted(seeds)]
         metric, metrics = ds[0]["primary"], list(ds[0]["metrics"])
-        rows = {method: _row((task, "lora", "1"), method, [(v, d, d) for d in ds], metric, metrics, None)
+        rows = {method: gain_row((task, "lora", "1"), method, [(v, d, d) for d in ds], metric, metrics, None)
                 for method, v in (("warm start", "plain"), (NEW_DEFAULT, new_default), (OLD_DEFAULT, DEFAULT))
                 if v and all(v in d["test"] for d in ds)}
         out.append({"group": name, "task": task, "settings": settings_text(ds), "rows": rows})
@@ -316,7 +316,7 @@ def versus(labels: dict[str, dict[int, dict]], row: dict, baseline: str) -> dict
     rng = row_rng("versus", row["task"], row["method"], baseline)
     ids = [question_ids(one[s], "test") for s in seeds]
     if row["selection"] == "in-sample":
-        calib, test_of = _candidates([one[s] for s in seeds], "contrastive_", metric)
+        calib, test_of = selection_candidates([one[s] for s in seeds], "contrastive_", metric)
         mean, lo, hi = selection_ci(calib, test_of(metric), base, rng, False, n_boot=BOOTSTRAP, questions=ids,
                                     calib_questions=[question_ids(one[s], "calib") for s in seeds])
         per_seed = picked_gains(picks, test_of(metric), base)
@@ -350,7 +350,7 @@ def worth(labels: dict[str, dict[int, dict]], table: list[dict], method: str) ->
     steer = at_one[method]
     if steer["seed_ids"] != seeds:  # the row again over the seeds that have epoch 2
         pick_of = dict(zip(steer["seed_ids"], steer["picks"]))  # a fixed row: one variant
-        steer = _row((one[seeds[0]]["task"], train["adapter"], "1"), method, [(pick_of[k], one[k], one[k]) for k in seeds],
+        steer = gain_row((one[seeds[0]]["task"], train["adapter"], "1"), method, [(pick_of[k], one[k], one[k]) for k in seeds],
                      train["metric"], train["metrics"], None)
     metric = steer["metric"]
     s, t = steer["by_metric"][metric], train["by_metric"][metric]

@@ -45,7 +45,7 @@ DEMO_TRAIN, DEMO_CALIB = 490, 163  # the demo's 60/20 split of 817 TruthfulQA qu
 PATHS = ("two_pass", "one_forward")
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """glibc's ``malloc_trim(0)``: freed heap pages back to the OS, so RSS is the memory in use."""
     import ctypes
     import gc
@@ -71,7 +71,7 @@ class PeakMemory:
         self.device, self.extra_mb, self.release = device, float("nan"), release
 
     @staticmethod
-    def _status_mb(field: str) -> float:
+    def status_mb(field: str) -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
@@ -85,11 +85,11 @@ class PeakMemory:
             self.before = torch.cuda.memory_allocated() / 2**20
             return self
         if self.release:
-            _release_free_heap()
+            release_free_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the high-water mark to the current RSS
-            self.before = self._status_mb("VmRSS")
+            self.before = self.status_mb("VmRSS")
         except OSError:
             self.before = None  # not Linux, or not allowed: no memory figure
         return self
@@ -99,7 +99,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.extra_mb = torch.cuda.max_memory_allocated() / 2**20 - self.before
         elif self.before is not None:
-            self.extra_mb = self._status_mb("VmHWM") - self.before
+            self.extra_mb = self.status_mb("VmHWM") - self.before
 
 
 def timed(device, fn) -> tuple[float, float]:

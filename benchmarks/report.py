@@ -203,7 +203,7 @@ def _metric_stats(picks, metric: str, rng, selection: tuple | None = None) -> di
             "gain": mean, "per_seed_gain": per_seed, "ci_low": lo, "ci_high": hi, "t_ci": t_ci}
 
 
-def _candidates(ds: list[dict], prefix: str, metric: str) -> tuple[dict, callable]:
+def selection_candidates(ds: list[dict], prefix: str, metric: str) -> tuple[dict, callable]:
     """calib: variant -> per seed per-question calib values; and metric -> the same for test."""
     names = sorted(v for v in ds[0]["calib"] if v.startswith(prefix))
     calib = {v: [calib_values(d, v, metric) for d in ds] for v in names}
@@ -221,7 +221,7 @@ def row_rng(*parts) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32("|".join(map(str, parts)).encode()))
 
 
-def _row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -> dict:
+def gain_row(key, name, picks, metric, metrics, rng, selection=None, kind="fixed") -> dict:
     task, adapter, epoch = key
     rng = row_rng(key, name)
     by_metric = {m: _metric_stats(picks, m, rng, selection) for m in metrics}
@@ -261,15 +261,15 @@ def summarise(cells: dict, rng, plus_one: dict | None = None) -> list[dict]:
             if any(v not in src["test"] for v, src, _ in picks):  # a variant this grid did not score
                 continue
             if name not in SELECTED:
-                rows.append(_row(key, name, picks, metric, metrics, rng))
+                rows.append(gain_row(key, name, picks, metric, metrics, rng))
                 continue
-            calib, test_of = _candidates(ds, SELECTED[name], metric)
+            calib, test_of = selection_candidates(ds, SELECTED[name], metric)
             own = [(v, d, d) for v, d in zip(in_sample_picks(calib), ds)]  # the picks selection_ci redoes
-            rows.append(_row(key, name, own, metric, metrics, rng, (calib, test_of, False), "in-sample"))
+            rows.append(gain_row(key, name, own, metric, metrics, rng, (calib, test_of, False), "in-sample"))
             loso = loso_picks(calib)
             if loso is not None:
                 honest = [(v, d, d) for v, d in zip(loso, ds)]
-                rows.append(_row(key, name + LOSO, honest, metric, metrics, rng, (calib, test_of, True), "loso"))
+                rows.append(gain_row(key, name + LOSO, honest, metric, metrics, rng, (calib, test_of, True), "loso"))
     return rows
 
 

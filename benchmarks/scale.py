@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import PeakMemory, _release_free_heap  # noqa: E402  (one memory probe for every benchmark)
+from cost import PeakMemory, release_free_heap  # noqa: E402  (one memory probe for every benchmark)
 
 ROOT = Path(__file__).resolve().parent
 PATHS = ("one_forward", "two_pass")
@@ -132,7 +132,7 @@ def build_model(shape: Shape, seed: int = 0):
 
 
 def _rss_mb() -> float:
-    return PeakMemory._status_mb("VmRSS") if sys.platform == "linux" else float("nan")
+    return PeakMemory.status_mb("VmRSS") if sys.platform == "linux" else float("nan")
 
 
 def _summary(values: list[float]) -> dict:
@@ -202,7 +202,7 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, out: str) -> None
             from torch.distributed.device_mesh import init_device_mesh
 
             shard_model(model, init_device_mesh(device.type, (world,)))
-        _release_free_heap()  # the unsharded copy each rank built is gone: RSS is what stays
+        release_free_heap()  # the unsharded copy each rank built is gone: RSS is what stays
         own_bytes, all_bytes = local_bytes(model)
         resident_mb = _rss_mb() - rss_before if not cuda else torch.cuda.memory_allocated(device) / 2**20
         data = _batches(rank, device)
@@ -250,7 +250,7 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, out: str) -> None
             units[f"generation/{path}"] = {**m, "tokens": n_new * prompts["input_ids"].shape[0],
                                            "prompt_tokens": tokens(prompts)}
         row = {"rank": rank, "param_bytes": own_bytes, "all_param_bytes": all_bytes, "resident_mb": resident_mb,
-               "peak_rss_mb": PeakMemory._status_mb("VmHWM") if not cuda and sys.platform == "linux" else None,
+               "peak_rss_mb": PeakMemory.status_mb("VmHWM") if not cuda and sys.platform == "linux" else None,
                "units": units}
         rows = [row]
         if world > 1:
