@@ -94,7 +94,7 @@ def main() -> None:
                            callbacks=[StrengthSolver()]).validate(SteeringLM("tiny-random"), dm(limit_calib=2, limit_test=2)))
 
     def nan_logits():
-        module = SteeringLM("tiny-random", strength=-1.0)
+        module = SteeringLM("tiny-random", mu=-1.0)
         with torch.no_grad():
             module.model.get_base_model().lm_head.weight[3].fill_(float("nan"))
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,7 +68,8 @@ class SteeringLM(L.LightningModule):
         direction: the steering vector μ̄ scales: ``kl_gradient`` (SVDecode's δz, default) or
             ``logit_difference`` (``z_φ − z_θ``, the contrastive / proxy-tuning direction; a useful μ̄
             is then usually positive). See :func:`svd_lightning.steering.steering_direction`.
-        strength: a fixed μ̄; leaves the strength solver nothing to do.
+        mu: a fixed μ̄; leaves the strength solver nothing to do (``--steering.strength`` names the solver).
+        strength: the former name of ``mu`` (configs and checkpoints that used it still load; a warning says so).
         run_dir: a finished run directory (:mod:`svd_lightning.run`): load its adapter and μ̄
             instead of training from scratch. Model, adapter, α, policy, floor and direction then
             come from the run; setting one to another value is an error, except α / policy / floor /
@@ -91,13 +93,20 @@ class SteeringLM(L.LightningModule):
         scoring_policy: ScoringPolicy | None = None,
         floor: float | None = None,
         direction: Direction | None = None,
-        strength: float | None = None,
+        mu: float | None = None,
         run_dir: str | None = None,
         reuse_strength: bool = True,
         seed: int = 0,
         forward_mode: ForwardMode = "auto",
+        strength: float | None = None,
     ):
         super().__init__()
+        if strength is not None:  # a fixed μ̄ under its former name (a config or checkpoint written before)
+            if mu is not None and mu != strength:
+                raise ValueError(f"SteeringLM: mu={mu} and strength={strength} (its former name) disagree; give mu only")
+            warnings.warn("SteeringLM(strength=...) is now SteeringLM(mu=...) (--model.mu); strength names the "
+                          "solver (--steering.strength)", DeprecationWarning, stacklevel=2)
+            mu, strength = strength, None  # recorded (hparams, config.yaml) under its name now
         self.save_hyperparameters()
         given = {"model": model, "adapter": adapter, "alpha": alpha, "scoring_policy": scoring_policy, "floor": floor,
                  "direction": direction}
@@ -109,7 +118,7 @@ class SteeringLM(L.LightningModule):
             raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTER_METHODS}")
         # Every setting is checked here once, by the one config they all end up in.
         SteeringConfig.from_dict({k: settings[k] for k in ("alpha", "scoring_policy", "floor", "direction")}
-                                 | {"mu": strength, "forward_mode": forward_mode}, where="SteeringLM")
+                                 | {"mu": mu, "forward_mode": forward_mode}, where="SteeringLM")
         self.steering_state = SteeringState()
         self._announced = None  # the run whose path was last printed
         if run_dir is not None:
@@ -129,8 +138,8 @@ class SteeringLM(L.LightningModule):
         self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64, device="cpu"))
         # The contrastive baseline's γ (callbacks.ContrastiveBaseline), scored next to SVDecode; NaN: none.
         self.register_buffer("contrastive_gamma", torch.tensor(float("nan"), dtype=torch.float64, device="cpu"))
-        if strength is not None:
-            self.set_strength(strength)
+        if mu is not None:
+            self.set_strength(mu)
         elif run_dir is not None and reuse_strength:
             self.set_strength(self.source_run.steering.mu)
         self.metrics = self.build_metrics("choice")  # setup() switches to the DataModule's family

@@ -145,7 +145,7 @@ def test_contrastive_baseline_refuses_a_grid_it_cannot_choose_on():
 
 
 def test_a_checkpoint_from_before_the_contrastive_baseline_still_loads():
-    old = {"state_dict": {k: v for k, v in SteeringLM("tiny-random", strength=-1.0).state_dict().items()
+    old = {"state_dict": {k: v for k, v in SteeringLM("tiny-random", mu=-1.0).state_dict().items()
                           if k != "contrastive_gamma"}}
     module = SteeringLM("tiny-random")
     module.on_load_checkpoint(old)  # Lightning calls it before load_state_dict

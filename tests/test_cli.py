@@ -95,7 +95,7 @@ def test_print_config_round_trips(tmp_path, capsys, config):
 @pytest.mark.parametrize("flag,value,message", [
     ("--model.floor", "5", "floor is a log-probability and must be ≤ 0, got 5.0"),
     ("--model.alpha", "0", "alpha must be in (0, 1], got 0.0"),
-    ("--model.strength", "1e300", "mu is too large"),
+    ("--model.mu", "1e300", "mu is too large"),
 ])
 def test_cli_bad_settings_get_one_line_and_exit_2(tmp_path, monkeypatch, capsys, flag, value, message):
     monkeypatch.chdir(tmp_path)

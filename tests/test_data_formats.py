@@ -300,7 +300,7 @@ def test_metric_family_comes_from_the_datamodule(tmp_path):
     qa = GenericChoiceDataModule(str(write_json(tmp_path / "qa.json", [
         {"question": f"q{i}?", "choices": ["x", "y", "z"], "label": i % 3} for i in range(10)])), batch_size=2)
     for dm, key in ((tqa, "test/mc1_plain"), (qa, "test/acc_norm_plain"), (UserDataModule(tqa), "test/mc2_plain")):
-        module = SteeringLM("tiny-random", strength=0.0)
+        module = SteeringLM("tiny-random", mu=0.0)
         [metrics] = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                               default_root_dir=tmp_path).test(module, dm)
         assert key in metrics, (type(dm).__name__, sorted(metrics))

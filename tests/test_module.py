@@ -82,7 +82,7 @@ def test_identity_adapter_gives_a_clear_error_not_nan(tmp_path):
 
 def test_fixed_strength_skips_solver_in_validate(tmp_path):
     dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
-    module = SteeringLM("tiny-random", strength=-1.25)
+    module = SteeringLM("tiny-random", mu=-1.25)
     solver = StrengthSolver()
     tiny_trainer(tmp_path, [solver]).validate(module, dm)
     assert solver.solution is None and module.steering_state.metrics["val/mu"] == -1.25
@@ -90,7 +90,7 @@ def test_fixed_strength_skips_solver_in_validate(tmp_path):
 
 def test_predict_returns_per_row_scores(tmp_path):
     dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_test=2)
-    module = SteeringLM("tiny-random", strength=-1.0)
+    module = SteeringLM("tiny-random", mu=-1.0)
     out = tiny_trainer(tmp_path, []).predict(module, dm)
     rows = sum(len(b["plain"]) for b in out)
     assert rows == sum(len(b["question_index"]) for b in out) > 0
@@ -193,7 +193,7 @@ def test_alpha_outside_unit_interval_is_refused(alpha):
 
 def test_non_finite_logits_name_the_step(tmp_path):
     dm = tiny_datamodule(write_truthfulqa(tmp_path / "mc.json", n=10), limit_calib=2, limit_test=2)
-    module = SteeringLM("tiny-random", strength=-1.0)
+    module = SteeringLM("tiny-random", mu=-1.0)
     with torch.no_grad():
         module.model.get_base_model().lm_head.weight[3].fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"non-finite warm logits .* val batch 0, after warm-start step 0"):
@@ -234,3 +234,14 @@ def test_scoring_runs_in_fp32_under_a_bf16_warm_start():
     assert bf16.dtype == torch.bfloat16  # the region does autocast the model
     for k in plain:
         torch.testing.assert_close(inside[k], plain[k], rtol=0, atol=0)
+
+
+def test_a_fixed_mu_under_its_former_name_still_loads_with_a_warning():
+    """``SteeringLM(strength=...)`` (configs and checkpoints written before ``mu``) gives the same module, says so,
+    and is recorded as ``mu``; the two names disagreeing is an error."""
+    with pytest.warns(DeprecationWarning, match=r"SteeringLM\(strength=...\) is now SteeringLM\(mu=...\)"):
+        old = SteeringLM("tiny-random", strength=-1.5)
+    assert old.mu == SteeringLM("tiny-random", mu=-1.5).mu == -1.5
+    assert old.hparams["mu"] == -1.5 and old.hparams["strength"] is None
+    with pytest.raises(ValueError, match="disagree"):
+        SteeringLM("tiny-random", mu=1.0, strength=2.0)
