@@ -34,7 +34,7 @@ class SteeredValidation(L.Callback):
         if paired:
             self.history[-1]["paired_bootstrap"] = paired
         if self.print_table:
-            split = "the val split (not the questions μ̄ was solved on)" if stage == "val" else "the test split"
+            split = "the val split" if stage == "val" else "the test split"  # a user's DataModule says what val is
             print(f"{'validation' if stage == 'val' else 'test'} on {split} (step {trainer.global_step}):")
             print(format_table(metrics, stage))
             for line in format_paired(paired):
