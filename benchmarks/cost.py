@@ -34,7 +34,8 @@ from svd_lightning.batch import collate_lm
 from svd_lightning.calibration import calibrate
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
-from svd_lightning.decoding import paired_label_logits, score_choices, steered_generate
+from svd_lightning.generation import steered_generate
+from svd_lightning.scoring import paired_label_logits, score_choices
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.precision import describe_cpu, resolve_precision
 from svd_lightning.files import portable_path

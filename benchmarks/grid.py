@@ -73,7 +73,7 @@ from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibra
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.data.base import PAPER_SPLIT, ChoiceDataModule, seeded_split
-from svd_lightning.decoding import score_choice_variants
+from svd_lightning.scoring import score_choice_variants
 from svd_lightning.metrics import (
     HEADLINE_METRICS,
     choice_accuracy_per_question,

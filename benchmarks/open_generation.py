@@ -21,7 +21,7 @@ import yaml
 from torchmetrics.functional.text import rouge_score
 
 from svd_lightning.data import TruthfulQADataModule
-from svd_lightning.decoding import generate_answers
+from svd_lightning.generation import generate_answers
 from svd_lightning.generate import write_jsonl
 from svd_lightning.run import load_run
 from svd_lightning.files import portable_path

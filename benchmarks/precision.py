@@ -30,7 +30,7 @@ import torch
 
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
-from svd_lightning.decoding import score_choice_variants
+from svd_lightning.scoring import score_choice_variants
 from svd_lightning.metrics import truthfulqa_per_question
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.precision import describe_cpu

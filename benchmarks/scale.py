@@ -184,7 +184,8 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, out: str) -> None
     """One rank of a cell: build (and shard) the model, measure every unit, rank 0 writes the cell."""
     from svd_lightning.calibration import calibrate
     from svd_lightning.config import SteeringConfig
-    from svd_lightning.decoding import score_choices, steered_generate
+    from svd_lightning.generation import steered_generate
+    from svd_lightning.scoring import score_choices
     from svd_lightning.precision import describe_cpu
     from svd_lightning.sharding import local_bytes, lockstep, shard_model
 

@@ -170,7 +170,7 @@ def setting_inputs(tmp: Path, fresh) -> None:
     import os
 
     from svd_lightning import SteeredModel
-    from svd_lightning.decoding import decoding_kwargs
+    from svd_lightning.generation import decoding_kwargs
     from svd_lightning.precision import resolve_precision
     from svd_lightning.progress import interval_seconds
 

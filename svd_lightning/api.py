@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -27,12 +27,14 @@ import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import ConfigError, Method, SteeringConfig
+from svd_lightning.forward.adapter import model_with_adapter
+from svd_lightning.forward.prefix import PrefixCache
+from svd_lightning.generation import MODES, SteeringLogitsProcessor, generate_answers, steering_decoding_loop
 from svd_lightning.precision import check_steering_precision
-from svd_lightning.decoding import (MODES, SteeringLogitsProcessor, generate_answers, score_choices,
-                                    model_with_adapter, steering_decoding_loop)
+from svd_lightning.scoring import score_choices
 from svd_lightning.run import METRICS_FILE, RunError, RunWriter, SteeringRun, adapter_kind, load_run
 
-# SteeredModel.generate's own options (decoding.decoding_kwargs); any other keyword goes to generate.
+# SteeredModel.generate's own options (generation.decoding_kwargs); any other keyword goes to generate.
 _MODE_OPTIONS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -53,6 +55,7 @@ class SteeredModel:
     max_length: int = 512
     run_dir: str | None = None
     run: SteeringRun | None = None  # the record it was loaded from (save_pretrained keeps its provenance)
+    prefixes: PrefixCache = field(default_factory=PrefixCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SteeringConfig):
@@ -202,7 +205,7 @@ class SteeredModel:
         for start in range(0, len(examples), batch_size):
             batch = collate_choices(examples[start : start + batch_size], tok)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            scores = score_choices(self.model, batch, self.config)
+            scores = score_choices(self.model, batch, self.config, prefixes=self.prefixes)
             keys = [k for k in ("plain", "base", "steered", "contrastive") if k in scores]
             for q in batch["question_index"].unique(sorted=True).tolist():
                 rows = batch["question_index"] == q
@@ -222,7 +225,7 @@ class SteeredModel:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        single = isinstance(prompts, str)  # decoding.check_prompts checks the rest
+        single = isinstance(prompts, str)  # generation.check_prompts checks the rest
         options = {k: generation_kwargs.pop(k) for k in _MODE_OPTIONS if k in generation_kwargs}
         rows = generate_answers(self.model, self.tokenizer, [prompts] if single else prompts,
                                 self.config.method(method), mode, batch_size=batch_size, seed=seed, progress=False,

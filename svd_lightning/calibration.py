@@ -27,14 +27,15 @@ from typing import Callable, Iterable
 import torch
 
 from svd_lightning.config import ForwardMode, SteeringConfig
-from svd_lightning.decoding import distinct_rows, paired_label_logits
+from svd_lightning.forward.encoders import distinct_rows
+from svd_lightning.forward.prefix import PrefixCache
+from svd_lightning.scoring import POSITION_CHUNK, paired_label_logits
 from svd_lightning.progress import track
 from svd_lightning.sharding import lockstep
 from svd_lightning.steering import (
     best_grid_point,
     ChoiceStrengthCache,
     ExactStrengthCache,
-    POSITION_CHUNK,
     PairedLabels,
     StrengthStats,
     choice_set_nll,
@@ -173,7 +174,7 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, device, total: int | None,
-                  progress: bool, desc: str):
+                  progress: bool, desc: str, prefixes: PrefixCache | None):
     """Per batch ``(batch, same_as, parts)``: ``parts`` a list of ``(warm, base, labels, row)`` at
     the labelled positions (fp32, eval mode), one per question of the batch's distinct rows (``row``
     indexes them, ``same_as`` maps each batch row to its distinct row; see :func:`distinct_rows`).
@@ -187,7 +188,7 @@ def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, 
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             distinct, same_as = distinct_rows(batch)
             try:
-                parts = _question_by_question(model, distinct, forward_mode)
+                parts = _question_by_question(model, distinct, forward_mode, prefixes)
             except FloatingPointError as err:
                 raise FloatingPointError(f"{err} -- {desc.lower()} batch {i}") from err
             yield batch, same_as, parts
@@ -195,7 +196,8 @@ def _label_logits(model, batches: Iterable[dict], *, forward_mode: ForwardMode, 
         model.train(was_training)
 
 
-def _question_by_question(model, batch: dict, forward_mode: ForwardMode) -> list[tuple[torch.Tensor, ...]]:
+def _question_by_question(model, batch: dict, forward_mode: ForwardMode, prefixes: PrefixCache | None
+                           ) -> list[tuple[torch.Tensor, ...]]:
     """:func:`paired_label_logits` of a choice batch, one question's rows at a time (their prompt once),
     fp32 or wider: a list of ``(warm, base, labels, row)``, ``row`` into the batch's rows.
 
@@ -205,7 +207,7 @@ def _question_by_question(model, batch: dict, forward_mode: ForwardMode) -> list
     every logit). Teacher-forced batches (one row per question) stay whole.
     """
     if "question_index" not in batch:
-        parts = [paired_label_logits(model, batch, forward_mode=forward_mode)]
+        parts = [paired_label_logits(model, batch, forward_mode=forward_mode, prefixes=prefixes)]
     else:
         q = batch["question_index"]
         starts = [0, *((q[1:] != q[:-1]).nonzero().flatten() + 1).tolist(), q.numel()]
@@ -213,7 +215,7 @@ def _question_by_question(model, batch: dict, forward_mode: ForwardMode) -> list
         for a, b in zip(starts[:-1], starts[1:]):
             part = {k: v[a:b] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == q.numel() else v
                     for k, v in batch.items()}
-            warm, base, labels, row = paired_label_logits(model, part, forward_mode=forward_mode)
+            warm, base, labels, row = paired_label_logits(model, part, forward_mode=forward_mode, prefixes=prefixes)
             parts.append((warm, base, labels, row + a))
     if parts[0][0].dtype in (torch.bfloat16, torch.float16):  # autocast: the statistics are fp32
         parts = [(w.float(), None if z is None else z.float(), y, r) for w, z, y, r in parts]
@@ -327,6 +329,7 @@ def calibrate_pass(
     progress: bool = True,
     step: int = 0,
     desc: str = "Calibration",
+    prefixes: PrefixCache | None = None,
 ) -> CalibrationPass:
     """One pass over ``batches`` with the model; everything ``needs`` asks for (see the module doc).
 
@@ -334,7 +337,8 @@ def calibrate_pass(
     rank its own batches (whole questions), the strategy's ``reduce`` (sum) and ``gather`` (ragged
     all-gather): the statistics, losses and counts are then those of all ranks' questions; the
     caches hold this rank's (their solves all-reduce). The model is put in eval mode and restored.
-    ``needs`` defaults to μ̄'s token statistics alone.
+    ``needs`` defaults to μ̄'s token statistics alone; ``prefixes``: the model owner's
+    :class:`~svd_lightning.forward.prefix.PrefixCache`, if it keeps one.
     """
     needs = needs if needs is not None else CalibrationNeeds(tokens=True)
     reduce, gather = reduce or _identity, gather or _identity
@@ -348,7 +352,7 @@ def calibrate_pass(
     began = time.perf_counter()
     with lockstep(model):  # sharded: a rank with fewer batches keeps the others' forwards company
         for batch, same_as, parts in _label_logits(model, batches, forward_mode=config.forward_mode, device=device,
-                                                   total=total, progress=progress, desc=desc):
+                                                   total=total, progress=progress, desc=desc, prefixes=prefixes):
             counts[0] += 1
             n = int(same_as.max()) + 1  # distinct rows: the ones the logits are of
             if tokens is not None:
@@ -415,7 +419,7 @@ def calibrate_choices(model, batches: Iterable[dict], config: SteeringConfig = S
 
     ``batches`` are choice batches (every row of a question in one batch, see
     :mod:`svd_lightning.batch`); ``config`` holds the scoring settings (α, policy, floor,
-    direction): the cache scores each choice as :func:`svd_lightning.decoding.score_choices` would
+    direction): the cache scores each choice as :func:`svd_lightning.scoring.score_choices` would
     at any μ. ``cache.solve(reduce=...)`` gives the ``choice_nll`` strength. Under DDP give each rank
     its own batches; ``reduce`` (sum) only merges the diagnostics here.
     """

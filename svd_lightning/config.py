@@ -4,7 +4,7 @@ In the style of peft's ``LoraConfig``: a dataclass whose options are defined and
 once (``__post_init__``), with per-field help, saved as JSON (nested in ``steering.json``, see
 :mod:`svd_lightning.run`). One object travels through scoring, generation, calibration,
 :class:`svd_lightning.SteeredModel` and the lm-eval backend; the code that applies it lives in
-:mod:`svd_lightning.decoding` and :mod:`svd_lightning.calibration`. Free of torch, so a run can be
+:mod:`svd_lightning.scoring`, :mod:`svd_lightning.generation` and :mod:`svd_lightning.calibration`. Free of torch, so a run can be
 read without it.
 
     config = SteeringConfig(mu=-31.1, alpha=0.1)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from svd_lightning.config import add_override_arguments
-from svd_lightning.decoding import MODES, decoding_kwargs, generate_answers
+from svd_lightning.generation import MODES, decoding_kwargs, generate_answers
 from svd_lightning.log import say
 from svd_lightning.run import SteeringRun, load_run
 from svd_lightning.files import atomic_write_text

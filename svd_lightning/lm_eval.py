@@ -26,7 +26,8 @@ from lm_eval.models.huggingface import HFLM
 
 from svd_lightning.api import SteeredModel
 from svd_lightning.config import add_override_arguments
-from svd_lightning.decoding import paired_logits, steered_generate
+from svd_lightning.generation import steered_generate
+from svd_lightning.scoring import paired_logits
 from svd_lightning.precision import check_steering_precision
 from svd_lightning.steering import steered_log_probs
 from svd_lightning.progress import say
@@ -99,13 +100,14 @@ class SteeredHFLM(HFLM):
         """Steered log-probs ``[B, T', V]`` for right-padded ``inps`` (padding never precedes a real token).
 
         A prompt prefix that every request shares (TruthfulQA's primer) is encoded once per run
-        (:func:`svd_lightning.decoding.split_prefix`); its positions, which no request scores, are
+        (:class:`svd_lightning.forward.prefix.PrefixCache`); its positions, which no request scores, are
         not returned (``T' < T``: lm-eval aligns the logits by their length).
         """
         c = self.steering_config
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
-            warm, base = paired_logits(self.steered.model, inps, c.forward_mode, skip=self._first_scored)
+            warm, base = paired_logits(self.steered.model, inps, c.forward_mode, skip=self._first_scored,
+                                       prefixes=self.steered.prefixes)
         return steered_log_probs(warm, base, c.mu, c.alpha, c.scoring_policy, c.floor, direction=c.direction)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):

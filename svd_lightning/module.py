@@ -15,7 +15,8 @@ from svd_lightning.batch import validate_choice_batch
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass
 from svd_lightning.data.protocol import datasets_of
 from svd_lightning.config import Direction, ForwardMode, ScoringPolicy, SteeringConfig
-from svd_lightning.decoding import score_choices
+from svd_lightning.forward.prefix import PrefixCache
+from svd_lightning.scoring import score_choices
 from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.logger import finish_run, run_writer, start_run
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer, portable_base
@@ -79,7 +80,7 @@ class SteeringLM(L.LightningModule):
         seed: seed of the adapter's initialisation.
         forward_mode: how warm and pre-trained distributions are computed for calibration and
             scoring: ``auto`` (one forward pass for both where the adapter allows it, i.e. LoRA;
-            the choice is logged), ``one_forward`` or ``two_pass`` (see :mod:`svd_lightning.decoding`).
+            the choice is logged), ``one_forward`` or ``two_pass`` (see :mod:`svd_lightning.forward.rows`).
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class SteeringLM(L.LightningModule):
         # Loaders return eval-mode models; Lightning keeps submodule modes, so switch explicitly
         # (otherwise the adapter's dropout would silently be off during the warm start).
         self.model.train()
+        self.prefixes = PrefixCache()  # the split's shared primer, encoded once per weights for every stage
         # μ̄ lives in a buffer so Lightning checkpoints carry it; NaN means "not solved yet".
         self.register_buffer("steering_strength", torch.tensor(float("nan"), dtype=torch.float64, device="cpu"))
         # The contrastive baseline's γ (callbacks.ContrastiveBaseline), scored next to SVDecode; NaN: none.
@@ -217,7 +219,7 @@ class SteeringLM(L.LightningModule):
         """
         validate_choice_batch(batch)
         with torch.autocast(self.device.type, enabled=False), lockstep(self.model):
-            return score_choices(self.model, batch, self.steering_config)
+            return score_choices(self.model, batch, self.steering_config, prefixes=self.prefixes)
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         try:

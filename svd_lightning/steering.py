@@ -285,9 +285,6 @@ def compact_label_log_probs(label: torch.Tensor, kept_lse: torch.Tensor, rest_ls
     return torch.where(label_kept, label - kept_lse, torch.full_like(label, fill))
 
 
-# Positions per PairedLabels in the calibration pass and in scoring: their [chunk, V] tensors stay in
-# cache (measured on CPU: the log-softmax pair costs 18x less per position at 64 positions than at 2400).
-POSITION_CHUNK = 64
 
 
 class PairedLabels:
@@ -714,7 +711,7 @@ class ChoiceStrengthCache:
                is_true: torch.Tensor, same_as: torch.Tensor | None = None) -> "ChoiceStrengthCache":
         """Add one choice batch: label positions ``[M, V]`` / ``[M]`` (as :func:`paired_label_logits`
         returns them, ``row`` = their batch row) and the batch's per-row ``[N]`` question ids;
-        ``same_as`` as :func:`svd_lightning.decoding.distinct_rows` gives it, when the tokens are
+        ``same_as`` as :func:`svd_lightning.forward.encoders.distinct_rows` gives it, when the tokens are
         those of the batch's distinct rows."""
         self.add_tokens(warm_logits, delta, keep, labels, row)
         return self.add_rows(question_index, choice_set, is_true, same_as)

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import TruthfulQADataModule
-from svd_lightning.decoding import score_choices
+from svd_lightning.scoring import score_choices
 from svd_lightning.logger import RunLogger
 from svd_lightning.run import RUN_FILE, SteeringRun, adapter_hash, write_run
 from svd_lightning.tiny import tiny_model_and_tokenizer

@@ -33,7 +33,7 @@ from svd_lightning.callbacks import (CheckpointWeights, ContrastiveBaseline, Ste
                                      StrengthSolver)
 from svd_lightning.data import TruthfulQADataModule  # noqa: E402
 from svd_lightning.data.base import ResumableLoader  # noqa: E402
-from svd_lightning.decoding import generate_answers  # noqa: E402
+from svd_lightning.generation import generate_answers  # noqa: E402
 from svd_lightning.logger import RunLogger  # noqa: E402
 from svd_lightning.module import SteeringLM  # noqa: E402
 from svd_lightning.sharding import local_bytes  # noqa: E402

@@ -40,7 +40,7 @@ def test_a_failed_generate_leaves_the_model_usable(steered):
 
 def test_a_failed_forward_inside_peft_leaves_no_hooks(steered, monkeypatch):
     """Even an error raised inside peft's per-row forward (after it registered its hooks) is cleaned up."""
-    from svd_lightning import decoding
+    from svd_lightning.scoring import paired_logits
 
     model = steered.model
     hooks = lambda: sum(len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
@@ -50,10 +50,10 @@ def test_a_failed_forward_inside_peft_leaves_no_hooks(steered, monkeypatch):
     monkeypatch.setattr(base, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     ids = steered.tokenizer(["Q: Why?"], return_tensors="pt")["input_ids"]
     with pytest.raises(RuntimeError, match="boom"):
-        decoding.paired_logits(model, ids, "one_forward")
+        paired_logits(model, ids, "one_forward")
     monkeypatch.setattr(base, "forward", original)
     assert hooks() == count
-    decoding.paired_logits(model, ids, "one_forward")
+    paired_logits(model, ids, "one_forward")
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -21,11 +21,15 @@ import sys
 import pytest
 import torch
 
-from svd_lightning import decoding, models
+from svd_lightning import models
+from svd_lightning.forward import encoders
+from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.calibration import CalibrationNeeds, calibrate, calibrate_pass
 from svd_lightning.config import SteeringConfig
-from svd_lightning.decoding import one_forward_unsupported, score_choices, steered_generate
+from svd_lightning.forward.rows import one_forward_unsupported
+from svd_lightning.generation import steered_generate
+from svd_lightning.scoring import score_choices
 
 from families import ATTENTION, FAMILIES, family_model
 
@@ -123,15 +127,16 @@ def test_steered_scores_match_the_fp64_reference_on_every_layout(tokenizer, fami
     for mode in _modes(model):
         config = SteeringConfig(mu=MU, alpha=ALPHA, forward_mode=mode)
         for layout, share in layouts.items():
+            prefixes = PrefixCache()
             for _ in range(2):  # the second round finds the split prefix cached
                 for batch, ref in zip(batches, expected):
-                    got = score_choices(model, batch, config, share_prompts=share)
+                    got = score_choices(model, batch, config, share_prompts=share, prefixes=prefixes)
                     for name in ("plain", "base", "steered"):
                         torch.testing.assert_close(got[name].double().cpu(), ref[name], rtol=RTOL, atol=TOL,
                                                    msg=lambda m: f"{family}/{method}/{attn}/{mode}/{layout} {name}: {m}")
         # the KV-shared layout (what flash attention gets): no custom mask, the prompt's cache expanded per row
         with monkeypatch.context() as patch:
-            patch.setattr(decoding, "_custom_masks", lambda m: None)
+            patch.setattr(encoders, "custom_masks", lambda m: None)
             for batch, ref in zip(batches, expected):
                 got = score_choices(model, batch, config, share_prompts=True)
                 torch.testing.assert_close(got["steered"].double().cpu(), ref["steered"], rtol=RTOL, atol=TOL,
@@ -299,7 +304,7 @@ def test_every_generation_entry_point_matches_the_fp64_reference(tokenizer, fami
 def test_the_lm_eval_backends_logits_match_full_rows(tokenizer, family):
     """lm-eval's ``_model_call`` path (``paired_logits`` with the split prefix): warm and base logits of rows
     sharing a primer equal one full forward per row, windows shorter or longer than the rows."""
-    from svd_lightning.decoding import paired_logits
+    from svd_lightning.scoring import paired_logits
 
     model = adapted(family, "lora", tokenizer)
     rows = [tokenizer(q.prompt + q.choices[0])["input_ids"] for q in QUESTIONS[:2]]
@@ -315,8 +320,9 @@ def test_the_lm_eval_backends_logits_match_full_rows(tokenizer, family):
     # as exact as a plain fp32 forward of each row: twice its own distance to fp64
     floor = 2 * (plain_fp32 - warm_ref).abs().max().item() + 1e-6
     for mode in _modes(model):
+        prefixes = PrefixCache()
         for _ in range(2):  # the second call finds the primer cached
-            warm, base = paired_logits(model, ids, mode, skip=skip)
+            warm, base = paired_logits(model, ids, mode, skip=skip, prefixes=prefixes)
             n = warm.shape[1]
             torch.testing.assert_close(warm.double().cpu(), warm_ref[:, -n:], rtol=0, atol=floor)
             torch.testing.assert_close(base.double().cpu(), base_ref[:, -n:], rtol=0, atol=floor)

@@ -11,7 +11,8 @@ from svd_lightning import SteeredModel
 from svd_lightning.calibration import calibrate_choice_grid, calibrate_choices
 from svd_lightning.callbacks import ContrastiveBaseline, SteeredValidation, StrengthSolver
 from svd_lightning.config import SteeringConfig
-from svd_lightning.decoding import score_choices, steered_generate
+from svd_lightning.generation import steered_generate
+from svd_lightning.scoring import score_choices
 from svd_lightning.module import SteeringLM
 from svd_lightning.run import SteeringRun
 from svd_lightning.steering import GAMMA_GRID, contrastive_logits, steer, steering_direction

@@ -18,7 +18,7 @@ from svd_lightning.callbacks import SteeringExtraction, StrengthSolver
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, DataError, GenericChoiceDataModule, TruthfulQADataModule
 from svd_lightning.data.base import SKIPPED_FILE
-from svd_lightning.decoding import score_choices
+from svd_lightning.scoring import score_choices
 from svd_lightning.logger import RunLogger
 from svd_lightning.module import SteeringLM
 from svd_lightning.tiny import tiny_tokenizer

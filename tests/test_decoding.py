@@ -5,7 +5,8 @@ import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import SteeringConfig
-from svd_lightning.decoding import SteeringLogitsProcessor, score_choices, steered_generate
+from svd_lightning.generation import SteeringLogitsProcessor, steered_generate
+from svd_lightning.scoring import score_choices
 from svd_lightning.steering import steer, steered_log_probs
 
 from conftest import left_padded as _left_padded, perturbed_lora
@@ -143,7 +144,8 @@ def _choice_batch(tokenizer, max_length=64):
 @pytest.mark.parametrize("share", [True, False])
 def test_shared_prompt_scoring_matches_full_pass(tokenizer, share):
     """Encoding each prompt once and expanding its KV cache gives the full pass's logits (fp64)."""
-    from svd_lightning.decoding import SharedPrompts, paired_label_logits
+    from svd_lightning.forward.encoders import SharedPrompts
+    from svd_lightning.scoring import paired_label_logits
 
     model = perturbed_lora(dtype=torch.float64)
     batch = _choice_batch(tokenizer)
@@ -167,7 +169,9 @@ def test_shared_prompt_scoring_matches_full_pass(tokenizer, share):
 def test_shared_prompts_fall_back_for_left_padding_and_virtual_tokens(tokenizer):
     from peft import PromptTuningConfig, get_peft_model
 
-    from svd_lightning.decoding import SharedPrompts, paired_label_logits
+    from svd_lightning.forward.encoders import SharedPrompts
+
+    from svd_lightning.scoring import paired_label_logits
     from svd_lightning.tiny import tiny_model_and_tokenizer
 
     batch = _choice_batch(tokenizer)
@@ -195,12 +199,14 @@ def _primed_batches(tokenizer, questions_per_batch, collate=collate_choices, pri
 
 
 def _full_pass(model, batch):
-    from svd_lightning.decoding import _full_label_logits, adapter_disabled
+    from svd_lightning.forward.adapter import adapter_disabled
+    from svd_lightning.forward.encoders import FullRows
+    from svd_lightning.forward.rows import WARM
 
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    warm = _full_label_logits(model, ids, mask, labels)
+    rows = FullRows(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    warm = rows.label_logits(model, WARM)
     with adapter_disabled(model):
-        base = _full_label_logits(model, ids, mask, labels)
+        base = rows.label_logits(model, WARM)
     return warm, base
 
 
@@ -212,21 +218,21 @@ def test_the_split_prefix_is_encoded_once_and_gives_the_full_pass_logits(tokeniz
     """Batches of one primer: from the second batch on, the primer's keys and values come from the cache;
     every batch's warm and base logits equal a full pass to 1e-10 (fp64), padded rows included. Both
     layouts: a tree per prompt (sdpa / eager; two trees in one forward with 2 questions a batch) and one row per choice (other attention kernels)."""
-    from svd_lightning import decoding
-    from svd_lightning.decoding import _PREFIXES, _announced_prefix, paired_label_logits
+    from svd_lightning.forward import encoders
+    from svd_lightning.forward.prefix import PrefixCache
+    from svd_lightning.scoring import paired_label_logits
 
     if layout == "rows":
-        monkeypatch.setattr(decoding, "_custom_masks", lambda model: None)
-    _PREFIXES.pop(model64, None)
-    _announced_prefix.discard(id(model64))  # said once per model
+        monkeypatch.setattr(encoders, "custom_masks", lambda model: None)
+    prefixes = PrefixCache()  # said once per cache
     batches = _primed_batches(tokenizer, questions_per_batch)
     primer = tokenizer(PRIMER, add_special_tokens=False)["input_ids"]
     for i, batch in enumerate(batches):
-        warm, base, _, _ = paired_label_logits(model64, batch, forward_mode=mode)
+        warm, base, _, _ = paired_label_logits(model64, batch, forward_mode=mode, prefixes=prefixes)
         ref_warm, ref_base = _full_pass(model64, batch)
         torch.testing.assert_close(warm, ref_warm, rtol=0, atol=1e-10)
         torch.testing.assert_close(base, ref_base, rtol=0, atol=1e-10)
-        entries = list(_PREFIXES[model64].entries.values())
+        entries = list(prefixes.entries.values())
         if i >= 1:  # learnt from the first two batches: the primer (and whatever else their prompts share)
             assert len(entries) == (1 if mode == "one_forward" else 2)  # paired rows, or warm and base
             assert all(len(e) >= len(primer) - 1 and e.nbytes > 0 for e in entries)
@@ -234,39 +240,78 @@ def test_the_split_prefix_is_encoded_once_and_gives_the_full_pass_logits(tokeniz
 
 
 def test_the_split_prefix_is_dropped_when_the_weights_change(tokenizer):
-    from svd_lightning.decoding import _PREFIXES, paired_label_logits
+    from svd_lightning.forward.prefix import PrefixCache
+    from svd_lightning.scoring import paired_label_logits
 
     model64 = perturbed_lora(dtype=torch.float64)  # its own: the test writes into the weights
     first, second = _primed_batches(tokenizer, 1)[:2]
-    paired_label_logits(model64, first)
-    paired_label_logits(model64, second)
-    stale = list(_PREFIXES[model64].entries.values())  # kept alive: ids of freed objects are reused
+    prefixes = PrefixCache()
+    paired_label_logits(model64, first, prefixes=prefixes)
+    paired_label_logits(model64, second, prefixes=prefixes)
+    stale = list(prefixes.entries.values())  # kept alive: ids of freed objects are reused
     assert stale
     with torch.no_grad():  # an optimizer step: the adapter's weights change in place
         next(p for n, p in model64.named_parameters() if "lora_B" in n).mul_(1.5)
-    warm, base, _, _ = paired_label_logits(model64, second)
-    assert not {id(e) for e in stale} & {id(e) for e in _PREFIXES[model64].entries.values()}  # not reused
+    warm, base, _, _ = paired_label_logits(model64, second, prefixes=prefixes)
+    assert not {id(e) for e in stale} & {id(e) for e in prefixes.entries.values()}  # not reused
     ref_warm, ref_base = _full_pass(model64, second)
     torch.testing.assert_close(warm, ref_warm, rtol=0, atol=1e-10)
     torch.testing.assert_close(base, ref_base, rtol=0, atol=1e-10)
 
 
+def test_a_prefix_cache_holds_one_models_prefix_and_no_cache_holds_nothing(tokenizer, model64, monkeypatch):
+    """The cache is its owner's object: handed another model it starts over (nothing of the first model's is
+    reused, and it keeps the first model alive no longer); a call given no cache encodes the whole prompt."""
+    import gc
+    import weakref
+
+    from svd_lightning.forward import prefix
+    from svd_lightning.forward.prefix import PrefixCache
+    from svd_lightning.scoring import paired_label_logits
+
+    original = prefix.SplitPrefix.__init__
+    batches = _primed_batches(tokenizer, 1)[:2]
+    prefixes, other = PrefixCache(), perturbed_lora(dtype=torch.float64)
+    for batch in batches:
+        paired_label_logits(other, batch, prefixes=prefixes)
+    first = list(prefixes.entries.values())
+    assert first
+    for batch in batches:
+        warm, base, _, _ = paired_label_logits(model64, batch, prefixes=prefixes)
+        torch.testing.assert_close(warm, _full_pass(model64, batch)[0], rtol=0, atol=1e-10)
+    assert prefixes.entries and not {id(e) for e in first} & {id(e) for e in prefixes.entries.values()}
+    gone = weakref.ref(other)
+    del other, first
+    gc.collect()
+    assert gone() is None
+
+    made = []
+    monkeypatch.setattr(prefix.SplitPrefix, "__init__", lambda self, *a: made.append(a) or original(self, *a))
+    for batch in batches * 2:
+        paired_label_logits(model64, batch)
+    assert made == []  # without a cache, no prefix is encoded on its own: nothing is kept between calls
+    for batch in batches:
+        paired_label_logits(model64, batch, prefixes=PrefixCache())
+    assert made == []  # a fresh cache learns the prefix from two batches before it encodes it
+
+
 def test_teacher_forced_batches_share_the_split_prefix_and_prompts_without_one_cache_nothing(tokenizer, model64):
     from svd_lightning.batch import collate_lm
-    from svd_lightning.decoding import _PREFIXES, paired_label_logits
+    from svd_lightning.forward.prefix import PrefixCache
+    from svd_lightning.scoring import paired_label_logits
 
-    _PREFIXES.pop(model64, None)
+    prefixes = PrefixCache()
     for batch in _primed_batches(tokenizer, 2, collate=collate_lm):  # CommonPrefix batches
-        warm, base, _, _ = paired_label_logits(model64, batch)
+        warm, base, _, _ = paired_label_logits(model64, batch, prefixes=prefixes)
         ref_warm, ref_base = _full_pass(model64, batch)
         torch.testing.assert_close(warm, ref_warm, rtol=0, atol=1e-10)
         torch.testing.assert_close(base, ref_base, rtol=0, atol=1e-10)
-    assert _PREFIXES[model64].entries
-    _PREFIXES.pop(model64, None)
+    assert prefixes.entries
+    prefixes = PrefixCache()
     for batch in _primed_batches(tokenizer, 1, primer=""):  # zero-shot prompts share 2 tokens ("Q:")
-        warm, _, _, _ = paired_label_logits(model64, batch)
+        warm, _, _, _ = paired_label_logits(model64, batch, prefixes=prefixes)
         torch.testing.assert_close(warm, _full_pass(model64, batch)[0], rtol=0, atol=1e-10)
-    assert not _PREFIXES[model64].entries
+    assert not prefixes.entries
 
 
 # -- repeated rows (TruthfulQA's MC1 choices recur in MC2) are encoded and scored once ----------------------
@@ -280,8 +325,9 @@ def _repeating_batch(tokenizer):
 
 
 def test_repeated_rows_are_scored_once_with_every_rows_scores(tokenizer, model64, monkeypatch):
-    from svd_lightning import decoding
-    from svd_lightning.decoding import distinct_rows, score_choices
+    from svd_lightning import scoring
+    from svd_lightning.forward.encoders import distinct_rows
+    from svd_lightning.scoring import score_choices
 
     batch = _repeating_batch(tokenizer)
     distinct, same_as = distinct_rows(batch)
@@ -290,7 +336,7 @@ def test_repeated_rows_are_scored_once_with_every_rows_scores(tokenizer, model64
     torch.testing.assert_close(distinct["input_ids"][same_as], batch["input_ids"], rtol=0, atol=0)
     config = SteeringConfig(mu=-1.5, gamma=2.0, alpha=0.2)
     once = score_choices(model64, batch, config)
-    monkeypatch.setattr(decoding, "distinct_rows", lambda b: (b, torch.arange(b["input_ids"].shape[0])))
+    monkeypatch.setattr(scoring, "distinct_rows", lambda b: (b, torch.arange(b["input_ids"].shape[0])))
     every = score_choices(model64, batch, config)  # each row encoded and scored on its own
     assert set(once) == set(every) == {"plain", "base", "steered", "contrastive", "num_tokens"}
     for k in every:
@@ -302,7 +348,7 @@ def test_repeated_rows_are_scored_once_with_every_rows_scores(tokenizer, model64
 def test_contrastive_limit_scores_are_the_metrics_limit(tokenizer, model64):
     """score_choice_variants' contrastive limits give the TruthfulQA metrics of the fp64 scores at a γ
     so large that only the slope ranks choices (repeated MC1/MC2 rows and both choice sets included)."""
-    from svd_lightning.decoding import paired_label_logits, score_choice_variants
+    from svd_lightning.scoring import paired_label_logits, score_choice_variants
     from svd_lightning.metrics import truthfulqa_per_question
     from svd_lightning.steering import ContrastiveLimit, contrastive_log_probs
 

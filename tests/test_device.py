@@ -10,7 +10,8 @@ import torch
 from svd_lightning.batch import Tokenized, collate_choices, collate_lm
 from svd_lightning.calibration import calibrate
 from svd_lightning.config import SteeringConfig
-from svd_lightning.decoding import score_choices, steered_generate
+from svd_lightning.generation import steered_generate
+from svd_lightning.scoring import score_choices
 
 from conftest import EXAMPLES, PROMPTS, left_padded, perturbed_lora
 
@@ -87,7 +88,8 @@ def test_the_hot_paths_run_with_the_meta_device_as_default(tokenizer):
     creates without naming a device is a meta tensor, and meeting the CPU data fails. Scoring (every
     variant kind, the γ limits), the calibration pass with every solver, and the generation processor."""
     from svd_lightning.calibration import CalibrationNeeds, calibrate_pass
-    from svd_lightning.decoding import SteeringLogitsProcessor, score_choice_variants
+    from svd_lightning.generation import SteeringLogitsProcessor
+    from svd_lightning.scoring import score_choice_variants
     from svd_lightning.steering import ContrastiveLimit
 
     from conftest import CHOICE_EXAMPLES

@@ -7,8 +7,8 @@ import torch
 from transformers import LogitsProcessor
 
 from svd_lightning.config import SteeringConfig
-from svd_lightning.decoding import steered_generate
-from svd_lightning.decoding import generate_answers
+from svd_lightning.generation import steered_generate
+from svd_lightning.generation import generate_answers
 from svd_lightning.generate import main, read_prompts
 from svd_lightning.steering import steer
 
@@ -238,7 +238,7 @@ def test_svd_lightning_generate_subcommand(tmp_path, run_dir, capsys):
     ("greedy", "max_new_tokens", 0, "max_new_tokens must be an integer ≥ 1, got 0"),
 ])
 def test_bad_decoding_options_are_refused(mode, option, value, message):
-    from svd_lightning.decoding import decoding_kwargs
+    from svd_lightning.generation import decoding_kwargs
 
     with pytest.raises(ValueError, match=message):
         decoding_kwargs(mode, **{option: value})

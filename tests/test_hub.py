@@ -148,7 +148,7 @@ def test_custom_generate_refuses_another_model(steered):
 
 
 def test_generate_passes_transformers_options_through_and_streams(steered):
-    from svd_lightning.decoding import steered_generate
+    from svd_lightning.generation import steered_generate
 
     tok = steered.tokenizer
     ids, mask = left_padded(tok, PROMPTS[:1])

@@ -7,7 +7,9 @@ from peft import IA3Config, PromptTuningConfig, get_peft_model
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices, collate_lm
 from svd_lightning.calibration import calibrate
 from svd_lightning.config import SteeringConfig
-from svd_lightning.decoding import paired_label_logits, resolve_forward_mode, score_choices, steered_generate
+from svd_lightning.forward.rows import resolve_forward_mode
+from svd_lightning.generation import steered_generate
+from svd_lightning.scoring import paired_label_logits, score_choices
 from svd_lightning.tiny import tiny_model_and_tokenizer
 
 from conftest import EXAMPLES, PROMPTS, left_padded, perturbed_lora
@@ -118,7 +120,13 @@ def test_auto_picks_two_pass_where_peft_cannot_mix_rows(tokenizer):
 @pytest.mark.parametrize("mode", ["one_forward", "two_pass"])
 def test_common_primer_is_encoded_once_with_the_full_pass_logits(tokenizer, model64, mode):
     """Calibration rows: different questions after one few-shot primer (CommonPrefix), fp64."""
-    from svd_lightning.decoding import CommonPrefix, _full_label_logits, adapter_disabled
+    from svd_lightning.forward.encoders import FullRows
+    from svd_lightning.forward.rows import WARM
+
+    def _full_label_logits(model, ids, mask, labels):
+        return FullRows(ids, mask, labels).label_logits(model, WARM)
+    from svd_lightning.forward.adapter import adapter_disabled
+    from svd_lightning.forward.encoders import CommonPrefix
 
     primer = "Q: What is the capital of France?\nA: The capital of France is Paris.\n\n"
     examples = [ChoiceExample(primer + ex.prompt, ex.choices, ex.is_true, ex.index, answer=ex.answer) for ex in EXAMPLES]

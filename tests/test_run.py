@@ -9,8 +9,8 @@ import torch
 
 from svd_lightning import SteeredModel
 from svd_lightning.config import SteeringConfig
-from svd_lightning.decoding import score_choices
-from svd_lightning.decoding import generate_answers
+from svd_lightning.scoring import score_choices
+from svd_lightning.generation import generate_answers
 from svd_lightning.generate import main as generate_main
 from svd_lightning.module import SteeringLM
 from svd_lightning.run import load_run

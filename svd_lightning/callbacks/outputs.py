@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from svd_lightning.callbacks.calibration import calibration_loader
 from svd_lightning.config import VARIANT_LABELS
-from svd_lightning.decoding import paired_label_logits
+from svd_lightning.scoring import paired_label_logits
 from svd_lightning.files import atomic_write_text
 from svd_lightning.logger import run_writer
 from svd_lightning.progress import say
@@ -33,7 +33,7 @@ class LogitSnapshot(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with lockstep(pl_module.model):
-            warm, base, labels, _ = paired_label_logits(pl_module.model, batch)
+            warm, base, labels, _ = paired_label_logits(pl_module.model, batch, prefixes=pl_module.prefixes)
         pl_module.train(was_training)
         k = min(self.top_k, warm.shape[-1])
         lp = {"base": torch.log_softmax(base.float(), -1), name: torch.log_softmax(warm.float(), -1)}
