@@ -35,6 +35,7 @@ from svd_lightning.calibration import calibrate
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
 from svd_lightning.generation import steered_generate
+from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.scoring import paired_label_logits, score_choices
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
 from svd_lightning.precision import describe_cpu, resolve_precision
@@ -146,15 +147,16 @@ def run(args) -> dict:
     train_batches = [to_dev(b) for b in dm.train_dataloader()]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5)
+    prefixes = PrefixCache()  # the model's primer encoded once per weights, as the CLI's stages share it
 
     @torch.no_grad()
     def score(variant):
         for b in score_batches:
             if variant == "plain":
-                warm, _, y, _ = paired_label_logits(model, b, with_base=False)
+                warm, _, y, _ = paired_label_logits(model, b, with_base=False, prefixes=prefixes)
                 log_probs(warm).gather(-1, y[:, None])
             else:
-                score_choices(model, b, SteeringConfig(mu=-1.0, forward_mode=variant))
+                score_choices(model, b, SteeringConfig(mu=-1.0, forward_mode=variant), prefixes=prefixes)
 
     def generate(variant, bs):
         prompts = zero_shot[:bs]
@@ -179,7 +181,7 @@ def run(args) -> dict:
         model.eval()
 
     def calibration(variant, bs):
-        calibrate(model, calib_batches[bs], SteeringConfig(forward_mode=variant), progress=False)
+        calibrate(model, calib_batches[bs], SteeringConfig(forward_mode=variant), progress=False, prefixes=prefixes)
 
     jobs = {("score", v): (lambda v=v: score(v)) for v in ("plain", *PATHS)}
     for bs in args.gen_batch_sizes:

@@ -9,7 +9,7 @@ package's own code:
    choice batches, as ``fit`` runs it): every strength option for every mask threshold α (and
    ``none`` = no mask) and for the logit-difference direction, the ``choice_nll`` caches and the
    contrastive baseline's γ grid;
-2. scoring the calib and test choices (:func:`svd_lightning.decoding.score_choice_variants`): plain
+2. scoring the calib and test choices (:func:`svd_lightning.scoring.score_choice_variants`): plain
    (warm), base (pre-trained), SVDecode for every (strength option, curvature, α, scoring policy),
    a fixed-μ sweep, the paper's mask alone (μ = 0) and the contrastive baseline
    ``z_φ + γ(z_φ − z_θ)`` for a γ grid -- each a :class:`SteeringConfig`, all exact, from one
@@ -73,6 +73,7 @@ from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibra
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.data.base import PAPER_SPLIT, ChoiceDataModule, seeded_split
+from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.scoring import score_choice_variants
 from svd_lightning.metrics import (
     HEADLINE_METRICS,
@@ -461,8 +462,8 @@ def variant_configs(mus: dict[str, dict[str, float]], gammas=GAMMAS, gamma_limit
 
 
 @torch.no_grad()
-def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, desc: str
-                ) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, desc: str,
+                prefixes: PrefixCache | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
     """variant -> metric -> per-question values, and the question ids (file rows) in that order.
 
     ``configs`` None: the plain adapter alone (the "+1 epoch" baseline needs no pre-trained pass).
@@ -472,7 +473,7 @@ def score_split(model, loader, task, configs: dict[str, SteeringConfig] | None, 
     scores: dict[str, list] = {}
     limits = {name for name, c in (configs or {}).items() if isinstance(c, ContrastiveLimit)}  # −∞ off each set's top
     for batch in track(loader, desc, unit="batch"):
-        rows = score_choice_variants(model, batch, configs or {}, with_base=configs is not None)
+        rows = score_choice_variants(model, batch, configs or {}, with_base=configs is not None, prefixes=prefixes)
         rows.pop("num_tokens")
         for name, row_scores in rows.items():
             if not (torch.isfinite(row_scores) | ((name in limits) & (row_scores == float("-inf")))).all():
@@ -558,10 +559,10 @@ class EpochProbe(L.Callback):
                 iter(loader)
             print(f"[{self.cell['name']} epoch {label}] adapter kept ({train_seconds:.0f} s training)", flush=True)
             return
-        probe(pl_module.model, trainer.datamodule, self.cell, point, self.path(label))
+        probe(pl_module.model, trainer.datamodule, self.cell, point, self.path(label), pl_module.prefixes)
 
 
-def probe(model, dm, cell: dict, point: dict, path: Path) -> None:
+def probe(model, dm, cell: dict, point: dict, path: Path, prefixes: PrefixCache | None = None) -> None:
     """Score a cell's model at one training budget (``point``: its label, epoch, step, training seconds
     and whether only the plain adapter is scored) and write the cell file ``path``."""
     label, plain_only, train_seconds, step, epoch = (point[k] for k in ("label", "plain_only", "train_seconds", "step", "epoch"))
@@ -575,18 +576,18 @@ def probe(model, dm, cell: dict, point: dict, path: Path) -> None:
         mus, diag, configs, calib_configs = None, None, None, None
     else:
         result = calibrate_pass(model, dm.calib_choice_dataloader(), SETTINGS, calibration_needs(gammas),
-                                desc="Calibration (every variant)")
+                                desc="Calibration (every variant)", prefixes=prefixes)
         mus, diag = strengths(result)
         configs = variant_configs(mus, gammas, spec.gamma_limits)
         # choice_nll variants are scored on test only: their μ is fit to the calib questions' loss
         calib_configs = {name: c for name, c in configs.items() if "choice_nll" not in name}
     t1 = time.perf_counter()
-    calib, calib_ids = score_split(model, dm.choice_dataloader("calib"), task, calib_configs, "Scoring calib")
+    calib, calib_ids = score_split(model, dm.choice_dataloader("calib"), task, calib_configs, "Scoring calib", prefixes)
     t2 = time.perf_counter()
-    test, test_ids = score_split(model, dm.test_dataloader(), task, configs, "Scoring test")
+    test, test_ids = score_split(model, dm.test_dataloader(), task, configs, "Scoring test", prefixes)
     t3 = time.perf_counter()
     if spec.cross and not plain_only:
-        cross_score(model, dm, cell, point, configs, path)
+        cross_score(model, dm, cell, point, configs, path, prefixes)
     model.train(was_training)
     split = split_record(dm)
     for name, ids in (("calib", calib_ids), ("test", test_ids)):  # per-question lists follow `split`
@@ -665,7 +666,7 @@ def cross_path(path: Path) -> Path:
     return path.parent / "cross" / f"{path.stem}-cross.json"
 
 
-def cross_score(model, dm, cell: dict, point: dict, configs: dict, path: Path) -> None:
+def cross_score(model, dm, cell: dict, point: dict, configs: dict, path: Path, prefixes: PrefixCache | None = None) -> None:
     """Score every variant of this point (μ and γ from the model's own calib) on the other group's test
     questions that the model neither trained nor calibrated on, and write :func:`cross_path`. Written
     before the cell file, so a finished cell has it; the global RNG is left as it was, so training goes
@@ -682,7 +683,7 @@ def cross_score(model, dm, cell: dict, point: dict, configs: dict, path: Path) -
     cross.setup("test")
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        scores, ids = score_split(model, cross.test_dataloader(), task, configs, f"Scoring {other_task}'s test")
+        scores, ids = score_split(model, cross.test_dataloader(), task, configs, f"Scoring {other_task}'s test", prefixes)
     if ids != [ex.index for ex in cross.test_set]:
         raise RuntimeError("cross: the scored question ids are not the rows in file order")
     run_files.write_json(cross_path(path), {
@@ -755,7 +756,7 @@ def score_saved(out_dir: Path, only: list[str] | None = None, seeds: list[int] |
             dm = TASKS[cell["task"]].data(cell["seed"])
             dm.limits, dm.tokenizer = four_limits(saved["limits"]), module.tokenizer
             dm.setup("fit")
-            probe(module.model, dm, cell, point, path)
+            probe(module.model, dm, cell, point, path, module.prefixes)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import torch
 
 from svd_lightning.config import SteeringConfig
 from svd_lightning.data import PAPER_SPLIT, TruthfulQADataModule
+from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.scoring import score_choice_variants
 from svd_lightning.metrics import truthfulqa_per_question
 from svd_lightning.models import apply_adapter, load_causal_lm, load_tokenizer
@@ -87,11 +88,12 @@ VARIANTS = {  # name -> (weights dtype, autocast dtype or None, after-cast hook)
 def score_all(model, batches, mus, autocast) -> dict[str, np.ndarray]:
     """Per-row plain and steered scores (one forward per batch serves every μ), fp64 numpy."""
     configs = {f"mu{m:g}": SteeringConfig(mu=-m) for m in mus}
+    prefixes = PrefixCache()  # one model per call: its primer encoded once, as the CLI's scoring does
     out: dict[str, list] = {}
     ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with ctx, torch.no_grad():
         for batch in batches:
-            scores = score_choice_variants(model, batch, configs)
+            scores = score_choice_variants(model, batch, configs, prefixes=prefixes)
             for k, v in scores.items():
                 out.setdefault(k, []).append(v.double().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}

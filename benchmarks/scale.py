@@ -9,8 +9,8 @@ RSS high-water mark after free heap memory went back to the OS on CPU, CUDA's al
 - ``warm_start``: one LoRA training step (forward, backward, AdamW) at 1 and 4 questions a batch
   (the two sizes give the activation memory per token as a slope);
 - ``calibration``: :func:`svd_lightning.calibration.calibrate` of one batch of 4 questions;
-- ``scoring``: :func:`svd_lightning.decoding.score_choices` (steered) of one batch of 2 questions;
-- ``generation``: :func:`svd_lightning.decoding.steered_generate`, 4 prompts, ``--new-tokens``
+- ``scoring``: :func:`svd_lightning.scoring.score_choices` (steered) of one batch of 2 questions;
+- ``generation``: :func:`svd_lightning.generation.steered_generate`, 4 prompts, ``--new-tokens``
   greedy tokens, per token; ``plain`` is ``model.generate`` with the adapter on.
 
 Steered units run on both paths: ``one_forward`` (warm and base rows in one batch) and ``two_pass``.
