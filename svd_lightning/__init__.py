@@ -45,8 +45,8 @@ _EXPORTS = {
     "steer": "svd_lightning.steering",
     "token_strengths": "svd_lightning.steering",
     "StrengthStats": "svd_lightning.steering",
-    "ExactStrengthCache": "svd_lightning.steering",
-    "ChoiceStrengthCache": "svd_lightning.steering",
+    "ExactStrengthCache": "svd_lightning.calibration",
+    "ChoiceStrengthCache": "svd_lightning.calibration",
     # Lightning
     "SteeringLM": "svd_lightning.module",
     "RunLogger": "svd_lightning.logger",

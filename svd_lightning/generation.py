@@ -25,17 +25,14 @@ from svd_lightning.config import ConfigError, SteeringConfig
 from svd_lightning.forward.adapter import adapter_disabled, leaves_no_hooks, model_with_adapter
 from svd_lightning.forward.rows import PAIRED, adapter_names, positions, resolve_forward_mode
 from svd_lightning.sharding import is_sharded, lockstep
-from svd_lightning.steering import masked_delta, steering_vector
+from svd_lightning.steering import policy_log_probs, steering_vector
 
 
 def steered_next_log_probs(warm: torch.Tensor, base: torch.Tensor, config: SteeringConfig) -> torch.Tensor:
     """SVDecode's next-token log-probs from warm and base logits: −∞ on masked tokens, none masked
     where :attr:`SteeringConfig.mask_in_generation` is False."""
     delta, keep = steering_vector(warm.float(), base.float(), config.alpha, direction=config.direction)
-    if not config.mask_in_generation:
-        keep = torch.ones_like(keep)
-    steered = (warm.float() + config.mu * masked_delta(delta, keep)).masked_fill(~keep, float("-inf"))
-    return torch.log_softmax(steered, dim=-1)
+    return policy_log_probs(warm.float(), delta, keep, config.mu, "mask" if config.mask_in_generation else "none")
 
 
 def _generation_config(config: SteeringConfig) -> SteeringConfig:

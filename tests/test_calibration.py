@@ -11,8 +11,8 @@ from svd_lightning.calibration import (
     calibrate_choice_grid,
     calibrate_choices,
     calibrate_pass,
-    reference_rows,
 )
+from svd_lightning.calibration.passes import reference_rows
 from svd_lightning.callbacks import ContrastiveBaseline, StrengthSolver
 from svd_lightning.config import NO_MASK_ALPHA, SteeringConfig
 from svd_lightning.module import SteeringLM
@@ -173,7 +173,7 @@ def test_choice_grid_calibration_is_the_scored_choice_loss_at_every_grid_point(t
 def test_a_pass_over_repeated_rows_gives_the_numbers_of_scoring_each_row(tokenizer, model64, monkeypatch):
     """TruthfulQA's MC1 choices recur in MC2: each distinct row is encoded and scored once, and μ̄'s
     statistics, the choice_nll cache and the γ grid are those of scoring every row (float64)."""
-    from svd_lightning import calibration
+    from svd_lightning.calibration import passes as calibration
     from svd_lightning.batch import ChoiceExample, collate_choices
 
     repeats = [ChoiceExample(ex.prompt, [*ex.choices, *ex.choices], [*ex.is_true, *ex.is_true], ex.index,

@@ -12,7 +12,8 @@ from svd_lightning.data import TruthfulQADataModule
 from svd_lightning.logger import RunLogger
 from svd_lightning.models import ADAPTER_METHODS
 from svd_lightning.module import SteeringLM
-from svd_lightning.steering import ExactStrengthCache, StrengthStats, steering_vector, strength_terms
+from svd_lightning.calibration.solvers import ExactStrengthCache
+from svd_lightning.steering import StrengthStats, steering_vector, strength_terms
 
 from conftest import tiny_datamodule, tiny_trainer, write_truthfulqa
 

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
+from svd_lightning.calibration.solvers import ChoiceStrengthCache, ExactStrengthCache, strength_grid
 from svd_lightning.config import SteeringConfig
 from svd_lightning.steering import (
-    ChoiceStrengthCache,
-    ExactStrengthCache,
     PairedLabels,
     StrengthStats,
     contrastive_log_probs,
@@ -19,7 +18,6 @@ from svd_lightning.steering import (
     steered_log_probs,
     steering_direction,
     steering_vector,
-    strength_grid,
     strength_terms,
     token_strengths,
 )
