@@ -83,7 +83,8 @@ from svd_lightning.metrics import (
 )
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import BF16, describe_cpu, fast_precision
-from svd_lightning.progress import LogProgressBar, stderr_is_terminal, track
+from svd_lightning.callbacks.progress import LogProgressBar
+from svd_lightning.progress import stderr_is_terminal, track
 from svd_lightning.steering import GAMMA_GRID, ContrastiveLimit
 
 ROOT = Path(__file__).resolve().parent

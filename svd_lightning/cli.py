@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from svd_lightning.callbacks import (
     CheckpointWeights,
     ContrastiveBaseline,
+    LogProgressBar,
     ScoreWriter,
     StageTimes,
     SteeredValidation,
@@ -22,11 +23,11 @@ from svd_lightning.callbacks import (
     Weights,
 )
 from svd_lightning.data import ChoiceDataModule
-from svd_lightning.log import InputError
+from svd_lightning.log import InputError, say
 from svd_lightning.logger import RunLogger, SaveRunConfig, finish_run, hold
 from svd_lightning.module import SteeringLM
 from svd_lightning.precision import resolve_precision
-from svd_lightning.progress import LogProgressBar, say, stderr_is_terminal
+from svd_lightning.progress import stderr_is_terminal
 from svd_lightning.recipes import packaged_configs
 
 

@@ -27,10 +27,10 @@ from lm_eval.models.huggingface import HFLM
 from svd_lightning.api import SteeredModel
 from svd_lightning.config import add_override_arguments
 from svd_lightning.generation import steered_generate
+from svd_lightning.log import say
 from svd_lightning.scoring import paired_logits
 from svd_lightning.precision import check_steering_precision
 from svd_lightning.steering import steered_log_probs
-from svd_lightning.progress import say
 
 
 # HFLM's own options that still mean something when the model object is ours.

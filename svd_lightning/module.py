@@ -16,11 +16,11 @@ from svd_lightning.calibration import CalibrationNeeds, CalibrationPass
 from svd_lightning.data.protocol import datasets_of
 from svd_lightning.config import Direction, ForwardMode, ScoringPolicy, SteeringConfig
 from svd_lightning.forward.prefix import PrefixCache
+from svd_lightning.log import say
 from svd_lightning.scoring import score_choices
 from svd_lightning.metrics import MultipleChoiceScores
 from svd_lightning.logger import finish_run, run_writer, start_run
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer, portable_base
-from svd_lightning.progress import say
 from svd_lightning.run import SteeringRun, attach_adapter, load_base, resolve_settings, tokenizer_hash
 import svd_lightning.strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
 from svd_lightning.sharding import full_adapter_state, is_sharded, lockstep, shard_model

@@ -517,7 +517,7 @@ def test_a_choice_longer_than_max_length_is_a_bad_row(tmp_path, tok, bad_rows):
 def test_data_paths_resolve_under_the_data_root_or_the_packaged_sample(tmp_path, monkeypatch):
     """No path resolves against the package's location: as given, else under $SVD_LIGHTNING_DATA (the
     shipped configs' ../shared/data/ prefix dropped), else a packaged sample; a miss names the settings."""
-    from svd_lightning.data.base import DATA_ENV, DataFileNotFound, resolve_path
+    from svd_lightning.data.sources import DATA_ENV, DataFileNotFound, resolve_path
 
     root = tmp_path / "data"
     (root / "truthfulqa" / "v1_2021").mkdir(parents=True)

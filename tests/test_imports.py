@@ -48,10 +48,62 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_cycles():
     graph = module_imports()
-    assert "svd_lightning.files" in graph["svd_lightning.run"]  # the graph is read, not empty
+    assert "svd_lightning.files" in graph["svd_lightning.run.writer"]  # the graph is read, not empty
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """The top-level packages a module imports from outside svd_lightning, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+    return found - {"svd_lightning"}
+
+
+# Each layer, lowest first, with what it may import of the package beyond itself (the layers under it).
+MATH = ("svd_lightning.steering",)
+FORWARD = ("svd_lightning.forward",)
+DECODING = ("svd_lightning.scoring", "svd_lightning.generation")
+CALIBRATION = ("svd_lightning.calibration",)
+LIGHTNING = ("svd_lightning.module", "svd_lightning.callbacks", "svd_lightning.logger", "svd_lightning.data",
+             "svd_lightning.cli", "svd_lightning.strategies", "svd_lightning.entry")
+BASE = ("svd_lightning.config", "svd_lightning.batch", "svd_lightning.log", "svd_lightning.sharding",
+        "svd_lightning.progress")
+LAYERS = [(MATH, BASE), (FORWARD, BASE), (DECODING, BASE + MATH + FORWARD),
+          (CALIBRATION, BASE + MATH + FORWARD + DECODING)]
+
+
+def _within(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_each_layer_imports_only_the_layers_under_it():
+    """The math imports no model code, the forward no scoring, scoring and generation no calibration, and
+    none of them anything of the run record, the plain-Python API or the Lightning layer."""
+    graph = module_imports()
+    checked = 0
+    for layer, below in LAYERS:
+        for module, imported in graph.items():
+            if _within(module, layer):
+                checked += 1
+                above = {m for m in imported if not _within(m, layer + below)}
+                assert not above, f"{module} imports {sorted(above)}, above its layer"
+    assert checked >= 15
+
+
+def test_only_the_lightning_layer_imports_lightning_and_the_math_only_torch():
+    for path in ROOT.rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+        imported = third_party_imports(path)
+        if "lightning" in imported:
+            assert _within(module, LIGHTNING), f"{module} imports Lightning outside the Lightning layer"
+        if _within(module, MATH):
+            assert imported <= {"torch", "math", "dataclasses", "typing", "__future__"}, f"{module}: {sorted(imported)}"

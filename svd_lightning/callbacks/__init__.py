@@ -15,8 +15,8 @@
 
 One module per concept: :mod:`~svd_lightning.callbacks.calibration` (the shared pass and its loaders),
 :mod:`~svd_lightning.callbacks.solvers`, :mod:`~svd_lightning.callbacks.weights` (:class:`CheckpointWeights`),
-:mod:`~svd_lightning.callbacks.report`, :mod:`~svd_lightning.callbacks.timing` (:class:`StageTimes`) and
-:mod:`~svd_lightning.callbacks.outputs`.
+:mod:`~svd_lightning.callbacks.report`, :mod:`~svd_lightning.callbacks.timing` (:class:`StageTimes`),
+:mod:`~svd_lightning.callbacks.outputs` and :mod:`~svd_lightning.callbacks.progress` (:class:`LogProgressBar`).
 
 Every solver declares what it needs in ``setup``; :func:`calibration_pass` then runs *one* pass over
 the calibration questions per warm-start state for all of them (``steer/calibration_passes``).
@@ -28,6 +28,7 @@ validation of epoch k always uses the μ̄ of epoch k. No nested Trainer is star
 
 from svd_lightning.callbacks.calibration import calibration_pass
 from svd_lightning.callbacks.outputs import PREDICTIONS_FILE, LogitSnapshot, ScoreWriter, with_text
+from svd_lightning.callbacks.progress import LogProgressBar
 from svd_lightning.callbacks.report import SteeredValidation, format_paired, format_table, paired_gains
 from svd_lightning.callbacks.solvers import CALIBRATION_CURVE_FILE, ContrastiveBaseline, SteeringExtraction, StrengthSolver
 from svd_lightning.callbacks.timing import TIMINGS_FILE, StageTimes
@@ -35,6 +36,6 @@ from svd_lightning.callbacks.weights import CheckpointWeights, Weights, monitori
 
 __all__ = [
     "CALIBRATION_CURVE_FILE", "PREDICTIONS_FILE", "TIMINGS_FILE", "CheckpointWeights", "ContrastiveBaseline",
-    "LogitSnapshot", "ScoreWriter", "StageTimes", "SteeredValidation", "SteeringExtraction", "StrengthSolver", "Weights",
+    "LogProgressBar", "LogitSnapshot", "ScoreWriter", "StageTimes", "SteeredValidation", "SteeringExtraction", "StrengthSolver", "Weights",
     "calibration_pass", "format_paired", "format_table", "monitoring_checkpoint", "paired_gains", "with_text",
 ]

@@ -11,7 +11,7 @@ import torch
 
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibrate_pass
 from svd_lightning.data.protocol import check_datamodule
-from svd_lightning.progress import say
+from svd_lightning.log import say
 
 
 def calibration_loader(trainer: L.Trainer):

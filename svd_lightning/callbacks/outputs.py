@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from svd_lightning.callbacks.calibration import calibration_loader
 from svd_lightning.config import VARIANT_LABELS
+from svd_lightning.log import say
 from svd_lightning.scoring import paired_label_logits
 from svd_lightning.files import atomic_write_text
 from svd_lightning.logger import run_writer
-from svd_lightning.progress import say
 from svd_lightning.sharding import lockstep
 
 

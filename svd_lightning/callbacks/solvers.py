@@ -15,8 +15,8 @@ from svd_lightning.callbacks.calibration import (calibration_pass, check_calibra
 from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, Curvature, SolvedStrength, SteeringConfig
 from svd_lightning.data.protocol import datasets_of
 from svd_lightning.figures import CALIBRATION_FIGURE, calibration_figure, strength_grid
+from svd_lightning.log import say
 from svd_lightning.logger import run_writer
-from svd_lightning.progress import say
 from svd_lightning.run import SteeringRun, tokenizer_hash
 from svd_lightning.sharding import full_adapter_state
 from svd_lightning.steering import GAMMA_GRID

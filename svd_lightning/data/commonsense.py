@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from svd_lightning.batch import ChoiceExample
-from svd_lightning.data.base import ChoiceDataModule, DataError, check_example, seeded_split
+from svd_lightning.data.base import ChoiceDataModule, seeded_split
+from svd_lightning.data.sources import DataError, check_example
 
 # LLM-Adapters' `generate_prompt` (commonsense_evaluate.py); the model continues with "the correct answer is X".
 TEMPLATE = (

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from svd_lightning.batch import ChoiceExample
-from svd_lightning.data.base import ChoiceDataModule, DataError, check_example
+from svd_lightning.data.base import ChoiceDataModule
+from svd_lightning.data.sources import DataError, check_example
 
 
 class GenericChoiceDataModule(ChoiceDataModule):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from svd_lightning.batch import ChoiceExample
-from svd_lightning.data.base import ChoiceDataModule, DataError, check_example
+from svd_lightning.data.base import ChoiceDataModule
+from svd_lightning.data.sources import DataError, check_example
 
 # The instruction prompt of the TruthfulQA paper (Lin et al., 2022, appendix; `presets.py` upstream).
 INSTRUCTION = (
