@@ -7,10 +7,10 @@ repeat and reported as median [min, max] over repeats. Steered variants run both
 in one batch; LoRA only). Peak memory is the extra over the state before each call: CUDA's
 allocator peak on GPU, the process's resettable RSS high-water mark on CPU (Linux).
 
-    python benchmarks/cost.py                                   # SmolLM2-135M, the machine's precision
-    python benchmarks/cost.py --model tiny-random --repeats 3   # seconds; a smoke test
-    python benchmarks/cost.py --device cuda                     # on a GPU (bf16 where it has it)
-    python benchmarks/cost.py --demo-run runs/truthfulqa-lora/version_0 --demo-only   # a demo run's stages
+    python -m benchmarks.cost                                   # SmolLM2-135M, the machine's precision
+    python -m benchmarks.cost --model tiny-random --repeats 3   # seconds; a smoke test
+    python -m benchmarks.cost --device cuda                     # on a GPU (bf16 where it has it)
+    python -m benchmarks.cost --demo-run runs/truthfulqa-lora/version_0 --demo-only   # a demo run's stages
 
 Scoring and calibration use the demo's TruthfulQA prompt (instruction + six-shot primer) and batch
 sizes; generation uses zero-shot prompts (``Q: …\\nA:``), greedy, exactly ``--new-tokens`` tokens.

@@ -58,10 +58,10 @@ else
   step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py
   ACCEL=cpu
 fi
-step cost_tiny 120 "$PY" benchmarks/cost.py --model tiny-random --device "$DEVICE" --repeats 5 \
+step cost_tiny 120 "$PY" -m benchmarks.cost --model tiny-random --device "$DEVICE" --repeats 5 \
   --out "$OUT_DIR/cost_tiny-random_$DEVICE.json"
 if [ "$DEVICE" = cuda ] && "$PY" -c "from svd_lightning.models import smollm2_gguf; smollm2_gguf()" >>"$LOG" 2>&1; then
-  step cost_smollm2 150 "$PY" benchmarks/cost.py --model smollm2-135m --device "$DEVICE" --repeats 5 \
+  step cost_smollm2 150 "$PY" -m benchmarks.cost --model smollm2-135m --device "$DEVICE" --repeats 5 \
     --score-questions 16 --calib-questions 32 --train-steps 32 --out "$OUT_DIR/cost_smollm2-135m_$DEVICE.json"
 else
   STEPS+=("cost_smollm2:skipped (SmolLM2 not available offline here, or no GPU):0")
@@ -76,7 +76,7 @@ fi
 if [ "${GPUS:-0}" -ge 2 ]; then
   step fit_fsdp2 150 "$PY" -m svd_lightning.cli fit --config configs/tiny.yaml --trainer.accelerator "$ACCEL" \
     --trainer.strategy fsdp2 --trainer.devices 2 --trainer.default_root_dir "$OUT_DIR/runs/tiny-fsdp2"
-  step scale_135m 240 "$PY" benchmarks/scale.py --device "$DEVICE" --sizes 135m --ranks 1 2 --steps 2 \
+  step scale_135m 240 "$PY" -m benchmarks.scale --device "$DEVICE" --sizes 135m --ranks 1 2 --steps 2 \
     --results "$OUT_DIR/scale"
 else
   STEPS+=("fit_fsdp2:skipped (${GPUS:-0} GPU: sharding needs at least 2):0")

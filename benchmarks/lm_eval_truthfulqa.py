@@ -1,6 +1,6 @@
 """lm-eval's `svd` backend next to our own scorer on a run's TruthfulQA test split: do they agree?
 
-    python benchmarks/lm_eval_truthfulqa.py --run-dir runs/truthfulqa-lora/version_0 --limit 20
+    python -m benchmarks.lm_eval_truthfulqa --run-dir runs/truthfulqa-lora/version_0 --limit 20
 
 Builds two local lm-eval tasks from the run's DataModule (its ``config.yaml``: the same split, the
 same prompt): ``svd_truthfulqa_mc1`` (multiple choice, ``acc``) and ``svd_truthfulqa_mc2`` (the

@@ -1,6 +1,6 @@
 """Open-ended TruthfulQA: greedy answers of a run directory, plain vs SVDecode, scored without any API.
 
-    python benchmarks/open_generation.py --run-dir runs/truthfulqa-lora/version_0 --limit 80
+    python -m benchmarks.open_generation --run-dir runs/truthfulqa-lora/version_0 --limit 80
 
 Answers the run's TruthfulQA *test* questions (same split as the run's config) with the run's
 prompt, greedy, cut at the first newline. Truthfulness proxy of the TruthfulQA authors: for each

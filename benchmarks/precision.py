@@ -13,8 +13,8 @@ autocast over fp32 weights; fp16 weights. Scoring is the package's own (``score_
 forward for every μ). The table it writes (``results/precision.{json,md}``) is where the package's
 precision policy (:mod:`svd_lightning.precision`) takes its numbers from.
 
-    python benchmarks/precision.py                         # 16 questions, a 40-step LoRA warm start
-    python benchmarks/precision.py --adapter RUN/adapter   # a trained adapter instead
+    python -m benchmarks.precision                         # 16 questions, a 40-step LoRA warm start
+    python -m benchmarks.precision --adapter RUN/adapter   # a trained adapter instead
 """
 
 from __future__ import annotations

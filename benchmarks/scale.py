@@ -20,9 +20,9 @@ tokenizer, vocabulary 49152), fp32 on CPU. One result file per cell (size, ranks
 ``--results``: an interrupted run resumes where it stopped. ``--model-only`` rebuilds the table and
 the predictions from the cell files.
 
-    python benchmarks/scale.py --steps 2 --new-tokens 4 # the committed cells (26 min on 2 CPU cores, 1B sharded: 16)
-    python benchmarks/scale.py --sizes 135m --steps 2   # one size: a smoke test
-    python benchmarks/scale.py --device cuda --ranks 1 2 8
+    python -m benchmarks.scale --steps 2 --new-tokens 4 # the committed cells (26 min on 2 CPU cores, 1B sharded: 16)
+    python -m benchmarks.scale --sizes 135m --steps 2   # one size: a smoke test
+    python -m benchmarks.scale --device cuda --ranks 1 2 8
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import PeakMemory, release_free_heap  # noqa: E402  (one memory probe for every benchmark)
+from benchmarks.cost import PeakMemory, release_free_heap  # one memory probe for every benchmark
 
 ROOT = Path(__file__).resolve().parent
 PATHS = ("one_forward", "two_pass")

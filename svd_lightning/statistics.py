@@ -1,7 +1,7 @@
 """The statistics of every reported result, in one place: paired, hierarchical and selection-aware bootstraps.
 
 Pure functions on per-question arrays (numpy): ``fit``'s tables (:mod:`svd_lightning.callbacks`),
-``benchmarks/report.py`` and ``benchmarks/open_generation.py`` all call them, so the same
+``research/report.py`` and ``benchmarks/open_generation.py`` all call them, so the same
 comparison gets the same interval wherever it is printed.
 
 * :func:`paired_bootstrap` -- one run: the mean of per-question differences, 95% percentile

@@ -1,26 +1,31 @@
 """The package's modules import each other without cycles, imports inside functions included: a reader
-can follow the layers down, and a change to one low module cannot need a higher one."""
+can follow the layers down, and a change to one low module cannot need a higher one. The same for what
+stays beside it (research/, benchmarks/), which reach the package without sys.path tricks or private names."""
 
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "svd_lightning"
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "svd_lightning"
 
 
-def module_imports() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports (``from svd_lightning.x import y`` counts x, and x.y
-    where y is a module), read from the source: every import statement, at any depth."""
-    modules = {".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in ROOT.rglob("*.py")}
+def module_imports(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the modules of package ``root`` it imports (``from svd_lightning.x import y`` counts x, and
+    x.y where y is a module), read from the source: every import statement, at any depth."""
+    package = root.name
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("svd_lightning"):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
                 found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names}
-        graph[name] = {m for m in found if m in modules and m != name and m != "svd_lightning"}
+        graph[name] = {m for m in found if m in modules and m != name and m != package}
     return graph
 
 
@@ -107,3 +112,17 @@ def test_only_the_lightning_layer_imports_lightning_and_the_math_only_torch():
             assert _within(module, LIGHTNING), f"{module} imports Lightning outside the Lightning layer"
         if _within(module, MATH):
             assert imported <= {"torch", "math", "dataclasses", "typing", "__future__"}, f"{module}: {sorted(imported)}"
+
+
+@pytest.mark.parametrize("folder", ["research", "benchmarks"])
+def test_research_and_benchmarks_import_as_packages_without_cycles_or_private_names(folder):
+    root = REPO / folder
+    graph = module_imports(root)
+    assert len(graph) >= 5 and find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+    for path in root.glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        assert "sys.path" not in source, f"{path.name} edits sys.path: run it with python -m {folder}.{path.stem}"
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (folder, "svd_lightning"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports private names {private} from {node.module}"

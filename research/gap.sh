@@ -4,9 +4,9 @@
 # baselines, the closed γ grid, each model also scored on the other group's unseen test questions
 # (results/grid_gap/cross/). Resumable: a finished cell is skipped, an interrupted one resumes from its
 # last finished epoch. On 2 cores run two workers, one thread each (they share cells through lock files):
-#   bash benchmarks/gap.sh & bash benchmarks/gap.sh
+#   bash research/gap.sh & bash research/gap.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 export GRID_THREADS=1 OMP_NUM_THREADS=1
-"$py" benchmarks/grid.py --only truthfulqa_gap_demo-lora truthfulqa_gap_fresh-lora --out benchmarks/results/grid_gap
+"$py" -m research.grid --only truthfulqa_gap_demo-lora truthfulqa_gap_fresh-lora --out research/results/grid_gap

@@ -19,15 +19,15 @@ It writes ``results/grid/<task>-<adapter>-seed<k>-epoch<e>.json``: calib means a
 calib *and* test values of every variant (so report.py can resample the selection as well as the
 test questions), and the file rows of the cell's train/calib/test questions. Cells whose files exist
 in the current ``FORMAT`` are skipped, so an interrupted run resumes; older files are rewritten.
-``benchmarks/report.py`` turns the files into tables/plots.
+``research/report.py`` turns the files into tables/plots.
 
 Seeds are independent replicates: seed k draws the train/calib/test split (where the split is ours:
 TruthfulQA, PIQA, HellaSwag; for round 1's ARC and BoolQ the train file's train/calib split, the
 test file being fixed), the shuffle order, the adapter init and dropout. An adapter whose init does not depend
 on the seed (IA3) is marked ``deterministic_init`` in its cells.
 
-What a task trains and scores is its :class:`Task`. Evidence round 2's tasks (``benchmarks/round2.sh``,
-reported by ``benchmarks/budget.py``) add the equal-cost "+ the calibration's cost" baseline (label
+What a task trains and scores is its :class:`Task`. Evidence round 2's tasks (``research/round2.sh``,
+reported by ``research/budget.py``) add the equal-cost "+ the calibration's cost" baseline (label
 ``1+cal``), the wide γ grid, and for the fresh-question demo regime the training-budget curve
 (labels ``0.25``, ``0.5``) on calib/test questions no earlier result used (``--make-pool``). The
 commonsense "_demo" tasks draw their test questions by seed (``DrawnTestCommonsense``).
@@ -40,11 +40,11 @@ extended later re-scores it without training: ``--score-saved``. ``--train-only`
 the adapters without scoring (it leaves training exactly as scoring leaves it), so two workers can
 train while scoring waits for a free core.
 
-    python benchmarks/grid.py                       # the committed grid (see GRID below)
-    python benchmarks/grid.py --only truthfulqa-lora --seeds 0
-    GRID_THREADS=1 python benchmarks/grid.py & GRID_THREADS=1 python benchmarks/grid.py   # 2 workers
-    python benchmarks/grid.py --only truthfulqa_fresh_closed-lora --train-only --out results/grid_closed
-    python benchmarks/grid.py --only truthfulqa_fresh_closed-lora --score-saved --labels 1 0.5 --out results/grid_closed
+    python -m research.grid                       # the committed grid (see GRID below)
+    python -m research.grid --only truthfulqa-lora --seeds 0
+    GRID_THREADS=1 python -m research.grid & GRID_THREADS=1 python -m research.grid   # 2 workers
+    python -m research.grid --only truthfulqa_fresh_closed-lora --train-only --out results/grid_closed
+    python -m research.grid --only truthfulqa_fresh_closed-lora --score-saved --labels 1 0.5 --out results/grid_closed
 
 Workers share the grid through a lock file per cell (``results/grid/.tmp/<cell>.lock``; per point
 when scoring kept adapters).
@@ -265,7 +265,7 @@ def zero_shot_truthfulqa(seed: int) -> TruthfulQADataModule:
 
 
 DEMO_LR = 5e-5  # the demo regime keeps the paper's rate
-# Round 2 (benchmarks/round2.sh): both equal-cost baselines, on the wide γ grid.
+# Round 2 (research/round2.sh): both equal-cost baselines, on the wide γ grid.
 ROUND2 = {"cal_baseline": True, "gammas": WIDE_GAMMAS}
 GAP = {"learning_rate": DEMO_LR, "plus_one": False, "cal_baseline": True, "gammas": CLOSED_GAMMAS, "gamma_limits": True}
 TASKS = {
@@ -279,7 +279,7 @@ TASKS = {
     "boolq": Task(commonsense("boolq/test.json", "boolq/train.json")),
     "piqa": Task(commonsense("piqa/test.json")),
     "hellaswag": Task(commonsense("hellaswag/test_approx_tagstripped.json")),
-    # The demo's prompt and training size on the fresh pool (results/fresh_pool.json; `python benchmarks/grid.py
+    # The demo's prompt and training size on the fresh pool (results/fresh_pool.json; `python -m research.grid
     # --make-pool`), with the training-budget curve; epoch 2 is an evaluated epoch (the "+1 epoch" of epoch 1).
     # Its cells ran at LoRA's grid rate 5e-4, not the demo's 5e-5 (they record it): see truthfulqa_gap_* for 5e-5.
     "truthfulqa_fresh": Task(fresh_demo, learning_rate=5e-4, plus_one=False, fractions=(0.25, 0.5), fresh=True,

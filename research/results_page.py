@@ -1,20 +1,29 @@
-"""``docs/results.md``, generated from the committed results by ``benchmarks/report.py`` -- not by hand.
+"""``docs/results.md``, generated from the committed results -- not by hand::
 
-Every number on the page is read from a file in ``benchmarks/results/``: the grid's summary rows
-(:func:`report.summarise`), the demo run (``results/demo/``), ``cost.py``'s, ``open_generation.py``'s
-and ``lm_eval_truthfulqa.py``'s JSON. The prose around them states the rules and caveats; a
+    python -m research.results_page    # after `python -m research.report` and `python -m research.budget`
+
+Every number on the page is read from a file: the grid's summary rows (:func:`report.summarise`), round 2's
+summary and the demo run (``research/results/``), and the user-facing benchmarks' JSON
+(``benchmarks/results/``: ``cost.py``'s, ``open_generation.py``'s and ``lm_eval_truthfulqa.py``'s). The prose around them states the rules and caveats; a
 statement about a number is built from that number, so the page cannot drift from the results.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-import report
-from report import HEADLINE, LOSO, ci_text, gain_text, group_label, level_text, pct, selection_lines, settings_text
+from research import report
+from research.report import (HEADLINE, LOSO, ci_text, gain_text, group_label, level_text, pct, selection_lines,
+                             settings_text)
 
+from svd_lightning.files import atomic_write_text
 from svd_lightning.steering import GAMMA_GRID
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCHMARK_RESULTS = RESULTS.parents[1] / "benchmarks" / "results"
+PAGE = RESULTS.parents[1] / "docs" / "results.md"
 
 # The two TruthfulQA regimes of the headline table: (task, adapter, epoch) -> name; the settings in the
 # label are read from the cells (report.settings_text).
@@ -55,9 +64,9 @@ def grid_section(cells: dict, rows: list[dict], effects: list[dict]) -> list[str
     by = _index(rows)
     lines = [
         "## Does SVDecode help? The benchmark grid (independent seeds, selection measured)", "",
-        "`bash benchmarks/run.sh` runs `benchmarks/grid.py` (one JSON per cell and epoch in "
-        "`benchmarks/results/grid/`, resumable), then `benchmarks/report.py`, which writes "
-        "`benchmarks/results/grid_summary.md` (every table) and this page. The grid scores with the package's "
+        "`bash research/run.sh` runs `research/grid.py` (one JSON per cell and epoch in "
+        "`research/results/grid/`, resumable), then `research/report.py`, which writes "
+        "`research/results/grid_summary.md` (every table) and this page. The grid scores with the package's "
         "own code: one `calibrate_pass` per epoch and `score_choice_variants` over named `SteeringConfig`s. "
         f"The cells ran on: {_cpus(cells)}. The rules:", "",
         "- **A seed varies everything random**: the train/calib/test split (where the split is ours), the shuffle "
@@ -190,7 +199,7 @@ def demo_provenance(demo: Path, cells: dict, summary: dict | None) -> list[str]:
     re-runs, the questions its default was selected on or published before, its matched comparison."""
     import numpy as np
 
-    from grid import DEMO_SPLIT, split_record
+    from research.grid import DEMO_SPLIT, split_record
     from svd_lightning.data import TruthfulQADataModule
 
     per_q = json.loads((demo / "test_per_question.json").read_text())
@@ -243,7 +252,7 @@ def demo_section(demo: Path, cells: dict, summary: dict | None) -> list[str]:
              f"`{run['command']}` on {run['date']}, commit {run['commit']}: {run['machine']}; {run['threads']}. "
              f"{_stage(run['seconds_after_setup'])} after set-up: "
              + ", ".join(f"{_stage(v)} {k.replace('_', ' ')}" for k, v in run["stage_seconds"].items()) + ". "
-             f"Settings: {run['settings']}. The files: `benchmarks/results/demo/` ({', '.join(run['files'])}).", "",
+             f"Settings: {run['settings']}. The files: `research/results/demo/` ({', '.join(run['files'])}).", "",
              "| metric (%) | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for metric in table[columns[0]]:
         lines.append(f"| {metric} | " + " | ".join(f"{table[c][metric]:.2f}" for c in columns) + " |")
@@ -323,10 +332,11 @@ def cost_section(path: Path) -> list[str]:
     return lines
 
 
-def lm_eval_section(path: Path) -> list[str]:
+def lm_eval_section(path: Path, demo: Path) -> list[str]:
+    """lm-eval's agreement (``path``) on a demo run, said to be another than the committed ``demo`` (its run.json)
+    where their warm starts differ."""
     d = json.loads(path.read_text())
     plain = d["rows"].get("plain (mu=0)", {}).get("svd_lightning", {}).get("mc2")
-    demo = path.parent / "demo" / "run.json"
     committed = json.loads(demo.read_text())["test_table_percent"]["warm start"]["mc2"] if demo.exists() else None
     which = (f" These come from an earlier demo run: its warm start scored MC2 {100 * plain:.2f} on them, the committed "
              f"demo run's {committed:.2f}." if plain is not None and committed is not None and abs(100 * plain - committed) > 0.01
@@ -360,7 +370,7 @@ def closed_grid_bullet(entries: list[dict]) -> list[str]:
 
 def round2_section(summary_path: Path, pool_path: Path) -> list[str]:
     """Evidence round 2 (``budget.py``'s summary): the protocol, then its tables and sentences."""
-    import budget
+    from research import budget
 
     summary = json.loads(summary_path.read_text())
     pool = json.loads(pool_path.read_text())
@@ -368,12 +378,12 @@ def round2_section(summary_path: Path, pool_path: Path) -> list[str]:
             for r in table if "edge_picks" in r]
     rises = [x for table in summary["tables"].values() for r in table for x in r.get("edge_rise", [])]
     lines = budget.markdown(summary, level="##").rstrip("\n").split("\n")
-    lines += ["", "**How round 2 was run** (`bash benchmarks/round2.sh`, resumable; `python benchmarks/budget.py` for the "
-              "tables, `benchmarks/results/budget_summary.md`):", "",
+    lines += ["", "**How round 2 was run** (`bash research/round2.sh`, resumable; `python -m research.budget` for the "
+              "tables, `research/results/budget_summary.md`):", "",
               f"- **Fresh questions** (TruthfulQA, the demo's prompt and training size; the learning rate and precision in "
               f"each row's label): calib and test drawn only from the {len(pool['pool'])} of "
               f"{pool['questions']} questions that no round-1 cell selected on or reported and that are not in the README "
-              "demo's test split (`benchmarks/results/fresh_pool.json`); each seed draws its own calib, test and train, "
+              "demo's test split (`research/results/fresh_pool.json`); each seed draws its own calib, test and train, "
               "order and init. Seeds draw independently from one pool, so two seeds share test questions: the intervals "
               "resample seeds and questions as crossed factors.",
               "- **Equal cost**: \"+1 epoch\" trains the same run one more epoch; \"+ the calibration's cost\" trains as "
@@ -396,9 +406,11 @@ def round2_section(summary_path: Path, pool_path: Path) -> list[str]:
     return lines
 
 
-def page(cells: dict, rows: list[dict], effects: list[dict], results: Path) -> str:
+def page(cells: dict, rows: list[dict], effects: list[dict], results: Path = RESULTS,
+         benchmarks: Path = BENCHMARK_RESULTS) -> str:
     lines = ["# Results: does SVDecode help, and at what cost?", "",
-             "Generated by `python benchmarks/report.py` from the files in `benchmarks/results/`; do not edit by hand. "
+             "Generated by `python -m research.results_page` from the files in `research/results/` and "
+             "`benchmarks/results/`; do not edit by hand. "
              "Every number comes from `benchmarks/` run on 2-core CPUs (the machine is named with each result). "
              "[Results in brief](findings.md) summarises this page.", ""]
     lines += grid_section(cells, rows, effects)
@@ -407,15 +419,24 @@ def page(cells: dict, rows: list[dict], effects: list[dict], results: Path) -> s
     if (results / "demo" / "run.json").exists():
         summary = json.loads((results / "budget_summary.json").read_text()) if (results / "budget_summary.json").exists() else None
         lines += demo_section(results / "demo", cells, summary)
-    if list(results.glob("open_generation_*.json")):
-        lines += open_generation_section(results)
-    if (results / "cost_smollm2-135m_cpu.json").exists():
-        lines += cost_section(results / "cost_smollm2-135m_cpu.json")
-    if (results / "lm_eval_truthfulqa.json").exists():
-        lines += lm_eval_section(results / "lm_eval_truthfulqa.json")
+    if list(benchmarks.glob("open_generation_*.json")):
+        lines += open_generation_section(benchmarks)
+    if (benchmarks / "cost_smollm2-135m_cpu.json").exists():
+        lines += cost_section(benchmarks / "cost_smollm2-135m_cpu.json")
+    if (benchmarks / "lm_eval_truthfulqa.json").exists():
+        lines += lm_eval_section(benchmarks / "lm_eval_truthfulqa.json", results / "demo" / "run.json")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write(path: Path, cells: dict, rows: list[dict], effects: list[dict], results: Path) -> Path:
-    report.atomic_write_text(path, page(cells, rows, effects, results))
-    return path
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", type=Path, default=RESULTS / "grid", help="round 1's cells")
+    ap.add_argument("--page", type=Path, default=PAGE)
+    args = ap.parse_args(argv)
+    cells, rows, _ = report.summarised(args.grid)
+    atomic_write_text(args.page, page(cells, rows, report.selection_effect(rows), args.grid.parent))
+    print(f"wrote {args.page}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,12 @@
-"""Record a finished demo run (`bash scripts/demo.sh`) as ``benchmarks/results/demo/``, the results page's demo.
+"""Record a finished demo run (`bash scripts/demo.sh`) as ``research/results/demo/``, the results page's demo.
 
-    python benchmarks/record_demo.py --run-dir runs/truthfulqa-lora/version_0 \
+    python -m research.record_demo --run-dir runs/truthfulqa-lora/version_0 \
         --command "bash scripts/demo.sh" --threads "2 torch threads, nothing else running"
 
 Copies the run's ``metrics.json``, ``steering.json``, ``config.yaml``, ``timings.json`` and
 ``test_per_question.json`` and writes ``run.json``: the test table and paired bootstrap CIs (percent,
 read from ``metrics.json``), μ̄ and γ, the stage times, the machine (this one: record on the machine
-that ran it) and the commit. ``python benchmarks/report.py`` then regenerates ``docs/results.md``.
+that ran it) and the commit. ``python -m research.report`` then regenerates ``docs/results.md``.
 """
 
 from __future__ import annotations
