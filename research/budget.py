@@ -42,7 +42,7 @@ from research.report import (
 from research.report import load as load_grid
 
 from svd_lightning.files import atomic_write_text
-from svd_lightning.statistics import hierarchical_ci, picked_gains, seed_t_interval, selection_ci
+from svd_lightning.experimental import hierarchical_ci, picked_gains, seed_t_interval, selection_ci
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -68,24 +68,20 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from svd_lightning import CalibrationNeeds, SteeringConfig, SteeringLM, calibrate_pass
 from svd_lightning import files as run_files
-from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, calibrate_pass
-from svd_lightning.config import SteeringConfig
+from svd_lightning.callbacks.progress import LogProgressBar
 from svd_lightning.data import CommonsenseDataModule, TruthfulQADataModule
 from svd_lightning.data.base import PAPER_SPLIT, ChoiceDataModule, seeded_split
-from svd_lightning.forward.prefix import PrefixCache
-from svd_lightning.scoring import score_choice_variants
+from svd_lightning.experimental import GAMMA_GRID, CalibrationPass, ContrastiveLimit, PrefixCache, score_choice_variants
 from svd_lightning.metrics import (
     HEADLINE_METRICS,
     choice_accuracy_per_question,
     choice_nll_per_question,
     truthfulqa_per_question,
 )
-from svd_lightning.module import SteeringLM
 from svd_lightning.precision import BF16, describe_cpu, fast_precision
-from svd_lightning.callbacks.progress import LogProgressBar
 from svd_lightning.progress import stderr_is_terminal, track
-from svd_lightning.steering import GAMMA_GRID, ContrastiveLimit
 
 ROOT = Path(__file__).resolve().parent
 ALPHAS = {"0.05": 0.05, "0.1": 0.1, "0.3": 0.3, "none": None}  # none: δz unmasked (policy `none`)

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from svd_lightning.files import atomic_write_text
-from svd_lightning.statistics import (
+from svd_lightning.experimental import (
     hierarchical_ci,
     in_sample_picks,
     loso_picks,

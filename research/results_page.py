@@ -19,7 +19,7 @@ from research.report import (HEADLINE, LOSO, ci_text, gain_text, group_label, le
                              settings_text)
 
 from svd_lightning.files import atomic_write_text
-from svd_lightning.steering import GAMMA_GRID
+from svd_lightning.experimental import GAMMA_GRID
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARK_RESULTS = RESULTS.parents[1] / "benchmarks" / "results"

@@ -1,8 +1,10 @@
 """svd-lightning: Steering Vector Decoding (SVDecode) for PyTorch Lightning.
 
-Every public name is importable from here. They load on first use, so
-``from svd_lightning import SteeredModel`` (a finished run in plain PyTorch) does not import
-Lightning; ``SteeringLM``, the callbacks, ``RunLogger`` and the DataModules do.
+The public API is the twenty names below (``docs/api.md`` documents each); everything else lives in its
+module (``svd_lightning.callbacks``, ``svd_lightning.data``, ``svd_lightning.run``, ...), and the research
+options and the statistics behind the results pages in :mod:`svd_lightning.experimental`. The names load on
+first use, so ``from svd_lightning import SteeredModel`` (a finished run in plain PyTorch) does not import
+Lightning; ``SteeringLM``, the callbacks and the DataModules do.
 """
 
 from __future__ import annotations
@@ -16,50 +18,25 @@ _EXPORTS = {
     "SteeredModel": "svd_lightning.api",
     "SteeringConfig": "svd_lightning.config",
     "SteeringRun": "svd_lightning.run",
-    "RunWriter": "svd_lightning.run",
     "RunError": "svd_lightning.run",
     "load_run": "svd_lightning.run",
-    "write_run": "svd_lightning.run",
-    "model_card": "svd_lightning.card",
-    # decoding and calibration as plain functions
+    # scoring, generation and calibration as plain functions
     "score_choices": "svd_lightning.scoring",
     "steered_generate": "svd_lightning.generation",
     "generate_answers": "svd_lightning.generation",
     "SteeringLogitsProcessor": "svd_lightning.generation",
-    "steering_decoding_loop": "svd_lightning.generation",
-    "paired_label_logits": "svd_lightning.scoring",
     "calibrate": "svd_lightning.calibration",
     "calibrate_pass": "svd_lightning.calibration",
     "CalibrationNeeds": "svd_lightning.calibration",
-    "CalibrationPass": "svd_lightning.calibration",
-    "calibrate_choices": "svd_lightning.calibration",
-    "calibrate_choice_grid": "svd_lightning.calibration",
-    "CalibrationResult": "svd_lightning.calibration",
-    # the statistics of every reported interval
-    "paired_bootstrap": "svd_lightning.statistics",
-    "hierarchical_ci": "svd_lightning.statistics",
-    "selection_ci": "svd_lightning.statistics",
     # the math
     "steering_vector": "svd_lightning.steering",
     "steered_log_probs": "svd_lightning.steering",
-    "steer": "svd_lightning.steering",
-    "token_strengths": "svd_lightning.steering",
-    "StrengthStats": "svd_lightning.steering",
-    "ExactStrengthCache": "svd_lightning.calibration",
-    "ChoiceStrengthCache": "svd_lightning.calibration",
     # Lightning
     "SteeringLM": "svd_lightning.module",
-    "RunLogger": "svd_lightning.logger",
     "SteeringExtraction": "svd_lightning.callbacks",
     "StrengthSolver": "svd_lightning.callbacks",
-    "ContrastiveBaseline": "svd_lightning.callbacks",
     "SteeredValidation": "svd_lightning.callbacks",
-    "LogitSnapshot": "svd_lightning.callbacks",
-    "ScoreWriter": "svd_lightning.callbacks",
-    "ChoiceDataModule": "svd_lightning.data",
     "TruthfulQADataModule": "svd_lightning.data",
-    "CommonsenseDataModule": "svd_lightning.data",
-    "GenericChoiceDataModule": "svd_lightning.data",
     "ChoiceExample": "svd_lightning.batch",
 }
 

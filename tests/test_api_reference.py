@@ -39,3 +39,14 @@ def test_the_reference_names_every_entry_point():
                     "from_pretrained", "push_to_hub", "custom_generate", "logits_processor", "SteeredHFLM"]
     assert [n for n in entry_points if n not in page] == []
     assert all(n in svd_lightning.__all__ for n in entry_points[:13])
+
+
+def test_the_public_api_is_twenty_names_each_in_the_reference_and_the_experimental_ones_named():
+    import svd_lightning
+    import svd_lightning.experimental as experimental
+
+    page = PAGE.read_text()
+    assert len(svd_lightning.__all__) <= 20
+    assert [n for n in svd_lightning.__all__ if f"| `{n}` |" not in page] == []  # a row of the table each
+    assert [n for n in experimental.__all__ if f"`{n}`" not in page] == []
+    assert not set(svd_lightning.__all__) & set(experimental.__all__)
