@@ -163,6 +163,35 @@ def run_format_inputs(tmp: Path, fresh) -> None:
     show("adapter: ia3 in steering.json over LoRA weights", lambda: SteeringRun.load(_edit(fresh("ia3"), adapter="ia3")))
     show("mu = 1e300 in steering.json", lambda: SteeringRun.load(_edit(fresh("huge"), mu=1e300)))
     show("model: /etc in steering.json", lambda: load_run(_edit(fresh("etc"), model="/etc")))
+    received_run_inputs(tmp, fresh)
+
+
+def received_run_inputs(tmp: Path, fresh) -> None:
+    """A run from someone else (tests/test_received_runs.py): code, paths, links and keys it names."""
+    import os
+
+    from svd_lightning import models
+    from svd_lightning.run import RUN_FILE, SteeringRun, load_run
+
+    evil = tmp / "evil-model"
+    evil.mkdir()
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.C"}}))
+    os.environ["SVD_LIGHTNING_MODEL_DIRS"] = str(tmp)
+    show("model: a folder with its own code (auto_map), folder allowed",
+         lambda: load_run(_edit(fresh("remote-code"), model=str(evil))))
+    del os.environ["SVD_LIGHTNING_MODEL_DIRS"]
+    show("model: ../../.. in steering.json", lambda: load_run(_edit(fresh("parent"), model="../../..")))
+    show("model: a .gguf outside the run", lambda: load_run(_edit(fresh("gguf"), model=str(tmp / "x.gguf"))))
+    run, other = fresh("linked"), fresh("linked-other")
+    (run / "adapter").rename(tmp / "moved-adapter")
+    (run / "adapter").symlink_to(tmp / "moved-adapter")
+    show("adapter/ a symbolic link out of the run", lambda: SteeringRun.load(run))
+    run = fresh("twice")
+    (run / RUN_FILE).write_text((run / RUN_FILE).read_text().replace("{", '{"model": "/etc", ', 1))
+    show("steering.json with the key 'model' twice", lambda: SteeringRun.load(run))
+    os.environ[models.TRUST_REMOTE_CODE_ENV] = "maybe"
+    show(f"{models.TRUST_REMOTE_CODE_ENV}=maybe", models.trust_remote_code)
+    del os.environ[models.TRUST_REMOTE_CODE_ENV]
 
 
 def setting_inputs(tmp: Path, fresh) -> None:
@@ -182,6 +211,8 @@ def setting_inputs(tmp: Path, fresh) -> None:
     show('SteeredModel.score(p, " Yes.")', lambda: sm.score("Q: Sky?\nA:", " Yes."))
     show('SteeredModel.score([p, p], [" a", " b"])', lambda: sm.score(["Q: a?", "Q: b?"], [" a", " b"]))
     show('SteeredModel.generate([""])', lambda: sm.generate([""]))
+    show('SteeredModel.score("", [" a", " b"])', lambda: sm.score("", [" a", " b"]))
+    show('SteeredModel.save_pretrained("")', lambda: sm.save_pretrained(""))
     show("SteeredModel.generate(..., with_plain=True) after that",
          lambda: print(f"  (works: {sm.generate(['Q: Why?'], with_plain=True, max_new_tokens=3)[0]['steered']!r})"))
     os.environ["SVD_PROGRESS_SECONDS"] = "abc"
@@ -192,6 +223,10 @@ def setting_inputs(tmp: Path, fresh) -> None:
     except ModuleNotFoundError:
         return
     show("lm-eval model_args muu=1", lambda: SteeredHFLM.create_from_arg_string(f"run_dir={fresh('lm')},muu=1"))
+    from svd_lightning.lm_eval import lm_eval_flag_problem
+
+    for flags in (["--num_fewshot", "-1"], ["--limit", "0"], ["--output_path", ""], ["--include_path", "nope/"]):
+        print(f"- **eval {' '.join(flags)}** → `{lm_eval_flag_problem(flags)}`")
 
 
 if __name__ == "__main__":

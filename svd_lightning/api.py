@@ -17,6 +17,7 @@ In plain ``transformers`` code, on the run's model (``sm.model``):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -29,10 +30,11 @@ from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
 from svd_lightning.config import ConfigError, Method, SteeringConfig
 from svd_lightning.forward.adapter import model_with_adapter
 from svd_lightning.forward.prefix import PrefixCache
-from svd_lightning.generation import MODES, SteeringLogitsProcessor, generate_answers, steering_decoding_loop
+from svd_lightning.generation import MODES, SteeringLogitsProcessor, check_prompts, generate_answers, steering_decoding_loop
+from svd_lightning.log import say
 from svd_lightning.precision import check_steering_precision
-from svd_lightning.scoring import score_choices
 from svd_lightning.run import METRICS_FILE, RunError, RunWriter, SteeringRun, adapter_kind, load_run
+from svd_lightning.scoring import score_choices
 
 # SteeredModel.generate's own options (generation.decoding_kwargs); any other keyword goes to generate.
 _MODE_OPTIONS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p")
@@ -67,10 +69,15 @@ class SteeredModel:
         check_steering_precision(self.model, self.config.mu, f"SteeredModel{f' ({self.run_dir})' if self.run_dir else ''}")
 
     @classmethod
-    def from_run_dir(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
-                     dtype: torch.dtype | str | None = None, **overrides) -> "SteeredModel":
+    def from_run_dir(cls, path: str | os.PathLike, *, base_model: str | os.PathLike | None = None,
+                     device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                     **overrides) -> "SteeredModel":
         """Load ``path``'s base model + adapter + settings; ``overrides`` replace settings (e.g. ``mu=0.0``,
         ``forward_mode="two_pass"``), checked by :meth:`SteeringConfig.replace`.
+
+        ``base_model``: the base model to load (a folder, ``.gguf`` or Hub id) instead of the one the run names;
+        a run that names a local path needs it, or its folder in ``$SVD_LIGHTNING_MODEL_DIRS``
+        (:mod:`svd_lightning.run.loading`). Its tokenizer must be the run's.
 
         ``dtype`` (default float32): the weights' dtype. float32 is the rule of ``svd-lightning``'s
         own scoring whatever the warm start's precision: a steered distribution adds μ̄·δ, δ the
@@ -78,7 +85,7 @@ class SteeredModel:
         at the μ̄ this method solves. ``dtype="bfloat16"`` trades that for speed and memory, with a
         :class:`~svd_lightning.precision.SteeringPrecisionWarning` that states the measured error at μ̄.
         """
-        model, tokenizer, run = load_run(path)
+        model, tokenizer, run = load_run(path, base_model)
         config = run.steering.replace(**overrides)
         if dtype is not None:
             if isinstance(dtype, str) and dtype not in _DTYPES:
@@ -90,14 +97,14 @@ class SteeredModel:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
-                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                        **overrides) -> "SteeredModel":
+                        base_model: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, **overrides) -> "SteeredModel":
         """A run from a local directory or a Hugging Face Hub model repo (``"user/run"``, at ``revision``).
 
         Hub repos are fetched with ``huggingface_hub.snapshot_download`` into its cache; with
         ``HF_HUB_OFFLINE=1`` the cached snapshot is used and nothing is downloaded. The run's base
-        model is loaded as its ``steering.json`` names it. ``device``, ``dtype``, ``overrides``: see
-        :meth:`from_run_dir`.
+        model is loaded as its ``steering.json`` names it. ``base_model``, ``device``, ``dtype``, ``overrides``:
+        see :meth:`from_run_dir`.
         """
         local = os.path.expanduser(os.fspath(name_or_path))
         if not os.path.isdir(local):
@@ -113,16 +120,24 @@ class SteeredModel:
                                f"cache and cannot be fetched here (offline or unreachable): {err}") from None
         elif revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {name_or_path} is a local directory")
-        return cls.from_run_dir(local, device=device, dtype=dtype, **overrides)
+        return cls.from_run_dir(local, base_model=base_model, device=device, dtype=dtype, **overrides)
 
     def steering_run(self) -> SteeringRun:
         """The run record of this model with its current settings (provenance kept from the loaded run)."""
         if self.run is not None:
-            return dataclasses.replace(self.run, steering=self.config)
+            config = self.config
+            if config.mu != self.run.steering.mu:  # set by hand now: no longer what the run's solver gave
+                config = config.replace(strength="fixed")
+            return dataclasses.replace(self.run, steering=config)
         peft_config = getattr(self.model, "peft_config", {}).get(getattr(self.model, "active_adapter", None))
         if peft_config is None or adapter_kind(peft_config.peft_type) is None:
             raise RunError("save_pretrained needs a peft model with an adapter svd-lightning knows (SteeredModel.model "
                            f"has {getattr(peft_config, 'peft_type', 'no active peft adapter')})")
+        if not peft_config.base_model_name_or_path:
+            raise RunError("save_pretrained: the adapter does not record its base model (peft's "
+                           "base_model_name_or_path is empty), so the run could not be loaded again: build the base "
+                           "with from_pretrained(NAME) before wrapping it, or set "
+                           "model.peft_config[model.active_adapter].base_model_name_or_path = NAME")
         return SteeringRun(model=str(peft_config.base_model_name_or_path), steering=self.config,
                            adapter=adapter_kind(peft_config.peft_type))
 
@@ -132,12 +147,32 @@ class SteeredModel:
 
         Written whole or not at all, like every run; an existing directory is never written into
         (the next free name is used, and said). Returns the directory written."""
+        run = self.steering_run()  # checked before anything is written
         writer = RunWriter(save_directory)
-        writer.write_run(self.model, self.steering_run(), self.tokenizer)
-        source = Path(self.run_dir) / METRICS_FILE if self.run_dir else None
-        if source is not None and source.is_file():
-            writer.write_text(METRICS_FILE, source.read_text(encoding="utf-8"))
-        return writer.commit()
+        try:
+            writer.write_run(self.model, run, self.tokenizer)
+            source = Path(self.run_dir) / METRICS_FILE if self.run_dir else None
+            if source is not None and source.is_file():
+                if self.config.replace(forward_mode="auto") == self.run.steering.replace(forward_mode="auto"):
+                    # the source run's scores are this model's (the forward mode only changes how they are computed)
+                    text = source.read_text(encoding="utf-8")
+                    try:
+                        json.loads(text)
+                    except ValueError as err:
+                        raise RunError(f"{source}: not valid JSON ({err}); the run's scores file is damaged: restore "
+                                       f"it, or move it away to save the run without its scores") from None
+                    writer.write_text(METRICS_FILE, text)
+                else:
+                    say(f"{save_directory}: the settings differ from run {self.run_dir}'s, so its scores are not "
+                        "copied (they were measured at its settings)")
+            return writer.commit()
+        except OSError as err:
+            writer.discard()
+            raise RunError(f"could not write run {save_directory} ({err.strerror or err}: {err.filename or ''}); "
+                           "nothing was written there") from err
+        except BaseException:
+            writer.discard()
+            raise
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload SVDecode run") -> str:
@@ -194,9 +229,8 @@ class SteeredModel:
             choice_lists = [_sequence(c, f"choices[{i}]", "a list of strings") for i, c in enumerate(outer)]
         if len(prompts) != len(choice_lists):
             raise ValueError(f"{len(prompts)} prompts but {len(choice_lists)} choice lists")
+        check_prompts(prompts, self.tokenizer)  # a prompt of no tokens leaves no position to predict a choice's first
         for i, (p, cs) in enumerate(zip(prompts, choice_lists)):
-            if not isinstance(p, str):
-                raise TypeError(f"prompt {i} must be a string, got {type(p).__name__}")
             if not cs or not all(isinstance(c, str) and c for c in cs):
                 raise ValueError(f"question {i}: choices must be a non-empty list of non-empty strings, got {cs!r}")
         tok = Tokenized(self.tokenizer, self.max_length)

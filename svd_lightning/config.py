@@ -200,10 +200,12 @@ def _finite_number(text: str) -> float:
 
 
 def add_override_arguments(parser) -> None:
-    """The flags with which a command that reads a run overrides its decode settings (argparse):
-    ``--mu``, ``--method``, ``--forward-mode`` (``svd-lightning generate`` and ``eval``)."""
+    """The flags with which a command that reads a run overrides what the run says (argparse): ``--mu``,
+    ``--method``, ``--forward-mode`` and ``--base-model`` (``svd-lightning generate`` and ``eval``)."""
     parser.add_argument("--mu", type=_finite_number, help="steering strength (default: μ̄ from steering.json)")
     parser.add_argument("--method", choices=METHODS, default="svdecode",
                         help="svdecode, or contrastive: z_φ + γ(z_φ − z_θ) with the run's γ")
     parser.add_argument("--forward-mode", "--forward_mode", choices=FORWARD_MODES, default="auto",
                         help="auto: warm and pre-trained rows in one forward pass where the adapter allows (LoRA)")
+    parser.add_argument("--base-model", "--base_model",
+                        help="the base model to load (folder, .gguf or Hub id) instead of the local path the run names")

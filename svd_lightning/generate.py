@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     parser.add_argument("--temperature", type=float, help="--mode sample only; > 0")
     parser.add_argument("--top-k", type=int, help="--mode sample only; ≥ 1")
     parser.add_argument("--top-p", type=float, help="--mode sample only; in (0, 1]")
-    add_override_arguments(parser)  # --mu, --method (its answer is the `steered` one), --forward-mode
+    add_override_arguments(parser)  # --mu, --method (its answer is the `steered` one), --forward-mode, --base-model
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
     except (OSError, ValueError) as err:
         parser.error(str(err))
     say(f"reading run {Path(args.run_dir).resolve()}")
-    model, tokenizer, _ = load_run(args.run_dir)
+    model, tokenizer, _ = load_run(args.run_dir, args.base_model)
     rows = generate_answers(model, tokenizer, prompts, config, args.mode, batch_size=args.batch_size,
                             seed=args.seed, **options)
     write_jsonl(args.out, rows)

@@ -9,16 +9,18 @@ Log-likelihood requests are scored under the steered distribution of the run's s
 (:func:`svd_lightning.steering.steered_log_probs`, from the warm and pre-trained logits of the same
 tokens); ``generate_until`` goes through the steering logits processor. ``model_args``: ``pretrained`` (the run: a
 directory or a Hub repo id of one, as ``SteeredModel.from_pretrained`` takes it, at ``revision``; ``run_dir``
-is the same), ``mu`` (override μ̄; ``mu=0`` gives the warm model under the default policy), ``method``
-(``svdecode``, or ``contrastive``: the run's γ), ``forward_mode``,
-``batch_size``, ``device``, ``max_length``. Needs the ``lm-eval`` extra: ``pip install -e ".[lm-eval]"``.
+is the same), ``base_model`` (the base model, where the run names a local path), ``mu`` (override μ̄; ``mu=0``
+gives the warm model under the default policy), ``method`` (``svdecode``, or ``contrastive``: the run's γ),
+``forward_mode``, ``batch_size``, ``device``, ``max_length``. Needs the ``lm-eval`` extra: ``pip install -e ".[lm-eval]"``.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
+from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
@@ -52,12 +54,12 @@ class SteeredHFLM(HFLM):
     """lm-eval's ``HFLM`` whose logits are SVDecode's steered log-probabilities."""
 
     def __init__(self, pretrained: str | None = None, run_dir: str | None = None, revision: str | None = None,
-                 mu: float | None = None, forward_mode: str = "auto", method: str = "svdecode",
+                 base_model: str | None = None, mu: float | None = None, forward_mode: str = "auto", method: str = "svdecode",
                  device: str | None = None, batch_size: int | str = 1, max_length: int | None = None, **kwargs):
         unknown = sorted(set(kwargs) - HFLM_OPTIONS)
         if unknown:  # HFLM would ignore them: `muu=1` must not silently mean "the run's μ̄"
-            raise ValueError(f"model_args: unknown option(s) {unknown} for the svd backend; it takes run_dir, mu, "
-                             f"forward_mode, method, device, batch_size, max_length and HFLM's {sorted(HFLM_OPTIONS)}")
+            raise ValueError(f"model_args: unknown option(s) {unknown} for the svd backend; it takes run_dir, base_model, "
+                             f"mu, forward_mode, method, device, batch_size, max_length and HFLM's {sorted(HFLM_OPTIONS)}")
         if (pretrained is None) == (run_dir is None):
             raise ValueError("model_args: give the run as pretrained=RUN (a run directory or a Hub repo id of one); "
                              f"got pretrained={pretrained!r}, run_dir={run_dir!r}")
@@ -68,7 +70,8 @@ class SteeredHFLM(HFLM):
         if mu is not None:
             mu = _number(mu, "mu")
         overrides = {"forward_mode": forward_mode} | ({} if mu is None else {"mu": float(mu)})
-        self.steered = SteeredModel.from_pretrained(source, revision=revision, device=device, **overrides)
+        self.steered = SteeredModel.from_pretrained(source, revision=revision, base_model=base_model, device=device,
+                                                    **overrides)
         self.steering_config = self.steered.config.method(method)  # what every request is scored and generated with
         self._first_scored = 0  # see _loglikelihood_tokens
         super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
@@ -145,6 +148,38 @@ def evaluate(run_dir: str, tasks: list[str], include_path: str | None = None, li
                                    task_manager=manager, limit=limit, **kwargs)
 
 
+def lm_eval_flag_problem(flags: list[str]) -> str | None:
+    """What is wrong with the lm-eval flags we know the meaning of (lm-eval reads some silently: a negative
+    ``--num_fewshot`` as zero-shot, an ``--output_path`` it cannot write as done), or None."""
+    known = argparse.ArgumentParser(add_help=False)
+    for names in (("--num_fewshot", "-f"), ("--limit", "-L"), ("--output_path", "-o"), ("--include_path",), ("--seed", "-s")):
+        known.add_argument(*names)
+    args, _ = known.parse_known_args(flags)
+    if args.num_fewshot is not None and not (args.num_fewshot.isdigit()):
+        return f"--num_fewshot must be an integer ≥ 0, got {args.num_fewshot!r}"
+    if args.limit is not None:
+        try:
+            limit = float(args.limit)
+        except ValueError:
+            limit = float("nan")
+        if not limit > 0 or limit == float("inf") or (limit > 1 and not limit.is_integer()):
+            return f"--limit must be a number of examples ≥ 1 or a fraction in (0, 1], got {args.limit!r}"
+    if args.output_path is not None:
+        out = Path(args.output_path).expanduser()
+        if not args.output_path.strip():
+            return "--output_path is empty: name the folder the results go to"
+        if out.exists() and not out.is_dir():
+            return f"--output_path {out} is a file: lm-eval writes a folder of results there"
+        existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+        if not os.access(existing, os.W_OK):
+            return f"--output_path {out} cannot be written ({existing} is not writable)"
+    if args.include_path is not None and not Path(args.include_path).expanduser().exists():
+        return f"--include_path {args.include_path} does not exist"
+    if args.seed is not None and not all(s.strip().isdigit() or s.strip() == "None" for s in args.seed.split(",")):
+        return f"--seed must be an integer ≥ 0 (or lm-eval's four, comma-separated), got {args.seed!r}"
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> None:
     """``lm-eval run`` with the run as the model: ``--run-dir RUN`` (and ``--mu``, ``--method``,
     ``--forward-mode``) become ``--model svd --model_args pretrained=RUN,...``; every other flag is lm-eval's
@@ -154,11 +189,15 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
         epilog="Every other flag is lm-eval's own (lm-eval run --help): --tasks, --include_path, --num_fewshot, --limit, "
                "--batch_size, --device, --gen_kwargs, --apply_chat_template, --output_path, --log_samples, --seed, ...")
     parser.add_argument("--run-dir", "--run_dir", required=True, help="a run directory, or a Hub repo id of one")
-    add_override_arguments(parser)  # --mu, --method, --forward-mode
+    add_override_arguments(parser)  # --mu, --method, --forward-mode, --base-model
     ours, theirs = parser.parse_known_args(argv)
     if any(a in ("--model", "-M") or a.startswith("--model=") for a in theirs):
         parser.error("the model is the run: give --run-dir (extra backend options go in --model_args)")
-    model_args = {"pretrained": ours.run_dir, "mu": ours.mu, "forward_mode": ours.forward_mode, "method": ours.method}
+    problem = lm_eval_flag_problem(theirs)  # before any model loads or task runs
+    if problem:
+        parser.error(problem)
+    model_args = {"pretrained": ours.run_dir, "base_model": ours.base_model, "mu": ours.mu, "forward_mode": ours.forward_mode,
+                  "method": ours.method}
     model_args = ",".join(f"{k}={v}" for k, v in model_args.items() if v is not None)
     say(f"reading run {ours.run_dir}")
     from lm_eval.__main__ import cli_evaluate

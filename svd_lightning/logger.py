@@ -14,7 +14,8 @@ when it ends; :func:`hold` keeps one run open across stages (the CLI's ``fit`` a
 after it are one run).
 A pinned ``version`` that already holds a run is never written into: the run takes the next free
 version and says so. With another logger (or none) the run is built the same way under
-``<default_root_dir>/runs``.
+``<default_root_dir>/runs``; another logger whose own directory is a finished run is refused before the
+stage writes anything (Lightning's loggers replace what their version directory holds).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from svd_lightning.log import say
-from svd_lightning.run import RunWriter, is_taken, next_free, next_version
+from svd_lightning.log import InputError, say
+from svd_lightning.run import METRICS_FILE, RUN_FILE, TIMINGS_FILE, RunWriter, is_taken, next_free, next_version
 
 
 class RunLogger(CSVLogger):
@@ -120,8 +121,25 @@ def run_writer(trainer: L.Trainer) -> RunWriter | None:
     return writer
 
 
+RUN_MARKERS = (RUN_FILE, METRICS_FILE, TIMINGS_FILE)  # files every finished run holds at least one of
+
+
+def check_loggers(trainer: L.Trainer) -> None:
+    """Refuse a logger of the user's (CSVLogger, TensorBoardLogger, ...) whose log directory is a finished
+    run: it would replace that run's files (Lightning deletes a version's old logs when it saves new ones)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, RunLogger):
+            continue
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir and any((Path(log_dir) / name).is_file() for name in RUN_MARKERS):
+            raise InputError(f"{type(logger).__name__} would write into {log_dir}, a finished run whose files it would "
+                             "replace: give the logger another version (or none, for the next free one), or log with "
+                             "svd_lightning.RunLogger, which never writes into a finished run")
+
+
 def start_run(trainer: L.Trainer) -> RunWriter | None:
     """A new run for this stage when the trainer's last one was committed; returns it (rank zero)."""
+    check_loggers(trainer)
     logger = _run_logger(trainer)
     if logger is not None:
         logger.new_run()

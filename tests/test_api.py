@@ -22,6 +22,7 @@ def steered(tmp_path_factory):
     (["Q: a?", "Q: b?"], [" a", " b"], r"choices\[0\] must be a list of strings, got str"),
     ([1, 2], [[" a", " b"], [" a", " b"]], "prompt 0 must be a string, got int"),
     ("Q: Sky?\nA:", [" Yes", 3], "choices must be a non-empty list of non-empty strings"),
+    ("", [" Yes", " No"], r"prompt 0 \(''\) gives no tokens"),  # no position would predict a choice's first token
 ])
 def test_score_refuses_a_string_where_a_list_belongs(steered, prompt, choices, message):
     with pytest.raises((TypeError, ValueError), match=message):

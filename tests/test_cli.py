@@ -55,8 +55,10 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
         assert gain["mean"] == pytest.approx(fit_metrics["test"][f"test/{m}_steered"] - fit_metrics["test"][f"test/{m}_plain"], abs=1e-6)
         assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and gain["questions"] == len(diffs)
 
-    for version, stage in ((1, "val"), (2, "test")):  # the run reproduces both from its directory
-        main(["validate" if stage == "val" else "test", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
+    # The run reproduces both from its directory: through its own config.yaml (a run you made), and through the
+    # shipped config with the run's files alone (the safe way to reuse a run you were given).
+    for version, stage, config in ((1, "val", str(run / "config.yaml")), (2, "test", "tiny")):
+        main(["validate" if stage == "val" else "test", "--config", config, "--model.run_dir", str(run), *common])
         again = json.loads((tmp_path / f"runs/tiny/version_{version}/metrics.json").read_text())["history"][-1]
         assert again[f"{stage}/mu"] == pytest.approx(steering["mu"], abs=1e-12)
         for m in ("mc1", "mc2", "mc_avg_paper"):

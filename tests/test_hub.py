@@ -235,3 +235,54 @@ def test_the_cards_datasets_are_the_tasks_hub_datasets(tmp_path, monkeypatch):
     hub = GenericChoiceDataModule({"path": "someone/qa", "split": "train"})
     hub.prepare_data()
     assert hub.datasets() == ["someone/qa"]
+
+
+def test_save_pretrained_refuses_what_could_not_be_loaded_and_keeps_scores_only_at_their_settings(tmp_path):
+    """An empty directory name, a model whose adapter records no base model, and a run saved at another μ
+    (its scores were measured at the run's μ̄: not copied, and the strength is marked as set by hand)."""
+    run = save_tiny_run(perturbed_lora(), tmp_path / "run")
+    (run / "metrics.json").write_text(json.dumps({"history": []}))
+    steered = SteeredModel.from_run_dir(run)
+    with pytest.raises(ValueError, match="the run's directory is empty"):
+        steered.save_pretrained("")
+    assert (steered.save_pretrained(tmp_path / "same") / "metrics.json").is_file()
+    other = SteeredModel.from_run_dir(run, mu=0.0).save_pretrained(tmp_path / "mu0")
+    assert not (other / "metrics.json").exists()
+    assert SteeringRun.load(other).steering.strength == "fixed" and SteeringRun.load(other).steering.mu == 0.0
+    two_pass = SteeredModel.from_run_dir(run, forward_mode="two_pass").save_pretrained(tmp_path / "two_pass")
+    assert (two_pass / "metrics.json").is_file()  # how the scores are computed changes nothing of them
+    bare = SteeredModel(steered.model, steered.tokenizer, steered.config)
+    bare.model.peft_config[bare.model.active_adapter].base_model_name_or_path = None
+    with pytest.raises(RunError, match="does not record its base model"):
+        bare.save_pretrained(tmp_path / "bare")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mu0", "run", "same", "two_pass"]  # no partial folder left
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only", "bad_metrics"])
+def test_a_failed_save_names_the_run_and_leaves_nothing_behind(tmp_path, monkeypatch, fault):
+    """Disk full (an injected ENOSPC), an unwritable folder, or the source run's metrics.json broken: a clear
+    error naming the target (or the file), no .partial folder, nothing at the target."""
+    import errno
+
+    from svd_lightning.run import writer as run_writer
+
+    run = save_tiny_run(perturbed_lora(), tmp_path / "run")
+    steered = SteeredModel.from_run_dir(run)
+    out = tmp_path / "out"
+    out.mkdir()
+    if fault == "disk_full":
+        def full(path, data, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        monkeypatch.setattr(run_writer, "atomic_write_text", full)
+        match = "could not write run .*No space left on device"
+    elif fault == "read_only":
+        def refused(*a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied", str(out))
+        monkeypatch.setattr(run_writer.RunWriter, "directory", refused)
+        match = "could not write run .*Permission denied"
+    else:
+        (run / "metrics.json").write_text('{"history": [')
+        match = "metrics.json"
+    with pytest.raises((RunError, ValueError), match=match):
+        steered.save_pretrained(out / "saved")
+    assert list(out.iterdir()) == []

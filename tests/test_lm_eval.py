@@ -148,3 +148,27 @@ def test_python_m_svd_lightning_lm_eval_is_lm_evals_own_cli_with_svd_registered(
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "svd_tiny_mc" in out.stdout and "acc" in out.stdout and "|" in out.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num_fewshot", "-1"], "--num_fewshot must be an integer ≥ 0"),
+    (["--num_fewshot", "two"], "--num_fewshot must be an integer ≥ 0"),
+    (["--limit", "0"], "--limit must be a number of examples ≥ 1"),
+    (["--limit=-1"], "--limit must be a number of examples ≥ 1"),
+    (["-L", "2.5"], "--limit must be a number of examples ≥ 1"),
+    (["--output_path", ""], "--output_path is empty"),
+    (["--output_path", "FILE"], "is a file: lm-eval writes a folder"),
+    (["--include_path", "no/such/folder"], "--include_path no/such/folder does not exist"),
+    (["--seed", "-5"], "--seed must be an integer ≥ 0"),
+])
+def test_eval_refuses_lm_evals_flags_it_would_misread_before_any_model_loads(tmp_path, monkeypatch, capsys, flags, message):
+    from svd_lightning import lm_eval as backend
+
+    (tmp_path / "FILE").write_text("results")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(backend, "cli_evaluate", lambda: pytest.fail("lm-eval ran"), raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        backend.main(["--run-dir", "no-run-needed", "--tasks", "truthfulqa_mc2", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert backend.lm_eval_flag_problem(["--num_fewshot", "0", "--limit", "0.5", "--seed", "0,1234,1234,1234",
+                                         "--output_path", str(tmp_path / "out")]) is None

@@ -31,7 +31,8 @@ from svd_lightning.callbacks.outputs import PREDICTIONS_FILE, LogitSnapshot, Sco
 from svd_lightning.callbacks.progress import LogProgressBar
 from svd_lightning.callbacks.report import SteeredValidation, format_paired, format_table, paired_gains
 from svd_lightning.callbacks.solvers import CALIBRATION_CURVE_FILE, ContrastiveBaseline, SteeringExtraction, StrengthSolver
-from svd_lightning.callbacks.timing import TIMINGS_FILE, StageTimes
+from svd_lightning.callbacks.timing import StageTimes
+from svd_lightning.run import TIMINGS_FILE
 from svd_lightning.callbacks.weights import CheckpointWeights, Weights, monitoring_checkpoint
 
 __all__ = [

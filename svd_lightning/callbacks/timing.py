@@ -7,6 +7,7 @@ import time
 import lightning as L
 
 from svd_lightning.logger import run_writer
+from svd_lightning.run import TIMINGS_FILE
 
 
 class StageTimes(L.Callback):
@@ -109,5 +110,3 @@ class StageTimes(L.Callback):
         rows = [*rec["seconds"].items(), ("other", rec["other"]), ("total", rec["total"])]
         return "\n".join(f"{name:<28}{seconds:>9.1f} s" for name, seconds in rows)
 
-
-TIMINGS_FILE = "timings.json"

@@ -25,6 +25,7 @@ from svd_lightning.run.record import (
     HASHES,
     METRICS_FILE,
     RUN_FILE,
+    TIMINGS_FILE,
     RunError,
     SteeringRun,
     adapter_hash,
@@ -35,7 +36,7 @@ from svd_lightning.run.record import (
 )
 from svd_lightning.run.writer import PARTIAL, RunWriter, is_taken, next_free, next_version, write_run
 
-__all__ = ["ADAPTER_DIR", "DEFAULTS", "FORMAT_VERSION", "HASHES", "METRICS_FILE", "PARTIAL", "RESOLVABLE", "RUN_FILE",
+__all__ = ["ADAPTER_DIR", "DEFAULTS", "FORMAT_VERSION", "HASHES", "METRICS_FILE", "PARTIAL", "RESOLVABLE", "RUN_FILE", "TIMINGS_FILE",
            "RunError", "RunWriter", "SteeringRun", "adapter_hash", "adapter_kind", "attach_adapter", "check_tokenizer",
            "is_taken", "library_versions", "load_base", "load_run", "next_free", "next_version", "resolve_settings",
            "tokenizer_hash", "write_run"]

@@ -21,6 +21,7 @@ FORMAT_VERSION = 2
 RUN_FILE = "steering.json"
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
+TIMINGS_FILE = "timings.json"  # the stage times of the command that wrote the run
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning",
                "PREFIX_TUNING": "prefix_tuning"}
@@ -138,8 +139,10 @@ class SteeringRun:
         if not path.is_file():
             raise RunError(f"{run_dir} is not a finished run: {RUN_FILE} is missing (the command that wrote it "
                            "solved no μ̄, or this is not an svd-lightning run directory)")
+        own_file(run_dir, path)
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
+            payload = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants,
+                                 object_pairs_hook=_unique_keys)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
             raise RunError(f"{path}: not valid JSON ({err}); the file is damaged or truncated") from None
         run = cls.from_dict(payload, str(path))
@@ -154,6 +157,8 @@ class SteeringRun:
     def check_adapter(self, run_dir: str | os.PathLike) -> Path:
         """The adapter folder exists, is of the run's kind, and is the one this run's μ̄ was solved for."""
         adapter = Path(run_dir) / ADAPTER_DIR
+        for path in [adapter, *adapter.rglob("*")] if adapter.exists() else []:
+            own_file(run_dir, path)
         config = adapter / "adapter_config.json"
         if not config.is_file():
             raise RunError(f"{run_dir}: {ADAPTER_DIR}/adapter_config.json is missing: no saved adapter in this run")
@@ -170,6 +175,25 @@ class SteeringRun:
                            "differs: its weights or adapter_config.json changed, or the directory mixes two runs); "
                            "re-run `fit`")
         return adapter
+
+
+def own_file(run_dir: str | os.PathLike, path: Path) -> None:
+    """A file a run reads is the run's own: no symbolic link, nothing that resolves outside the run directory
+    (a run can come from anyone, and a link makes it read, or hash and load, whatever it points at)."""
+    run_dir = Path(run_dir)
+    if path.is_symlink():
+        raise RunError(f"{run_dir}: {path.relative_to(run_dir)} is a symbolic link (to {os.readlink(path)}); a run's "
+                       "files are read only from inside it: copy the file in instead")
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        raise RunError(f"{run_dir}: {path.relative_to(run_dir)} lies outside the run directory")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:  # json keeps the last value silently: a hand-edited file would load what nobody meant
+        raise ValueError(f"duplicate key(s) {repeated} in one object")
+    return dict(pairs)
 
 
 def _no_constants(name: str):

@@ -65,6 +65,8 @@ class RunWriter:
     """
 
     def __init__(self, target: str | os.PathLike):
+        if not os.fspath(target).strip():
+            raise ValueError("the run's directory is empty (''): name the folder to write it to")
         self.target = Path(target)
         self.path = self.target.parent / f".{self.target.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(3)}"
         self.hold = False
@@ -150,6 +152,11 @@ class RunWriter:
             raise RunError(f"{self.target}: no run record written yet to update")
         self.run.steering = self.run.steering.replace(**changes)
         return self.write_json(RUN_FILE, self.run.to_dict())
+
+    def discard(self) -> None:
+        """Remove the staging directory of a run that will not be committed (an API call that failed)."""
+        if self.committed is None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> Path:
         """Rename the staging directory into place; a taken target (another run got there first) moves
