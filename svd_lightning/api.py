@@ -185,8 +185,14 @@ class SteeredModel:
             folder = self.save_pretrained(Path(tmp) / "run")
             card = (folder / "README.md").read_text(encoding="utf-8")
             (folder / "README.md").write_text(card.replace("path/to/this/run", repo_id), encoding="utf-8")
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message))
+            try:
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message))
+            except Exception as err:  # noqa: BLE001 -- no network, no token, refused: one message, whatever the cause
+                first = str(err).strip().splitlines()
+                raise RunError(f"push_to_hub {repo_id!r}: the Hub could not be reached or refused the upload "
+                               f"({type(err).__name__}: {first[0] if first else ''}); nothing was uploaded (one "
+                               "commit or none). save_pretrained(DIR) keeps the run locally") from err
 
     # -- steering from plain transformers -------------------------------------------------------------
     def logits_processor(self, attention_mask: torch.Tensor | None = None, method: Method = "svdecode", model=None):
@@ -197,7 +203,8 @@ class SteeredModel:
 
         Give the prompts' ``attention_mask`` (left-padded batches); make a new one per call."""
         steering = self.model if model is None else model_with_adapter(model, self.model, "logits_processor")
-        return SteeringLogitsProcessor(steering, self.config.method(method), attention_mask=attention_mask)
+        return SteeringLogitsProcessor(steering, self.config.method(method), attention_mask=attention_mask,
+                                       pad_token_id=self.tokenizer.pad_token_id)
 
     @property
     def custom_generate(self):

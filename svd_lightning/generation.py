@@ -53,9 +53,10 @@ class SteeringLogitsProcessor(LogitsProcessor):
     search all accept. ``mu=0`` keeps the warm model's ranking among kept tokens (min-p style).
     """
 
-    def __init__(self, model, config: SteeringConfig, attention_mask: torch.Tensor | None = None):
+    def __init__(self, model, config: SteeringConfig, attention_mask: torch.Tensor | None = None,
+                 pad_token_id: int | None = None):
         self.model, self.config = model, _generation_config(config)
-        self.prompt_mask = attention_mask
+        self.prompt_mask, self.pad_token_id = attention_mask, pad_token_id
         self.cache = None
         self.seen: torch.Tensor | None = None  # the ids whose base pass is in the cache
         self.attn: torch.Tensor | None = None
@@ -63,11 +64,15 @@ class SteeringLogitsProcessor(LogitsProcessor):
     @torch.no_grad()
     def base_next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.seen is None:
+            self._check_prompts(input_ids)
             mask = torch.ones_like(input_ids) if self.prompt_mask is None else self.prompt_mask.to(input_ids.device)
             if mask.shape[0] != input_ids.shape[0]:  # generate expanded rows for beams / num_return_sequences
                 mask = mask.repeat_interleave(input_ids.shape[0] // mask.shape[0], dim=0)
             new_ids, self.attn = input_ids, mask
         else:
+            if input_ids.shape[1] != self.seen.shape[1] + 1:
+                raise ValueError("this SteeringLogitsProcessor already served another generate call (it keeps that "
+                                 "call's pre-trained cache): make a new one per call")
             self._follow_reordering(input_ids)
             new_ids = input_ids[:, -1:]
             self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=-1)
@@ -82,6 +87,17 @@ class SteeringLogitsProcessor(LogitsProcessor):
             )
         self.cache, self.seen = out.past_key_values, input_ids
         return out.logits[:, -1].float()
+
+    def _check_prompts(self, input_ids: torch.Tensor) -> None:
+        """The prompts are the ones the processor was made for: the mask's shape, or (no mask) no left padding."""
+        mask = self.prompt_mask
+        if mask is not None and (mask.shape[1] != input_ids.shape[1] or input_ids.shape[0] % mask.shape[0]):
+            raise ValueError(f"the attention_mask given is {tuple(mask.shape)} but generate's prompts are "
+                             f"{tuple(input_ids.shape)}: give the mask of these prompts")
+        if mask is None and self.pad_token_id is not None and input_ids.shape[0] > 1 \
+                and bool((input_ids[:, 0] == self.pad_token_id).any()):
+            raise ValueError("the prompts are left-padded and no attention_mask was given: the pre-trained pass would "
+                             "read the padding as text; pass the prompts' attention_mask")
 
     def _follow_reordering(self, input_ids: torch.Tensor) -> None:
         prefix = input_ids[:, :-1]

@@ -65,6 +65,10 @@ def paired_label_logits(model, batch: dict, share_prompts: bool = True, with_bas
     ``with_base=False`` skips the pre-trained pass (``base`` is then None).
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if int(ids.max()) >= vocabulary:  # an IndexError deep in the embedding otherwise
+        raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocabulary} ids): the batch was "
+                         "tokenized with another tokenizer than the model's")
     target = labels[:, 1:]
     sel = target != IGNORE_INDEX
     row = sel.nonzero(as_tuple=True)[0]

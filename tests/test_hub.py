@@ -274,15 +274,76 @@ def test_a_failed_save_names_the_run_and_leaves_nothing_behind(tmp_path, monkeyp
         def full(path, data, *a, **k):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         monkeypatch.setattr(run_writer, "atomic_write_text", full)
-        match = "could not write run .*No space left on device"
+        match = "could not write .* of run .*No space left on device"
     elif fault == "read_only":
         def refused(*a, **k):
             raise PermissionError(errno.EACCES, "Permission denied", str(out))
         monkeypatch.setattr(run_writer.RunWriter, "directory", refused)
-        match = "could not write run .*Permission denied"
+        match = "could not write .*Permission denied"
     else:
         (run / "metrics.json").write_text('{"history": [')
         match = "metrics.json"
     with pytest.raises((RunError, ValueError), match=match):
         steered.save_pretrained(out / "saved")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["reused", "mask_of_other_prompts", "left_padded_without_mask", "other_tokenizer"])
+def test_the_processor_and_the_scorer_refuse_a_batch_they_were_not_made_for(tmp_path, case):
+    """A processor serves the one generate call, prompts and mask it was made for; ids of another tokenizer
+    are named as such, not an IndexError inside the embedding."""
+    from svd_lightning.scoring import paired_label_logits
+
+    steered = SteeredModel.from_run_dir(save_tiny_run(perturbed_lora(), tmp_path / "run"))
+    tok, model = steered.tokenizer, steered.model
+    ids, mask = left_padded(tok, ["Q: Why is the sky blue?\nA:", "Q: Why?\nA:"])
+    generate = dict(max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    if case == "reused":
+        processor = steered.logits_processor(mask)
+        model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([processor]), **generate)
+        call = lambda: model.generate(input_ids=ids, attention_mask=mask,  # noqa: E731
+                                      logits_processor=LogitsProcessorList([processor]), **generate)
+        message = "already served another generate call"
+    elif case == "mask_of_other_prompts":
+        processor = steered.logits_processor(mask[:, 1:])
+        call = lambda: model.generate(input_ids=ids, attention_mask=mask,  # noqa: E731
+                                      logits_processor=LogitsProcessorList([processor]), **generate)
+        message = "give the mask of these prompts"
+    elif case == "left_padded_without_mask":
+        processor = steered.logits_processor()
+        call = lambda: model.generate(input_ids=ids, attention_mask=mask,  # noqa: E731
+                                      logits_processor=LogitsProcessorList([processor]), **generate)
+        message = "left-padded and no attention_mask was given"
+    else:
+        batch = {"input_ids": torch.tensor([[1, 2, 10**6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+                 "labels": torch.tensor([[-100, 2, 3]])}
+        call = lambda: paired_label_logits(model, batch)  # noqa: E731
+        message = "outside the model's vocabulary"
+    with pytest.raises(ValueError, match=message):
+        call()
+    assert steered.generate(["Q: Why?\nA:"], max_new_tokens=2)  # the model is left usable
+
+
+def test_a_damaged_adapter_with_a_recomputed_hash_names_the_run(tmp_path):
+    from svd_lightning.run import adapter_hash, load_run
+
+    run = save_tiny_run(perturbed_lora(), tmp_path / "run")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated
+    record = json.loads((run / "steering.json").read_text())
+    record["adapter_sha256"] = adapter_hash(run / "adapter")  # whoever damaged it fixed the hash too
+    (run / "steering.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match=r"adapter/ cannot be read \(SafetensorError.*damaged"):
+        load_run(run)
+
+
+def test_push_to_hub_without_network_names_the_repo_and_says_nothing_was_uploaded(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def unreachable(self, *a, **k):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    steered = SteeredModel.from_run_dir(save_tiny_run(perturbed_lora(), tmp_path / "run"))
+    with pytest.raises(RunError, match=r"push_to_hub 'me/run': the Hub could not be reached.*nothing was uploaded"):
+        steered.push_to_hub("me/run", token="x")

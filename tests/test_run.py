@@ -463,3 +463,27 @@ def test_a_runs_adapter_names_its_base_portably_and_loads_with_auto_peft_elsewhe
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name", ["steering.json", "metrics.json", "adapter"])
+def test_disk_full_while_writing_a_run_names_the_run_and_the_file(tmp_path, monkeypatch, name):
+    """ENOSPC (injected) at any file of a run: an error naming the run and the file, and the run is not
+    committed (nothing at its name)."""
+    import errno
+
+    from svd_lightning.run import RunError, RunWriter, writer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "runs" / "version_0"
+    run = RunWriter(target)
+    if name == "adapter":
+        monkeypatch.setattr(writer.tempfile, "mkdtemp", full)
+        call = lambda: run.save_adapter(perturbed_lora())  # noqa: E731
+    else:
+        monkeypatch.setattr(writer, "write_json", full)
+        call = lambda: run.write_json(name, {"x": 1})  # noqa: E731
+    with pytest.raises(RunError, match=f"could not write {name} of run {target} \\(No space left on device\\)"):
+        call()
+    assert not target.exists()

@@ -74,6 +74,10 @@ def attach_adapter(base, run: SteeringRun, run_dir, is_trainable: bool = False):
         first = str(err).strip().splitlines()
         raise RunError(f"{run_dir}: {ADAPTER_DIR}/ does not fit the base model {run.model!r} ({type(err).__name__}: "
                        f"{first[0] if first else ''} …); was it trained on another model?") from err
+    except Exception as err:  # noqa: BLE001 -- a damaged file (SafetensorError, UnpicklingError, EOFError, ...)
+        first = str(err).strip().splitlines()
+        raise RunError(f"{run_dir}: {ADAPTER_DIR}/ cannot be read ({type(err).__name__}: {first[0] if first else ''}): "
+                       "its weights file is damaged; restore the run, or re-run `fit`") from err
 
 
 def load_run(run_dir: str | os.PathLike, base_model: str | os.PathLike | None = None):

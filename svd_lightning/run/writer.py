@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -11,7 +12,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from svd_lightning.files import (atomic_write_bytes, atomic_write_text, fault_point, follow_umask, fsync_dir,
                                   write_json)
@@ -86,27 +87,37 @@ class RunWriter:
                     "need their checkpoints")
         return self.path
 
-    def write_text(self, name: str, text: str) -> Path:
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """An I/O error (disk full, read-only, ...) as an error that names the run and the file."""
         fault_point(f"write:{name}")
-        return atomic_write_text(self.directory() / name, text)
+        try:
+            yield
+        except OSError as err:
+            raise RunError(f"could not write {name} of run {self.target} ({err.strerror or err}); the run is not "
+                           "committed and the runs before it are as they were") from err
+
+    def write_text(self, name: str, text: str) -> Path:
+        with self._writing(name):
+            return atomic_write_text(self.directory() / name, text)
 
     def write_bytes(self, name: str, data: bytes) -> Path:
-        fault_point(f"write:{name}")
-        return atomic_write_bytes(self.directory() / name, data)
+        with self._writing(name):
+            return atomic_write_bytes(self.directory() / name, data)
 
     def write_json(self, name: str, payload: Any) -> Path:
-        fault_point(f"write:{name}")
-        return write_json(self.directory() / name, payload)
+        with self._writing(name):
+            return write_json(self.directory() / name, payload)
 
     def save_torch(self, name: str, obj: Any) -> Path:
         import torch
 
-        fault_point(f"write:{name}")
-        path = self.directory() / name
-        tmp = path.with_name(f".{name}.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-        return path
+        with self._writing(name):
+            path = self.directory() / name
+            tmp = path.with_name(f".{name}.tmp")
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+            return path
 
     def save_adapter(self, model, state_dict: dict | None = None, base_name: str | None = None) -> Path:
         """peft ``save_pretrained`` into the run's ``adapter/`` (replacing one saved earlier in this run).
@@ -114,19 +125,19 @@ class RunWriter:
         (:func:`svd_lightning.sharding.full_adapter_state`), so the files are those of an unsharded run.
         ``base_name``: the base model as ``adapter_config.json`` names it (``AutoPeftModelForCausalLM`` loads it
         by that name on another machine), instead of the loaded model's local path or none."""
-        fault_point(f"write:{ADAPTER_DIR}")
-        final = self.directory() / ADAPTER_DIR
-        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{ADAPTER_DIR}."))
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-        if base_name is not None:  # set in the file, after saving: peft looks a base name up on the Hub when it saves
-            config_file = tmp / "adapter_config.json"
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            config["base_model_name_or_path"] = base_name
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty template: the run's README.md is its one card
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
+        with self._writing(ADAPTER_DIR):
+            final = self.directory() / ADAPTER_DIR
+            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{ADAPTER_DIR}."))
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+            if base_name is not None:  # set in the file, after saving: peft looks a base name up on the Hub when it saves
+                config_file = tmp / "adapter_config.json"
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+                config["base_model_name_or_path"] = base_name
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's empty template: the run's README.md is its one card
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            return final
 
     def write_run(self, model, run: "SteeringRun", tokenizer=None, adapter_state: dict | None = None) -> Path:
         """The adapter (``adapter_state``: see :meth:`save_adapter`), then ``steering.json`` bound to it
@@ -169,9 +180,14 @@ class RunWriter:
             from svd_lightning.card import CARD_FILE, model_card
 
             metrics = staging / METRICS_FILE
-            payload = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
             figures = sorted(p.name for p in staging.glob("*.png"))
-            self.write_text(CARD_FILE, model_card(self.run, payload, figures=figures))
+            try:
+                payload = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
+                card = model_card(self.run, payload, figures=figures)
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
+                raise RunError(f"run {self.target}: {METRICS_FILE} cannot be summarised on the model card "
+                               f"({type(err).__name__}: {err}); the file is damaged") from err
+            self.write_text(CARD_FILE, card)
         follow_umask(staging)
         fsync_dir(staging)
         target = self.target
