@@ -200,6 +200,16 @@ CHOICE_EXAMPLES = [  # choice sets of both shapes (mc1 and mc2), as TruthfulQA h
 ]
 
 
+def prompt_sharing_batch(tokenizer, max_length=64):
+    """Three choice questions, two of which share their prompt (the shared-prompt encoder's case)."""
+    examples = [
+        ChoiceExample("Q: What is the capital of France?\nA:", [" Paris", " Lyon is the capital", " Nice"], [True, False, False], 0),
+        ChoiceExample("Q: Is the sky blue?\nA:", [" Yes", " No, it is green on most days"], [True, False], 1),
+        ChoiceExample("Q: Is the sky blue?\nA:", [" Yes it is"], [True], 2),  # same prompt, another question
+    ]
+    return collate_choices(examples, Tokenized(tokenizer, max_length))
+
+
 @pytest.fixture(scope="module")
 def model64():
     torch.manual_seed(0)  # LoRA A's init: a fixed model, so a failure reproduces

@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 
+import svd_lightning.gguf as gguf_module
 from svd_lightning import models, tiny
 
 
@@ -174,7 +175,7 @@ def fake_gguf(tmp_path, monkeypatch):
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
 
-    monkeypatch.setattr(models, "convert_gguf", convert)
+    monkeypatch.setattr(gguf_module, "convert_gguf", convert)
     return gguf, calls
 
 
@@ -182,7 +183,8 @@ def test_gguf_converted_once_into_cache(fake_gguf, tmp_path):
     gguf, calls = fake_gguf
     model = models.load_causal_lm(gguf)
     tokenizer = models.load_tokenizer(str(gguf))
-    folder = tmp_path / "cache" / "Fake-Model.Q4_1"
+    folder = models.gguf_cache_dir(gguf)
+    assert folder.parent == tmp_path / "cache" and folder.name.startswith("Fake-Model.Q4_1-")  # its stem and content
     assert (folder / "config.json").is_file()
     assert len(calls) == 1 and calls[0] != folder and calls[0].parent == folder.parent  # written aside, renamed
     assert model.config.vocab_size == len(tokenizer)
@@ -198,7 +200,7 @@ def test_interrupted_conversion_leaves_no_folder(fake_gguf, tmp_path, monkeypatc
         (Path(out_dir) / "config.json").write_text("{}")  # partial output
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "convert_gguf", crash)
+    monkeypatch.setattr(gguf_module, "convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         models.converted_gguf_dir(gguf)
     assert list((tmp_path / "cache").iterdir()) == []
@@ -210,7 +212,7 @@ def test_smollm2_alias_uses_cached_gguf(fake_gguf, tmp_path, monkeypatch):
     cached = tmp_path / "cache" / Path(models.SMOLLM2_MEMBER).name
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"GGUF")
-    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: pytest.fail("no download expected"))
+    monkeypatch.setattr(gguf_module.subprocess, "run", lambda *a, **k: pytest.fail("no download expected"))
     assert models.smollm2_gguf() == cached
     models.load_causal_lm("smollm2-135m")
-    assert os.path.isdir(tmp_path / "cache" / cached.stem) and len(calls) == 1
+    assert os.path.isdir(models.gguf_cache_dir(cached)) and len(calls) == 1

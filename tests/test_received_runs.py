@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from svd_lightning import models, tiny
+from svd_lightning import gguf, models, tiny
 from svd_lightning.api import SteeredModel
 from svd_lightning.log import InputError
 from svd_lightning.run import RUN_FILE, RunError, SteeringRun, load_run
@@ -116,7 +116,7 @@ def test_the_gguf_cache_is_keyed_by_content_not_by_name(tmp_path, monkeypatch):
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
 
-    monkeypatch.setattr(models, "convert_gguf", convert)
+    monkeypatch.setattr(gguf, "convert_gguf", convert)
     real, fake = tmp_path / "a" / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "b" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     for path, body in ((real, b"GGUF the real one"), (fake, b"GGUF poisoned....")):
         path.parent.mkdir()

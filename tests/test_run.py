@@ -97,9 +97,10 @@ def test_runs_of_older_formats_load(tmp_path, version, capsys):
             SteeringRun.load(path)
 
 
-def test_a_run_whose_model_field_cannot_be_loaded_names_the_run(tmp_path):
+def test_a_run_whose_model_field_cannot_be_loaded_names_the_run(tmp_path, monkeypatch):
     path, _ = tiny_run(tmp_path)
     _edit(path, model="/etc")
+    monkeypatch.setenv("SVD_LIGHTNING_MODEL_DIRS", "/")  # allowed (tests/test_received_runs.py: refused otherwise)
     with pytest.raises(RunError, match=f"{path}/steering.json: field 'model' = '/etc' cannot be loaded"):
         load_run(path)
 
@@ -118,7 +119,7 @@ def test_a_run_on_another_base_model_names_the_run(tmp_path):
     tok.save_pretrained(tmp_path / "wider")
     _edit(path, model=str(tmp_path / "wider"))
     with pytest.raises(RunError, match=f"{path}: adapter/ does not fit the base model"):
-        load_run(path)
+        load_run(path, base_model=tmp_path / "wider")
 
 
 def test_missing_run_directory(tmp_path):
