@@ -175,7 +175,9 @@ def received_run_inputs(tmp: Path, fresh) -> None:
 
     evil = tmp / "evil-model"
     evil.mkdir()
-    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.C"}}))
+    auto_map = {"AutoConfig": "configuration_evil.C", "AutoTokenizer": ["tokenization_evil.T", None]}
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": auto_map}))
+    (evil / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.T", None]}}))
     os.environ["SVD_LIGHTNING_MODEL_DIRS"] = str(tmp)
     show("model: a folder with its own code (auto_map), folder allowed",
          lambda: load_run(_edit(fresh("remote-code"), model=str(evil))))
