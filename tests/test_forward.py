@@ -181,3 +181,19 @@ def test_teacher_forced_batches_share_the_split_prefix_and_prompts_without_one_c
         warm, _, _, _ = paired_label_logits(model64, batch, prefixes=prefixes)
         torch.testing.assert_close(warm, _full_pass(model64, batch)[0], rtol=0, atol=1e-10)
     assert not prefixes.entries
+
+
+def test_a_prefix_cache_pickles_and_copies_empty(tokenizer, model64):
+    """The module that owns a cache is pickled by ddp_spawn and copied by users: the cache starts over then."""
+    import copy
+    import pickle
+
+    from svd_lightning.forward.prefix import PrefixCache
+    from svd_lightning.scoring import paired_label_logits
+
+    prefixes = PrefixCache()
+    for batch in _primed_batches(tokenizer, 1)[:2]:
+        paired_label_logits(model64, batch, prefixes=prefixes)
+    assert prefixes.entries
+    for other in (pickle.loads(pickle.dumps(prefixes)), copy.deepcopy(prefixes)):
+        assert other.entries == {} and other.candidates == {} and other._model is None

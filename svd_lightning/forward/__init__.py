@@ -4,7 +4,7 @@ prefix as an explicit cache (:mod:`.prefix`) and the encoders that share a batch
 (:mod:`.encoders`)."""
 
 from svd_lightning.forward.adapter import adapter_disabled, adapter_fingerprint, model_with_adapter
-from svd_lightning.forward.encoders import encoder_for, distinct_rows
+from svd_lightning.forward.encoders import distinct_rows, encoder_for
 from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.forward.rows import BASE, PAIRED, WARM, Rows, one_forward_unsupported, resolve_forward_mode, warm_and_base
 

@@ -67,6 +67,12 @@ class PrefixCache:
         # One adapter layer tells whether the adapter is on (disable_adapter) and which one is active.
         self.tuner = next(iter(tuner_layers(model)), None) if model is not None else None
 
+    def __getstate__(self) -> dict:
+        return {}  # a cache: pickled (ddp_spawn, a saved module) it starts empty
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def _bind(self, model) -> None:
         """Another model than the last: nothing cached holds (no reference kept that would keep it alive)."""
         if self._model is None or self._model() is not model:
