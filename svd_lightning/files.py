@@ -90,6 +90,16 @@ def portable_path(path: str | os.PathLike) -> str:
         return Path(*parts[max(start, 1):]).as_posix()
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads(..., object_pairs_hook=unique_keys)``: a key given twice in one object is an error (json
+    keeps the last value silently, so a hand-edited file would load what nobody meant)."""
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"duplicate key(s) {repeated} in one object")
+    return dict(pairs)
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=jsonable) + "\n")
 

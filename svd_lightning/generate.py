@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 
 from svd_lightning.config import add_override_arguments
+from svd_lightning.files import atomic_write_text, unique_keys
 from svd_lightning.generation import MODES, decoding_kwargs, generate_answers
-from svd_lightning.log import say
+from svd_lightning.log import InputError, say
 from svd_lightning.run import SteeringRun, load_run
-from svd_lightning.files import atomic_write_text
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The ``prompt`` of every non-blank JSONL line; errors name the file and line."""
@@ -31,9 +31,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        except ValueError as err:
+            raise ValueError(f"{path}:{lineno}: {err}") from None
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{path}:{lineno}: expected an object with a non-empty string 'prompt'")
@@ -45,7 +47,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     """The rows, one JSON object a line, written whole (readers never see a partial file)."""
-    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    try:
+        return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    except OSError as err:
+        raise InputError(f"could not write {path} ({err.strerror or err}); nothing was written there: the answers "
+                         "are lost, free space or choose another --out") from err
 
 
 def check_output(path: str | os.PathLike) -> None:

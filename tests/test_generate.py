@@ -295,3 +295,22 @@ def test_custom_generate_and_the_processor_steer_a_users_own_model_carrying_the_
     assert torch.equal(processed, expected)
     with pytest.raises(ValueError, match="logits_processor steers with the run's adapter, and this PeftModel carries another"):
         sm.logits_processor(enc["attention_mask"], model=stranger)
+
+
+def test_a_prompt_line_with_a_key_twice_and_a_full_disk_are_named(tmp_path, monkeypatch):
+    import errno
+
+    from svd_lightning import generate
+    from svd_lightning.log import InputError
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('{"prompt": "Q: a?"}\n{"prompt": "Q: b?", "prompt": "Q: c?"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: duplicate key\(s\) \['prompt'\]"):
+        read_prompts(src)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(generate, "atomic_write_text", full)
+    with pytest.raises(InputError, match=r"could not write .*answers.jsonl \(No space left on device\); nothing was written"):
+        generate.write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "p", "steered": "s"}])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_lightning.config import ConfigError, SteeringConfig
+from svd_lightning.files import unique_keys
 from svd_lightning.log import InputError, say
 
 # 2: the settings nested as a SteeringConfig (with the contrastive γ); the adapter hash covers
@@ -142,7 +143,7 @@ class SteeringRun:
         own_file(run_dir, path)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants,
-                                 object_pairs_hook=_unique_keys)
+                                 object_pairs_hook=unique_keys)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
             raise RunError(f"{path}: not valid JSON ({err}); the file is damaged or truncated") from None
         run = cls.from_dict(payload, str(path))
@@ -186,14 +187,6 @@ def own_file(run_dir: str | os.PathLike, path: Path) -> None:
                        "files are read only from inside it: copy the file in instead")
     if not path.resolve().is_relative_to(run_dir.resolve()):
         raise RunError(f"{run_dir}: {path.relative_to(run_dir)} lies outside the run directory")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:  # json keeps the last value silently: a hand-edited file would load what nobody meant
-        raise ValueError(f"duplicate key(s) {repeated} in one object")
-    return dict(pairs)
 
 
 def _no_constants(name: str):
