@@ -9,7 +9,10 @@ the messages.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import sys
 import tempfile
 import warnings
@@ -168,7 +171,6 @@ def run_format_inputs(tmp: Path, fresh) -> None:
 
 def received_run_inputs(tmp: Path, fresh) -> None:
     """A run from someone else (tests/test_received_runs.py): code, paths, links and keys it names."""
-    import os
 
     from svd_lightning import models
     from svd_lightning.run import RUN_FILE, SteeringRun, load_run
@@ -198,8 +200,6 @@ def received_run_inputs(tmp: Path, fresh) -> None:
 
 def setting_inputs(tmp: Path, fresh) -> None:
     """Settings, decoding options, the API, lm-eval model_args, environment variables."""
-    import os
-
     from svd_lightning import SteeredModel
     from svd_lightning.generation import decoding_kwargs
     from svd_lightning.precision import resolve_precision
@@ -215,6 +215,11 @@ def setting_inputs(tmp: Path, fresh) -> None:
     show('SteeredModel.generate([""])', lambda: sm.generate([""]))
     show('SteeredModel.score("", [" a", " b"])', lambda: sm.score("", [" a", " b"]))
     show('SteeredModel.save_pretrained("")', lambda: sm.save_pretrained(""))
+    enc = sm.tokenizer(["Q: Why?\nA:"], return_tensors="pt")
+    stranger = tiny_model_and_tokenizer(seed=7)[0]  # the same vocabulary, other weights
+    show("sm.logits_processor() in another model's generate", lambda: stranger.generate(
+        **enc, logits_processor=[sm.logits_processor(enc["attention_mask"])], max_new_tokens=2,
+        pad_token_id=sm.tokenizer.pad_token_id))
     show("SteeredModel.generate(..., with_plain=True) after that",
          lambda: print(f"  (works: {sm.generate(['Q: Why?'], with_plain=True, max_new_tokens=3)[0]['steered']!r})"))
     os.environ["SVD_PROGRESS_SECONDS"] = "abc"
@@ -229,6 +234,19 @@ def setting_inputs(tmp: Path, fresh) -> None:
 
     for flags in (["--num_fewshot", "-1"], ["--limit", "0"], ["--output_path", ""], ["--include_path", "nope/"]):
         print(f"- **eval {' '.join(flags)}** → `{lm_eval_flag_problem(flags)}`")
+    from svd_lightning.cli import main as cli_main
+
+    tasks = Path(__file__).resolve().parents[1] / "tests" / "lm_eval_tasks"
+    os.chdir(tasks.parents[1])  # the tiny task's data path is relative to the repository
+
+    def too_many_shots():
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed), contextlib.suppress(SystemExit):
+            cli_main(["eval", "--run-dir", str(fresh("fewshot")), "--tasks", "svd_tiny_mc", "--include_path", str(tasks),
+                      "--batch_size", "1", "--num_fewshot", "1000"])
+        raise SystemExit(printed.getvalue().strip().splitlines()[-1])  # what the command printed last
+
+    show("eval --num_fewshot 1000 (a task of 8 questions)", too_many_shots)
 
 
 if __name__ == "__main__":

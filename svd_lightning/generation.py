@@ -22,7 +22,7 @@ from transformers.generation import (
 from transformers.generation.streamers import BaseStreamer
 
 from svd_lightning.config import ConfigError, SteeringConfig
-from svd_lightning.forward.adapter import adapter_disabled, leaves_no_hooks, model_with_adapter
+from svd_lightning.forward.adapter import adapter_disabled, leaves_no_hooks, model_with_adapter, tuner_layers
 from svd_lightning.forward.rows import PAIRED, adapter_names, positions, resolve_forward_mode
 from svd_lightning.sharding import is_sharded, lockstep
 from svd_lightning.steering import policy_log_probs, steering_vector
@@ -111,8 +111,32 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.cache.reorder_cache(parent)
         self.attn = self.attn[parent]
 
+    @torch.no_grad()
+    def _check_scores_model(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """generate's first scores are this processor's model's (adapter on): scores of another model with the
+        same vocabulary would be steered silently wrong. Up to a shift per row (beam search hands log-probs);
+        the median over the vocabulary ignores the few entries other processors change (repetition penalty)."""
+        layers = tuner_layers(self.model)
+        if layers and all(layer.disable_adapters for layer in layers):
+            raise ValueError("the model generates with its adapter switched off (inside disable_adapter()?): its scores "
+                             "are the pre-trained model's, and the processor steers the warm-started model's")
+        warm = self.model(input_ids=input_ids, attention_mask=self.attn, position_ids=positions(self.attn)).logits[:, -1]
+        tolerance = 16 * torch.finfo(warm.dtype).eps  # the same forward in another batch shape: a few ulps
+        warm, scores = warm.float(), scores.float()
+        difference = torch.where(torch.isfinite(warm) & torch.isfinite(scores), scores - warm, torch.nan)
+        difference = difference - difference.nanmedian(-1, keepdim=True).values  # beam search hands log-probs
+        gap = float(difference.abs().nanmedian())
+        if gap > tolerance * (1.0 + float(warm.abs().median())):
+            raise ValueError(f"generate's scores are not this processor's model's (median |logit difference| {gap:.3g} "
+                             "over the vocabulary): call generate on SteeredModel.model, or on your own model that "
+                             "carries the run's adapter with logits_processor(mask, model=YOUR_MODEL)")
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return steered_next_log_probs(scores, self.base_next_logits(input_ids), self.config)
+        first = self.seen is None
+        base = self.base_next_logits(input_ids)
+        if first:
+            self._check_scores_model(input_ids, scores)
+        return steered_next_log_probs(scores, base, self.config)
 
 
 class PairedSteeringLogitsProcessor(LogitsProcessor):

@@ -29,7 +29,7 @@ from lm_eval.models.huggingface import HFLM
 from svd_lightning.api import SteeredModel
 from svd_lightning.config import add_override_arguments
 from svd_lightning.generation import steered_generate
-from svd_lightning.log import say
+from svd_lightning.log import InputError, say
 from svd_lightning.scoring import paired_logits
 from svd_lightning.precision import check_steering_precision
 from svd_lightning.steering import steered_log_probs
@@ -148,13 +148,18 @@ def evaluate(run_dir: str, tasks: list[str], include_path: str | None = None, li
                                    task_manager=manager, limit=limit, **kwargs)
 
 
-def lm_eval_flag_problem(flags: list[str]) -> str | None:
-    """What is wrong with the lm-eval flags we know the meaning of (lm-eval reads some silently: a negative
-    ``--num_fewshot`` as zero-shot, an ``--output_path`` it cannot write as done), or None."""
+def _known_flags(flags: list[str]) -> argparse.Namespace:
+    """The lm-eval flags whose meaning we check (the rest pass to lm-eval as they are)."""
     known = argparse.ArgumentParser(add_help=False)
     for names in (("--num_fewshot", "-f"), ("--limit", "-L"), ("--output_path", "-o"), ("--include_path",), ("--seed", "-s")):
         known.add_argument(*names)
-    args, _ = known.parse_known_args(flags)
+    return known.parse_known_args(flags)[0]
+
+
+def lm_eval_flag_problem(flags: list[str]) -> str | None:
+    """What is wrong with the lm-eval flags we know the meaning of (lm-eval reads some silently: a negative
+    ``--num_fewshot`` as zero-shot, an ``--output_path`` it cannot write as done), or None."""
+    args = _known_flags(flags)
     if args.num_fewshot is not None and not (args.num_fewshot.isdigit()):
         return f"--num_fewshot must be an integer ≥ 0, got {args.num_fewshot!r}"
     if args.limit is not None:
@@ -205,6 +210,13 @@ def main(argv: list[str] | None = None, prog: str = "svd-lightning eval") -> Non
     saved, sys.argv = sys.argv, [prog, "run", "--model", "svd", "--model_args", model_args, *theirs]
     try:
         cli_evaluate()
+    except InputError as err:  # the run, its model or a setting: the message says what fixes it
+        parser.error(str(err))
+    except ValueError as err:
+        if "Sample larger than population" not in str(err):  # random.sample in lm-eval's few-shot sampler
+            raise
+        parser.error(f"--num_fewshot {_known_flags(theirs).num_fewshot}: a task has fewer examples than that to draw "
+                     "its few-shot examples from; give a smaller --num_fewshot")
     finally:
         sys.argv = saved
 

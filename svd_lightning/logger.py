@@ -139,7 +139,6 @@ def check_loggers(trainer: L.Trainer) -> None:
 
 def start_run(trainer: L.Trainer) -> RunWriter | None:
     """A new run for this stage when the trainer's last one was committed; returns it (rank zero)."""
-    check_loggers(trainer)
     logger = _run_logger(trainer)
     if logger is not None:
         logger.new_run()

@@ -303,6 +303,11 @@ class SteeringLM(L.LightningModule):
             until = "the command" if writer.hold else f"the {getattr(stage, 'value', stage)}"
             say(f"writing run {writer.target.resolve()} (built in {writer.path.name}, moved into place when "
                 f"{until} is done)")
+        reorders = getattr(self.trainer._accelerator_connector, "use_distributed_sampler", True)  # Trainer's flag
+        if stage == "fit" and reorders and getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) is not None:
+            say(f"the warm start reads its batches in the order of Lightning's DistributedSampler under "
+                f"{type(self.trainer.strategy).__name__}, even on one device: μ̄ and the scores differ from a "
+                "single-device run's as between two orders of the data; compare runs of one strategy")
 
     def teardown(self, stage: str) -> None:
         writer = run_writer(self.trainer)

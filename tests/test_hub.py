@@ -288,10 +288,12 @@ def test_a_failed_save_names_the_run_and_leaves_nothing_behind(tmp_path, monkeyp
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["reused", "mask_of_other_prompts", "left_padded_without_mask", "other_tokenizer"])
+@pytest.mark.parametrize("case", ["reused", "mask_of_other_prompts", "left_padded_without_mask", "other_tokenizer",
+                                  "other_model", "adapter_switched_off"])
 def test_the_processor_and_the_scorer_refuse_a_batch_they_were_not_made_for(tmp_path, case):
-    """A processor serves the one generate call, prompts and mask it was made for; ids of another tokenizer
-    are named as such, not an IndexError inside the embedding."""
+    """A processor serves the one generate call, prompts, mask and model it was made for (another model with the
+    same vocabulary, or the run's own with its adapter off, is refused: its scores are not the warm model's); ids
+    of another tokenizer are named as such, not an IndexError inside the embedding."""
     from svd_lightning.scoring import paired_label_logits
 
     steered = SteeredModel.from_run_dir(save_tiny_run(perturbed_lora(), tmp_path / "run"))
@@ -314,6 +316,20 @@ def test_the_processor_and_the_scorer_refuse_a_batch_they_were_not_made_for(tmp_
         call = lambda: model.generate(input_ids=ids, attention_mask=mask,  # noqa: E731
                                       logits_processor=LogitsProcessorList([processor]), **generate)
         message = "left-padded and no attention_mask was given"
+    elif case == "other_model":
+        stranger = perturbed_lora(seed=7)  # the same vocabulary, other weights
+        processor = steered.logits_processor(mask)
+        call = lambda: stranger.generate(input_ids=ids, attention_mask=mask,  # noqa: E731
+                                         logits_processor=LogitsProcessorList([processor]), **generate)
+        message = "generate's scores are not this processor's model's"
+    elif case == "adapter_switched_off":
+        processor = steered.logits_processor(mask)
+
+        def call():
+            with model.disable_adapter():
+                model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([processor]),
+                               **generate)
+        message = "adapter switched off"
     else:
         batch = {"input_ids": torch.tensor([[1, 2, 10**6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
                  "labels": torch.tensor([[-100, 2, 3]])}

@@ -150,6 +150,18 @@ def test_python_m_svd_lightning_lm_eval_is_lm_evals_own_cli_with_svd_registered(
     assert "svd_tiny_mc" in out.stdout and "acc" in out.stdout and "|" in out.stdout
 
 
+def test_eval_names_a_num_fewshot_larger_than_the_task_can_give(run_dir, monkeypatch, capsys):
+    """lm-eval's sampler fails on more shots than the task has examples ("Sample larger than population"):
+    the flag is named instead, one line, no traceback."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["eval", "--run-dir", str(run_dir), "--tasks", "svd_tiny_mc", "--include_path", str(TASKS),
+                  "--batch_size", "1", "--num_fewshot", "1000"])
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert "--num_fewshot 1000: a task has fewer examples than that" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num_fewshot", "-1"], "--num_fewshot must be an integer ≥ 0"),
     (["--num_fewshot", "two"], "--num_fewshot must be an integer ≥ 0"),

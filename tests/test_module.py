@@ -246,3 +246,13 @@ def test_a_fixed_mu_under_its_former_name_still_loads_with_a_warning():
     assert old.hparams["mu"] == -1.5 and old.hparams["strength"] is None
     with pytest.raises(ValueError, match="disagree"):
         SteeringLM("tiny-random", mu=1.0, strength=2.0)
+
+
+@pytest.mark.parametrize("strategy,says", [("ddp", True), ("auto", False)])
+def test_a_distributed_strategy_says_its_sampler_orders_the_warm_start(tmp_path, capsys, strategy, says):
+    """Under ddp / fsdp2, even on one device, Lightning's DistributedSampler orders the training data, so the run
+    differs from the default strategy's: fit says so (docs/usage.md, Multi-GPU)."""
+    module = SteeringLM("tiny-random")
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
+    module.setup("fit")
+    assert ("DistributedSampler" in capsys.readouterr().err) == says
