@@ -156,7 +156,7 @@ def run(args) -> dict:
                 warm, _, y, _ = paired_label_logits(model, b, with_base=False, prefixes=prefixes)
                 log_probs(warm).gather(-1, y[:, None])
             else:
-                score_choices(model, b, SteeringConfig(mu=-1.0, forward_mode=variant), prefixes=prefixes)
+                score_choices(model, b, SteeringConfig(mu=-1.0), forward_mode=variant, prefixes=prefixes)
 
     def generate(variant, bs):
         prompts = zero_shot[:bs]
@@ -167,7 +167,7 @@ def run(args) -> dict:
             if variant == "plain":
                 model.generate(**enc, **kw)
             else:
-                steered_generate(model, enc["input_ids"], enc["attention_mask"], SteeringConfig(mu=-1.0, forward_mode=variant),
+                steered_generate(model, enc["input_ids"], enc["attention_mask"], SteeringConfig(mu=-1.0), forward_mode=variant,
                                  **kw)
 
     def train_epoch():
@@ -181,7 +181,7 @@ def run(args) -> dict:
         model.eval()
 
     def calibration(variant, bs):
-        calibrate(model, calib_batches[bs], SteeringConfig(forward_mode=variant), progress=False, prefixes=prefixes)
+        calibrate(model, calib_batches[bs], SteeringConfig(), forward_mode=variant, progress=False, prefixes=prefixes)
 
     jobs = {("score", v): (lambda v=v: score(v)) for v in ("plain", *PATHS)}
     for bs in args.gen_batch_sizes:

@@ -222,14 +222,14 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, out: str) -> None
             units[f"warm_start_b{bs}/train"] = {**measure(lambda: train_step(batch), device, args.steps), "tokens": tokens(batch)}
         model.eval()
         for path in PATHS:
-            config = SteeringConfig(mu=-1.0, forward_mode=path)
+            config = SteeringConfig(mu=-1.0)
             units[f"calibration/{path}"] = {
-                **measure(lambda: calibrate(model, [data["calib"]], SteeringConfig(forward_mode=path), progress=False),
+                **measure(lambda: calibrate(model, [data["calib"]], SteeringConfig(), forward_mode=path, progress=False),
                           device, args.steps), "tokens": tokens(data["calib"])}
 
             def score():
                 with torch.no_grad(), lockstep(model):
-                    score_choices(model, data["score"], config)
+                    score_choices(model, data["score"], config, forward_mode=path)
 
             units[f"scoring/{path}"] = {**measure(score, device, args.steps), "tokens": tokens(data["score"])}
         prompts, n_new = data["prompts"], args.new_tokens
@@ -242,7 +242,7 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, out: str) -> None
                         model.generate(**prompts, **kw, synced_gpus=False)
                 else:
                     steered_generate(model, prompts["input_ids"], prompts["attention_mask"],
-                                     SteeringConfig(mu=-1.0, forward_mode=path), **kw)
+                                     SteeringConfig(mu=-1.0), forward_mode=path, **kw)
 
         for path in ("plain", *PATHS):
             m = measure(lambda: generate(path), device, args.steps)

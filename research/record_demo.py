@@ -21,6 +21,7 @@ from pathlib import Path
 from svd_lightning.config import VARIANT_LABELS as VARIANTS
 from svd_lightning.metrics import variant_table
 from svd_lightning.precision import describe_cpu, fast_precision
+from svd_lightning.run import SteeringRun
 from svd_lightning.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
@@ -34,7 +35,7 @@ SETTINGS = ("TruthfulQA MC v1, seed 0, 60/20/20 split (490/164/163), instruction
 def record(run_dir: Path, out: Path, command: str, threads: str, commit: str | None = None) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     test = [h for h in metrics["history"] if h.get("stage") == "test"][-1]
-    steering = json.loads((run_dir / "steering.json").read_text())
+    run = SteeringRun.load(run_dir, check_adapter=False)  # any format, as the package reads it
     timings = json.loads((run_dir / "timings.json").read_text())
     table = {VARIANTS[v]: {n: round(100 * x, 2) for n, x in values.items()}
              for v, values in variant_table(test, "test").items()}
@@ -52,9 +53,9 @@ def record(run_dir: Path, out: Path, command: str, threads: str, commit: str | N
         "threads": threads,
         "seconds_after_setup": round(timings["total"] - seconds.get("set-up", 0.0)),
         "stage_seconds": {k.replace(" ", "_"): round(v, 1) for k, v in seconds.items() if k != "set-up"},
-        "settings": SETTINGS.format(**steering["steering"]),  # the run's own strength settings
-        "mu": steering["steering"]["mu"],
-        "gamma": steering["steering"]["gamma"],
+        "settings": SETTINGS.format(**run.steering.to_dict(), **run.solver.to_dict()),  # the run's own settings
+        "mu": run.steering.mu,
+        "gamma": run.contrastive_gamma,
         "test_table_percent": table,
         "paired_bootstrap_percent": boot,
         "files": [f"{name} ({why})" if why else name for name, why in COPIED.items()],

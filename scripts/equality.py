@@ -25,7 +25,8 @@ RUNS = {
     "primer": ["--data.init_args.max_length", "1024"],  # the whole six-shot primer: a prefix every row shares
 }
 FILES = ("metrics.json", "val_per_question.json", "test_per_question.json", "calibration_curve.json")
-STEERING = ("steering", "aggregates", "diagnostics", "global_step", "weights")  # adapter_sha256 names a temp path
+STEERING = ("steering", "solver", "contrastive_gamma", "aggregates", "diagnostics", "global_step", "weights")  # not the hashes:
+# adapter_sha256 names a temp path
 
 
 def snapshot(run: Path) -> dict:

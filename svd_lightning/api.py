@@ -27,7 +27,8 @@ from typing import Sequence
 import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
-from svd_lightning.config import ConfigError, Method, SteeringConfig
+from svd_lightning.config import (FORWARD_MODES, ConfigError, ForwardMode, Method, SolverSettings, SteeringConfig,
+                                  strength_problem)
 from svd_lightning.forward.adapter import model_with_adapter
 from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.generation import MODES, SteeringLogitsProcessor, check_prompts, generate_answers, steering_decoding_loop
@@ -46,9 +47,10 @@ class SteeredModel:
     """A peft model, its tokenizer and the :class:`~svd_lightning.config.SteeringConfig` of a run.
 
     Build one with :meth:`from_run_dir`, or from a peft model you hold
-    (``SteeredModel(module.model, module.tokenizer, module.steering_config)``). ``config.mu`` must be
-    set (a run always has it); ``config.gamma`` (the contrastive baseline's γ, when the run fit one)
-    adds a ``contrastive`` score and ``generate(..., method="contrastive")``.
+    (``SteeredModel(module.model, module.tokenizer, module.steering_config, gamma=module.gamma)``).
+    ``config.mu`` must be set (a run always has it); ``gamma`` (the contrastive baseline's γ, when the run
+    fit one) adds a ``contrastive`` score and ``generate(..., method="contrastive")``. ``forward_mode``: how
+    the two distributions are computed (:mod:`svd_lightning.forward.rows`; the scores are the same).
     """
 
     model: torch.nn.Module
@@ -57,23 +59,29 @@ class SteeredModel:
     max_length: int = 512
     run_dir: str | None = None
     run: SteeringRun | None = None  # the record it was loaded from (save_pretrained keeps its provenance)
+    gamma: float | None = None
+    forward_mode: ForwardMode = "auto"
     prefixes: PrefixCache = field(default_factory=PrefixCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SteeringConfig):
             raise TypeError(f"config must be a SteeringConfig, got {type(self.config).__name__}")
+        where = f"SteeredModel{f' (run {self.run_dir})' if self.run_dir else ''}"
         if self.config.mu is None:
-            raise ConfigError(f"SteeredModel{f' (run {self.run_dir})' if self.run_dir else ''}: config.mu is None; "
-                              "a steered model needs a strength")
+            raise ConfigError(f"{where}: config.mu is None; a steered model needs a strength")
+        if strength_problem(self.gamma, "gamma"):
+            raise ConfigError(f"{where}: gamma {strength_problem(self.gamma, 'gamma')}, got {self.gamma!r}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise ConfigError(f"{where}: forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
         self.model.eval()
         check_steering_precision(self.model, self.config.mu, f"SteeredModel{f' ({self.run_dir})' if self.run_dir else ''}")
 
     @classmethod
     def from_run_dir(cls, path: str | os.PathLike, *, base_model: str | os.PathLike | None = None,
                      device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                     **overrides) -> "SteeredModel":
-        """Load ``path``'s base model + adapter + settings; ``overrides`` replace settings (e.g. ``mu=0.0``,
-        ``forward_mode="two_pass"``), checked by :meth:`SteeringConfig.replace`.
+                     forward_mode: ForwardMode = "auto", **overrides) -> "SteeredModel":
+        """Load ``path``'s base model + adapter + settings; ``overrides`` replace decode settings (e.g.
+        ``mu=0.0``), checked by :meth:`SteeringConfig.replace`; ``forward_mode``: see the class.
 
         ``base_model``: the base model to load (a folder, ``.gguf`` or Hub id) instead of the one the run names;
         a run that names a local path needs it, or its folder in ``$SVD_LIGHTNING_MODEL_DIRS``
@@ -93,18 +101,20 @@ class SteeredModel:
             model = model.to(_DTYPES.get(dtype, dtype))
         if device is not None:
             model = model.to(device)
-        return cls(model, tokenizer, config, run_dir=str(path), run=run)
+        return cls(model, tokenizer, config, run_dir=str(path), run=run, gamma=run.contrastive_gamma,
+                   forward_mode=forward_mode)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
                         base_model: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, **overrides) -> "SteeredModel":
+                        dtype: torch.dtype | str | None = None, forward_mode: ForwardMode = "auto",
+                        **overrides) -> "SteeredModel":
         """A run from a local directory or a Hugging Face Hub model repo (``"user/run"``, at ``revision``).
 
         Hub repos are fetched with ``huggingface_hub.snapshot_download`` into its cache; with
         ``HF_HUB_OFFLINE=1`` the cached snapshot is used and nothing is downloaded. The run's base
-        model is loaded as its ``steering.json`` names it. ``base_model``, ``device``, ``dtype``, ``overrides``:
-        see :meth:`from_run_dir`.
+        model is loaded as its ``steering.json`` names it. ``base_model``, ``device``, ``dtype``,
+        ``forward_mode``, ``overrides``: see :meth:`from_run_dir`.
         """
         local = os.path.expanduser(os.fspath(name_or_path))
         if not os.path.isdir(local):
@@ -120,15 +130,16 @@ class SteeredModel:
                                f"cache and cannot be fetched here (offline or unreachable): {err}") from None
         elif revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {name_or_path} is a local directory")
-        return cls.from_run_dir(local, base_model=base_model, device=device, dtype=dtype, **overrides)
+        return cls.from_run_dir(local, base_model=base_model, device=device, dtype=dtype, forward_mode=forward_mode,
+                                **overrides)
 
     def steering_run(self) -> SteeringRun:
         """The run record of this model with its current settings (provenance kept from the loaded run)."""
         if self.run is not None:
-            config = self.config
-            if config.mu != self.run.steering.mu:  # set by hand now: no longer what the run's solver gave
-                config = config.replace(strength="fixed")
-            return dataclasses.replace(self.run, steering=config)
+            solver = self.run.solver
+            if self.config.mu != self.run.steering.mu:  # set by hand now: no longer what the run's solver gave
+                solver = SolverSettings(strength="fixed")
+            return dataclasses.replace(self.run, steering=self.config, solver=solver, contrastive_gamma=self.gamma)
         peft_config = getattr(self.model, "peft_config", {}).get(getattr(self.model, "active_adapter", None))
         if peft_config is None or adapter_kind(peft_config.peft_type) is None:
             raise RunError("save_pretrained needs a peft model with an adapter svd-lightning knows (SteeredModel.model "
@@ -139,6 +150,7 @@ class SteeredModel:
                            "with from_pretrained(NAME) before wrapping it, or set "
                            "model.peft_config[model.active_adapter].base_model_name_or_path = NAME")
         return SteeringRun(model=str(peft_config.base_model_name_or_path), steering=self.config,
+                           solver=SolverSettings(strength="fixed"), contrastive_gamma=self.gamma,
                            adapter=adapter_kind(peft_config.peft_type))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -153,8 +165,8 @@ class SteeredModel:
             writer.write_run(self.model, run, self.tokenizer)
             source = Path(self.run_dir) / METRICS_FILE if self.run_dir else None
             if source is not None and source.is_file():
-                if self.config.replace(forward_mode="auto") == self.run.steering.replace(forward_mode="auto"):
-                    # the source run's scores are this model's (the forward mode only changes how they are computed)
+                if (self.config, self.gamma) == (self.run.steering, self.run.contrastive_gamma):
+                    # the source run's scores are this model's
                     text = source.read_text(encoding="utf-8")
                     try:
                         json.loads(text)
@@ -203,7 +215,7 @@ class SteeredModel:
 
         Give the prompts' ``attention_mask`` (left-padded batches); make a new one per call."""
         steering = self.model if model is None else model_with_adapter(model, self.model, "logits_processor")
-        return SteeringLogitsProcessor(steering, self.config.method(method), attention_mask=attention_mask,
+        return SteeringLogitsProcessor(steering, self.config.method(method, self.gamma), attention_mask=attention_mask,
                                        pad_token_id=self.tokenizer.pad_token_id)
 
     @property
@@ -221,7 +233,7 @@ class SteeredModel:
     @torch.no_grad()
     def score(self, prompt: str | Sequence[str], choices: Sequence[str] | Sequence[Sequence[str]], batch_size: int = 8):
         """Summed log-likelihood of each choice after its prompt: ``{"plain", "base", "steered"}`` (and
-        ``"contrastive"`` when the config has a γ).
+        ``"contrastive"`` when the model has a γ).
 
         One question: ``score(prompt, [c1, c2, ...])`` returns a dict of lists. Many: ``score([p1, p2],
         [[c11, c12], [c21, ...]])`` returns a list of such dicts, scored ``batch_size`` questions at a time.
@@ -246,7 +258,8 @@ class SteeredModel:
         for start in range(0, len(examples), batch_size):
             batch = collate_choices(examples[start : start + batch_size], tok)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            scores = score_choices(self.model, batch, self.config, prefixes=self.prefixes)
+            scores = score_choices(self.model, batch, self.config, gamma=self.gamma, forward_mode=self.forward_mode,
+                                   prefixes=self.prefixes)
             keys = [k for k in ("plain", "base", "steered", "contrastive") if k in scores]
             for q in batch["question_index"].unique(sorted=True).tolist():
                 rows = batch["question_index"] == q
@@ -269,8 +282,9 @@ class SteeredModel:
         single = isinstance(prompts, str)  # generation.check_prompts checks the rest
         options = {k: generation_kwargs.pop(k) for k in _MODE_OPTIONS if k in generation_kwargs}
         rows = generate_answers(self.model, self.tokenizer, [prompts] if single else prompts,
-                                self.config.method(method), mode, batch_size=batch_size, seed=seed, progress=False,
-                                with_plain=with_plain, generation=generation_kwargs, **options)
+                                self.config.method(method, self.gamma), mode, batch_size=batch_size, seed=seed,
+                                progress=False, with_plain=with_plain, generation=generation_kwargs,
+                                forward_mode=self.forward_mode, **options)
         out = rows if with_plain else [r["steered"] for r in rows]
         return out[0] if single else out
 

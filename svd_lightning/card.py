@@ -135,8 +135,9 @@ def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run",
     front = card_data(run, metrics, base).to_yaml()
     d = run.diagnostics or {}
     h = run.hparams or {}
-    strength = s.strength + (f" ({s.curvature} curvature" + (f", trim {s.trim}" if s.strength == "trimmed" else "")
-                             + ")" if s.curvature else "")
+    solver = run.solver
+    strength = solver.strength + (f" ({solver.curvature} curvature" + (f", trim {solver.trim}" if solver.strength ==
+                                                                     "trimmed" else "") + ")")
     rows = [
         ("base model", f"`{run.model}`" + (f" ([{base}](https://huggingface.co/{base}))" if base else "")),
         ("adapter", f"{run.adapter}" + (f", options {run.adapter_options}" if run.adapter_options else ", peft defaults "
@@ -144,8 +145,8 @@ def model_card(run, metrics: dict | None = None, name: str = "path/to/this/run",
         ("warm start", f"{run.global_step} steps" + (f", learning rate {h['learning_rate']}" if "learning_rate" in h else "")),
         ("μ̄ (steering strength)", f"{s.mu:.6g}, by `{strength}`"),
         ("α (confidence mask), policy, direction", f"{s.alpha}, `{s.scoring_policy}`, `{s.direction}`"),
-        ("γ (contrastive baseline)", "none fit" if s.gamma is None else f"{s.gamma:g}, fit to the calibration "
-                                                                          "multiple-choice loss"),
+        ("γ (contrastive baseline)", "none fit" if run.contrastive_gamma is None else
+         f"{run.contrastive_gamma:g}, fit to the calibration multiple-choice loss"),
         ("calibrated on", f"{_num(d.get('tokens'), 6)} reference-answer tokens"
          + (f", {_num(d.get('choice_sets'), 6)} choice sets ({_num(d.get('choice_rows'), 6)} rows)" if "choice_sets" in d else "")
          + f"; mean KL(warm ‖ pre-trained) per token {_num(d.get('kl_mean'))}"),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
@@ -32,9 +33,18 @@ from svd_lightning.recipes import packaged_configs
 
 
 # The steering callbacks every command gets (LightningCLI's always-on callbacks): a config sets their
-# options under these keys (`steering.strength: trimmed`) instead of repeating the callback list.
-DEFAULT_CALLBACKS = {"extraction": SteeringExtraction, "steering": StrengthSolver,
+# options under these keys (`solver.strength: trimmed`) instead of repeating the callback list.
+DEFAULT_CALLBACKS = {"extraction": SteeringExtraction, "solver": StrengthSolver,
                      "contrastive": ContrastiveBaseline, "report": SteeredValidation}
+
+
+class FormerSolverKey:
+    """``steering.*``: the strength solver's options under the key configs used before ``solver.*`` (run format
+    3). Read into ``solver.*`` with a note; never a callback of its own."""
+
+    def __init__(self, strength: Optional[str] = None, curvature: Optional[str] = None, trim: Optional[float] = None,
+                 limit_batches: Optional[int] = None):
+        pass
 
 
 class SteeringCLI(LightningCLI):
@@ -43,6 +53,7 @@ class SteeringCLI(LightningCLI):
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(callback, key)
+        parser.add_class_arguments(FormerSolverKey, "steering", instantiate=False, help=argparse.SUPPRESS)
         parser.add_argument(
             "--contrastive_baseline", type=bool, default=True,
             help="also fit and score the contrastive baseline z_φ + γ(z_φ − z_θ) (the calibration pass then runs over the calib "
@@ -57,6 +68,21 @@ class SteeringCLI(LightningCLI):
             help="fit only: the warm-start weights the run is calibrated on, written with and tested: best (a "
                  "ModelCheckpoint that monitors a metric: its best checkpoint; else the last) or last",
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        former = {k: v for k, v in vars(config.get("steering") or {}).items() if v is not None}
+        if former:
+            say("steering.* is now solver.* (the strength solver's options): read as "
+                + ", ".join(f"solver.{k}={v}" for k, v in former.items()))
+            defaults = vars(self._parser(self.subcommand).get_defaults().get("solver"))
+            for key, value in former.items():
+                given = config.get(f"solver.{key}")
+                if given != defaults.get(key) and given != value:
+                    raise InputError(f"steering.{key}={value!r} (its former key) and solver.{key}={given!r} disagree: "
+                                     f"give solver.{key} only")
+                config[f"solver.{key}"] = value
+        config.pop("steering", None)
 
     def before_fit(self) -> None:
         if self._get(self.config, "test_after_fit") and isinstance(self.datamodule, ChoiceDataModule):

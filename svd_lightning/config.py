@@ -1,17 +1,17 @@
-"""``SteeringConfig``: every decode-time setting of SVDecode in one validated object.
+"""The settings of SVDecode, each in one validated object: :class:`SteeringConfig` (the decode settings) and
+:class:`SolverSettings` (how a run's μ̄ was solved).
 
-In the style of peft's ``LoraConfig``: a dataclass whose options are defined and checked here
-once (``__post_init__``), with per-field help, saved as JSON (nested in ``steering.json``, see
-:mod:`svd_lightning.run`). One object travels through scoring, generation, calibration,
+In the style of peft's ``LoraConfig``: dataclasses whose options are defined and checked here once
+(``__post_init__``), with per-field help, saved as JSON (``steering.json``'s ``steering`` and ``solver``, see
+:mod:`svd_lightning.run`). One ``SteeringConfig`` travels through scoring, generation, calibration,
 :class:`svd_lightning.SteeredModel` and the lm-eval backend; the code that applies it lives in
-:mod:`svd_lightning.scoring`, :mod:`svd_lightning.generation` and :mod:`svd_lightning.calibration`. Free of torch, so a run can be
-read without it.
+:mod:`svd_lightning.scoring`, :mod:`svd_lightning.generation` and :mod:`svd_lightning.calibration`. Free of
+torch, so a run can be read without it.
 
     config = SteeringConfig(mu=-31.1, alpha=0.1)
     config.replace(mu=0.0)            # a new, validated config
-    config.contrastive()              # the contrastive baseline z_φ + γ(z_φ − z_θ) as a config
+    config.contrastive(0.35)          # the contrastive baseline z_φ + γ(z_φ − z_θ) at γ = 0.35 as a config
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +57,12 @@ def _help(text: str, **kw) -> Any:
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    """The decode-time settings of SVDecode (and of the contrastive baseline scored beside it)."""
+    """The decode-time settings of SVDecode: the strength μ̄ and the four that shape the steered distribution.
+
+    How μ̄ was solved is the run's :class:`SolverSettings`; the contrastive baseline's γ is the run's own
+    (``SteeringRun.contrastive_gamma``); how a machine computes the two distributions (``forward_mode``) is an
+    argument of the call that computes them. None of those change what a steered score or answer is.
+    """
 
     mu: float | None = _help("the steering strength μ̄ (None: not solved yet); usually negative for δz",
                              default=None)
@@ -69,15 +74,6 @@ class SteeringConfig:
     floor: float = _help("log-probability of a masked label token under scoring_policy=floor, ≤ 0", default=-20.0)
     direction: Direction = _help("the vector μ̄ scales: kl_gradient (SVDecode's δz) or logit_difference "
                                  "(z_φ − z_θ, contrastive / proxy-tuning)", default="kl_gradient")
-    forward_mode: ForwardMode = _help("auto (one forward for both distributions where the adapter allows, "
-                                      "i.e. LoRA), one_forward or two_pass", default="auto")
-    gamma: float | None = _help("γ of the contrastive baseline z_φ + γ(z_φ − z_θ) fit on the same calibration "
-                                "data (None: not fit)", default=None)
-    strength: Strength = _help("how μ̄ was (or is to be) solved: exact, mean, median, trimmed, pooled, "
-                               "choice_nll, or fixed (set by hand)", default="exact")
-    curvature: Curvature = _help("curvature of the per-token Newton step for mean / median / trimmed / "
-                                 "pooled: identity (the paper) or fisher", default="identity")
-    trim: float = _help("fraction cut at each tail by strength=trimmed, in [0, 0.5)", default=0.1)
 
     def __post_init__(self) -> None:
         self.check()
@@ -87,25 +83,17 @@ class SteeringConfig:
         def bad(name: str, why: str):
             raise ConfigError(f"{where}: {name} {why}, got {getattr(self, name)!r}")
 
-        for name in ("mu", "gamma"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if _not_number(value):
-                bad(name, "must be a finite number")
-            if abs(value) > MAX_ABS_STRENGTH:
-                bad(name, f"is too large: |{name}| ≤ {MAX_ABS_STRENGTH:g} keeps steered logits finite in fp32")
-        for name in ("alpha", "floor", "trim"):
+        problem = strength_problem(self.mu)
+        if problem:
+            bad("mu", problem)
+        for name in ("alpha", "floor"):
             if _not_number(getattr(self, name)):
                 bad(name, "must be a finite number")
         if not 0.0 < self.alpha <= 1.0:
             bad("alpha", "must be in (0, 1]")
         if self.floor > 0:
             bad("floor", "is a log-probability and must be ≤ 0")
-        if not 0.0 <= self.trim < 0.5:
-            bad("trim", "must be in [0, 0.5)")
-        for name, options in (("scoring_policy", SCORING_POLICIES), ("direction", DIRECTIONS),
-                              ("forward_mode", FORWARD_MODES), ("strength", STRENGTHS), ("curvature", CURVATURES)):
+        for name, options in (("scoring_policy", SCORING_POLICIES), ("direction", DIRECTIONS)):
             if getattr(self, name) not in options:
                 bad(name, f"must be one of {options}")
 
@@ -120,21 +108,21 @@ class SteeringConfig:
         """The mask threshold the strength is solved with: ``alpha``, or (policy ``none``) no mask."""
         return NO_MASK_ALPHA if self.scoring_policy == "none" else self.alpha
 
-    def contrastive(self, gamma: float | None = None) -> "SteeringConfig":
-        """The contrastive baseline ``z_φ + γ(z_φ − z_θ)`` as steering: the logit difference at μ = γ, no mask
-        (``gamma``: another γ than this config's, e.g. a point of the grid γ is chosen on)."""
-        if gamma is not None:
-            return self.replace(gamma=gamma).contrastive()
-        if self.gamma is None:
-            raise ConfigError("SteeringConfig: no contrastive γ (gamma is None): fit it with "
-                              "svd_lightning.callbacks.ContrastiveBaseline")
-        return self.replace(mu=self.gamma, direction="logit_difference", scoring_policy="none")
+    def contrastive(self, gamma: float) -> "SteeringConfig":
+        """The contrastive baseline ``z_φ + γ(z_φ − z_θ)`` as steering: the logit difference at μ = γ, no mask."""
+        return self.replace(mu=gamma, direction="logit_difference", scoring_policy="none")
 
-    def method(self, name: Method = "svdecode") -> "SteeringConfig":
-        """The config that decodes with ``name``: ``svdecode`` (this one) or ``contrastive``."""
+    def method(self, name: Method = "svdecode", gamma: float | None = None) -> "SteeringConfig":
+        """The config that decodes with ``name``: ``svdecode`` (this one) or ``contrastive`` (with ``gamma``, the
+        run's contrastive γ)."""
         if name not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {name!r}")
-        return self if name == "svdecode" else self.contrastive()
+        if name == "svdecode":
+            return self
+        if gamma is None:
+            raise ConfigError("method 'contrastive': this run has no contrastive γ (no baseline was fit: "
+                              "svd_lightning.callbacks.ContrastiveBaseline fits one)")
+        return self.contrastive(gamma)
 
     # -- values --------------------------------------------------------------------------------------
     def replace(self, **changes) -> "SteeringConfig":
@@ -181,6 +169,62 @@ class SteeringConfig:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: cannot read a SteeringConfig ({err})") from None
         return cls.from_dict(payload, str(path))
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How a run's μ̄ was solved (the :class:`~svd_lightning.callbacks.StrengthSolver`'s options, or ``fixed``):
+    a record of where the strength came from, not a decode setting."""
+
+    strength: Strength = _help("exact, mean, median, trimmed, pooled, choice_nll, or fixed (set by hand)",
+                               default="exact")
+    curvature: Curvature = _help("curvature of the per-token Newton step for mean / median / trimmed / pooled: "
+                                 "identity (the paper) or fisher", default="identity")
+    trim: float = _help("fraction cut at each tail by strength=trimmed, in [0, 0.5)", default=0.1)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, where: str = "SolverSettings") -> None:
+        for name, options in (("strength", STRENGTHS), ("curvature", CURVATURES)):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{where}: {name} must be one of {options}, got {getattr(self, name)!r}")
+        if _not_number(self.trim) or not 0.0 <= self.trim < 0.5:
+            raise ConfigError(f"{where}: trim must be a number in [0, 0.5), got {self.trim!r}")
+
+    @property
+    def key(self) -> str:
+        """The strength's name among a run's aggregates (``exact``, ``trimmed_fisher``, ...)."""
+        return self.strength if self.strength in ("exact", "choice_nll", "fixed") else f"{self.strength}_{self.curvature}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: Any, where: str = "SolverSettings") -> "SolverSettings":
+        if not isinstance(payload, dict):
+            raise ConfigError(f"{where}: expected an object of settings, got {type(payload).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(payload) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {unknown}; the settings are {names}")
+        settings = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(settings, f.name, payload.get(f.name, f.default))
+        settings.check(where)
+        return settings
+
+
+def strength_problem(value, name: str = "mu") -> str | None:
+    """What is wrong with a strength (μ̄ or γ, called ``name``) as a number, or None (None itself is no problem:
+    not solved)."""
+    if value is None:
+        return None
+    if _not_number(value):
+        return "must be a finite number"
+    if abs(value) > MAX_ABS_STRENGTH:
+        return f"is too large: |{name}| ≤ {MAX_ABS_STRENGTH:g} keeps steered logits finite in fp32"
+    return None
 
 
 def _not_number(value) -> bool:

@@ -92,14 +92,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m svd_lightning.gen
         prompts = read_prompts(args.prompts)
         decoding_kwargs(args.mode, **options)
         check_output(args.out)
-        overrides = {"forward_mode": args.forward_mode} | ({} if args.mu is None else {"mu": args.mu})
-        config = SteeringRun.load(args.run_dir).steering.replace(**overrides).method(args.method)
+        run = SteeringRun.load(args.run_dir)
+        config = run.steering.replace(**({} if args.mu is None else {"mu": args.mu}))
+        config = config.method(args.method, run.contrastive_gamma)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     say(f"reading run {Path(args.run_dir).resolve()}")
     model, tokenizer, _ = load_run(args.run_dir, args.base_model)
     rows = generate_answers(model, tokenizer, prompts, config, args.mode, batch_size=args.batch_size,
-                            seed=args.seed, **options)
+                            seed=args.seed, forward_mode=args.forward_mode, **options)
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} answers to {args.out} (mode={args.mode}, method={args.method}, mu={config.mu:+.4g}, "
           f"alpha={config.alpha})")

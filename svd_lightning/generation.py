@@ -21,7 +21,7 @@ from transformers.generation import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from svd_lightning.config import ConfigError, SteeringConfig
+from svd_lightning.config import ConfigError, ForwardMode, SteeringConfig
 from svd_lightning.forward.adapter import adapter_disabled, leaves_no_hooks, model_with_adapter, tuner_layers
 from svd_lightning.forward.rows import PAIRED, adapter_names, positions, resolve_forward_mode
 from svd_lightning.sharding import is_sharded, lockstep
@@ -51,11 +51,14 @@ class SteeringLogitsProcessor(LogitsProcessor):
     search are matched to their parent by prefix, and the base cache is reordered the same way.
     Returns normalised log-probs (−∞ on masked tokens), which greedy, sampling warpers and beam
     search all accept. ``mu=0`` keeps the warm model's ranking among kept tokens (min-p style).
+    ``check_model``: at the first step, one warm pass over the prompts checks that ``generate``'s scores
+    are ``model``'s with its adapter on (another model's would be steered silently wrong).
     """
 
     def __init__(self, model, config: SteeringConfig, attention_mask: torch.Tensor | None = None,
-                 pad_token_id: int | None = None):
+                 pad_token_id: int | None = None, check_model: bool = True):
         self.model, self.config = model, _generation_config(config)
+        self.check_model = check_model  # off where generate runs on the model itself (one prompt pass saved)
         self.prompt_mask, self.pad_token_id = attention_mask, pad_token_id
         self.cache = None
         self.seen: torch.Tensor | None = None  # the ids whose base pass is in the cache
@@ -134,7 +137,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         first = self.seen is None
         base = self.base_next_logits(input_ids)
-        if first:
+        if first and self.check_model:
             self._check_scores_model(input_ids, scores)
         return steered_next_log_probs(scores, base, self.config)
 
@@ -246,7 +249,8 @@ def steering_decoding_loop(steered_model, config: SteeringConfig):
     def custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
                         synced_gpus: bool = False, streamer=None, **model_kwargs):
         steering = model_with_adapter(model, steered_model, "custom_generate")
-        processor = SteeringLogitsProcessor(steering, config, attention_mask=model_kwargs.get("attention_mask"))
+        processor = SteeringLogitsProcessor(steering, config, attention_mask=model_kwargs.get("attention_mask"),
+                                            check_model=False)  # the model is checked by its adapter's weights
         processors = list(logits_processor)
         at = next((i for i, p in enumerate(processors) if _runs_last(p)), len(processors))
         processors.insert(at, processor)
@@ -259,10 +263,11 @@ def steering_decoding_loop(steered_model, config: SteeringConfig):
     return custom_generate
 
 
-def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SteeringConfig,
-                     **generate_kwargs):
-    """``model.generate`` with SVDecode under ``config`` (μ̄, α, direction, forward mode; the mask
-    unless the policy is ``none``); all of transformers' decoding options apply on top.
+def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SteeringConfig, *,
+                     forward_mode: ForwardMode = "auto", **generate_kwargs):
+    """``model.generate`` with SVDecode under ``config`` (μ̄, α, direction; the mask unless the policy is
+    ``none``); all of transformers' decoding options apply on top. ``forward_mode``: see
+    :mod:`svd_lightning.forward.rows`.
 
     Sampling options (temperature, top-k, top-p, …) act on the steered distribution. The one-forward
     path covers greedy, beam search and sampling (also with ``num_return_sequences``); beam
@@ -271,7 +276,8 @@ def steered_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     A sharded model (:mod:`svd_lightning.sharding`) generates in lockstep with the other ranks.
     """
     with lockstep(model):
-        return _steered_generate(model, input_ids, attention_mask, config, **_unsynced(model, generate_kwargs))
+        return _steered_generate(model, input_ids, attention_mask, config, forward_mode,
+                                 **_unsynced(model, generate_kwargs))
 
 
 def _unsynced(model, generate_kwargs: dict) -> dict:
@@ -282,7 +288,7 @@ def _unsynced(model, generate_kwargs: dict) -> dict:
 
 
 @leaves_no_hooks
-def _steered_generate(model, input_ids, attention_mask, config, **generate_kwargs):
+def _steered_generate(model, input_ids, attention_mask, config, forward_mode, **generate_kwargs):
     config = _generation_config(config)
     extra = list(generate_kwargs.pop("logits_processor", None) or [])
     options = model.generation_config.__class__.from_dict({**model.generation_config.to_dict(), **generate_kwargs})
@@ -290,8 +296,8 @@ def _steered_generate(model, input_ids, attention_mask, config, **generate_kwarg
     warpers, unsupported = _sampling_warpers(options) if sample else ([], None)
     if sample and beams > 1:
         unsupported = "beam sampling draws per beam inside generate"
-    if resolve_forward_mode(model, config.forward_mode, unsupported) == "two_pass":
-        processor = SteeringLogitsProcessor(model, config, attention_mask=attention_mask)
+    if resolve_forward_mode(model, forward_mode, unsupported) == "two_pass":
+        processor = SteeringLogitsProcessor(model, config, attention_mask=attention_mask, check_model=False)
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               logits_processor=LogitsProcessorList([processor, *extra]), **generate_kwargs)
     kwargs = dict(generate_kwargs, num_beams=beams)  # peft repeats adapter_names per beam only when told
@@ -360,7 +366,7 @@ def check_prompts(prompts, tokenizer) -> list[str]:
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], config: SteeringConfig, mode: str = "greedy", *,
                      batch_size: int = 8, seed: int = 0, progress: bool = True, with_plain: bool = True,
-                     generation: dict | None = None, **kw) -> list[dict]:
+                     generation: dict | None = None, forward_mode: ForwardMode = "auto", **kw) -> list[dict]:
     """Plain and steered (``config``) continuations of ``prompts`` (left-padded batches); ``kw`` go to
     :func:`decoding_kwargs`, ``generation`` (any other option of transformers' ``generate``, e.g.
     ``repetition_penalty``, ``eos_token_id``, ``streamer``) to ``generate`` as given: transformers
@@ -391,7 +397,8 @@ def generate_answers(model, tokenizer, prompts: list[str], config: SteeringConfi
                 torch.manual_seed(seed + start)
                 plain = model.generate(**enc, **gen) if with_plain else None
                 torch.manual_seed(seed + start)
-                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], config, **gen,
+                steered = steered_generate(model, enc["input_ids"], enc["attention_mask"], config,
+                                           forward_mode=forward_mode, **gen,
                                            **({"streamer": streamer} if streamer is not None else {}))
                 n = enc["input_ids"].shape[1]
                 decode = lambda out: tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)  # noqa: E731

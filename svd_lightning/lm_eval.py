@@ -69,10 +69,11 @@ class SteeredHFLM(HFLM):
             device = None  # as HFLM does: the device there is
         if mu is not None:
             mu = _number(mu, "mu")
-        overrides = {"forward_mode": forward_mode} | ({} if mu is None else {"mu": float(mu)})
+        overrides = {} if mu is None else {"mu": float(mu)}
         self.steered = SteeredModel.from_pretrained(source, revision=revision, base_model=base_model, device=device,
-                                                    **overrides)
-        self.steering_config = self.steered.config.method(method)  # what every request is scored and generated with
+                                                    forward_mode=forward_mode, **overrides)
+        # what every request is scored and generated with
+        self.steering_config = self.steered.config.method(method, self.steered.gamma)
         self._first_scored = 0  # see _loglikelihood_tokens
         super().__init__(pretrained=self.steered.model, tokenizer=self.steered.tokenizer, batch_size=batch_size,
                          max_length=max_length, **kwargs)
@@ -109,7 +110,7 @@ class SteeredHFLM(HFLM):
         c = self.steering_config
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
-            warm, base = paired_logits(self.steered.model, inps, c.forward_mode, skip=self._first_scored,
+            warm, base = paired_logits(self.steered.model, inps, self.steered.forward_mode, skip=self._first_scored,
                                        prefixes=self.steered.prefixes)
         return steered_log_probs(warm, base, c.mu, c.alpha, c.scoring_policy, c.floor, direction=c.direction)
 
@@ -126,11 +127,12 @@ class SteeredHFLM(HFLM):
         with torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
             return steered_generate(self.steered.model, context, mask, self.steering_config, max_length=max_length,
-                                    stopping_criteria=stopping,
+                                    forward_mode=self.steered.forward_mode, stopping_criteria=stopping,
                                     pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
 
     def get_model_info(self) -> dict:
         return {"svd_run_dir": self.steered.run_dir, **{f"svd_{k}": v for k, v in self.steering_config.to_dict().items()},
+                "svd_forward_mode": self.steered.forward_mode,
                 "model_num_parameters": sum(p.numel() for p in self.steered.model.parameters())}
 
 

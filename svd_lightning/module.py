@@ -14,7 +14,8 @@ import torch
 from svd_lightning.batch import validate_choice_batch
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass
 from svd_lightning.data.protocol import datasets_of
-from svd_lightning.config import Direction, ForwardMode, ScoringPolicy, SteeringConfig
+from svd_lightning.config import (FORWARD_MODES, ConfigError, Direction, ForwardMode, ScoringPolicy, SolverSettings,
+                                  SteeringConfig, strength_problem)
 from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.log import say
 from svd_lightning.scoring import score_choices
@@ -69,7 +70,7 @@ class SteeringLM(L.LightningModule):
         direction: the steering vector μ̄ scales: ``kl_gradient`` (SVDecode's δz, default) or
             ``logit_difference`` (``z_φ − z_θ``, the contrastive / proxy-tuning direction; a useful μ̄
             is then usually positive). See :func:`svd_lightning.steering.steering_direction`.
-        mu: a fixed μ̄; leaves the strength solver nothing to do (``--steering.strength`` names the solver).
+        mu: a fixed μ̄; leaves the strength solver nothing to do (``--solver.strength`` names the solver).
         strength: the former name of ``mu`` (configs and checkpoints that used it still load; a warning says so).
         run_dir: a finished run directory (:mod:`svd_lightning.run`): load its adapter and μ̄
             instead of training from scratch. Model, adapter, α, policy, floor and direction then
@@ -106,7 +107,7 @@ class SteeringLM(L.LightningModule):
             if mu is not None and mu != strength:
                 raise ValueError(f"SteeringLM: mu={mu} and strength={strength} (its former name) disagree; give mu only")
             warnings.warn("SteeringLM(strength=...) is now SteeringLM(mu=...) (--model.mu); strength names the "
-                          "solver (--steering.strength)", DeprecationWarning, stacklevel=2)
+                          "solver (--solver.strength)", DeprecationWarning, stacklevel=2)
             mu, strength = strength, None  # recorded (hparams, config.yaml) under its name now
         self.save_hyperparameters()
         given = {"model": model, "adapter": adapter, "alpha": alpha, "scoring_policy": scoring_policy, "floor": floor,
@@ -119,7 +120,9 @@ class SteeringLM(L.LightningModule):
             raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTER_METHODS}")
         # Every setting is checked here once, by the one config they all end up in.
         SteeringConfig.from_dict({k: settings[k] for k in ("alpha", "scoring_policy", "floor", "direction")}
-                                 | {"mu": mu, "forward_mode": forward_mode}, where="SteeringLM")
+                                 | {"mu": mu}, where="SteeringLM")
+        if forward_mode not in FORWARD_MODES:
+            raise ConfigError(f"SteeringLM: forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
         self.steering_state = SteeringState()
         self._announced = None  # the run whose path was last printed
         if run_dir is not None:
@@ -163,7 +166,7 @@ class SteeringLM(L.LightningModule):
         return None if math.isnan(value) else value
 
     def set_strength(self, mu: float) -> None:
-        SteeringConfig.from_dict({"mu": mu}, where="steering strength")
+        _check_strength(mu, "steering strength μ̄")
         self.steering_strength.fill_(float(mu))
 
     @property
@@ -172,15 +175,15 @@ class SteeringLM(L.LightningModule):
         return None if math.isnan(value) else value
 
     def set_contrastive_gamma(self, gamma: float) -> None:
-        SteeringConfig.from_dict({"gamma": gamma}, where="contrastive γ")
+        _check_strength(gamma, "contrastive γ")
         self.contrastive_gamma.fill_(float(gamma))
 
     @property
     def steering_config(self) -> SteeringConfig:
-        """The settings the module scores with, with its current μ̄ and γ (either may be None)."""
+        """The decode settings the module scores with, with its current μ̄ (None before it is solved)."""
         h = self.hparams
         return SteeringConfig(mu=self.mu, alpha=h.alpha, scoring_policy=h.scoring_policy, floor=h.floor,
-                              direction=h.direction, forward_mode=h.forward_mode, gamma=self.gamma)
+                              direction=h.direction)
 
     # -- sharding ------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -219,7 +222,8 @@ class SteeringLM(L.LightningModule):
         """
         validate_choice_batch(batch)
         with torch.autocast(self.device.type, enabled=False), lockstep(self.model):
-            return score_choices(self.model, batch, self.steering_config, prefixes=self.prefixes)
+            return score_choices(self.model, batch, self.steering_config, gamma=self.gamma,
+                                 forward_mode=self.hparams.forward_mode, prefixes=self.prefixes)
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         try:
@@ -323,12 +327,18 @@ class SteeringLM(L.LightningModule):
         if run is None:  # no μ̄: the adapter alone, which is not a run to steer with
             writer.save_adapter(self.model, adapter_state, portable_base(self.hparams.model)[0])
         else:  # with the contrastive γ when it was fit on these weights already (else it is added later)
-            run.steering = run.steering.replace(gamma=self.gamma)
+            run.contrastive_gamma = self.gamma
             writer.write_run(self.model, run, self.tokenizer, adapter_state=adapter_state)
 
     def fixed_strength_run(self) -> SteeringRun:
         h = self.hparams
-        return SteeringRun(model=h.model, adapter=h.adapter, steering=self.steering_config.replace(strength="fixed"),
+        return SteeringRun(model=h.model, adapter=h.adapter, steering=self.steering_config,
+                           solver=SolverSettings(strength="fixed"),
                            adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(self.tokenizer),
                            hparams=dict(h), datasets=datasets_of(self.trainer.datamodule))
 
+
+def _check_strength(value: float, name: str) -> None:
+    problem = strength_problem(value, name)
+    if problem:
+        raise ConfigError(f"{name} {problem}, got {value!r}")

@@ -88,21 +88,23 @@ def _per_row(values: torch.Tensor, row: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_choices(model, batch: dict, config: SteeringConfig = SteeringConfig(), share_prompts: bool = True,
+def score_choices(model, batch: dict, config: SteeringConfig = SteeringConfig(), *, gamma: float | None = None,
+                  forward_mode: ForwardMode = "auto", share_prompts: bool = True,
                   prefixes: PrefixCache | None = None) -> dict[str, torch.Tensor]:
     """Summed log-probability of each row's continuation under the plain (warm), base and steered models.
 
     Returns fp32 tensors ``[N]``: ``plain``, ``base``, ``steered`` (when ``config.mu`` is set),
-    ``contrastive`` (when ``config.gamma`` is set: the baseline ``z_φ + γ(z_φ − z_θ)``, see
+    ``contrastive`` (when ``gamma`` is given: the baseline ``z_φ + γ(z_φ − z_θ)``, see
     :meth:`SteeringConfig.contrastive`) and ``num_tokens`` (divide for per-token length
     normalisation). Masked label tokens follow ``config.scoring_policy`` (see
-    :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN. One forward serves all;
-    ``prefixes``: the owner's :class:`PrefixCache`, if it keeps one.
+    :func:`svd_lightning.steering.steered_log_probs`); no score is ever NaN. One forward serves all
+    (``forward_mode``: see :mod:`svd_lightning.forward.rows`); ``prefixes``: the owner's
+    :class:`PrefixCache`, if it keeps one.
     """
     variants = {"steered": config} if config.mu is not None else {}
-    if config.gamma is not None:
-        variants["contrastive"] = config.contrastive()
-    return score_choice_variants(model, batch, variants, share_prompts=share_prompts, forward_mode=config.forward_mode,
+    if gamma is not None:
+        variants["contrastive"] = config.contrastive(gamma)
+    return score_choice_variants(model, batch, variants, share_prompts=share_prompts, forward_mode=forward_mode,
                                  prefixes=prefixes)
 
 

@@ -59,9 +59,11 @@ def lora_model():
     return perturbed_lora()
 
 
-def save_tiny_run(model, run_dir, **fields):
-    """``model`` (a tiny-random LoRA) saved as a finished run at ``run_dir``; fields override the defaults."""
-    run = SteeringRun(model="tiny-random", adapter="lora", steering=SteeringConfig(**{"mu": -1.0, **fields}))
+def save_tiny_run(model, run_dir, gamma=None, **fields):
+    """``model`` (a tiny-random LoRA) saved as a finished run at ``run_dir``; ``fields`` override the default decode
+    settings, ``gamma`` is the run's contrastive γ."""
+    run = SteeringRun(model="tiny-random", adapter="lora", steering=SteeringConfig(**{"mu": -1.0, **fields}),
+                      contrastive_gamma=gamma)
     return write_run(model, run, run_dir, tokenizer=tiny_model_and_tokenizer()[1])
 
 
@@ -72,6 +74,8 @@ def as_older_format(run_dir, version: int, drop=()):
     payload = json.loads(path.read_text())
     payload["format_version"] = version
     payload["adapter_sha256"] = adapter_hash(Path(run_dir) / "adapter", version)
+    if version < 3:  # format 2: every setting in `steering`, with the contrastive γ and the forward mode
+        payload["steering"].update(payload.pop("solver"), gamma=payload.pop("contrastive_gamma"), forward_mode="auto")
     if version < 2:  # flat settings, without the ones format 2 added
         steering = payload.pop("steering")
         payload.update({k: v for k, v in steering.items() if k not in ("forward_mode", "gamma")})
@@ -226,7 +230,7 @@ def scored_choice_loss(model, batches, mu, **settings):
     """The choice loss from score_choices itself: Σ over (question, choice set) of −log Σ_true softmax(S)."""
     total = 0.0
     for batch in batches:
-        s = score_choices(model, batch, SteeringConfig(mu=mu, forward_mode="two_pass", **settings))["steered"].double()
+        s = score_choices(model, batch, SteeringConfig(mu=mu, **settings), forward_mode="two_pass")["steered"].double()
         for q, cset in {(int(a), int(b)) for a, b in zip(batch["question_index"], batch["choice_set"])}:
             sel = (batch["question_index"] == q) & (batch["choice_set"] == cset)
             t = batch["is_true"][sel].bool()

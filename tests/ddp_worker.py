@@ -139,9 +139,8 @@ def main(argv=None) -> None:
     if args.generate:
         module.model.eval()
         mine = PROMPTS[trainer.global_rank :: trainer.world_size]  # uneven on purpose: 3 and 2 prompts
-        config = module.steering_config.replace(forward_mode=args.forward_mode)
-        rows = generate_answers(module.model, module.tokenizer, mine, config, batch_size=1, progress=False,
-                                max_new_tokens=args.generate)
+        rows = generate_answers(module.model, module.tokenizer, mine, module.steering_config, batch_size=1,
+                                progress=False, forward_mode=args.forward_mode, max_new_tokens=args.generate)
         answers = sorted((r for part in gather(rows) for r in part), key=lambda r: PROMPTS.index(r["prompt"]))
     own_bytes, all_bytes = local_bytes(module.model)
     memory = gather({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

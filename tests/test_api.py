@@ -91,7 +91,7 @@ def _slow_contrastive_greedy(model, ids, steps, gamma):
 
 def test_a_runs_gamma_scores_and_generates_the_contrastive_baseline(with_gamma):
     sm = SteeredModel.from_run_dir(with_gamma)
-    assert sm.config.gamma == 1.5
+    assert sm.gamma == 1.5 and sm.run.contrastive_gamma == 1.5
     scores = sm.score("Q: Is the sky blue?\nA:", [" Yes", " No, it is green"])
     assert set(scores) == {"plain", "base", "steered", "contrastive"}
     prompt = "Q: What is the capital of France? A:"
@@ -99,7 +99,7 @@ def test_a_runs_gamma_scores_and_generates_the_contrastive_baseline(with_gamma):
     expected = sm.tokenizer.decode(_slow_contrastive_greedy(sm.model, ids, 5, 1.5)[0, ids.shape[1]:],
                                    skip_special_tokens=True)
     for mode in ("one_forward", "two_pass"):
-        got = SteeredModel(sm.model, sm.tokenizer, sm.config.replace(forward_mode=mode))
+        got = SteeredModel(sm.model, sm.tokenizer, sm.config, gamma=sm.gamma, forward_mode=mode)
         assert got.generate(prompt, method="contrastive", max_new_tokens=5) == expected, mode
     assert scores["contrastive"] != scores["steered"], "SVDecode and the baseline should score differently here"
 

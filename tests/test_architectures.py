@@ -125,12 +125,12 @@ def test_steered_scores_match_the_fp64_reference_on_every_layout(tokenizer, fami
     expected = [reference_scores(model, b) for b in batches]
     layouts = {"rows": False, "shared": True}
     for mode in _modes(model):
-        config = SteeringConfig(mu=MU, alpha=ALPHA, forward_mode=mode)
+        config = SteeringConfig(mu=MU, alpha=ALPHA)
         for layout, share in layouts.items():
             prefixes = PrefixCache()
             for _ in range(2):  # the second round finds the split prefix cached
                 for batch, ref in zip(batches, expected):
-                    got = score_choices(model, batch, config, share_prompts=share, prefixes=prefixes)
+                    got = score_choices(model, batch, config, forward_mode=mode, share_prompts=share, prefixes=prefixes)
                     for name in ("plain", "base", "steered"):
                         torch.testing.assert_close(got[name].double().cpu(), ref[name], rtol=RTOL, atol=TOL,
                                                    msg=lambda m: f"{family}/{method}/{attn}/{mode}/{layout} {name}: {m}")
@@ -138,7 +138,7 @@ def test_steered_scores_match_the_fp64_reference_on_every_layout(tokenizer, fami
         with monkeypatch.context() as patch:
             patch.setattr(encoders, "custom_masks", lambda m: None)
             for batch, ref in zip(batches, expected):
-                got = score_choices(model, batch, config, share_prompts=True)
+                got = score_choices(model, batch, config, forward_mode=mode, share_prompts=True)
                 torch.testing.assert_close(got["steered"].double().cpu(), ref["steered"], rtol=RTOL, atol=TOL,
                                            msg=lambda m: f"{family}/{method}/{attn}/{mode}/kv-shared: {m}")
 
@@ -235,15 +235,15 @@ def test_calibration_statistics_match_the_fp64_reference(tokenizer, family):
     choices = {k: v.to(DEVICE) for k, v in choices.items()}
     settings = SteeringConfig(alpha=ALPHA)
     for mode in _modes(model):
-        result = calibrate(model, [batch], settings.replace(forward_mode=mode), progress=False)
+        result = calibrate(model, [batch], settings, forward_mode=mode, progress=False)
         summary = result.stats.summary()
         for key, value in expected.items():
             # fp32 numerators and denominators: relative 1e-4, and absolute for strengths near 0
             assert summary[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{family}/{mode} {key}"
         # the solved strengths: minimisers of fp32 losses, flat near their minimum -- 1e-3 relative
         assert result.cache.solve() == pytest.approx(exact, rel=1e-3, abs=1e-3), f"{family}/{mode} exact"
-        needs = CalibrationNeeds(choice_caches={"c": settings.replace(forward_mode=mode)})
-        solved = calibrate_pass(model, [choices], settings.replace(forward_mode=mode), needs, progress=False)
+        needs = CalibrationNeeds(choice_caches={"c": settings})
+        solved = calibrate_pass(model, [choices], settings, needs, progress=False, forward_mode=mode)
         assert solved.choice_caches["c"].cache.solve() == pytest.approx(choice, rel=1e-3, abs=1e-3), f"{family}/{mode} choice_nll"
 
 
@@ -273,7 +273,7 @@ def test_greedy_generation_matches_the_fp64_reference(tokenizer, family, method)
     expected = reference_greedy(model, prompt, steps=6)
     for mode in _modes(model):
         out = steered_generate(model, prompt[None].to(DEVICE), torch.ones_like(prompt)[None].to(DEVICE),
-                               SteeringConfig(mu=MU, alpha=ALPHA, forward_mode=mode), max_new_tokens=6, do_sample=False,
+                               SteeringConfig(mu=MU, alpha=ALPHA), forward_mode=mode, max_new_tokens=6, do_sample=False,
                                pad_token_id=0, eos_token_id=None)
         assert out[0].cpu().tolist() == expected, f"{family}/{method}/{mode}"
 
@@ -374,7 +374,7 @@ def test_paper_configs_hold_the_papers_protocol_and_fit_one_80gb_gpu(config, cap
     model, trainer, data = settings["model"], settings["trainer"], settings["data"]["init_args"]
     assert (model["learning_rate"], model["alpha"], trainer["max_epochs"]) == (5e-5, 0.1, 1)
     assert (data["train_batch_size"], data["max_length"], data["split"]) == (1, 512, [0.6, 0.2, 0.2])
-    assert (settings["steering"]["strength"], settings["steering"]["curvature"]) == ("mean", "identity")
+    assert (settings["solver"]["strength"], settings["solver"]["curvature"]) == ("mean", "identity")
     assert "/" in model["model"] and trainer["precision"] == "bf16-mixed" and trainer["devices"] == 1
     spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
     scale = sys.modules["scale"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
@@ -404,5 +404,5 @@ def test_paper_configs_run_end_to_end_on_a_tiny_model_of_their_family(config, tm
           "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.init_args.path", str(data),
           "--data.init_args.instruction", "false", "--data.init_args.few_shot", "false",
           "--data.init_args.limit_train", "4", "--data.init_args.limit_calib", "4", "--data.init_args.limit_test", "4"])
-    steering = json.loads((tmp_path / "runs/version_0/steering.json").read_text())["steering"]
-    assert steering["strength"] == "mean" and torch.isfinite(torch.tensor(steering["mu"]))
+    record = json.loads((tmp_path / "runs/version_0/steering.json").read_text())
+    assert record["solver"]["strength"] == "mean" and torch.isfinite(torch.tensor(record["steering"]["mu"]))

@@ -36,16 +36,16 @@ class Counted:
 
 @pytest.mark.parametrize("direction", ["kl_gradient", "logit_difference"])
 def test_one_pass_over_the_choices_serves_every_solver_with_the_numbers_of_separate_passes(tokenizer, model64, direction):
-    config = SteeringConfig(alpha=0.1, direction=direction, forward_mode="two_pass")
+    config, two_pass = SteeringConfig(alpha=0.1, direction=direction), {"forward_mode": "two_pass"}
     choices = Counted(choice_batches(tokenizer))
     needs = CalibrationNeeds(tokens=True, choice_cache=True, grids={"contrastive": GAMMA_GRID})
-    one = calibrate_pass(model64, choices, config, needs, progress=False)
+    one = calibrate_pass(model64, choices, config, needs, progress=False, **two_pass)
     assert choices.iterations == 1 and one.passes == 1 and one.batches == 2 and one.missing_references == 0
     assert one.diagnostics == {"calibration_passes": 1, "calibration_batches": 2, "choice_sets": 6.0, "choice_rows": 14.0}
     # μ̄'s token statistics from the reference rows equal a teacher-forced pass over prompt + answer; float64,
     # other batch shapes: equal to rounding of sums over a few hundred terms (1e-9 leaves orders of margin).
     lm = [collate_lm(CHOICE_EXAMPLES[i : i + 2], Tokenized(tokenizer, 64)) for i in (0, 2)]
-    alone = calibrate(model64, lm, config, progress=False)
+    alone = calibrate(model64, lm, config, progress=False, **two_pass)
     tokens = one.tokens["alpha"]
     assert tokens.diagnostics["tokens"] == alone.diagnostics["tokens"] == sum(int((b["labels"] != -100).sum()) for b in lm)
     for k, v in alone.stats.summary(0.1).items():
@@ -57,8 +57,8 @@ def test_one_pass_over_the_choices_serves_every_solver_with_the_numbers_of_separ
     mus = [-3.0, 0.0, 0.7, 4.0]
     batches = choice_batches(tokenizer)
     torch.testing.assert_close(one.choices.cache.losses(mus),
-                               calibrate_choices(model64, batches, config, progress=False).cache.losses(mus))
-    grid = calibrate_choice_grid(model64, batches, GAMMA_GRID, config.contrastive(gamma=0.0), progress=False)
+                               calibrate_choices(model64, batches, config, progress=False, **two_pass).cache.losses(mus))
+    grid = calibrate_choice_grid(model64, batches, GAMMA_GRID, config.contrastive(gamma=0.0), progress=False, **two_pass)
     torch.testing.assert_close(one.grids["contrastive"].losses, grid.losses)
     assert one.grids["contrastive"].best() == grid.best()
 
@@ -101,7 +101,7 @@ def test_fit_with_choice_nll_and_the_contrastive_baseline_runs_one_calibration_p
     assert run.diagnostics["tokens"] == alone.diagnostics["tokens"]
     grid = calibrate_choice_grid(module.model, dm.calib_choice_dataloader(), GAMMA_GRID,
                                  module.steering_config.contrastive(gamma=0.0), progress=False)
-    assert module.gamma == run.steering.gamma == grid.best()
+    assert module.gamma == run.contrastive_gamma == grid.best()
 
 
 class UnmarkedChoices:

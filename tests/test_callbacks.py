@@ -60,8 +60,8 @@ def test_logit_difference_generation_matches_a_slow_reference(tokenizer, model64
         slow, smask = torch.cat([slow, nxt[:, None]], 1), torch.cat([smask, torch.ones_like(smask[:, :1])], 1)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     for mode in ("one_forward", "two_pass"):
-        config = SteeringConfig(mu=0.8, alpha=0.1, forward_mode=mode, direction="logit_difference")
-        fast = steered_generate(model64, ids, mask, config, **kw)
+        config = SteeringConfig(mu=0.8, alpha=0.1, direction="logit_difference")
+        fast = steered_generate(model64, ids, mask, config, forward_mode=mode, **kw)
         assert torch.equal(fast, slow), mode
     kl = steered_generate(model64, ids, mask, SteeringConfig(mu=0.8, alpha=0.1), **kw)
     assert not torch.equal(kl, slow), "the two directions should steer differently on this model"
@@ -74,7 +74,7 @@ def test_fit_with_choice_nll_and_logit_difference_writes_both_into_the_run(tmp_p
     trainer = tiny_trainer(tmp_path, [solver], max_steps=2)
     trainer.fit(module, dm)
     run = SteeringRun.load(trainer.log_dir)
-    assert run.steering.direction == "logit_difference" and run.steering.strength == "choice_nll"
+    assert run.steering.direction == "logit_difference" and run.solver.strength == "choice_nll"
     assert run.steering.mu == solver.solution["steering"]["mu"] == run.aggregates["choice_nll"] == module.mu
     assert {"exact", "mean_identity", "choice_nll"} <= set(run.aggregates)
     assert run.diagnostics["usable_choice_sets"] == 2 * dm.describe()["calib"]  # mc1 + mc2 of every question
@@ -99,7 +99,7 @@ def test_cli_accepts_choice_nll_and_direction(tmp_path, capsys):
 def test_contrastive_scores_are_the_contrastive_logits_in_float64(tokenizer, model64):
     batch = choice_batches(tokenizer, size=4)[0]
     gamma = 1.5
-    out = score_choices(model64, batch, SteeringConfig(forward_mode="two_pass", gamma=gamma))
+    out = score_choices(model64, batch, SteeringConfig(), gamma=gamma, forward_mode="two_pass")
     assert "steered" not in out
     with torch.no_grad():
         warm = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
@@ -109,7 +109,7 @@ def test_contrastive_scores_are_the_contrastive_logits_in_float64(tokenizer, mod
     labels = batch["labels"][:, 1:]
     tok = lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1).masked_fill(labels == -100, 0.0)
     torch.testing.assert_close(out["contrastive"].double(), tok.sum(-1), rtol=0, atol=1e-4)
-    plain = score_choices(model64, batch, SteeringConfig(forward_mode="two_pass", gamma=0.0))
+    plain = score_choices(model64, batch, SteeringConfig(), gamma=0.0, forward_mode="two_pass")
     torch.testing.assert_close(plain["contrastive"], plain["plain"])  # γ = 0: the warm start
 
 

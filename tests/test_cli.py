@@ -20,11 +20,11 @@ def test_cli_fit_then_validate_from_run_dir(tmp_path, monkeypatch, capsys):
     # μ̄'s token statistics and the contrastive γ grid came from one pass over the calib choices.
     assert record["diagnostics"]["calibration_passes"] == 1 and record["diagnostics"]["choice_rows"] > 0
     assert torch.isfinite(torch.tensor(steering["mu"]))
-    assert steering["strength"] == "exact" and steering["alpha"] == 0.1
+    assert record["solver"]["strength"] == "exact" and steering["alpha"] == 0.1 and record["format_version"] == 3
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [h["stage"] for h in history] == ["val", "test"]  # validation on calib, then test after fit
     fit_metrics = {stage: h for h in history for stage in [h["stage"]]}
-    assert steering["gamma"] == fit_metrics["test"]["test/gamma"]  # the contrastive γ is part of the run
+    assert record["contrastive_gamma"] == fit_metrics["test"]["test/gamma"]  # the contrastive γ is part of the run
     for stage in ("val", "test"):
         for v in ("plain", "base", "steered"):
             for m in ("mc1", "mc2", "mc2_paper", "mc3_paper", "mc_avg_paper"):
@@ -133,8 +133,8 @@ def test_cli_adds_the_steering_callbacks_and_a_configs_own_list_replaces_them_by
               "--trainer.enable_progress_bar", "false"]
     main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "own"), "--contrastive_baseline", "false",
           "--trainer.callbacks+=svd_lightning.callbacks.StrengthSolver", "--trainer.callbacks.strength", "median"])
-    run = json.loads((tmp_path / "own/version_0/steering.json").read_text())["steering"]
-    assert run["strength"] == "median" and run["gamma"] is None
+    run = json.loads((tmp_path / "own/version_0/steering.json").read_text())
+    assert run["solver"]["strength"] == "median" and run["contrastive_gamma"] is None
     assert "trainer.callbacks has its own StrengthSolver: the default one is not added" in capsys.readouterr().err
     per_question = json.loads((tmp_path / "own/version_0/test_per_question.json").read_text())
     assert set(per_question) == {"plain", "base", "steered"}  # no contrastive column
@@ -212,3 +212,34 @@ def test_a_monitoring_checkpoint_decides_the_weights_the_run_carries(weights, tm
     same = [torch.equal(written[name], next(v for k, v in lora.items() if k.endswith(name.replace(".weight", ".default.weight"))))
             for name in written]
     assert all(same) if weights == "best" else not any(same)
+
+
+@pytest.mark.parametrize("former,message", [
+    (["--steering.strength", "mean", "--steering.curvature", "fisher"], None),
+    (["--config", "STEERING_YAML"], None),
+    (["--steering.strength", "mean", "--solver.strength", "trimmed"], "disagree: give solver.strength only"),
+])
+def test_the_solvers_former_cli_key_still_reads_into_solver(tmp_path, capsys, former, message):
+    """`steering.*` was the strength solver's key before `solver.*` (run format 3): configs and flags that use it
+    still work, with a note; given both ways with different values, it is an error naming both."""
+    from lightning.pytorch import LightningDataModule
+
+    from svd_lightning.callbacks import StrengthSolver
+    from svd_lightning.cli import SteeringCLI
+    from svd_lightning.log import InputError
+
+    old = tmp_path / "old.yaml"
+    old.write_text("steering:\n  strength: mean\n  curvature: fisher\n")
+    args = ["--config", "tiny", *[str(old) if a == "STEERING_YAML" else a for a in former],
+            "--trainer.default_root_dir", str(tmp_path / "runs")]
+    from svd_lightning.recipes import packaged_configs
+
+    build = lambda: SteeringCLI(SteeringLM, LightningDataModule, subclass_mode_data=True, args=packaged_configs(args),  # noqa: E731
+                                run=False)
+    if message:
+        with pytest.raises(InputError, match=message):
+            build()
+        return
+    solver = next(c for c in build().trainer.callbacks if isinstance(c, StrengthSolver))
+    assert (solver.strength, solver.curvature) == ("mean", "fisher")
+    assert "steering.* is now solver.*" in capsys.readouterr().err

@@ -26,20 +26,20 @@ def test_scoring_calibration_generation_on_device(tokenizer, device, forward_mod
     tok = Tokenized(tokenizer, 64)
     batch = collate_choices(EXAMPLES, tok)
     on_device = {k: v.to(device) for k, v in batch.items()}
-    got = score_choices(model, on_device, SteeringConfig(mu=-1.0, forward_mode=forward_mode))
-    ref = score_choices(reference, batch, SteeringConfig(mu=-1.0, forward_mode="two_pass"))
+    got = score_choices(model, on_device, SteeringConfig(mu=-1.0), forward_mode=forward_mode)
+    ref = score_choices(reference, batch, SteeringConfig(mu=-1.0), forward_mode="two_pass")
     for k in ref:
         assert got[k].device.type == device
         torch.testing.assert_close(got[k].cpu(), ref[k], rtol=1e-4, atol=1e-4)
     batches = [collate_lm(EXAMPLES, tok)]
-    mu = calibrate(model, batches, SteeringConfig(forward_mode=forward_mode), progress=False).cache.solve()
-    mu_ref = calibrate(reference, batches, SteeringConfig(forward_mode="two_pass"), progress=False).cache.solve()
+    mu = calibrate(model, batches, SteeringConfig(), forward_mode=forward_mode, progress=False).cache.solve()
+    mu_ref = calibrate(reference, batches, SteeringConfig(), forward_mode="two_pass", progress=False).cache.solve()
     assert mu == pytest.approx(mu_ref, rel=1e-4, abs=1e-5)
     ids, mask = left_padded(tokenizer, PROMPTS)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    out = steered_generate(model, ids.to(device), mask.to(device), SteeringConfig(mu=-1.0, forward_mode=forward_mode), **kw)
+    out = steered_generate(model, ids.to(device), mask.to(device), SteeringConfig(mu=-1.0), forward_mode=forward_mode, **kw)
     assert out.device.type == device
-    assert torch.equal(out.cpu(), steered_generate(reference, ids, mask, SteeringConfig(mu=-1.0, forward_mode="two_pass"), **kw))
+    assert torch.equal(out.cpu(), steered_generate(reference, ids, mask, SteeringConfig(mu=-1.0), forward_mode="two_pass", **kw))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,8 +100,8 @@ def test_the_hot_paths_run_with_the_meta_device_as_default(tokenizer):
     ids, mask = left_padded(tokenizer, PROMPTS)
     with torch.device("meta"):
         for mode in ("one_forward", "two_pass"):
-            variants = {"svd": settings.replace(mu=-1.0, forward_mode=mode), "floor": settings.replace(
-                mu=-1.0, scoring_policy="floor", forward_mode=mode), "contrastive": settings.contrastive(gamma=0.5),
+            variants = {"svd": settings.replace(mu=-1.0), "floor": settings.replace(
+                mu=-1.0, scoring_policy="floor"), "contrastive": settings.contrastive(gamma=0.5),
                 "limit": ContrastiveLimit(1)}
             scores = score_choice_variants(model, batch, variants, forward_mode=mode)
             assert all(v.device.type == "cpu" for v in scores.values())

@@ -120,7 +120,7 @@ def test_processor_tracks_every_row(tokenizer, kw, forward_mode):
     eos = int(steered_generate(model, ids, mask, SteeringConfig(mu=-2.0), max_new_tokens=3, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)[0, -1])
     check = _CheckEveryRow(model, mask, -2.0)
-    run = lambda: steered_generate(model, ids, mask, SteeringConfig(mu=-2.0, forward_mode=forward_mode),  # noqa: E731
+    run = lambda: steered_generate(model, ids, mask, SteeringConfig(mu=-2.0), forward_mode=forward_mode,  # noqa: E731
                                    max_new_tokens=8, logits_processor=[check], pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=eos, **kw)
     torch.manual_seed(0)

@@ -120,7 +120,7 @@ def test_plain_transformers_generate_steers_with_the_tokens_of_steered_model(ste
                    **({"top_k": 20, "temperature": 0.8} if mode == "sample" else {}))
     expected = {}
     for forward in ("one_forward", "two_pass"):
-        sm = SteeredModel(model, tok, steered.config.replace(forward_mode=forward))
+        sm = SteeredModel(model, tok, steered.config, gamma=steered.gamma, forward_mode=forward)
         kw = {"top_k": 20, "temperature": 0.8} if mode == "sample" else {}
         expected[forward] = sm.generate(PROMPTS, mode, max_new_tokens=6, seed=3, **kw)
     assert expected["one_forward"] == expected["two_pass"]
@@ -171,7 +171,7 @@ def test_generate_passes_transformers_options_through_and_streams(steered):
     with pytest.raises(ValueError, match="not used by the model"):
         steered.generate(PROMPTS[0], max_new_tokens=2, not_an_option=1)
     for forward in ("one_forward", "two_pass"):
-        sm = SteeredModel(steered.model, steered.tokenizer, steered.config.replace(forward_mode=forward))
+        sm = SteeredModel(steered.model, steered.tokenizer, steered.config, gamma=steered.gamma, forward_mode=forward)
         streamer = TextIteratorStreamer(sm.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
         worker = threading.Thread(target=lambda: result.setdefault("text", sm.generate(PROMPTS[0], max_new_tokens=8,
@@ -248,7 +248,7 @@ def test_save_pretrained_refuses_what_could_not_be_loaded_and_keeps_scores_only_
     assert (steered.save_pretrained(tmp_path / "same") / "metrics.json").is_file()
     other = SteeredModel.from_run_dir(run, mu=0.0).save_pretrained(tmp_path / "mu0")
     assert not (other / "metrics.json").exists()
-    assert SteeringRun.load(other).steering.strength == "fixed" and SteeringRun.load(other).steering.mu == 0.0
+    assert SteeringRun.load(other).solver.strength == "fixed" and SteeringRun.load(other).steering.mu == 0.0
     two_pass = SteeredModel.from_run_dir(run, forward_mode="two_pass").save_pretrained(tmp_path / "two_pass")
     assert (two_pass / "metrics.json").is_file()  # how the scores are computed changes nothing of them
     bare = SteeredModel(steered.model, steered.tokenizer, steered.config)

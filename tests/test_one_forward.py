@@ -29,8 +29,8 @@ def test_scoring_logits_match_two_pass(tokenizer, model64, share):
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert not torch.allclose(one[0], one[1]), "warm and base must differ on this model"
-    s1 = score_choices(model64, batch, SteeringConfig(mu=-1.5, forward_mode="one_forward"))
-    s2 = score_choices(model64, batch, SteeringConfig(mu=-1.5, forward_mode="two_pass"))
+    s1 = score_choices(model64, batch, SteeringConfig(mu=-1.5), forward_mode="one_forward")
+    s2 = score_choices(model64, batch, SteeringConfig(mu=-1.5), forward_mode="two_pass")
     for k in s2:
         torch.testing.assert_close(s1[k], s2[k], rtol=0, atol=1e-10)
 
@@ -38,7 +38,7 @@ def test_scoring_logits_match_two_pass(tokenizer, model64, share):
 def _calibration(model, tokenizer, batch_size, mode):
     tok = Tokenized(tokenizer, 64)
     batches = [collate_lm(EXAMPLES[i : i + batch_size], tok) for i in range(0, len(EXAMPLES), batch_size)]
-    result = calibrate(model, batches, SteeringConfig(forward_mode=mode), progress=False)
+    result = calibrate(model, batches, SteeringConfig(), forward_mode=mode, progress=False)
     return {**result.stats.summary(), "exact": result.cache.solve()}, result.diagnostics
 
 
@@ -76,7 +76,7 @@ def test_generation_tokens_match_two_pass(tokenizer, model64, kw, mu):
     out = {}
     for mode in ("one_forward", "two_pass"):
         torch.manual_seed(7)
-        out[mode] = steered_generate(model64, ids, mask, SteeringConfig(mu=mu, forward_mode=mode), max_new_tokens=10,
+        out[mode] = steered_generate(model64, ids, mask, SteeringConfig(mu=mu), forward_mode=mode, max_new_tokens=10,
                                      pad_token_id=tokenizer.pad_token_id, **kw)
     assert torch.equal(out["one_forward"], out["two_pass"])
     plain = model64.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
@@ -90,8 +90,8 @@ def test_beam_scores_match_two_pass(tokenizer, model64):
     ids, mask = left_padded(tokenizer, PROMPTS)
     kw = dict(num_beams=4, num_return_sequences=2, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id,
               return_dict_in_generate=True, output_scores=True)
-    one = steered_generate(model64, ids, mask, SteeringConfig(mu=-1.0, forward_mode="one_forward"), **kw)
-    two = steered_generate(model64, ids, mask, SteeringConfig(mu=-1.0, forward_mode="two_pass"), **kw)
+    one = steered_generate(model64, ids, mask, SteeringConfig(mu=-1.0), forward_mode="one_forward", **kw)
+    two = steered_generate(model64, ids, mask, SteeringConfig(mu=-1.0), forward_mode="two_pass", **kw)
     assert torch.equal(one.sequences, two.sequences)
     # generate's scores are fp32 (the processors return fp32 log-probs): equal to fp32 rounding.
     torch.testing.assert_close(one.sequences_scores, two.sequences_scores, rtol=0, atol=1e-6)
@@ -113,7 +113,7 @@ def test_auto_picks_two_pass_where_peft_cannot_mix_rows(tokenizer):
         resolve_forward_mode(lora, "fast")
     ids, mask = left_padded(tokenizer, PROMPTS)
     with pytest.raises(ValueError, match="beam sampling"):
-        steered_generate(lora.eval(), ids, mask, SteeringConfig(mu=1.0, forward_mode="one_forward"), num_beams=2, do_sample=True,
+        steered_generate(lora.eval(), ids, mask, SteeringConfig(mu=1.0), forward_mode="one_forward", num_beams=2, do_sample=True,
                          max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)
 
 

@@ -38,8 +38,8 @@ def test_grid_variants_are_the_package_configs_their_names_say():
     assert configs["maskonly_a0.05"] == S.replace(mu=0.0, alpha=0.05, scoring_policy="floor")
     assert configs["fixed_a0.1_mask_generation_only_mu-2"] == S.replace(mu=-2.0)
     assert configs["contrastive_g+0.5"] == S.contrastive(gamma=0.5)
-    # the unmasked logit difference at μ = γ is the contrastive baseline (gamma: only a record)
-    assert configs["ld_none_choice_nll"] == S.contrastive(gamma=0.5).replace(gamma=None)
+    # the unmasked logit difference at μ = γ is the contrastive baseline
+    assert configs["ld_none_choice_nll"] == S.contrastive(gamma=0.5)
     assert configs["ld_a0.1_mask_generation_only_exact"] == S.replace(mu=0.8, alpha=0.1, direction="logit_difference")
     assert S.floor == grid.FLOOR
     needs = grid.calibration_needs()

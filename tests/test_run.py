@@ -24,7 +24,7 @@ from svd_lightning.tiny import tiny_model_and_tokenizer
 def test_run_round_trips_and_binds_the_adapter(tmp_path):
     path, _ = tiny_run(tmp_path)
     run = SteeringRun.load(path)
-    assert run.steering.mu == -1.0 and run.format_version == 2 and run.adapter_sha256 == adapter_hash(path / "adapter")
+    assert run.steering.mu == -1.0 and run.format_version == 3 and run.adapter_sha256 == adapter_hash(path / "adapter")
     assert "torch" in run.versions
 
 
@@ -45,9 +45,15 @@ def test_run_round_trips_and_binds_the_adapter(tmp_path):
     (lambda p: _edit(p, adapter="ia3"), "field 'adapter' is 'ia3' but adapter/ holds a LORA adapter"),
     (lambda p: _edit_steering(p, mu=1e300), "mu is too large"),
     (lambda p: _edit_steering(p, floor=5.0), "floor is a log-probability and must be ≤ 0"),
-    (lambda p: _edit(p, format_version=3), "field 'format_version' must be an integer ≤ 2"),
+    (lambda p: _edit(p, format_version=4), "field 'format_version' must be an integer ≤ 3"),
+    (lambda p: _edit(p, solver={"strength": "exact", "curvature": "identity"}), r"missing field\(s\) \['solver.trim'\]"),
+    (lambda p: _edit(p, solver={"strength": "best", "curvature": "identity", "trim": 0.1}),
+     "field 'solver': strength must be one of"),
+    (lambda p: _edit(p, contrastive_gamma="high"), "field 'contrastive_gamma' must be a finite number"),
+    (lambda p: _edit_steering(p, gamma=0.5), r"field 'steering': unknown setting\(s\) \['gamma'\]"),
 ], ids=["truncated", "mu-null", "mu-string", "mu-nan", "policy", "alpha", "no-steering", "no-adapter", "adapter-config-edited",
-        "hashes-removed", "setting-removed", "unknown-setting", "unknown-key", "adapter-kind", "mu-huge", "floor-positive", "newer-format"])
+        "hashes-removed", "setting-removed", "unknown-setting", "unknown-key", "adapter-kind", "mu-huge", "floor-positive", "newer-format",
+        "solver-setting-removed", "solver-unknown-option", "gamma-string", "format-2-setting-in-format-3"])
 def test_bad_run_errors_name_the_run(tmp_path, damage, message):
     path, _ = tiny_run(tmp_path)
     damage(path)
@@ -95,6 +101,30 @@ def test_runs_of_older_formats_load(tmp_path, version, capsys):
         (path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
         with pytest.raises(RunError, match="adapter_sha256 differs"):
             SteeringRun.load(path)
+
+
+def test_a_format_2_run_loads_with_its_settings_where_format_3_keeps_them(tmp_path):
+    """Format 2 kept every setting in `steering` (γ, the solver's options, the writing machine's forward mode):
+    they load into the run's `solver` and `contrastive_gamma`, the forward mode is dropped, and the model
+    scores as the format-3 run does. The demo's committed record (format 2, SmolLM2) reads the same way."""
+    path, _ = tiny_run(tmp_path, gamma=0.35)
+    record = json.loads((path / RUN_FILE).read_text())
+    record["solver"] = {"strength": "trimmed", "curvature": "fisher", "trim": 0.2}
+    (path / RUN_FILE).write_text(json.dumps(record))
+    now = SteeringRun.load(path)
+    scores = SteeredModel.from_run_dir(path).score("Q: Is the sky blue?\nA:", [" Yes", " No"])
+    as_older_format(path, 2)
+    payload = json.loads((path / RUN_FILE).read_text())
+    assert payload["format_version"] == 2 and payload["steering"]["gamma"] == 0.35
+    assert payload["steering"]["strength"] == "trimmed" and payload["steering"]["forward_mode"] == "auto"
+    old = SteeringRun.load(path)
+    assert old.format_version == 2 and (old.steering, old.solver, old.contrastive_gamma) == (now.steering, now.solver, 0.35)
+    assert SteeredModel.from_run_dir(path).score("Q: Is the sky blue?\nA:", [" Yes", " No"]) == scores
+    demo = json.loads((ROOT / "research" / "results" / "demo" / RUN_FILE).read_text())
+    assert demo["format_version"] == 2
+    run = SteeringRun.from_dict(demo, "demo")
+    assert (run.solver.strength, run.solver.curvature, run.contrastive_gamma) == ("trimmed", "fisher", demo["steering"]["gamma"])
+    assert run.steering.to_dict() == {k: demo["steering"][k] for k in ("mu", "alpha", "scoring_policy", "floor", "direction")}
 
 
 def test_a_run_whose_model_field_cannot_be_loaded_names_the_run(tmp_path, monkeypatch):
@@ -225,7 +255,7 @@ def test_cli_fit_then_predict_writes_scores_and_prints_the_run(tmp_path, monkeyp
 
     run, common = cli_tiny_fit(tmp_path, monkeypatch)
     data = tmp_path / "mc.json"
-    assert SteeringRun.load(run).format_version == 2
+    assert SteeringRun.load(run).format_version == 3
     err = capsys.readouterr().err
     assert f"writing run {run}" in err and f"run written to {run}" in err
     main(["predict", "--config", str(run / "config.yaml"), "--model.run_dir", str(run), *common])
@@ -434,7 +464,7 @@ def test_a_gamma_fit_after_the_run_was_written_is_added_to_it(tmp_path, monkeypa
     run = SteeringRun.load(tmp_path / "runs" / "version_0")
     history = json.loads((tmp_path / "runs" / "version_0" / "metrics.json").read_text())["history"]
     assert [h["stage"] for h in history] == ["test"]
-    assert run.steering.gamma is not None and run.steering.gamma == history[-1]["test/gamma"]
+    assert run.contrastive_gamma is not None and run.contrastive_gamma == history[-1]["test/gamma"]
 
 
 def test_a_runs_adapter_names_its_base_portably_and_loads_with_auto_peft_elsewhere(tmp_path, monkeypatch):

@@ -85,10 +85,10 @@ def test_repeated_rows_are_scored_once_with_every_rows_scores(tokenizer, model64
     n = batch["input_ids"].shape[0]
     assert distinct["input_ids"].shape[0] < n and same_as.unique().numel() == distinct["input_ids"].shape[0]
     torch.testing.assert_close(distinct["input_ids"][same_as], batch["input_ids"], rtol=0, atol=0)
-    config = SteeringConfig(mu=-1.5, gamma=2.0, alpha=0.2)
-    once = score_choices(model64, batch, config)
+    config = SteeringConfig(mu=-1.5, alpha=0.2)
+    once = score_choices(model64, batch, config, gamma=2.0)
     monkeypatch.setattr(scoring, "distinct_rows", lambda b: (b, torch.arange(b["input_ids"].shape[0])))
-    every = score_choices(model64, batch, config)  # each row encoded and scored on its own
+    every = score_choices(model64, batch, config, gamma=2.0)  # each row encoded and scored on its own
     assert set(once) == set(every) == {"plain", "base", "steered", "contrastive", "num_tokens"}
     for k in every:
         torch.testing.assert_close(once[k], every[k], rtol=0, atol=1e-10)

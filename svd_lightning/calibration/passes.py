@@ -206,10 +206,12 @@ def calibrate_pass(
     step: int = 0,
     desc: str = "Calibration",
     prefixes: PrefixCache | None = None,
+    forward_mode: ForwardMode = "auto",
 ) -> CalibrationPass:
     """One pass over ``batches`` with the model; everything ``needs`` asks for (see the module doc).
 
-    ``config`` holds the settings (α, policy, floor, direction, forward mode). Under DDP give each
+    ``config`` holds the settings (α, policy, floor, direction); ``forward_mode``: see
+    :mod:`svd_lightning.forward.rows`. Under DDP give each
     rank its own batches (whole questions), the strategy's ``reduce`` (sum) and ``gather`` (ragged
     all-gather): the statistics, losses and counts are then those of all ranks' questions; the
     caches hold this rank's (their solves all-reduce). The model is put in eval mode and restored.
@@ -227,7 +229,7 @@ def calibrate_pass(
     counts = torch.zeros(4, dtype=torch.float64, device="cpu")  # batches, questions without a reference row, choice sets, rows
     began = time.perf_counter()
     with lockstep(model):  # sharded: a rank with fewer batches keeps the others' forwards company
-        for batch, same_as, parts in _label_logits(model, batches, forward_mode=config.forward_mode, device=device,
+        for batch, same_as, parts in _label_logits(model, batches, forward_mode=forward_mode, device=device,
                                                    total=total, progress=progress, desc=desc, prefixes=prefixes):
             counts[0] += 1
             n = int(same_as.max()) + 1  # distinct rows: the ones the logits are of

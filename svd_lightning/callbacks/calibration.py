@@ -92,7 +92,7 @@ def calibration_pass(trainer: L.Trainer, pl_module, needs: CalibrationNeeds, who
     options = dict(
         reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), gather=lambda t: _gather_ragged(trainer, t),
         device=pl_module.device, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-        step=trainer.global_step, prefixes=pl_module.prefixes,
+        step=trainer.global_step, prefixes=pl_module.prefixes, forward_mode=pl_module.hparams.forward_mode,
     )
     model, config = pl_module.model, pl_module.steering_config
     loader = choice_calibration_loader(trainer, wanted) if wanted.choices else calibration_loader(trainer)

@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass, CalibrationResult
 from svd_lightning.callbacks.calibration import (calibration_pass, check_calibration_set, choice_calibration_loader,
                                                  log_steering)
-from svd_lightning.config import CURVATURES, SOLVED_STRENGTHS, Curvature, SolvedStrength, SteeringConfig
+from svd_lightning.config import (CURVATURES, SOLVED_STRENGTHS, Curvature, SolvedStrength, SolverSettings,
+                                  SteeringConfig)
 from svd_lightning.data.protocol import datasets_of
 from svd_lightning.figures import CALIBRATION_FIGURE, calibration_figure, strength_grid
 from svd_lightning.log import say
@@ -130,15 +131,16 @@ class StrengthSolver(L.Callback):
         if self.strength == "choice_nll":
             summary["choice_nll"] = calibration.choices.cache.solve(reduce=allreduce)
             diagnostics.update(calibration.choices.diagnostics)
-        key = self.strength if self.strength in ("exact", "choice_nll") else f"{self.strength}_{self.curvature}"
+        solver = SolverSettings(self.strength, self.curvature, self.trim)
+        key = solver.key
         mu = summary[key]
         if not math.isfinite(mu):
             raise FloatingPointError(f"the {key} strength is not finite ({mu}); see steer/* logs")
         pl_module.set_strength(mu)
         curve = self.curve(result, calibration, mu, summary["exact"], allreduce)
         self.solution = {
-            "steering": pl_module.steering_config.replace(strength=self.strength, curvature=self.curvature,
-                                                          trim=self.trim).to_dict(),
+            "steering": pl_module.steering_config.to_dict(),
+            "solver": solver.to_dict(),
             "aggregates": summary,
             "diagnostics": diagnostics,
             "calibration_seconds": calibration.seconds + time.perf_counter() - start,
@@ -176,6 +178,7 @@ class StrengthSolver(L.Callback):
         sol = self.solution
         pl_module.steering_state.run = SteeringRun(
             model=h.model, adapter=h.adapter, steering=SteeringConfig.from_dict(sol["steering"]),
+            solver=SolverSettings.from_dict(sol["solver"]), contrastive_gamma=pl_module.gamma,
             adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(pl_module.tokenizer),
             aggregates=sol["aggregates"], diagnostics=sol["diagnostics"],
             calibration_seconds=sol["calibration_seconds"], global_step=sol["global_step"], hparams=dict(h),
@@ -253,7 +256,7 @@ class ContrastiveBaseline(L.Callback):
         pl_module.set_contrastive_gamma(gamma)
         writer = run_writer(trainer)
         if writer is not None and writer.run is not None:  # the run of these weights, still being built
-            writer.update_steering(gamma=gamma)
+            writer.update_run(contrastive_gamma=gamma)
         self.solution = {"gamma": gamma, "losses": dict(zip(map(str, result.mus), result.losses.tolist())),
                          "diagnostics": result.diagnostics, "seconds": result.seconds, "global_step": trainer.global_step}
         pl_module.steering_state.contrastive = self.solution

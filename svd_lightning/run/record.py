@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svd_lightning.config import ConfigError, SteeringConfig
+from svd_lightning.config import ConfigError, SolverSettings, SteeringConfig, strength_problem
 from svd_lightning.files import unique_keys
 from svd_lightning.log import InputError, say
 
-# 2: the settings nested as a SteeringConfig (with the contrastive γ); the adapter hash covers
+# 3: the decode settings (``steering``) apart from how μ̄ was solved (``solver``) and the contrastive γ
+# (``contrastive_gamma``); no forward mode. 2: all of them nested in ``steering``; the adapter hash covers
 # adapter_config.json; settings and hashes required. 1: flat settings, weights-only hash. 0: no format field.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 RUN_FILE = "steering.json"
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
@@ -38,9 +39,8 @@ class RunError(InputError):
 
 
 HASHES = ("adapter_sha256", "tokenizer_sha256")
-# The settings a run records (formats 0-1 kept them flat; format 2 requires them all). forward_mode is how
-# a machine computes them, not part of the run, and γ is absent where no contrastive baseline was fit.
-_SETTINGS = ("mu", "alpha", "scoring_policy", "floor", "direction", "strength", "curvature", "trim")
+DECODE_SETTINGS = tuple(SteeringConfig.fields())  # format 3's ``steering``, all required
+SOLVER_SETTINGS = ("strength", "curvature", "trim")  # format 3's ``solver``, all required
 
 
 @dataclass
@@ -49,7 +49,9 @@ class SteeringRun:
 
     model: str  # base model source: hub id, folder, .gguf, smollm2-135m, tiny-random
     adapter: str  # peft method
-    steering: SteeringConfig  # μ̄ (solved: never None in a run), α, policy, floor, direction, γ, ...
+    steering: SteeringConfig  # the decode settings: μ̄ (solved: never None in a run), α, policy, floor, direction
+    solver: SolverSettings = field(default_factory=SolverSettings)  # how μ̄ was solved (or fixed)
+    contrastive_gamma: float | None = None  # the contrastive baseline's γ, where one was fit
     base_weights: str | None = None  # where the base's weights came from when ``model`` is an alias of ours
     adapter_options: dict | None = None
     tokenizer_sha256: str | None = None
@@ -76,6 +78,11 @@ class SteeringRun:
                 bad(name, "must be a non-empty string")
         if not isinstance(self.steering, SteeringConfig):
             bad("steering", "must be a SteeringConfig")
+        if not isinstance(self.solver, SolverSettings):
+            bad("solver", "must be a SolverSettings")
+        problem = strength_problem(self.contrastive_gamma, "contrastive_gamma")
+        if problem:
+            bad("contrastive_gamma", problem)
         if self.steering.mu is None:
             raise RunError(f"{where}: field 'steering' has no mu: a run records the solved strength")
         if not isinstance(self.format_version, int) or not 0 <= self.format_version <= FORMAT_VERSION:
@@ -88,7 +95,7 @@ class SteeringRun:
     # -- reading and writing --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["steering"] = self.steering.to_dict()
+        out["steering"], out["solver"] = self.steering.to_dict(), self.solver.to_dict()
         return out
 
     @classmethod
@@ -99,9 +106,7 @@ class SteeringRun:
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= FORMAT_VERSION:
             raise RunError(f"{where}: field 'format_version' must be an integer ≤ {FORMAT_VERSION} (a newer "
                            f"svd-lightning wrote this run?), got {version!r}")
-        payload = dict(payload)
-        if version < 2:  # flat settings: the same names, nested as they are now
-            payload["steering"] = {k: payload.pop(k) for k in _SETTINGS if k in payload}
+        payload = _as_format_3(payload, version, where)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(payload) - set(names))
         if unknown:
@@ -111,22 +116,24 @@ class SteeringRun:
         if version >= 2:
             required = ["model", "adapter", "steering", *HASHES, "format_version"]
         missing = [n for n in required if payload.get(n) is None]
-        steering = payload.get("steering") or {}
-        needed = _SETTINGS if version >= 2 else ("mu", "alpha")
-        missing += [f"steering.{n}" if version >= 2 else n for n in needed
-                    if not isinstance(steering, dict) or steering.get(n) is None]
+        steering, solver = payload.get("steering") or {}, payload.get("solver") or {}
+        for block, fields, needed in (("steering", steering, DECODE_SETTINGS if version >= 2 else ("mu", "alpha")),
+                                      ("solver", solver, SOLVER_SETTINGS if version >= 2 else ())):
+            missing += [f"{block}.{n}" if version >= 2 else n for n in needed
+                        if not isinstance(fields, dict) or fields.get(n) is None]
         if missing:
             raise RunError(f"{where}: missing field(s) {missing} (required in format {version}); the file was "
                            "edited or damaged: re-run `fit`, or restore it")
         try:
             config = SteeringConfig.from_dict(steering, f"{where}: field 'steering'" if version >= 2 else where)
+            solved = SolverSettings.from_dict(solver, f"{where}: field 'solver'" if version >= 3 else where)
         except ConfigError as err:
             raise RunError(str(err)) from None
         run = cls.__new__(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             setattr(run, f.name, payload.get(f.name, default))
-        run.steering, run.format_version = config, version
+        run.steering, run.solver, run.format_version = config, solved, version
         run.validate(where)
         return run
 
@@ -176,6 +183,26 @@ class SteeringRun:
                            "differs: its weights or adapter_config.json changed, or the directory mixes two runs); "
                            "re-run `fit`")
         return adapter
+
+
+def _as_format_3(payload: dict, version: int, where: str) -> dict:
+    """An older record's fields where format 3 keeps them: formats 0-1 flat, format 2 all in ``steering``
+    (``forward_mode`` there was the writing machine's, dropped); a format-3 payload unchanged."""
+    payload = dict(payload)
+    if version >= 3:
+        return payload
+    if version < 2:  # flat settings: the same names
+        flat = {k: payload.pop(k) for k in (*DECODE_SETTINGS, *SOLVER_SETTINGS, "gamma", "forward_mode") if k in payload}
+    else:
+        flat = payload.get("steering")
+        if not isinstance(flat, dict):
+            raise RunError(f"{where}: field 'steering' must be an object of settings, got {type(flat).__name__}")
+        flat = dict(flat)
+    flat.pop("forward_mode", None)
+    payload["solver"] = {k: flat.pop(k) for k in SOLVER_SETTINGS if k in flat}
+    payload["contrastive_gamma"] = flat.pop("gamma", None)
+    payload["steering"] = flat
+    return payload
 
 
 def own_file(run_dir: str | os.PathLike, path: Path) -> None:

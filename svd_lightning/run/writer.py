@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -157,11 +158,11 @@ class RunWriter:
         self.run = run
         return self.write_json(RUN_FILE, run.to_dict())
 
-    def update_steering(self, **changes) -> Path:
-        """Rewrite ``steering.json`` with settings found later for the same weights (the contrastive γ)."""
+    def update_run(self, **changes) -> Path:
+        """Rewrite ``steering.json`` with fields found later for the same weights (the contrastive γ)."""
         if self.run is None:
             raise RunError(f"{self.target}: no run record written yet to update")
-        self.run.steering = self.run.steering.replace(**changes)
+        self.run = dataclasses.replace(self.run, **changes)
         return self.write_json(RUN_FILE, self.run.to_dict())
 
     def discard(self) -> None:
