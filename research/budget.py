@@ -288,8 +288,9 @@ def gap_lines(entries: list[dict], sub: str) -> list[str]:
         lines += [f"At the same settings ({matched[0]['settings']}) the re-chosen default gains {pct(a['gain'])} MC2 on "
                   f"{matched[0]['group']} and {pct(b['gain'])} on the {matched[1]['group']}: {pct(a['gain'] - b['gain'])} points "
                   f"apart; their seed t-intervals {ci_text(*a['t_ci'])} and {ci_text(*b['t_ci'])} "
-                  + ("do not overlap." if apart else "overlap.") + " What causes the gap is not identified: the gap "
-                  "experiment (`research/gap.sh`) scores both groups' models on each other's test questions.", ""]
+                  + ("do not overlap." if apart else "overlap.") + " The gap experiment (its own section, "
+                  "`research/gap_report.py`) re-runs both groups at one regime and scores each group's models on the "
+                  "other's test questions.", ""]
     lines += ["| seeds (settings read from their cells) | seeds × test q. | warm start MC2 | " + " | ".join(methods) + " |",
               "|---|---|---|" + "---|" * len(methods)]
     for e in entries:

@@ -10,3 +10,4 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 export GRID_THREADS=1 OMP_NUM_THREADS=1
 "$py" -m research.grid --only truthfulqa_gap_demo-lora truthfulqa_gap_fresh-lora --out research/results/grid_gap
+"$py" -m research.gap_report > /dev/null  # research/results/gap_summary.{md,json}; then `python -m research.results_page`

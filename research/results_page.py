@@ -1,9 +1,9 @@
 """``docs/results.md``, generated from the committed results -- not by hand::
 
-    python -m research.results_page    # after `python -m research.report` and `python -m research.budget`
+    python -m research.results_page    # after `python -m research.report`, `research.budget` and `research.gap_report`
 
 Every number on the page is read from a file: the grid's summary rows (:func:`report.summarise`), round 2's
-summary and the demo run (``research/results/``), and the user-facing benchmarks' JSON
+summary, the gap experiment's and the demo run (``research/results/``), and the user-facing benchmarks' JSON
 (``benchmarks/results/``: ``cost.py``'s, ``open_generation.py``'s and ``lm_eval_truthfulqa.py``'s). The prose around them states the rules and caveats; a
 statement about a number is built from that number, so the page cannot drift from the results.
 """
@@ -416,6 +416,11 @@ def page(cells: dict, rows: list[dict], effects: list[dict], results: Path = RES
     lines += grid_section(cells, rows, effects)
     if (results / "budget_summary.json").exists():
         lines += round2_section(results / "budget_summary.json", results / "fresh_pool.json")
+    if (results / "gap_summary.json").exists():
+        from research import gap_report
+
+        summary = json.loads((results / "gap_summary.json").read_text())
+        lines += ["", *gap_report.markdown(summary, level="##").rstrip("\n").split("\n"), ""]
     if (results / "demo" / "run.json").exists():
         summary = json.loads((results / "budget_summary.json").read_text()) if (results / "budget_summary.json").exists() else None
         lines += demo_section(results / "demo", cells, summary)

@@ -48,6 +48,7 @@ def show(name: str, fn) -> None:
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp())
+    os.chdir(tmp)  # the trainers below write their runs under ./runs: here, not in the caller's folder
     trainer = lambda: L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,  # noqa: E731
                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                                 callbacks=[StrengthSolver()])
@@ -152,8 +153,18 @@ def _edit(run: Path, **changes) -> Path:
 _DROP = object()
 
 
+def _edit_steering(run: Path, **changes) -> Path:
+    """Change settings inside steering.json's `steering` object (the decode settings)."""
+    from svd_lightning.run import RUN_FILE
+
+    payload = json.loads((run / RUN_FILE).read_text())
+    payload["steering"].update(changes)
+    (run / RUN_FILE).write_text(json.dumps(payload))
+    return run
+
+
 def run_format_inputs(tmp: Path, fresh) -> None:
-    """steering.json and adapter/ edited by hand (format 2)."""
+    """steering.json and adapter/ edited by hand (format 3)."""
     from svd_lightning.run import SteeringRun, load_run
 
     config = lambda r: r / "adapter" / "adapter_config.json"  # noqa: E731
@@ -164,7 +175,9 @@ def run_format_inputs(tmp: Path, fresh) -> None:
          lambda: SteeringRun.load(_edit(fresh("no-hashes"), adapter_sha256=_DROP, tokenizer_sha256=_DROP)))
     show("an unknown key (mue) in steering.json", lambda: SteeringRun.load(_edit(fresh("mue"), mue=-2.0)))
     show("adapter: ia3 in steering.json over LoRA weights", lambda: SteeringRun.load(_edit(fresh("ia3"), adapter="ia3")))
-    show("mu = 1e300 in steering.json", lambda: SteeringRun.load(_edit(fresh("huge"), mu=1e300)))
+    show("mu = 1e300 in steering.json", lambda: SteeringRun.load(_edit_steering(fresh("huge"), mu=1e300)))
+    show("solver.strength 'best' in steering.json",
+         lambda: SteeringRun.load(_edit(fresh("solver"), solver={"strength": "best", "curvature": "identity", "trim": 0.1})))
     show("model: /etc in steering.json", lambda: load_run(_edit(fresh("etc"), model="/etc")))
     received_run_inputs(tmp, fresh)
 

@@ -66,7 +66,9 @@ def paired_label_logits(model, batch: dict, share_prompts: bool = True, with_bas
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     vocabulary = model.get_input_embeddings().num_embeddings
-    if int(ids.max()) >= vocabulary:  # an IndexError deep in the embedding otherwise
+    # An IndexError deep in the embedding otherwise. One reduction per batch, where a batch of any source
+    # enters; the finiteness check below waits for the device anyway.
+    if int(ids.max()) >= vocabulary:
         raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocabulary} ids): the batch was "
                          "tokenized with another tokenizer than the model's")
     target = labels[:, 1:]

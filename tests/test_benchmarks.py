@@ -43,6 +43,30 @@ def test_cost_benchmark_runs_both_paths_and_reports_spread(tmp_path):
     assert result["precision"] in ("32-true", "bf16-mixed") and "oneDNN bf16" in result["device_name"]
 
 
+def test_peers_scores_the_same_rows_as_lm_eval_and_trains_as_the_hf_trainer(tmp_path, monkeypatch):
+    """benchmarks/peers.py in its scoped form on a tiny run: lm-eval's `hf` model and our scorer score the same
+    questions and choices (plain MC2 equal per question; every choice's log-likelihood equal to fp32 rounding of a
+    few hundred token log-probs), the HF Trainer and our warm start take the same steps on the same batches from the
+    same initialisation (the tiny config's LoRA has no dropout: equal losses), and both generations run."""
+    from conftest import cli_tiny_fit
+
+    pytest.importorskip("lm_eval")
+    run, _ = cli_tiny_fit(tmp_path, monkeypatch)
+    out = tmp_path / "peers.json"
+    _load("peers").main(["--run-dir", str(run), "--limit", "3", "--steps", "2", "--repeats", "1", "--new-tokens", "2",
+                         "--out", str(out)])
+    result = json.loads(out.read_text())
+    scoring, warm, generation = result["scoring"], result["warm_start"], result["generation"]
+    assert scoring["questions"] == 3 and scoring["plain_mc2"]["max_abs_diff_per_question"] <= 1e-6
+    assert 0 < scoring["plain_mc2"]["ours"] < 1  # not a saturated score that any two scorers would share
+    assert scoring["plain_mc2"]["loglikelihood_max_abs_diff"] <= 1e-3
+    assert scoring["scoring_vs_lm_eval_ratio"] > 0 and scoring["plain_scoring_vs_lm_eval_ratio"] > 0
+    assert warm["steps"] == 2 and len(warm["ours_lightning"]["losses"]) == len(warm["hf_trainer_peft"]["losses"]) == 2
+    assert warm["loss_max_abs_diff"] <= 1e-4 and warm["warm_start_vs_trainer_ratio"] > 0
+    assert {"batch_1", "batch_8", "generation_steered_vs_plain_ratio_b8"} <= set(generation)
+    assert "oneDNN bf16" in result["machine"]
+
+
 SMALL = dict(layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, vocab=300)
 
 

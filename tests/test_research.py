@@ -242,7 +242,7 @@ def test_every_reported_row_label_states_the_settings_its_cells_recorded():
     names = {**{v: k for k, v in budget.REGIMES.items()}, **{v: k for k, v in budget.BRIEF_REGIMES.items()},
              **{v: k for (k, _, _), v in page.REGIMES.items()},
              "round 1's demo seeds, own splits": "truthfulqa_demo", "fresh seeds, re-run": budget.CLOSED,
-             "fresh seeds": budget.CURVE}
+             "fresh seeds": budget.CURVE, **{v: k for k, v in _load("gap_report").GROUPS.items()}}
     names = {name: (task,) for name, task in names.items()}
     # the demo's regime, matched: round 1's demo seeds and the fresh seeds' re-run
     names["At the same settings"] = names["The comparison at the same settings"] = ("truthfulqa_demo", budget.CLOSED)
@@ -591,3 +591,22 @@ def test_the_gap_experiment_cross_scores_unseen_questions_without_moving_trainin
     without = json.loads((tmp_path / "without" / "truthfulqa_gap_demo-lora-seed0-epoch2.json").read_text())
     assert without["per_question"] == cells["2"]["per_question"]
     assert not (tmp_path / "without" / "cross").exists()
+
+
+def test_the_gap_decomposition_splits_the_gap_into_question_and_model_effects():
+    """The 2 × 2 (models × questions) of the default's gain: a gap that moves with the questions shows as the
+    question effect, one that stays with the models as the model effect; the words follow the numbers."""
+    gap = _load("gap_report")
+
+    def summary(demo_own, demo_cross, fresh_own, fresh_cross):
+        row = lambda g: [{"budget": "1", "method": gap.NEW_DEFAULT, "by_metric": {"mc2": {"gain": g}}}]  # noqa: E731
+        return {"groups": {"truthfulqa_gap_demo": {"own": row(demo_own), "cross": row(demo_cross)},
+                           "truthfulqa_gap_fresh": {"own": row(fresh_own), "cross": row(fresh_cross)}}}
+
+    questions = gap.decomposition(summary(0.10, 0.01, 0.01, 0.10))  # each model gains 10 on the demo questions only
+    assert questions["gap"] == pytest.approx(0.09) and questions["question_effect"] == pytest.approx(0.09)
+    assert questions["model_effect"] == pytest.approx(0.0) and "follows the questions more" in gap.reading(questions)
+    models = gap.decomposition(summary(0.10, 0.10, 0.01, 0.01))  # the demo models gain 10 wherever they are scored
+    assert models["model_effect"] == pytest.approx(0.09) and models["question_effect"] == pytest.approx(0.0)
+    assert "follows the models" in gap.reading(models)
+    assert gap.decomposition({"groups": {}}) is None
