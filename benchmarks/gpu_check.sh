@@ -9,7 +9,7 @@
 #    the architecture matrix on the device (tests/test_architectures.py, SVD_TEST_DEVICE; fp64 reference on CPU);
 # 3. the cost benchmark on the tiny model and on SmolLM2-135M (when it can be had offline or fetched),
 #    on the device in the precision it runs fast (bf16 on GPUs that have it);
-# 4. `fit` of configs/tiny.yaml with strategy=ddp, devices=1 on the device;
+# 4. `fit` of configs/tiny.yaml with strategy=ddp, devices=1 on the device, and benchmarks/peers.py on that run;
 # 5. with at least 2 GPUs (or in the CPU dry run: 2 CPU ranks): `fit` of configs/tiny.yaml sharded,
 #    strategy=fsdp2, devices=2, and benchmarks/scale.py's 135M cell on 1 and 2 sharded ranks;
 # and writes OUT_DIR/gpu_check.json with each step's status, seconds and results.
@@ -68,6 +68,9 @@ else
 fi
 step fit_ddp 90 "$PY" -m svd_lightning.cli fit --config configs/tiny.yaml --trainer.accelerator "$ACCEL" \
   --trainer.strategy ddp --trainer.devices 1 --trainer.default_root_dir "$OUT_DIR/runs/tiny"
+# The tools a user would run instead, on the device, on that run (benchmarks/peers.py, scoped).
+step peers 150 "$PY" -m benchmarks.peers --run-dir "$OUT_DIR/runs/tiny/version_0" --device "$DEVICE" --limit 4 \
+  --steps 4 --repeats 3 --new-tokens 8 --out "$OUT_DIR/peers_tiny_$DEVICE.json"
 if [ "$DEVICE" = cuda ]; then
   GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>>"$LOG" || echo 0)
 else
@@ -97,9 +100,10 @@ try:
 except Exception as err:  # the install step failed
     device, versions = f"unknown ({err})", {}
 costs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("cost_*.json"))}
-result = {"device": device, "versions": versions, "steps": steps, "cost": costs}
+peers = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("peers_*.json"))}
+result = {"device": device, "versions": versions, "steps": steps, "cost": costs, "peers": peers}
 (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
-print(json.dumps({k: v for k, v in result.items() if k != "cost"}, indent=1))
+print(json.dumps({k: v for k, v in result.items() if k not in ("cost", "peers")}, indent=1))
 failed = [k for k, v in steps.items() if v["status"].startswith("rc=")]
 sys.exit(1 if failed else 0)
 EOF

@@ -48,14 +48,21 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
 
 
-def interleaved(sides: dict, repeats: int) -> dict[str, dict]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(sides: dict, repeats: int, device: torch.device = torch.device("cpu")) -> dict[str, dict]:
     """Seconds of every side, ``repeats`` rounds, each round running every side once (the first round warms
     caches and allocators for all alike, and counts: a user runs it once)."""
     seconds = {name: [] for name in sides}
     for _ in range(repeats):
         for name, fn in sides.items():
+            _sync(device)
             start = time.perf_counter()
             fn()
+            _sync(device)
             seconds[name].append(time.perf_counter() - start)
     return {name: spread(values) for name, values in seconds.items()}
 
@@ -84,7 +91,8 @@ def scoring(sm: SteeredModel, questions, repeats: int, batch_size: int) -> dict:
     # The same rows on both sides: lm-eval keeps the last max_length + 1 tokens of context + continuation, so do we.
     sm.max_length = hf.max_length + 1
     prompts, choices = [q.prompt for q in questions], [q.choices for q in questions]
-    batches = [collate_choices(questions[i : i + batch_size], Tokenized(sm.tokenizer, sm.max_length))
+    batches = [{k: v.to(sm.device) for k, v in collate_choices(questions[i : i + batch_size],
+                                                               Tokenized(sm.tokenizer, sm.max_length)).items()}
                for i in range(0, len(questions), batch_size)]
     got: dict = {}
 
@@ -101,7 +109,7 @@ def scoring(sm: SteeredModel, questions, repeats: int, batch_size: int) -> dict:
                 score_choice_variants(sm.model, batch, {}, with_base=False, prefixes=sm.prefixes)
 
     seconds = interleaved({"lm_eval_hf_plain": lm_eval_plain, "ours_steered": ours_steered, "ours_plain": ours_plain},
-                          repeats)
+                          repeats, sm.device)
     samples = {s["doc_id"]: s for s in got["lm_eval"]["samples"]["svd_truthfulqa_mc2"]}
     theirs = [samples[i]["mc2"] for i in range(len(questions))]
     mine = our_plain_mc2(sm, questions, got["ours"])
@@ -134,7 +142,8 @@ class _Batches(torch.utils.data.IterableDataset):
         return iter(self.batches)
 
 
-def _lightning_warm_start(config: dict, batches: list[dict], precision: str) -> tuple[float, float, list[float]]:
+def _lightning_warm_start(config: dict, batches: list[dict], precision: str, device: torch.device
+                          ) -> tuple[float, float, list[float]]:
     import lightning as L
 
     model_args = config["model"]
@@ -146,40 +155,46 @@ def _lightning_warm_start(config: dict, batches: list[dict], precision: str) -> 
 
     class Record(L.Callback):  # the training loop's own time: from its start to its end, as on the HF side
         def on_train_start(self, trainer, pl_module):
+            _sync(device)
             clock["start"] = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
         def on_train_end(self, trainer, pl_module):
+            _sync(device)
             clock["end"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as root:  # SteeringLM writes a run of the adapter at the end (untimed)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), precision=precision, logger=False,
+        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=len(batches),
+                            precision=precision, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, callbacks=[Record()], default_root_dir=root)
         loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None)
-        with PeakMemory(torch.device("cpu")) as memory:
+        with PeakMemory(device) as memory:
             trainer.fit(module, train_dataloaders=loader)
     return clock["end"] - clock["start"], memory.extra_mb, losses
 
 
-def _loop_clock():
+def _loop_clock(device: torch.device):
     from transformers import TrainerCallback
 
     class LoopClock(TrainerCallback):
         """The HF Trainer's training loop, from its start to its end."""
 
         def on_train_begin(self, args, state, control, **kwargs):
+            _sync(device)
             self.start = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
+            _sync(device)
             self.end = time.perf_counter()
 
     return LoopClock()
 
 
-def _hf_trainer_warm_start(config: dict, batches: list[dict], precision: str) -> tuple[float, float, list[float]]:
+def _hf_trainer_warm_start(config: dict, batches: list[dict], precision: str, device: torch.device
+                           ) -> tuple[float, float, list[float]]:
     from transformers import Trainer, TrainingArguments
 
     model_args = config["model"]
@@ -191,18 +206,18 @@ def _hf_trainer_warm_start(config: dict, batches: list[dict], precision: str) ->
                                  learning_rate=model_args.get("learning_rate", 5e-5),
                                  weight_decay=model_args.get("weight_decay", 0.0), lr_scheduler_type="constant",
                                  max_grad_norm=0.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
-                                 report_to=[], use_cpu=True, bf16=precision.startswith("bf16"),
+                                 report_to=[], use_cpu=device.type == "cpu", bf16=precision.startswith("bf16"),
                                  dataloader_num_workers=0, disable_tqdm=True, seed=model_args.get("seed", 0))
-        clock = _loop_clock()
+        clock = _loop_clock(device)
         trainer = Trainer(model=model, args=args, train_dataset=_Batches(batches), data_collator=lambda items: items[0],
                           callbacks=[clock])
-        with PeakMemory(torch.device("cpu")) as memory:
+        with PeakMemory(device) as memory:
             trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return clock.end - clock.start, memory.extra_mb, losses
 
 
-def warm_start(config: dict, steps: int, repeats: int, precision: str) -> dict:
+def warm_start(config: dict, steps: int, repeats: int, precision: str, device: torch.device) -> dict:
     data = dict(config["data"]["init_args"])
     dm = TruthfulQADataModule(**{**data, "limit_train": steps * int(data.get("train_batch_size") or 1)})
     dm.prepare_data()
@@ -212,8 +227,8 @@ def warm_start(config: dict, steps: int, repeats: int, precision: str) -> dict:
     batches = list(dm.train_dataloader())[:steps]
     runs = {"ours_lightning": [], "hf_trainer_peft": []}
     for _ in range(repeats):  # interleaved
-        runs["ours_lightning"].append(_lightning_warm_start(config, batches, precision))
-        runs["hf_trainer_peft"].append(_hf_trainer_warm_start(config, batches, precision))
+        runs["ours_lightning"].append(_lightning_warm_start(config, batches, precision, device))
+        runs["hf_trainer_peft"].append(_hf_trainer_warm_start(config, batches, precision, device))
     out = {"steps": len(batches), "batch_size": int(batches[0]["input_ids"].shape[0]), "precision": precision,
            "lora_dropout": (config["model"].get("adapter_options") or {}).get("lora_dropout")}
     for name, results in runs.items():
@@ -240,7 +255,7 @@ def generation(sm: SteeredModel, prompts: list[str], new_tokens: int, repeats: i
                 seconds = interleaved({
                     "transformers_plain": lambda: sm.model.generate(**enc, **kw),
                     "ours_steered": lambda: steered_generate(sm.model, enc["input_ids"], enc["attention_mask"], sm.config,
-                                                             **kw)}, repeats)
+                                                             **kw)}, repeats, sm.device)
             tokens = new_tokens * b
             out[f"batch_{b}"] = {name: {"tokens_per_second": spread([tokens / x for x in s["all"]])} for name, s in seconds.items()}
             out[f"generation_steered_vs_plain_ratio_b{b}"] = seconds["ours_steered"]["median"] / seconds["transformers_plain"]["median"]
@@ -291,6 +306,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", default="32-true", help="the warm start's, both sides (scoring is fp32)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: every side runs there")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "peers.json")
     args = ap.parse_args(argv)
     config = yaml.safe_load((Path(args.run_dir) / "config.yaml").read_text())
@@ -298,12 +314,14 @@ def main(argv=None) -> None:
     dm = TruthfulQADataModule(**{**data, "limit_test": args.limit})
     dm.prepare_data()
     questions = list(dm.test_set)
-    sm = SteeredModel.from_run_dir(args.run_dir)
-    result = {"run_dir": portable_path(args.run_dir), "machine": describe_cpu(), "threads": torch.get_num_threads(),
+    device = torch.device(args.device)
+    sm = SteeredModel.from_run_dir(args.run_dir, device=device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
+    result = {"run_dir": portable_path(args.run_dir), "machine": machine, "threads": torch.get_num_threads(),
               "repeats": args.repeats, "torch": torch.__version__,
               "scoring": scoring(sm, questions, args.repeats, args.batch_size),
               "generation": generation(sm, [q.prompt for q in questions], args.new_tokens, args.repeats),
-              "warm_start": warm_start(config, args.steps, args.repeats, args.precision)}
+              "warm_start": warm_start(config, args.steps, args.repeats, args.precision, device)}
     write_json(args.out, result)
     print(table(result))
     print(f"-> {args.out}")
