@@ -143,19 +143,7 @@ class SteeringConfig:
     @classmethod
     def from_dict(cls, payload: Any, where: str = "SteeringConfig", required: tuple[str, ...] = ()) -> "SteeringConfig":
         """The config in ``payload``; unknown or missing (``required``) fields are errors naming ``where``."""
-        if not isinstance(payload, dict):
-            raise ConfigError(f"{where}: expected an object of settings, got {type(payload).__name__}")
-        unknown = sorted(set(payload) - set(cls.fields()))
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {unknown}; the settings are {list(cls.fields())}")
-        missing = [name for name in required if name not in payload]
-        if missing:
-            raise ConfigError(f"{where}: missing setting(s) {missing}")
-        config = object.__new__(cls)
-        for f in dataclasses.fields(cls):
-            object.__setattr__(config, f.name, payload.get(f.name, f.default))
-        config.check(where)
-        return config
+        return _settings_from_dict(cls, payload, where, required)
 
     def save(self, path: str | os.PathLike) -> Path:
         from svd_lightning.files import write_json
@@ -202,17 +190,26 @@ class SolverSettings:
 
     @classmethod
     def from_dict(cls, payload: Any, where: str = "SolverSettings") -> "SolverSettings":
-        if not isinstance(payload, dict):
-            raise ConfigError(f"{where}: expected an object of settings, got {type(payload).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(payload) - set(names))
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {unknown}; the settings are {names}")
-        settings = object.__new__(cls)
-        for f in dataclasses.fields(cls):
-            object.__setattr__(settings, f.name, payload.get(f.name, f.default))
-        settings.check(where)
-        return settings
+        return _settings_from_dict(cls, payload, where)
+
+
+def _settings_from_dict(cls, payload: Any, where: str, required: tuple[str, ...] = ()):
+    """A settings dataclass from JSON: unknown or missing (``required``) names, and every range (``check``), are
+    errors naming ``where``; a name left out takes its default."""
+    if not isinstance(payload, dict):
+        raise ConfigError(f"{where}: expected an object of settings, got {type(payload).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(payload) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {unknown}; the settings are {names}")
+    missing = [name for name in required if name not in payload]
+    if missing:
+        raise ConfigError(f"{where}: missing setting(s) {missing}")
+    settings = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        object.__setattr__(settings, f.name, payload.get(f.name, f.default))
+    settings.check(where)
+    return settings
 
 
 def strength_problem(value, name: str = "mu") -> str | None:

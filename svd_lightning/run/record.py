@@ -195,6 +195,8 @@ def _as_format_3(payload: dict, version: int, where: str) -> dict:
         flat = {k: payload.pop(k) for k in (*DECODE_SETTINGS, *SOLVER_SETTINGS, "gamma", "forward_mode") if k in payload}
     else:
         flat = payload.get("steering")
+        if flat is None:  # reported as missing by the caller
+            return payload
         if not isinstance(flat, dict):
             raise RunError(f"{where}: field 'steering' must be an object of settings, got {type(flat).__name__}")
         flat = dict(flat)
