@@ -171,6 +171,7 @@ def _lightning_warm_start(config: dict, batches: list[dict], precision: str, dev
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, callbacks=[Record()], default_root_dir=root)
         loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None)
+        torch.manual_seed(model_args.get("seed", 0))  # the dropout masks from the seed the HF Trainer sets too
         with PeakMemory(device) as memory:
             trainer.fit(module, train_dataloaders=loader)
     return clock["end"] - clock["start"], memory.extra_mb, losses
@@ -194,7 +195,7 @@ def _loop_clock(device: torch.device):
 
 
 def _hf_trainer_warm_start(config: dict, batches: list[dict], precision: str, device: torch.device
-                           ) -> tuple[float, float, list[float]]:
+                           ) -> tuple[float, float, list[float], float | None]:
     from transformers import Trainer, TrainingArguments
 
     model_args = config["model"]
@@ -214,7 +215,8 @@ def _hf_trainer_warm_start(config: dict, batches: list[dict], precision: str, de
         with PeakMemory(device) as memory:
             trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return clock.end - clock.start, memory.extra_mb, losses
+    dropout = getattr(model.peft_config[model.active_adapter], "lora_dropout", None)
+    return clock.end - clock.start, memory.extra_mb, losses, dropout
 
 
 def warm_start(config: dict, steps: int, repeats: int, precision: str, device: torch.device) -> dict:
@@ -230,11 +232,11 @@ def warm_start(config: dict, steps: int, repeats: int, precision: str, device: t
         runs["ours_lightning"].append(_lightning_warm_start(config, batches, precision, device))
         runs["hf_trainer_peft"].append(_hf_trainer_warm_start(config, batches, precision, device))
     out = {"steps": len(batches), "batch_size": int(batches[0]["input_ids"].shape[0]), "precision": precision,
-           "lora_dropout": (config["model"].get("adapter_options") or {}).get("lora_dropout")}
+           "lora_dropout": runs["hf_trainer_peft"][0][3]}  # the adapter both sides built
     for name, results in runs.items():
-        out[name] = {"seconds_per_step": spread([s / len(batches) for s, _, _ in results]),
-                     "steps_per_second": spread([len(batches) / s for s, _, _ in results]),
-                     "peak_extra_mb": spread([m for _, m, _ in results]), "losses": results[0][2]}
+        out[name] = {"seconds_per_step": spread([r[0] / len(batches) for r in results]),
+                     "steps_per_second": spread([len(batches) / r[0] for r in results]),
+                     "peak_extra_mb": spread([r[1] for r in results]), "losses": results[0][2]}
     a, b = out["ours_lightning"]["losses"], out["hf_trainer_peft"]["losses"]
     out["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) else None
     out["warm_start_vs_trainer_ratio"] = (out["ours_lightning"]["seconds_per_step"]["median"]
@@ -290,10 +292,11 @@ def table(result: dict) -> str:
                      f"{m(g[key]['ours_steered']['tokens_per_second'], '{:.1f}')} | "
                      f"{g[f'generation_steered_vs_plain_ratio_b{b}']:.3f} (time) |")
     p = s["plain_mc2"]
+    dropout = f"LoRA dropout {w['lora_dropout']}" + (", drawn from the same seed on both sides" if w["lora_dropout"] else "")
     lines += ["", f"Plain MC2: lm-eval {p['lm_eval']:.6f}, ours {p['ours']:.6f}, largest per-question difference "
                   f"{p['max_abs_diff_per_question']:.1e}; every choice's log-likelihood equal to "
                   f"{p['loglikelihood_max_abs_diff']:.1e} nats. Warm-start losses: largest per-step difference "
-                  f"{w['loss_max_abs_diff']:.2e} (LoRA dropout {w['lora_dropout']}: each side draws its own masks)."]
+                  f"{w['loss_max_abs_diff']:.2e} ({dropout})."]
     return "\n".join(lines)
 
 

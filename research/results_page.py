@@ -332,6 +332,16 @@ def cost_section(path: Path) -> list[str]:
     return lines
 
 
+def peers_section(path: Path) -> list[str]:
+    """``benchmarks/peers.py``'s table: svd-lightning next to lm-eval's `hf` model, the HF Trainer and `generate`."""
+    from benchmarks.peers import table
+
+    d = json.loads(path.read_text())
+    return ["## Next to the tools a user would run instead (`benchmarks/peers.py`)", "",
+            f"On the run `{d['run_dir']}`; scoring is fp32 on both sides, the plain scores compared per question.", "",
+            table(d), ""]
+
+
 def lm_eval_section(path: Path, demo: Path) -> list[str]:
     """lm-eval's agreement (``path``) on a demo run, said to be another than the committed ``demo`` (its run.json)
     where their warm starts differ."""
@@ -428,6 +438,8 @@ def page(cells: dict, rows: list[dict], effects: list[dict], results: Path = RES
         lines += open_generation_section(benchmarks)
     if (benchmarks / "cost_smollm2-135m_cpu.json").exists():
         lines += cost_section(benchmarks / "cost_smollm2-135m_cpu.json")
+    if (benchmarks / "peers.json").exists():
+        lines += peers_section(benchmarks / "peers.json")
     if (benchmarks / "lm_eval_truthfulqa.json").exists():
         lines += lm_eval_section(benchmarks / "lm_eval_truthfulqa.json", results / "demo" / "run.json")
     return "\n".join(lines).rstrip() + "\n"
