@@ -172,7 +172,7 @@ def _lightning_warm_start(config: dict, batches: list[dict], precision: str, dev
                             num_sanity_val_steps=0, callbacks=[Record()], default_root_dir=root)
         loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None)
         torch.manual_seed(model_args.get("seed", 0))  # the dropout masks from the seed the HF Trainer sets too
-        with PeakMemory(device) as memory:
+        with PeakMemory(device, release=True) as memory:  # each side its own peak: freed heap handed back first
             trainer.fit(module, train_dataloaders=loader)
     return clock["end"] - clock["start"], memory.extra_mb, losses
 
@@ -212,7 +212,7 @@ def _hf_trainer_warm_start(config: dict, batches: list[dict], precision: str, de
         clock = _loop_clock(device)
         trainer = Trainer(model=model, args=args, train_dataset=_Batches(batches), data_collator=lambda items: items[0],
                           callbacks=[clock])
-        with PeakMemory(device) as memory:
+        with PeakMemory(device, release=True) as memory:  # each side its own peak: freed heap handed back first
             trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     dropout = getattr(model.peft_config[model.active_adapter], "lora_dropout", None)
