@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 
 from svd_lightning.batch import ChoiceExample, Tokenized, collate_choices
-from svd_lightning.config import (FORWARD_MODES, ConfigError, ForwardMode, Method, SolverSettings, SteeringConfig,
-                                  strength_problem)
+from svd_lightning.config import (ConfigError, ForwardMode, Method, SolverSettings, SteeringConfig, check_forward_mode,
+                                  check_strength)
 from svd_lightning.forward.adapter import model_with_adapter
 from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.generation import MODES, SteeringLogitsProcessor, check_prompts, generate_answers, steering_decoding_loop
@@ -69,10 +69,8 @@ class SteeredModel:
         where = f"SteeredModel{f' (run {self.run_dir})' if self.run_dir else ''}"
         if self.config.mu is None:
             raise ConfigError(f"{where}: config.mu is None; a steered model needs a strength")
-        if strength_problem(self.gamma, "gamma"):
-            raise ConfigError(f"{where}: gamma {strength_problem(self.gamma, 'gamma')}, got {self.gamma!r}")
-        if self.forward_mode not in FORWARD_MODES:
-            raise ConfigError(f"{where}: forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+        check_strength(self.gamma, "gamma", where)
+        check_forward_mode(self.forward_mode, where)
         self.model.eval()
         check_steering_precision(self.model, self.config.mu, f"SteeredModel{f' ({self.run_dir})' if self.run_dir else ''}")
 

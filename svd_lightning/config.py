@@ -212,6 +212,19 @@ def _settings_from_dict(cls, payload: Any, where: str, required: tuple[str, ...]
     return settings
 
 
+def check_strength(value, name: str, where: str) -> None:
+    """A strength (μ̄ or γ) where it enters: finite and in range, or a ConfigError naming ``where`` and ``name``."""
+    problem = strength_problem(value, name)
+    if problem:
+        raise ConfigError(f"{where}: {name} {problem}, got {value!r}")
+
+
+def check_forward_mode(value, where: str) -> None:
+    """A forward mode where it enters (before any model loads), or a ConfigError naming ``where``."""
+    if value not in FORWARD_MODES:
+        raise ConfigError(f"{where}: forward_mode must be one of {FORWARD_MODES}, got {value!r}")
+
+
 def strength_problem(value, name: str = "mu") -> str | None:
     """What is wrong with a strength (μ̄ or γ, called ``name``) as a number, or None (None itself is no problem:
     not solved)."""

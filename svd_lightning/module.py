@@ -14,8 +14,8 @@ import torch
 from svd_lightning.batch import validate_choice_batch
 from svd_lightning.calibration import CalibrationNeeds, CalibrationPass
 from svd_lightning.data.protocol import datasets_of
-from svd_lightning.config import (FORWARD_MODES, ConfigError, Direction, ForwardMode, ScoringPolicy, SolverSettings,
-                                  SteeringConfig, strength_problem)
+from svd_lightning.config import (Direction, ForwardMode, ScoringPolicy, SolverSettings, SteeringConfig,
+                                  check_forward_mode, check_strength)
 from svd_lightning.forward.prefix import PrefixCache
 from svd_lightning.log import say
 from svd_lightning.scoring import score_choices
@@ -121,8 +121,7 @@ class SteeringLM(L.LightningModule):
         # Every setting is checked here once, by the one config they all end up in.
         SteeringConfig.from_dict({k: settings[k] for k in ("alpha", "scoring_policy", "floor", "direction")}
                                  | {"mu": mu}, where="SteeringLM")
-        if forward_mode not in FORWARD_MODES:
-            raise ConfigError(f"SteeringLM: forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+        check_forward_mode(forward_mode, "SteeringLM")
         self.steering_state = SteeringState()
         self._announced = None  # the run whose path was last printed
         if run_dir is not None:
@@ -166,7 +165,7 @@ class SteeringLM(L.LightningModule):
         return None if math.isnan(value) else value
 
     def set_strength(self, mu: float) -> None:
-        _check_strength(mu, "steering strength μ̄")
+        check_strength(mu, "mu", "steering strength")
         self.steering_strength.fill_(float(mu))
 
     @property
@@ -175,7 +174,7 @@ class SteeringLM(L.LightningModule):
         return None if math.isnan(value) else value
 
     def set_contrastive_gamma(self, gamma: float) -> None:
-        _check_strength(gamma, "contrastive γ")
+        check_strength(gamma, "gamma", "contrastive baseline")
         self.contrastive_gamma.fill_(float(gamma))
 
     @property
@@ -307,7 +306,8 @@ class SteeringLM(L.LightningModule):
             until = "the command" if writer.hold else f"the {getattr(stage, 'value', stage)}"
             say(f"writing run {writer.target.resolve()} (built in {writer.path.name}, moved into place when "
                 f"{until} is done)")
-        reorders = getattr(self.trainer._accelerator_connector, "use_distributed_sampler", True)  # Trainer's flag
+        connector = getattr(self.trainer, "_accelerator_connector", None)  # holds the Trainer's use_distributed_sampler
+        reorders = getattr(connector, "use_distributed_sampler", True)
         if stage == "fit" and reorders and getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) is not None:
             say(f"the warm start reads its batches in the order of Lightning's DistributedSampler under "
                 f"{type(self.trainer.strategy).__name__}, even on one device: μ̄ and the scores differ from a "
@@ -336,9 +336,3 @@ class SteeringLM(L.LightningModule):
                            solver=SolverSettings(strength="fixed"),
                            adapter_options=h.adapter_options, tokenizer_sha256=tokenizer_hash(self.tokenizer),
                            hparams=dict(h), datasets=datasets_of(self.trainer.datamodule))
-
-
-def _check_strength(value: float, name: str) -> None:
-    problem = strength_problem(value, name)
-    if problem:
-        raise ConfigError(f"{name} {problem}, got {value!r}")

@@ -89,3 +89,17 @@ def test_the_derived_rules():
 def test_the_options_are_the_literals_the_cli_shows():
     assert DIRECTIONS == ("kl_gradient", "logit_difference") and FORWARD_MODES == ("auto", "one_forward", "two_pass")
     assert STRENGTHS[-1] == "fixed" and CURVATURES == ("identity", "fisher")
+
+
+def test_a_strength_and_a_forward_mode_are_checked_where_they_enter():
+    """One rule each for the settings that live outside SteeringConfig (γ, μ̄ set on a module, the forward mode)."""
+    from svd_lightning.config import check_forward_mode, check_strength
+
+    check_strength(None, "gamma", "x")  # not fit: no problem
+    with pytest.raises(ConfigError, match=r"SteeredModel: gamma must be a finite number, got nan"):
+        check_strength(float("nan"), "gamma", "SteeredModel")
+    with pytest.raises(ConfigError, match=r"run: mu is too large: \|mu\| ≤ 1e\+06"):
+        check_strength(2e6, "mu", "run")
+    check_forward_mode("two_pass", "x")
+    with pytest.raises(ConfigError, match=r"SteeringLM: forward_mode must be one of \('auto', 'one_forward', 'two_pass'\), got 'fast'"):
+        check_forward_mode("fast", "SteeringLM")
